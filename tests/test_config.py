@@ -1,0 +1,64 @@
+"""The typed run configuration: parsing and clear errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from wash_fed.config import ConfigError, WashFedConfig
+
+
+def test_defaults_are_valid_and_round_trip() -> None:
+    cfg = WashFedConfig()
+    assert WashFedConfig.from_mapping(cfg.to_mapping()) == cfg
+    assert cfg.total_steps == cfg.num_server_rounds * cfg.local_steps
+
+
+def test_kebab_keys_and_command_line_strings_are_parsed() -> None:
+    cfg = WashFedConfig.from_mapping(
+        {"shuffle-prob": "0.2", "num-members": "3", "shuffle-optimizer-state": "true", "lr": 1}
+    )
+    assert cfg.shuffle_prob == 0.2 and cfg.num_members == 3 and cfg.shuffle_optimizer_state
+    assert isinstance(cfg.lr, float)
+
+
+def test_independent_is_an_alias_of_ensemble() -> None:
+    assert WashFedConfig(strategy="independent").strategy == "ensemble"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"shuffle-prob": 1.5}, r"shuffle-prob must be in \[0.0, 1.0\], got 1.5"),
+        ({"shuffle-prob": math.nan}, "shuffle-prob must be in"),
+        ({"num-members": 0}, "num-members must be >= 1"),
+        ({"strategy": "fedprox"}, "strategy must be one of wash, papa, papa-all, ensemble, fedavg"),
+        ({"layer-schedule": "cubic"}, "layer-schedule must be one of linear, constant"),
+        ({"partition": "pathological"}, "partition must be one of full, iid, dirichlet"),
+        ({"dirichlet-alpha": 0}, "dirichlet-alpha must be > 0"),
+        ({"momentum": 1.0}, r"momentum must be in \[0.0, 1.0\)"),
+        ({"lr": -1}, "lr must be > 0"),
+        ({"weight-decay": math.nan}, "weight-decay must be >= 0"),
+        ({"num-server-rounds": "ten"}, "num-server-rounds must be int, got 'ten'"),
+        ({"shuffle-optimizer-state": 3}, "shuffle-optimizer-state must be bool"),
+        ({"num-members": True}, "num-members must be int"),
+        ({"shuffel-prob": 0.1}, "unknown config key 'shuffel-prob'; known keys: .*shuffle-prob"),
+        ({"soup": "greedy", "holdout-size": 0}, "soup='greedy' needs held-out data"),
+        ({"dataset": "imagenet"}, "dataset must be one of cifar10, cifar100, fashion-mnist"),
+        ({"shuffle-optimizer-state": True, "momentum": 0.0}, "needs optimizer state"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(
+    values: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        WashFedConfig.from_mapping(values)
+
+
+def test_pyproject_defaults_are_a_valid_config() -> None:
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    run_config = pyproject.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    WashFedConfig.from_mapping(run_config)

@@ -1,0 +1,210 @@
+"""The run configuration: one typed, validated object for the Flower app and the population
+trainer alike.
+
+Keys are spelled in kebab-case where users write them (``[tool.flwr.app.config]``,
+``flwr run --run-config``, the population trainer's ``--options``) and in snake_case in
+Python. :meth:`WashFedConfig.from_mapping` parses and validates once; every problem is a
+:class:`ConfigError` that names the key and what is allowed, raised before any training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from wash_fed.data import DATASETS, PARTITIONS
+from wash_fed.shuffle import LAYER_SCHEDULES
+
+__all__ = ["STRATEGIES", "ConfigError", "WashFedConfig"]
+
+Strategy = Literal["wash", "papa", "papa-all", "ensemble", "fedavg"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+STRATEGY_ALIASES = {"independent": "ensemble"}
+LR_SCHEDULES = ("one-cycle", "cosine", "constant")
+INITS = ("different", "shared")
+SOUPS = ("uniform", "greedy")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class WashFedConfig:
+    """Everything a run needs to know. Defaults run on a CPU in minutes (Fashion-MNIST)."""
+
+    strategy: str = field(default="wash", metadata=_doc(f"one of {STRATEGIES}"))
+    num_members: int = field(default=4, metadata=_doc("population size N (Flower: SuperNodes)"))
+    num_server_rounds: int = field(default=30, metadata=_doc("rounds (= shuffle events)"))
+    local_steps: int = field(default=50, metadata=_doc("optimizer steps per member per round"))
+    seed: int = field(default=0, metadata=_doc("run seed: initialisations, data order, masks"))
+
+    dataset: str = field(default="fashion-mnist", metadata=_doc(f"one of {sorted(DATASETS)}"))
+    data_root: str = field(
+        default="", metadata=_doc("data directory; empty: $WASH_FED_DATA or ~/.cache/wash-fed/data")
+    )
+    partition: str = field(default="full", metadata=_doc(f"one of {PARTITIONS}"))
+    dirichlet_alpha: float = field(
+        default=0.5, metadata=_doc("concentration for partition=dirichlet, > 0")
+    )
+    train_subset: int = field(default=0, metadata=_doc("use the first K training images; 0: all"))
+    test_subset: int = field(
+        default=0, metadata=_doc("evaluate on the first K test images; 0: all")
+    )
+    holdout_size: int = field(
+        default=5000, metadata=_doc("training images held out for the greedy soup")
+    )
+
+    model: str = field(default="cnn", metadata=_doc("'cnn', 'resnet18' or 'torchvision:<name>'"))
+    init: str = field(default="different", metadata=_doc(f"one of {INITS}: member initialisations"))
+    batch_size: int = field(default=128, metadata=_doc("training batch size"))
+    lr: float = field(default=0.05, metadata=_doc("peak learning rate (SGD)"))
+    momentum: float = field(default=0.9, metadata=_doc("SGD momentum in [0, 1)"))
+    weight_decay: float = field(default=5e-4, metadata=_doc("SGD weight decay, >= 0"))
+    lr_schedule: str = field(default="one-cycle", metadata=_doc(f"one of {LR_SCHEDULES}"))
+
+    shuffle_prob: float = field(default=0.05, metadata=_doc("WASH shuffle probability p in [0, 1]"))
+    layer_schedule: str = field(default="linear", metadata=_doc(f"one of {LAYER_SCHEDULES}"))
+    shuffle_optimizer_state: bool = field(
+        default=False, metadata=_doc("WASH+Opt: move momentum with weights")
+    )
+    papa_every: int = field(default=1, metadata=_doc("PAPA: average every T rounds"))
+    papa_rate: float = field(
+        default=0.9, metadata=_doc("PAPA: theta <- rate*theta + (1-rate)*mean, in [0, 1)")
+    )
+
+    soup: str = field(
+        default="uniform", metadata=_doc(f"one of {SOUPS}: the soup saved as the final model")
+    )
+    bn_recalibration: bool = field(
+        default=True, metadata=_doc("recompute the soup's BatchNorm statistics")
+    )
+    bn_batches: int = field(
+        default=50, metadata=_doc("training batches per member for BN recalibration")
+    )
+    eval_batch_size: int = field(default=1000, metadata=_doc("batch size for evaluation"))
+    device: str = field(
+        default="auto", metadata=_doc(f"one of {DEVICES}; auto: CUDA when available")
+    )
+    output_dir: str = field(
+        default="runs", metadata=_doc("directory that receives one folder per run")
+    )
+
+    def __post_init__(self) -> None:
+        strategy = STRATEGY_ALIASES.get(self.strategy, self.strategy)
+        object.__setattr__(self, "strategy", strategy)
+        _one_of("strategy", self.strategy, STRATEGIES)
+        _at_least("num-members", self.num_members, 1)
+        _at_least("num-server-rounds", self.num_server_rounds, 1)
+        _at_least("local-steps", self.local_steps, 1)
+        _at_least("seed", self.seed, 0)
+        _one_of("dataset", self.dataset, tuple(sorted(DATASETS)))
+        _one_of("partition", self.partition, PARTITIONS)
+        _greater("dirichlet-alpha", self.dirichlet_alpha, 0.0)
+        _at_least("train-subset", self.train_subset, 0)
+        _at_least("test-subset", self.test_subset, 0)
+        _at_least("holdout-size", self.holdout_size, 0)
+        if not self.model:
+            raise ConfigError(
+                "model must not be empty; use 'cnn', 'resnet18' or 'torchvision:<name>'"
+            )
+        _one_of("init", self.init, INITS)
+        _at_least("batch-size", self.batch_size, 1)
+        _greater("lr", self.lr, 0.0)
+        _in_range("momentum", self.momentum, 0.0, 1.0, closed_high=False)
+        _at_least("weight-decay", self.weight_decay, 0.0)
+        _one_of("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        _in_range("shuffle-prob", self.shuffle_prob, 0.0, 1.0)
+        _one_of("layer-schedule", self.layer_schedule, LAYER_SCHEDULES)
+        _at_least("papa-every", self.papa_every, 1)
+        _in_range("papa-rate", self.papa_rate, 0.0, 1.0, closed_high=False)
+        _one_of("soup", self.soup, SOUPS)
+        if self.soup == "greedy" and self.holdout_size == 0:
+            raise ConfigError("soup='greedy' needs held-out data: set holdout-size > 0")
+        _at_least("bn-batches", self.bn_batches, 1)
+        _at_least("eval-batch-size", self.eval_batch_size, 1)
+        _one_of("device", self.device, DEVICES)
+        if self.shuffle_optimizer_state and self.momentum == 0.0:
+            raise ConfigError("shuffle-optimizer-state needs optimizer state: set momentum > 0")
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps each member takes over the run."""
+        return self.num_server_rounds * self.local_steps
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> WashFedConfig:
+        """Parse kebab-case (or snake_case) keys, as found in Flower's ``run_config``.
+
+        Unknown keys and values of the wrong type are errors; missing keys take defaults.
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                known = ", ".join(sorted(f.replace("_", "-") for f in fields))
+                raise ConfigError(f"unknown config key {key!r}; known keys: {known}")
+            kwargs[name] = _coerce(key, value, hints[name])
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The configuration as kebab-case keys, the inverse of :meth:`from_mapping`."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Each kebab-case key with its description."""
+        return {f.name.replace("_", "-"): f.metadata["help"] for f in dataclasses.fields(cls)}
+
+
+_TEXT_PARSERS: dict[type, Callable[[str], Any]] = {
+    bool: lambda text: {"true": True, "false": False}[text.lower()],
+    int: int,
+    float: float,
+}
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Check ``value`` against the field type ``kind``; accept text from command lines."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    if isinstance(value, str) and kind in _TEXT_PARSERS:
+        try:
+            return _TEXT_PARSERS[kind](value)
+        except (KeyError, ValueError):
+            pass
+    raise ConfigError(f"{key} must be {kind.__name__}, got {value!r}")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if not value >= low:  # also rejects NaN
+        raise ConfigError(f"{key} must be >= {low}, got {value}")
+
+
+def _greater(key: str, value: float, low: float) -> None:
+    if not value > low:
+        raise ConfigError(f"{key} must be > {low}, got {value}")
+
+
+def _in_range(key: str, value: float, low: float, high: float, *, closed_high: bool = True) -> None:
+    ok = low <= value <= high if closed_high else low <= value < high
+    if not ok:
+        bracket = "]" if closed_high else ")"
+        raise ConfigError(f"{key} must be in [{low}, {high}{bracket}, got {value}")

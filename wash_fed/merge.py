@@ -1,0 +1,121 @@
+"""The final step of a run: evaluate the members and their ensemble, build the soups,
+recalibrate BatchNorm, evaluate the soups, and pick the final model.
+
+Framework-free: where the BatchNorm statistics come from is the caller's business (the
+population trainer computes them in process, the Flower server asks the members), passed
+in as ``bn_statistics_of``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from wash_fed.batchnorm import BNStatistics, load_bn_statistics
+from wash_fed.data import ImageData
+from wash_fed.evaluation import accuracy, evaluate_population, predict
+from wash_fed.soup import greedy_soup, uniform_soup
+
+__all__ = ["MergeResult", "merge_population"]
+
+StateDict = Mapping[str, Tensor]
+
+
+@dataclass
+class MergeResult:
+    """Test accuracies of everything the final step built, and the final model's weights."""
+
+    members: list[float]
+    ensemble: float
+    soups: dict[str, float]
+    """Test accuracy per soup: ``uniform``, ``uniform+bn``, ``greedy``, ``greedy+bn``."""
+    final_soup: str
+    """Which of :attr:`soups` is the final model."""
+    final_state_dict: dict[str, Tensor]
+    greedy_ingredients: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def member_mean(self) -> float:
+        return sum(self.members) / len(self.members)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "members": self.members,
+            "member_mean": self.member_mean,
+            "ensemble": self.ensemble,
+            "soups": self.soups,
+            "final_soup": self.final_soup,
+            "final_accuracy": self.soups[self.final_soup],
+            "greedy_ingredients": self.greedy_ingredients,
+        }
+
+
+def merge_population(
+    state_dicts: Sequence[StateDict],
+    new_model: Callable[[], nn.Module],
+    test: ImageData,
+    *,
+    batch_size: int,
+    bn_statistics_of: Callable[[StateDict], BNStatistics] | None,
+    holdout: ImageData | None,
+    final_soup: str,
+) -> MergeResult:
+    """Evaluate and merge a trained population.
+
+    ``new_model()`` returns a model of the members' architecture (on the device to use).
+    ``bn_statistics_of(soup)`` returns BatchNorm statistics of the soup on training data;
+    ``None`` skips recalibration. ``holdout`` enables the greedy soup. ``final_soup`` is
+    ``"uniform"`` or ``"greedy"``; the recalibrated variant is final when recalibration runs.
+    """
+    models = []
+    for sd in state_dicts:
+        m = new_model()
+        m.load_state_dict(sd)
+        models.append(m)
+    population = evaluate_population(models, test, batch_size)
+    probe = new_model()
+    labels = test.labels.cpu()
+
+    def load(sd: StateDict, recalibrate: bool) -> nn.Module:
+        probe.load_state_dict(sd)
+        if recalibrate and bn_statistics_of is not None:
+            load_bn_statistics(probe, bn_statistics_of(sd))
+        return probe
+
+    def test_accuracy(sd: StateDict, recalibrate: bool) -> float:
+        return accuracy(predict(load(sd, recalibrate), test, batch_size), labels)
+
+    variants = [False, True] if bn_statistics_of is not None else [False]
+    soups: dict[str, float] = {}
+    finals: dict[str, dict[str, Tensor]] = {}
+    ingredients: dict[str, list[int]] = {}
+    uniform = uniform_soup(state_dicts)
+    for recal in variants:
+        name = "uniform+bn" if recal else "uniform"
+        soups[name] = test_accuracy(uniform, recal)
+        finals[name] = {k: v.detach().clone() for k, v in probe.state_dict().items()}
+    if holdout is not None:
+        holdout_labels = holdout.labels.cpu()
+        for recal in variants:
+            name = "greedy+bn" if recal else "greedy"
+
+            def score(sd: StateDict, recal: bool = recal) -> float:
+                return accuracy(predict(load(sd, recal), holdout, batch_size), holdout_labels)
+
+            greedy = greedy_soup(state_dicts, score)
+            ingredients[name] = greedy.ingredients
+            soups[name] = test_accuracy(greedy.state_dict, recal)
+            finals[name] = {k: v.detach().clone() for k, v in probe.state_dict().items()}
+    final = final_soup + ("+bn" if bn_statistics_of is not None else "")
+    if final not in finals:
+        raise ValueError(f"soup {final_soup!r} was not built (greedy needs held-out data)")
+    return MergeResult(
+        members=population.members,
+        ensemble=population.ensemble,
+        soups=soups,
+        final_soup=final,
+        final_state_dict=finals[final],
+        greedy_ingredients=ingredients,
+    )

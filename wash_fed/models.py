@@ -1,0 +1,91 @@
+"""Models by name: ``cnn`` (small, for Fashion-MNIST), ``resnet18`` (CIFAR form), or any
+torchvision classification model as ``torchvision:<name>`` (randomly initialised; no weights
+are ever downloaded)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["SmallCNN", "build_model", "resnet18_cifar"]
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+class SmallCNN(nn.Module):
+    """Two conv-BN-ReLU-pool blocks and a two-layer head; input ``(b, C, H, W)``.
+
+    About 120k parameters for ``(1, 28, 28)`` inputs and ten classes.
+    """
+
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 1, image_size: tuple[int, int] = (28, 28)
+    ) -> None:
+        super().__init__()
+        features = 64 * (image_size[0] // 4) * (image_size[1] // 4)
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(features, 32),
+            nn.ReLU(inplace=True),
+            nn.Linear(32, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.head(self.features(x))
+        return out
+
+
+def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """torchvision's ResNet-18 in the CIFAR form: a 3x3 stride-1 stem and no max-pool."""
+    from torchvision.models import resnet18
+
+    model: nn.Module = resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+class _RepeatChannels(nn.Module):
+    """Repeat a one-channel image to three channels (grayscale input to an RGB model)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.expand(-1, 3, -1, -1)
+
+
+def build_model(
+    name: str, num_classes: int, in_channels: int, image_size: tuple[int, int]
+) -> nn.Module:
+    """A freshly initialised model, drawn from the current torch RNG."""
+    if name == "cnn":
+        model: nn.Module = SmallCNN(num_classes, in_channels, image_size)
+    elif name == "resnet18":
+        model = resnet18_cifar(num_classes, in_channels)
+    elif name.startswith(TORCHVISION_PREFIX):
+        import torchvision.models as tvm
+
+        arch = name.removeprefix(TORCHVISION_PREFIX)
+        classification = tvm.list_models(module=tvm)
+        if arch not in classification:
+            raise ValueError(
+                f"model {name!r}: {arch!r} is not a torchvision classification model; "
+                f"some that are: {', '.join(classification[:8])}, ..."
+            )
+        model = tvm.get_model(arch, weights=None, num_classes=num_classes)
+        if in_channels == 1:
+            model = nn.Sequential(_RepeatChannels(), model)
+        elif in_channels != 3:
+            raise ValueError(f"model {name!r} takes 1 or 3 input channels, got {in_channels}")
+    else:
+        raise ValueError(
+            f"unknown model {name!r}; choose 'cnn', 'resnet18' or 'torchvision:<name>'"
+        )
+    return model

@@ -1,0 +1,361 @@
+"""Single-process population trainer: N members in one process, on CUDA when available.
+
+Runs the same protocol as the Flower app, without Flower: each round every member takes
+``local-steps`` SGD steps, then the strategy communicates -- ``wash`` shuffles (one shuffle
+event per round; ``local-steps=1`` is the paper's shuffle after every step), ``papa`` pulls
+members toward the mean every ``papa-every`` rounds, ``papa-all`` replaces them by it,
+``ensemble`` keeps them independent. The ledger records the bytes that would travel if the
+members were on separate machines. The final step builds and evaluates the soups and saves
+the final model.
+
+Examples::
+
+    python -m wash_fed.population                         # WASH, the defaults
+    python -m wash_fed.population --epochs 3 --variants ensemble,wash,wash+opt,papa,papa-all
+    python -m wash_fed.population --shuffle-prob 0.01 --local-steps 1 --epochs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from wash_fed.batchnorm import BNStatistics, bn_statistics, merge_bn_statistics
+from wash_fed.config import ConfigError, WashFedConfig
+from wash_fed.data import DatasetNotFoundError, ImageData
+from wash_fed.evaluation import accuracy, predict
+from wash_fed.ledger import Ledger
+from wash_fed.merge import merge_population
+from wash_fed.models import build_model
+from wash_fed.papa import population_mean, pull_toward
+from wash_fed.shuffle import event_mask, layer_probs, shuffle_population
+from wash_fed.soup import uniform_soup
+from wash_fed.training import (
+    Member,
+    TrainingData,
+    load_test_data,
+    load_training_data,
+    resolve_device,
+)
+
+__all__ = ["VARIANTS", "PopulationRun", "run_population"]
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ensemble": {"strategy": "ensemble"},
+    "wash": {"strategy": "wash", "shuffle_optimizer_state": False},
+    "wash+opt": {"strategy": "wash", "shuffle_optimizer_state": True},
+    "papa": {"strategy": "papa"},
+    "papa-all": {"strategy": "papa-all"},
+}
+"""Named configurations compared side by side; each overrides the base configuration."""
+
+
+def tensor_bytes(tensors: Sequence[Tensor] | Mapping[str, Tensor]) -> int:
+    """Bytes of the tensors' data, as they would travel."""
+    values = tensors.values() if isinstance(tensors, Mapping) else tensors
+    return sum(t.numel() * t.element_size() for t in values)
+
+
+@dataclass
+class PopulationRun:
+    """What :func:`run_population` returns (also written to ``results.json``)."""
+
+    config: WashFedConfig
+    results: dict[str, Any]
+    ledger: Ledger
+    final_state_dict: dict[str, Tensor]
+    output_dir: Path | None
+
+
+def _communicate(
+    cfg: WashFedConfig, members: list[Member], round_: int, ledger: Ledger
+) -> dict[str, int]:
+    """The strategy's exchange after round ``round_``'s local training, in place."""
+    if cfg.strategy == "wash":
+        params = members[0].parameters()
+        probs = layer_probs(cfg.shuffle_prob, len(params), cfg.layer_schedule)  # type: ignore[arg-type]
+        mask = event_mask([p.numel() for p in params], probs, seed=cfg.seed, event=round_)
+        groups = [m.shuffle_groups(cfg.shuffle_optimizer_state) for m in members]
+        count = shuffle_population(groups, mask, seed=cfg.seed, event=round_)
+        payload = count.selected * count.kinds * params[0].element_size()
+        for m in members:
+            ledger.record(round_, m.index, "up", "train", payload)
+            ledger.record(round_, m.index, "down", "train", payload)
+        return {"selected": count.selected, "moved": count.moved}
+    if cfg.strategy in ("papa", "papa-all") and round_ % cfg.papa_every == 0:
+        weights = [m.parameters() for m in members]
+        mean = population_mean(weights)
+        rate = 0.0 if cfg.strategy == "papa-all" else cfg.papa_rate
+        for m, w in zip(members, weights, strict=True):
+            pull_toward(w, mean, rate)
+            ledger.record(round_, m.index, "up", "train", tensor_bytes(w))
+            ledger.record(round_, m.index, "down", "train", tensor_bytes(mean))
+        return {"averaged": 1}
+    return {}
+
+
+def _evaluate_progress(members: list[Member], test: ImageData, batch_size: int) -> dict[str, float]:
+    """Mean member test accuracy and the plain uniform soup's (no recalibration)."""
+    member_acc = [accuracy(predict(m.model, test, batch_size), test.labels) for m in members]
+    probe = build_like(members[0])
+    probe.load_state_dict(uniform_soup([m.model.state_dict() for m in members]))
+    soup_acc = accuracy(predict(probe, test, batch_size), test.labels)
+    return {"member_mean": sum(member_acc) / len(member_acc), "soup": soup_acc}
+
+
+def build_like(member: Member) -> nn.Module:
+    """A fresh model of ``member``'s architecture on its device."""
+    data = member.train_data
+    return build_model(
+        member.cfg.model,
+        data.num_classes,
+        data.channels,
+        tuple(data.images.shape[2:4]),  # type: ignore[arg-type]
+    ).to(member.device)
+
+
+def run_population(
+    cfg: WashFedConfig,
+    *,
+    data: TrainingData | None = None,
+    test: ImageData | None = None,
+    output_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+    progress_eval: bool = True,
+) -> PopulationRun:
+    """Train the population of ``cfg`` to the end, merge it and, if ``output_dir`` is given,
+    write ``results.json``, ``ledger.csv`` and ``final_model.pt`` there."""
+    if cfg.strategy == "fedavg":
+        raise ConfigError(
+            "strategy 'fedavg' runs through `flwr run` (Flower's own FedAvg); its in-process "
+            "counterpart here is strategy='papa-all' with papa-every=1"
+        )
+    device = resolve_device(cfg.device)
+    data = data or load_training_data(cfg)
+    data = TrainingData(data.train.to(device), data.partitions, data.holdout)
+    test = test or load_test_data(cfg)
+    members = [Member(cfg, i, data, device) for i in range(cfg.num_members)]
+    ledger = Ledger()
+    label = _label(cfg)
+    log(
+        f"[{label}] {cfg.num_members} members of {cfg.model} on {cfg.dataset} ({device}), "
+        f"{cfg.num_server_rounds} rounds x {cfg.local_steps} steps "
+        f"= {cfg.total_steps * cfg.batch_size / len(data.partitions[0]):.2f} epochs"
+    )
+    start = time.perf_counter()
+    rounds: list[dict[str, Any]] = []
+    epochs: list[dict[str, Any]] = []
+    next_epoch = 1
+    for r in range(1, cfg.num_server_rounds + 1):
+        stats = [m.train_steps(cfg.local_steps) for m in members]
+        exchange = _communicate(cfg, members, r, ledger)
+        rounds.append(
+            {
+                "round": r,
+                "loss": [s.loss for s in stats],
+                "train_accuracy": [s.accuracy for s in stats],
+                "bytes": ledger.total(),
+                **exchange,
+            }
+        )
+        if stats[0].epochs >= next_epoch or r == cfg.num_server_rounds:
+            row: dict[str, Any] = {
+                "epoch": round(stats[0].epochs, 3),
+                "round": r,
+                "loss": sum(s.loss for s in stats) / len(stats),
+                "train_accuracy": sum(s.accuracy for s in stats) / len(stats),
+                "bytes": ledger.total(),
+                "seconds": time.perf_counter() - start,
+            }
+            if progress_eval:
+                row |= _evaluate_progress(members, test, cfg.eval_batch_size)
+            epochs.append(row)
+            log(_progress_line(label, cfg, row))
+            next_epoch = math.floor(stats[0].epochs) + 1
+    train_seconds = time.perf_counter() - start
+
+    final_round = cfg.num_server_rounds + 1
+    state_dicts = [m.model.state_dict() for m in members]
+    for m, sd in zip(members, state_dicts, strict=True):
+        ledger.record(final_round, m.index, "up", "collect", tensor_bytes(sd))
+
+    def bn_statistics_of(soup: Mapping[str, Tensor]) -> BNStatistics:
+        parts = []
+        for m in members:
+            probe = build_like(m)
+            probe.load_state_dict(soup)
+            idx = data.partitions[m.index][: cfg.bn_batches * cfg.batch_size]
+            inputs = (
+                data.train.batch(idx[s : s + cfg.batch_size])[0]
+                for s in range(0, len(idx), cfg.batch_size)
+            )
+            stats = bn_statistics(probe, inputs)
+            parts.append(stats)
+            ledger.record(final_round, m.index, "down", "bn", tensor_bytes(soup))
+            ledger.record(
+                final_round,
+                m.index,
+                "up",
+                "bn",
+                tensor_bytes(stats.means) + tensor_bytes(stats.variances),
+            )
+        return merge_bn_statistics(parts)
+
+    merge = merge_population(
+        state_dicts,
+        lambda: build_like(members[0]),
+        test,
+        batch_size=cfg.eval_batch_size,
+        bn_statistics_of=bn_statistics_of if cfg.bn_recalibration else None,
+        holdout=data.holdout,
+        final_soup=cfg.soup,
+    )
+    model_bytes = tensor_bytes(state_dicts[0])
+    results = {
+        "label": label,
+        "config": cfg.to_mapping(),
+        "device": str(device),
+        "train_seconds": train_seconds,
+        "total_seconds": time.perf_counter() - start,
+        "epochs": epochs,
+        "rounds": rounds,
+        "final": merge.as_dict(),
+        "bytes": ledger.summary(),
+        "fedavg_bytes": 2 * cfg.num_server_rounds * cfg.num_members * model_bytes,
+        "model_bytes": model_bytes,
+    }
+    log(_final_line(label, results))
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        ledger.write_csv(output_dir / "ledger.csv")
+        torch.save(
+            {"model": cfg.model, "dataset": cfg.dataset, "state_dict": merge.final_state_dict},
+            output_dir / "final_model.pt",
+        )
+        log(f"[{label}] results, ledger and final model ({merge.final_soup}) in {output_dir}")
+    return PopulationRun(cfg, results, ledger, merge.final_state_dict, output_dir)
+
+
+def _label(cfg: WashFedConfig) -> str:
+    if cfg.strategy == "wash" and cfg.shuffle_optimizer_state:
+        return "wash+opt"
+    return cfg.strategy
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.2f} MB"
+
+
+def _progress_line(label: str, cfg: WashFedConfig, row: Mapping[str, Any]) -> str:
+    line = (
+        f"[{label}] epoch {row['epoch']:.2f} | round {row['round']}/{cfg.num_server_rounds} | "
+        f"loss {row['loss']:.4f} | train acc {row['train_accuracy']:.4f}"
+    )
+    if "soup" in row:
+        line += f" | test: members {row['member_mean']:.4f}, uniform soup {row['soup']:.4f}"
+    return line + f" | sent {_mb(row['bytes'])} | {row['seconds']:.1f} s"
+
+
+def _final_line(label: str, results: Mapping[str, Any]) -> str:
+    final = results["final"]
+    soups = ", ".join(f"{k} {v:.4f}" for k, v in final["soups"].items())
+    return (
+        f"[{label}] test accuracy: members {final['member_mean']:.4f} "
+        f"(min {min(final['members']):.4f}), ensemble {final['ensemble']:.4f}, {soups} | "
+        f"sent {_mb(results['bytes']['total'])} "
+        f"(FedAvg, same rounds: {_mb(results['fedavg_bytes'])})"
+    )
+
+
+def comparison_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """A markdown table of several runs' final figures."""
+    header = (
+        "| variant | members (mean) | ensemble | uniform soup | uniform soup + BN "
+        "| greedy soup + BN | sent, training (MB) | sent, total (MB) | train time (s) |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for r in results:
+        f, soups, b = r["final"], r["final"]["soups"], r["bytes"]
+        train_bytes = b.get("up.train", 0) + b.get("down.train", 0)
+        rows.append(
+            f"| {r['label']} | {f['member_mean']:.4f} | {f['ensemble']:.4f} | "
+            f"{soups['uniform']:.4f} | {soups.get('uniform+bn', float('nan')):.4f} | "
+            f"{soups.get('greedy+bn', float('nan')):.4f} | {train_bytes / 1e6:.2f} | "
+            f"{b['total'] / 1e6:.2f} | {r['train_seconds']:.0f} |"
+        )
+    return header + "\n".join(rows) + "\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m wash_fed.population",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated variants to run one after the other: {', '.join(VARIANTS)} "
+        "(default: just the configured strategy)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="train for this many epochs of member 0's data (sets num-server-rounds)",
+    )
+    for key, text in WashFedConfig.help().items():
+        parser.add_argument(f"--{key}", dest=key, default=None, metavar="V", help=text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    given = {
+        k: v for k, v in vars(args).items() if v is not None and k not in ("variants", "epochs")
+    }
+    try:
+        base = WashFedConfig.from_mapping(given)
+        names = args.variants.split(",") if args.variants else [None]
+        unknown = [n for n in names if n is not None and n not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        data = load_training_data(base)
+        test = load_test_data(base)
+    except (ConfigError, DatasetNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.epochs is not None:
+        steps = args.epochs * (len(data.partitions[0]) // base.batch_size)
+        base = dataclasses.replace(
+            base, num_server_rounds=max(1, math.ceil(steps / base.local_steps))
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results = []
+    for name in names:
+        cfg = dataclasses.replace(base, **VARIANTS[name]) if name else base
+        out = Path(cfg.output_dir) / f"population-{stamp}" / _label(cfg)
+        results.append(run_population(cfg, data=data, test=test, output_dir=out).results)
+    if len(results) > 1:
+        table = comparison_table(results)
+        path = Path(base.output_dir) / f"population-{stamp}" / "comparison.md"
+        path.write_text(table)
+        print(f"\n{table}\nwritten to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""WASH: partial weight shuffling across a population of models.
+
+Fournier et al., 2024, "WASH: Train your Ensemble with Communication-Efficient Weight
+Shuffling, then Average" (arXiv 2405.17517).
+
+A *population* of ``N`` *members* shares one architecture. At *shuffle event* ``r`` every
+scalar of parameter tensor ``l`` is selected with probability ``p_l`` (the *mask*), and for
+every selected coordinate an independent, uniformly random permutation of the ``N`` members
+is drawn and applied to the members' values at that coordinate.
+
+The work is split into the steps a distributed run needs, so that one process can do all of
+them (:func:`shuffle_population`) or they can be spread over machines:
+
+* :func:`event_mask` -- which coordinates take part. Derived from ``(seed, event, l)`` with a
+  counter-based generator (Philox), so every process on every device derives the same mask
+  and masks never have to travel.
+* :func:`gather` -- a member's values at the mask, as one flat vector of length ``m``.
+* :func:`shuffle_values` -- ``N`` gathered vectors in, the ``N`` vectors each member receives
+  out: :func:`permute` with :func:`draw_permutations`, one permutation per coordinate.
+* :func:`scatter` -- write the received values back at the mask.
+
+Invariants (tested): each coordinate's multiset of values over the population is unchanged,
+so the population mean is preserved exactly; unselected coordinates never change; the
+expected selected fraction of tensor ``l`` is ``p_l`` and the expected moved fraction is
+``p_l * (1 - 1/N)``.
+
+Values of several *kinds* (the weights, and optionally optimizer state such as SGD's
+``momentum_buffer``) can be shuffled together: they share the mask and the permutation, so
+the state of a coordinate moves with its weight (WASH+Opt).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, get_args
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LayerSchedule",
+    "ShuffleCount",
+    "ShuffleMask",
+    "ShuffledValues",
+    "draw_permutations",
+    "event_mask",
+    "gather",
+    "layer_probs",
+    "permute",
+    "scatter",
+    "shuffle_population",
+    "shuffle_values",
+]
+
+LayerSchedule = Literal["linear", "constant"]
+LAYER_SCHEDULES: tuple[str, ...] = get_args(LayerSchedule)
+
+# Independent random streams derived from the same (seed, event).
+_MASK_STREAM = 0
+_PERMUTATION_STREAM = 1
+
+
+def layer_probs(shuffle_prob: float, num_tensors: int, schedule: LayerSchedule) -> list[float]:
+    """Per-tensor shuffle probabilities ``p_l`` for ``l = 0 .. num_tensors - 1``.
+
+    ``constant``: ``p_l = p``. ``linear``: ``p_l = p * (1 - l / (L - 1))``, so the first tensor
+    (in registration order) is shuffled with probability ``p`` and the last one never;
+    with a single tensor, ``p_0 = p``.
+    """
+    if not 0.0 <= shuffle_prob <= 1.0:
+        raise ValueError(f"shuffle_prob must be in [0, 1], got {shuffle_prob}")
+    if num_tensors < 0:
+        raise ValueError(f"num_tensors must be >= 0, got {num_tensors}")
+    if schedule == "constant" or num_tensors <= 1:
+        return [shuffle_prob] * num_tensors
+    if schedule == "linear":
+        return [shuffle_prob * (1.0 - l / (num_tensors - 1)) for l in range(num_tensors)]
+    raise ValueError(f"layer schedule must be one of {LAYER_SCHEDULES}, got {schedule!r}")
+
+
+def _generator(seed: int, event: int, stream: int, index: int) -> np.random.Generator:
+    """A Philox generator keyed by ``(seed, event, stream, index)``; same key, same numbers."""
+    if min(seed, event, index) < 0:
+        raise ValueError(f"seed, event and index must be >= 0, got {seed}, {event}, {index}")
+    return np.random.Generator(
+        np.random.Philox(np.random.SeedSequence((seed, event, stream, index)))
+    )
+
+
+@dataclass(frozen=True)
+class ShuffleMask:
+    """The coordinates one shuffle event selects.
+
+    ``indices[l]`` holds the sorted flat indices (int64, CPU) selected in tensor ``l``.
+    A member's gathered vector is the concatenation, in tensor order, of its values there,
+    so its length is :attr:`num_selected`.
+    """
+
+    indices: tuple[Tensor, ...]
+
+    def to(self, device: torch.device | str) -> ShuffleMask:
+        """The same mask with its indices on ``device`` (move once, gather and scatter many)."""
+        return ShuffleMask(tuple(i.to(device) for i in self.indices))
+
+    @property
+    def sizes(self) -> list[int]:
+        """Number of selected coordinates per tensor."""
+        return [int(i.numel()) for i in self.indices]
+
+    @property
+    def num_selected(self) -> int:
+        """Total number of selected coordinates ``m`` (per member)."""
+        return sum(self.sizes)
+
+    def digest(self) -> str:
+        """A short fingerprint, for checking that two processes derived the same mask."""
+        h = hashlib.blake2b(digest_size=8)
+        for idx in self.indices:
+            h.update(idx.numel().to_bytes(8, "little"))
+            h.update(idx.cpu().numpy().tobytes())
+        return h.hexdigest()
+
+
+def _bernoulli_indices(rng: np.random.Generator, n: int, p: float) -> np.ndarray:
+    """Sorted indices of ``n`` independent Bernoulli(``p``) trials that succeeded.
+
+    Drawn as geometric gaps between successes: the work scales with the number of successes,
+    not with ``n``, and the result comes out sorted.
+    """
+    if p <= 0.0 or n == 0:
+        return np.empty(0, dtype=np.int64)
+    if p >= 1.0:
+        return np.arange(n, dtype=np.int64)
+    expected = n * p
+    chunk = int(expected + 8.0 * np.sqrt(expected) + 16)
+
+    def gaps() -> np.ndarray:
+        # A gap past n ends the selection anyway; capping it keeps cumulative sums exact.
+        return np.minimum(rng.geometric(p, size=chunk), n + 1)
+
+    positions = np.cumsum(gaps()) - 1
+    while positions[-1] < n:  # rarely taken: the first chunk almost always reaches past n
+        positions = np.concatenate([positions, np.cumsum(gaps()) + positions[-1]])
+    return positions[: np.searchsorted(positions, n)].astype(np.int64)
+
+
+def event_mask(
+    numels: Sequence[int], probs: Sequence[float], *, seed: int, event: int
+) -> ShuffleMask:
+    """Derive the mask of shuffle event ``event`` for tensors with ``numels[l]`` scalars.
+
+    Each scalar of tensor ``l`` is selected independently with probability ``probs[l]``.
+    Deterministic in ``(seed, event, l)``: identical in every process and on every device.
+    """
+    if len(numels) != len(probs):
+        raise ValueError(f"got {len(numels)} tensor sizes but {len(probs)} probabilities")
+    indices = []
+    for l, (n, p) in enumerate(zip(numels, probs, strict=True)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"probability of tensor {l} must be in [0, 1], got {p}")
+        rng = _generator(seed, event, _MASK_STREAM, l)
+        indices.append(torch.from_numpy(_bernoulli_indices(rng, n, p)))
+    return ShuffleMask(tuple(indices))
+
+
+def _check_aligned(tensors: Sequence[Tensor], mask: ShuffleMask) -> None:
+    if len(tensors) != len(mask.indices):
+        raise ValueError(f"mask covers {len(mask.indices)} tensors, got {len(tensors)}")
+
+
+def gather(tensors: Sequence[Tensor], mask: ShuffleMask) -> Tensor:
+    """Values of ``tensors`` at ``mask``: shape ``(m,)``, on the tensors' device.
+
+    All tensors must share one dtype and device; ``tensors[l]`` is read at ``mask.indices[l]``.
+    """
+    _check_aligned(tensors, mask)
+    if not tensors:
+        return torch.empty(0)
+    parts = [
+        t.detach().reshape(-1)[idx.to(t.device)]
+        for t, idx in zip(tensors, mask.indices, strict=True)
+    ]
+    return torch.cat(parts)
+
+
+def scatter(tensors: Sequence[Tensor], mask: ShuffleMask, values: Tensor) -> None:
+    """Write ``values`` (shape ``(m,)``, as :func:`gather` makes them) at ``mask``, in place."""
+    _check_aligned(tensors, mask)
+    if values.shape != (mask.num_selected,):
+        raise ValueError(
+            f"expected {mask.num_selected} values for this mask, got shape {tuple(values.shape)}"
+        )
+    offset = 0
+    with torch.no_grad():
+        for t, idx in zip(tensors, mask.indices, strict=True):
+            k = idx.numel()
+            if k:
+                flat = t.view(-1)
+                flat[idx.to(t.device)] = values[offset : offset + k].to(t.device, t.dtype)
+            offset += k
+
+
+_TABLE_MAX_MEMBERS = 8  # 8! = 40,320 rows: small enough to tabulate every permutation
+
+
+@functools.cache
+def _permutation_table(num_members: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every permutation of ``range(num_members)`` as columns, ``(num_members, num_members!)``,
+    and the number of members each one moves (those that are not fixed points)."""
+    table = np.array(list(itertools.permutations(range(num_members))), dtype=np.int64).T
+    moves = (table != np.arange(num_members)[:, None]).sum(axis=0)
+    return np.ascontiguousarray(table), moves
+
+
+def _draw_permutations(
+    num_members: int, num_values: int, seed: int, event: int
+) -> tuple[Tensor, int]:
+    """:func:`draw_permutations` and the number of ``(member, coordinate)`` pairs it moves."""
+    if num_members < 1 or num_values < 0:
+        raise ValueError(
+            f"need num_members >= 1 and num_values >= 0, got {num_members}, {num_values}"
+        )
+    rng = _generator(seed, event, _PERMUTATION_STREAM, num_members)
+    if num_members <= _TABLE_MAX_MEMBERS:
+        table, moves = _permutation_table(num_members)
+        chosen = rng.integers(0, table.shape[1], size=num_values)
+        return torch.from_numpy(np.take(table, chosen, axis=1)), int(moves[chosen].sum())
+    perms = torch.from_numpy(rng.random((num_members, num_values)).argsort(axis=0, kind="stable"))
+    return perms, int((perms != torch.arange(num_members)[:, None]).sum())
+
+
+def draw_permutations(num_members: int, num_values: int, *, seed: int, event: int) -> Tensor:
+    """Independent uniform permutations of ``range(num_members)``, one per coordinate.
+
+    Returns an int64 CPU tensor of shape ``(num_members, num_values)`` whose every column is
+    a permutation. Deterministic in ``(seed, event, num_members, num_values)``. Up to 8
+    members, each column is drawn as one uniform index into the table of all permutations;
+    beyond, as the argsort of uniform keys.
+    """
+    return _draw_permutations(num_members, num_values, seed, event)[0]
+
+
+def permute(values: Tensor, permutations: Tensor) -> Tensor:
+    """Apply per-coordinate permutations: ``out[i, j] = values[permutations[i, j], j]``.
+
+    ``values`` has shape ``(N, m, *rest)``; ``permutations`` has shape ``(N, m)`` with every
+    column a permutation of ``range(N)``. Each column's multiset of values is unchanged.
+    """
+    if values.shape[:2] != permutations.shape:
+        raise ValueError(
+            f"values of shape {tuple(values.shape)} do not match permutations of shape "
+            f"{tuple(permutations.shape)}"
+        )
+    index = permutations.to(values.device).view(*permutations.shape, *([1] * (values.dim() - 2)))
+    return torch.gather(values, 0, index.expand_as(values))
+
+
+class ShuffledValues(NamedTuple):
+    """What :func:`shuffle_values` returns."""
+
+    received: list[dict[str, Tensor]]
+    """``received[i][kind]``: the values member ``i`` writes back at the mask."""
+    moved: int
+    """Coordinates whose value now comes from another member, summed over members."""
+
+
+def shuffle_values(
+    values: Sequence[Mapping[str, Tensor]], *, seed: int, event: int
+) -> ShuffledValues:
+    """The exchange of one shuffle event, given every participating member's gathered values.
+
+    ``values[i][kind]`` is member ``i``'s vector of shape ``(m,)`` for that kind (``"weights"``,
+    ``"momentum_buffer"``, ...). Every member must send the same kinds with the same ``m``.
+    All kinds share one permutation per coordinate, so optimizer state moves with its weight.
+    """
+    if not values:
+        return ShuffledValues([], 0)
+    kinds = sorted(values[0])
+    num_values = None
+    for i, member in enumerate(values):
+        if sorted(member) != kinds:
+            raise ValueError(f"member {i} sent kinds {sorted(member)}, member 0 sent {kinds}")
+        for kind in kinds:
+            v = member[kind]
+            if v.dim() != 1 or (num_values is not None and v.numel() != num_values):
+                raise ValueError(
+                    f"member {i} sent {kind!r} of shape {tuple(v.shape)}, expected ({num_values},)"
+                )
+            if not torch.isfinite(v).all():
+                raise ValueError(f"member {i} sent non-finite values for {kind!r}")
+            num_values = v.numel()
+    n = len(values)
+    perms, moved = _draw_permutations(n, num_values or 0, seed, event)
+    received: list[dict[str, Tensor]] = [{} for _ in range(n)]
+    for kind in kinds:
+        shuffled = permute(torch.stack([member[kind] for member in values]), perms)
+        for i in range(n):
+            received[i][kind] = shuffled[i]
+    return ShuffledValues(received, moved)
+
+
+@dataclass(frozen=True)
+class ShuffleCount:
+    """How much one shuffle event touched."""
+
+    selected: int
+    """Coordinates selected per member (the length ``m`` of each gathered vector)."""
+    moved: int
+    """Coordinates whose value came from another member, summed over members."""
+    members: int
+    kinds: int
+    """Number of value kinds shuffled (weights, plus optimizer-state tensors)."""
+
+
+def shuffle_population(
+    members: Sequence[Mapping[str, Sequence[Tensor]]],
+    mask: ShuffleMask,
+    *,
+    seed: int,
+    event: int,
+) -> ShuffleCount:
+    """Run one shuffle event in place over a population held in one process.
+
+    ``members[i][kind]`` is member ``i``'s list of tensors of that kind, aligned with the mask
+    (e.g. ``{"weights": list(model.parameters())}``). The result equals, bit for bit, what the
+    distributed protocol produces: gather, :func:`shuffle_values`, scatter.
+    """
+    if members:
+        first = next(iter(members[0].values()))
+        if first:
+            mask = mask.to(first[0].device)
+    gathered = [{kind: gather(ts, mask) for kind, ts in member.items()} for member in members]
+    received, moved = shuffle_values(gathered, seed=seed, event=event)
+    for member, values in zip(members, received, strict=True):
+        for kind, tensors in member.items():
+            scatter(tensors, mask, values[kind])
+    kinds = len(members[0]) if members else 0
+    return ShuffleCount(selected=mask.num_selected, moved=moved, members=len(members), kinds=kinds)
