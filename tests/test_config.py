@@ -58,7 +58,9 @@ def test_bad_values_name_the_key_and_what_is_allowed(
         WashFedConfig.from_mapping(values)
 
 
-def test_pyproject_defaults_are_a_valid_config() -> None:
+def test_pyproject_declares_every_key_with_its_default() -> None:
+    """Flower only accepts --run-config overrides for declared keys."""
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    run_config = pyproject.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
-    WashFedConfig.from_mapping(run_config)
+    run_config = pyproject["tool"]["flwr"]["app"]["config"]
+    assert run_config.keys() == WashFedConfig().to_mapping().keys()
+    assert WashFedConfig.from_mapping(run_config) == WashFedConfig()

@@ -53,10 +53,25 @@ def test_wash_soup_stays_with_its_members_where_independent_soup_collapses() -> 
 @pytest.mark.slow
 def test_cli_writes_results_ledger_and_a_loadable_final_model(tmp_path: Path) -> None:
     args = [
-        "--train-subset", "1500", "--holdout-size", "300", "--test-subset", "500",
-        "--num-members", "2", "--local-steps", "4", "--batch-size", "64", "--epochs", "1",
-        "--variants", "wash,papa", "--output-dir", str(tmp_path),
-    ]  # fmt: skip
+        "--train-subset",
+        "1500",
+        "--holdout-size",
+        "300",
+        "--test-subset",
+        "500",
+        "--num-members",
+        "2",
+        "--local-steps",
+        "4",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "1",
+        "--variants",
+        "wash,papa",
+        "--output-dir",
+        str(tmp_path),
+    ]
     assert main(args) == 0
     (run_dir,) = tmp_path.iterdir()
     assert (run_dir / "comparison.md").read_text().count("\n") == 4  # header, rule, 2 rows

@@ -91,6 +91,18 @@ class WashFedConfig:
         default=50, metadata=_doc("training batches per member for BN recalibration")
     )
     eval_batch_size: int = field(default=1000, metadata=_doc("batch size for evaluation"))
+    eval_every: int = field(
+        default=5, metadata=_doc("Flower: members report test accuracy every K rounds; 0: never")
+    )
+    round_timeout: float = field(
+        default=600.0, metadata=_doc("Flower: seconds to wait for the members' replies")
+    )
+    node_wait_timeout: float = field(
+        default=300.0, metadata=_doc("Flower: seconds to wait for num-members SuperNodes")
+    )
+    save_members: bool = field(
+        default=False, metadata=_doc("also save every member's final weights (members.pt)")
+    )
     device: str = field(
         default="auto", metadata=_doc(f"one of {DEVICES}; auto: CUDA when available")
     )
@@ -131,9 +143,21 @@ class WashFedConfig:
             raise ConfigError("soup='greedy' needs held-out data: set holdout-size > 0")
         _at_least("bn-batches", self.bn_batches, 1)
         _at_least("eval-batch-size", self.eval_batch_size, 1)
+        _at_least("eval-every", self.eval_every, 0)
+        _greater("round-timeout", self.round_timeout, 0.0)
+        _greater("node-wait-timeout", self.node_wait_timeout, 0.0)
         _one_of("device", self.device, DEVICES)
         if self.shuffle_optimizer_state and self.momentum == 0.0:
             raise ConfigError("shuffle-optimizer-state needs optimizer state: set momentum > 0")
+
+    @property
+    def label(self) -> str:
+        """The strategy's name in reports: ``wash+opt`` for WASH with optimizer state."""
+        return (
+            "wash+opt"
+            if self.strategy == "wash" and self.shuffle_optimizer_state
+            else self.strategy
+        )
 
     @property
     def total_steps(self) -> int:

@@ -31,21 +31,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wash_fed.batchnorm import BNStatistics, bn_statistics, merge_bn_statistics
+from wash_fed.batchnorm import BNStatistics, merge_bn_statistics
 from wash_fed.config import ConfigError, WashFedConfig
 from wash_fed.data import DatasetNotFoundError, ImageData
 from wash_fed.evaluation import accuracy, predict
 from wash_fed.ledger import Ledger
 from wash_fed.merge import merge_population
-from wash_fed.models import build_model
 from wash_fed.papa import population_mean, pull_toward
-from wash_fed.shuffle import event_mask, layer_probs, shuffle_population
+from wash_fed.shuffle import shuffle_population
 from wash_fed.soup import uniform_soup
 from wash_fed.training import (
     Member,
     TrainingData,
     load_test_data,
     load_training_data,
+    new_model,
     resolve_device,
 )
 
@@ -84,8 +84,7 @@ def _communicate(
     """The strategy's exchange after round ``round_``'s local training, in place."""
     if cfg.strategy == "wash":
         params = members[0].parameters()
-        probs = layer_probs(cfg.shuffle_prob, len(params), cfg.layer_schedule)  # type: ignore[arg-type]
-        mask = event_mask([p.numel() for p in params], probs, seed=cfg.seed, event=round_)
+        mask = members[0].shuffle_mask(round_)
         groups = [m.shuffle_groups(cfg.shuffle_optimizer_state) for m in members]
         count = shuffle_population(groups, mask, seed=cfg.seed, event=round_)
         payload = count.selected * count.kinds * params[0].element_size()
@@ -116,13 +115,7 @@ def _evaluate_progress(members: list[Member], test: ImageData, batch_size: int) 
 
 def build_like(member: Member) -> nn.Module:
     """A fresh model of ``member``'s architecture on its device."""
-    data = member.train_data
-    return build_model(
-        member.cfg.model,
-        data.num_classes,
-        data.channels,
-        tuple(data.images.shape[2:4]),  # type: ignore[arg-type]
-    ).to(member.device)
+    return new_model(member.cfg, member.train_data).to(member.device)
 
 
 def run_population(
@@ -147,7 +140,7 @@ def run_population(
     test = test or load_test_data(cfg)
     members = [Member(cfg, i, data, device) for i in range(cfg.num_members)]
     ledger = Ledger()
-    label = _label(cfg)
+    label = cfg.label
     log(
         f"[{label}] {cfg.num_members} members of {cfg.model} on {cfg.dataset} ({device}), "
         f"{cfg.num_server_rounds} rounds x {cfg.local_steps} steps "
@@ -193,14 +186,7 @@ def run_population(
     def bn_statistics_of(soup: Mapping[str, Tensor]) -> BNStatistics:
         parts = []
         for m in members:
-            probe = build_like(m)
-            probe.load_state_dict(soup)
-            idx = data.partitions[m.index][: cfg.bn_batches * cfg.batch_size]
-            inputs = (
-                data.train.batch(idx[s : s + cfg.batch_size])[0]
-                for s in range(0, len(idx), cfg.batch_size)
-            )
-            stats = bn_statistics(probe, inputs)
+            stats = m.bn_statistics(soup)
             parts.append(stats)
             ledger.record(final_round, m.index, "down", "bn", tensor_bytes(soup))
             ledger.record(
@@ -246,12 +232,6 @@ def run_population(
         )
         log(f"[{label}] results, ledger and final model ({merge.final_soup}) in {output_dir}")
     return PopulationRun(cfg, results, ledger, merge.final_state_dict, output_dir)
-
-
-def _label(cfg: WashFedConfig) -> str:
-    if cfg.strategy == "wash" and cfg.shuffle_optimizer_state:
-        return "wash+opt"
-    return cfg.strategy
 
 
 def _mb(nbytes: float) -> str:
@@ -347,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in names:
         cfg = dataclasses.replace(base, **VARIANTS[name]) if name else base
-        out = Path(cfg.output_dir) / f"population-{stamp}" / _label(cfg)
+        out = Path(cfg.output_dir) / f"population-{stamp}" / cfg.label
         results.append(run_population(cfg, data=data, test=test, output_dir=out).results)
     if len(results) > 1:
         table = comparison_table(results)

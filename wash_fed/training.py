@@ -9,6 +9,8 @@ and member index, two processes build the same member bit for bit.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,18 +19,23 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LRScheduler, OneCycleLR
 
+from wash_fed.batchnorm import BNStatistics, bn_statistics
 from wash_fed.config import WashFedConfig
 from wash_fed.data import BatchStream, ImageData, load_split, partition_indices
 from wash_fed.models import build_model
+from wash_fed.shuffle import ShuffleMask, event_mask, layer_probs
 
 __all__ = [
     "Member",
     "TrainStats",
     "TrainingData",
     "derive_seed",
+    "initial_model",
     "load_test_data",
     "load_training_data",
+    "new_model",
     "resolve_device",
+    "wash_mask",
 ]
 
 # Stream tags for derive_seed, so that the seeds of different uses never collide.
@@ -38,6 +45,13 @@ _INIT, _DATA_ORDER, _HOLDOUT, _PARTITION = 1, 2, 3, 4
 def derive_seed(*key: int) -> int:
     """A 63-bit seed determined by ``key`` (e.g. ``(run seed, purpose, member)``)."""
     return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def wash_mask(cfg: WashFedConfig, numels: Sequence[int], event: int) -> ShuffleMask:
+    """The mask of shuffle event ``event`` for parameter tensors of ``numels`` scalars, with
+    the configured shuffle probability, layer schedule and run seed."""
+    probs = layer_probs(cfg.shuffle_prob, len(numels), cfg.layer_schedule)  # type: ignore[arg-type]
+    return event_mask(numels, probs, seed=cfg.seed, event=event)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,6 +114,21 @@ def load_test_data(cfg: WashFedConfig) -> ImageData:
     return test
 
 
+def new_model(cfg: WashFedConfig, data: ImageData) -> nn.Module:
+    """A model of the configured architecture for ``data``'s images and classes."""
+    size = (int(data.images.shape[2]), int(data.images.shape[3]))
+    return build_model(cfg.model, data.num_classes, data.channels, size)
+
+
+def initial_model(cfg: WashFedConfig, data: ImageData, member: int) -> nn.Module:
+    """Member ``member``'s initial model: drawn from its own seed (``init='different'``) or
+    from the run's (``'shared'``); the global torch RNG is left alone."""
+    key = (cfg.seed, _INIT) if cfg.init == "shared" else (cfg.seed, _INIT, member)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(*key))
+        return new_model(cfg, data)
+
+
 @dataclass(frozen=True)
 class TrainStats:
     """What a member reports after some local steps."""
@@ -137,15 +166,7 @@ class Member:
             raise ValueError(f"member index {index} out of range for num-members={cfg.num_members}")
         self.cfg, self.index, self.device = cfg, index, device
         self.train_data = data.train.to(device)
-        init_key = (cfg.seed, _INIT) if cfg.init == "shared" else (cfg.seed, _INIT, index)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(*init_key))
-            self.model: nn.Module = build_model(
-                cfg.model,
-                data.train.num_classes,
-                data.train.channels,
-                (int(data.train.images.shape[2]), int(data.train.images.shape[3])),
-            ).to(device)
+        self.model = initial_model(cfg, data.train, index).to(device)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
             lr=cfg.lr,
@@ -182,6 +203,20 @@ class Member:
             state["momentum_buffer"] = torch.zeros_like(param)
         buffer: Tensor = state["momentum_buffer"]
         return buffer
+
+    def shuffle_mask(self, event: int) -> ShuffleMask:
+        """The WASH mask of shuffle event ``event`` over this member's parameters."""
+        return wash_mask(self.cfg, [p.numel() for p in self.parameters()], event)
+
+    def bn_statistics(self, state_dict: Mapping[str, Tensor]) -> BNStatistics:
+        """BatchNorm statistics of the model ``state_dict`` (a soup) on the first
+        ``bn-batches`` batches of this member's data, in stored order."""
+        probe = copy.deepcopy(self.model)
+        probe.load_state_dict(state_dict)
+        own = self.train_data.subset(
+            self.stream.indices[: self.cfg.bn_batches * self.cfg.batch_size]
+        )
+        return bn_statistics(probe, (x for x, _ in own.batches(self.cfg.batch_size)))
 
     def train_steps(self, steps: int) -> TrainStats:
         """Take ``steps`` SGD steps on the member's own batches."""

@@ -1,0 +1,277 @@
+"""The wash-fed ServerApp.
+
+Reads the run configuration once (every problem is an error before any training), waits for
+``num-members`` SuperNodes, checks each member's data and mask derivation (``query.hello``),
+then runs the configured strategy through Flower's ``Strategy.start``:
+
+* ``wash``, ``papa``, ``papa-all``, ``ensemble`` (:mod:`server.strategies`), followed by the
+  final step (:mod:`server.final`);
+* ``fedavg``: Flower's own ``FedAvg``, unchanged, on the same model, data and rounds.
+
+Every message goes through a :class:`server.ledger_grid.LedgerGrid`, so every strategy's
+bytes are counted the same way. Results land in ``<output-dir>/<time>-<strategy>-<run id>``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from logging import INFO
+from typing import Any
+
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from server.final import final_step
+from server.ledger_grid import LedgerGrid
+from server.report import RunOutput
+from server.strategies import RoundReport, make_population_strategy
+from wash_fed import wire
+from wash_fed.config import WashFedConfig
+from wash_fed.data import ImageData
+from wash_fed.evaluation import accuracy, predict
+from wash_fed.ledger import Ledger
+from wash_fed.training import (
+    initial_model,
+    load_test_data,
+    load_training_data,
+    new_model,
+    wash_mask,
+)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = WashFedConfig.from_mapping(context.run_config)
+    ledger = Ledger()
+    output = RunOutput.create(cfg, grid.run.run_id, ledger)
+    log(
+        INFO,
+        "wash-fed %s: %d members, %d rounds x %d local steps; results in %s",
+        cfg.label,
+        cfg.num_members,
+        cfg.num_server_rounds,
+        cfg.local_steps,
+        output.directory,
+    )
+    ledger_grid = LedgerGrid(grid, ledger)
+    try:
+        data = load_training_data(cfg)
+        test = load_test_data(cfg)
+        members = connect_members(ledger_grid, cfg, test)
+        output.write(members={str(p): n for n, p in members.items()})
+        if cfg.strategy == "fedavg":
+            output.finish(run_fedavg(ledger_grid, cfg, test, output), fedavg_bytes=None)
+            return
+        fedavg_bytes = fedavg_equivalent_bytes(cfg, test, members)
+        numels = [p.numel() for p in new_model(cfg, test).parameters()]
+
+        def on_round(report: RoundReport) -> None:
+            output.add_round(round_row(cfg, ledger, report, fedavg_bytes))
+
+        strategy = make_population_strategy(cfg, members, numels, on_round)
+        strategy.start(
+            grid=ledger_grid,
+            initial_arrays=ArrayRecord(),
+            num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout,
+        )
+        final = final_step(ledger_grid, cfg, strategy, test, data.holdout, output)
+        output.finish(final, fedavg_bytes)
+    except BaseException as err:
+        output.fail(err)
+        raise
+
+
+def connect_members(grid: Grid, cfg: WashFedConfig, test: ImageData) -> dict[int, int]:
+    """Wait for ``num-members`` nodes, run each member's pre-flight check, map node ids to
+    partition ids. Raises with the members' own words when a check fails."""
+    deadline = time.monotonic() + cfg.node_wait_timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < cfg.num_members:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{len(nodes)} of num-members={cfg.num_members} SuperNodes connected within "
+                f"node-wait-timeout={cfg.node_wait_timeout:g} s"
+            )
+        log(INFO, "waiting for SuperNodes: %d of %d connected", len(nodes), cfg.num_members)
+        time.sleep(2.0)
+        nodes = list(grid.get_node_ids())
+    replies = list(
+        grid.send_and_receive(
+            [wire.message(node, wire.HELLO, 0) for node in nodes], timeout=cfg.round_timeout
+        )
+    )
+    problems = [
+        f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()
+    ]
+    if len(replies) < len(nodes):
+        problems.append(f"{len(nodes) - len(replies)} node(s) did not answer the pre-flight check")
+    if problems:
+        raise RuntimeError("members failed their pre-flight check:\n  " + "\n  ".join(problems))
+    members = {r.metadata.src_node_id: int(wire.metric(r.content, "partition-id")) for r in replies}
+    if sorted(members.values()) != list(range(cfg.num_members)):
+        raise RuntimeError(
+            f"expected one member per partition id 0..{cfg.num_members - 1}, "
+            f"got partition ids {sorted(members.values())} from {len(members)} nodes"
+        )
+    numels = [p.numel() for p in new_model(cfg, test).parameters()]
+    expected = wash_mask(cfg, numels, 1).digest()
+    for reply in sorted(replies, key=lambda r: members[r.metadata.src_node_id]):
+        partition = members[reply.metadata.src_node_id]
+        digest = wire.config_value(reply.content, "mask-digest")
+        if digest != expected:
+            raise RuntimeError(
+                f"member {partition} derives other shuffle masks than the server "
+                f"({digest!r} != {expected!r}): install the same numpy and torch everywhere "
+                f"(it has torch {wire.config_value(reply.content, 'torch')!s})"
+            )
+        log(
+            INFO,
+            "member %d on node %d: %d training images, %s",
+            partition,
+            reply.metadata.src_node_id,
+            int(wire.metric(reply.content, "num-examples")),
+            wire.config_value(reply.content, "device"),
+        )
+    return members
+
+
+def round_row(
+    cfg: WashFedConfig, ledger: Ledger, report: RoundReport, fedavg_bytes: int | None
+) -> dict[str, Any]:
+    """One round's figures for ``results.json``; logs the progress line."""
+    this_round = ledger.by_round().get(report.round, {"up": 0, "down": 0})
+    rows = list(report.metrics.values())
+
+    def mean(key: str) -> float | None:
+        values = [float(r[key]) for r in rows if key in r]
+        return sum(values) / len(values) if values else None
+
+    row = {
+        "round": report.round,
+        "seconds": report.seconds,
+        "answered": len(rows),
+        "failed": {str(k): v for k, v in report.failed.items()},
+        "loss": mean("loss"),
+        "train_accuracy": mean("train-accuracy"),
+        "test_accuracy": mean("test-accuracy"),
+        "members": {str(k): v for k, v in sorted(report.metrics.items())},
+        "exchange": report.exchange,
+        "bytes_up": this_round["up"],
+        "bytes_down": this_round["down"],
+        "bytes_total": ledger.total(),
+    }
+    text = f"[{cfg.label}] round {report.round}/{cfg.num_server_rounds}: "
+    text += f"{len(rows)}/{cfg.num_members} members"
+    if row["loss"] is not None:
+        text += f", loss {row['loss']:.4f}, train acc {row['train_accuracy']:.4f}"
+    if row["test_accuracy"] is not None:
+        text += f", test acc {row['test_accuracy']:.4f}"
+    sent = (this_round["up"] + this_round["down"]) / 1e6
+    text += f" | sent {sent:.3f} MB, {ledger.total() / 1e6:.3f} MB so far"
+    if fedavg_bytes:
+        so_far = fedavg_bytes * report.round / cfg.num_server_rounds
+        text += f" (FedAvg: {so_far / 1e6:.3f} MB)"
+    log(INFO, "%s | %.2f s", text, report.seconds)
+    return row
+
+
+def fedavg_equivalent_bytes(cfg: WashFedConfig, test: ImageData, members: Mapping[int, int]) -> int:
+    """What FedAvg would send over the same rounds: each round the full model to every member
+    and back, measured as Flower serializes those messages."""
+    state = wire.tensors_to_record(new_model(cfg, test).state_dict())
+    node = next(iter(members))
+    down = wire.message(
+        node, MessageType.TRAIN, 1, {"reply": wire.REPLY_STATE}, {wire.ARRAYS: state}
+    )
+    metrics = MetricRecord(
+        {
+            "partition-id": 0,
+            "loss": 0.0,
+            "train-accuracy": 0.0,
+            "num-examples": 0,
+            "steps": 0,
+            "epochs": 0.0,
+        }
+    )
+    up = Message(
+        RecordDict({wire.ARRAYS: state, wire.METRICS: metrics}),
+        dst_node_id=node,
+        message_type=MessageType.TRAIN,
+    )
+    per_round = wire.message_bytes(down) + wire.message_bytes(up)
+    return cfg.num_server_rounds * len(members) * per_round
+
+
+def run_fedavg(
+    grid: LedgerGrid, cfg: WashFedConfig, test: ImageData, output: RunOutput
+) -> dict[str, Any]:
+    """Flower's FedAvg, unchanged: one global model that every member trains each round.
+
+    Per-round figures come through FedAvg's own hooks: ``train_metrics_aggr_fn`` sees the
+    members' metrics, ``evaluate_fn`` (server side, on the test set) closes each round.
+    """
+    started = time.perf_counter()
+    round_metrics: list[list[RecordDict]] = []
+
+    def keep_train_metrics(contents: list[RecordDict], weighted_by: str) -> MetricRecord:
+        round_metrics.append(contents)
+        return aggregate_metricrecords(contents, weighted_by)
+
+    def close_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        nonlocal started
+        if server_round == 0:
+            return None
+        every = cfg.eval_every
+        evaluated: dict[str, float] = {}
+        if every > 0 and (server_round % every == 0 or server_round == cfg.num_server_rounds):
+            model = new_model(cfg, test)
+            model.load_state_dict(wire.record_to_tensors(arrays))
+            evaluated["test-accuracy"] = accuracy(
+                predict(model, test, cfg.eval_batch_size), test.labels
+            )
+        members = {
+            int(wire.metric(c, "partition-id")): {**c.metric_records[wire.METRICS], **evaluated}
+            for c in round_metrics[server_round - 1]
+        }
+        report = RoundReport(server_round, members, {}, time.perf_counter() - started, {})
+        output.add_round(round_row(cfg, grid.ledger, report, None))
+        started = time.perf_counter()
+        return MetricRecord(dict(evaluated)) if evaluated else None
+
+    strategy = FedAvg(
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=cfg.num_members,
+        min_available_nodes=cfg.num_members,
+        train_metrics_aggr_fn=keep_train_metrics,
+    )
+    # Members read everything else from the run config; "reply" asks for the full state.
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=wire.tensors_to_record(initial_model(cfg, test, 0).state_dict()),
+        num_rounds=cfg.num_server_rounds,
+        timeout=cfg.round_timeout,
+        train_config=ConfigRecord({"reply": wire.REPLY_STATE}),
+        evaluate_fn=close_round,
+    )
+    model = new_model(cfg, test)
+    model.load_state_dict(wire.record_to_tensors(result.arrays))
+    output.save_model(model.state_dict())
+    final_accuracy = accuracy(predict(model, test, cfg.eval_batch_size), test.labels)
+    log(INFO, "[fedavg] test accuracy of the global model: %.4f", final_accuracy)
+    return {"global_model": final_accuracy, "final_accuracy": final_accuracy}

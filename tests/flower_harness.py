@@ -1,0 +1,205 @@
+"""Real Flower processes for the tests: a SuperLink of our own (simulation or deployment),
+SuperNodes, ``flwr run``, and the clean-up of every process they started.
+
+Each harness gets a temporary ``FLWR_HOME``, free ports and a unique marker in the
+environment of every process it starts. Children inherit the marker (Ray workers too), so
+:meth:`FlowerHarness.close` finds and stops all of them by reading ``/proc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BIN = Path(sys.executable).parent
+PROJECT = Path(__file__).resolve().parents[1]
+MARKER = "WASH_FED_TEST_HARNESS"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def run_config_arg(values: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str
+    details: str
+    output: str
+    listing: dict[str, Any]
+    """The run's entry in ``flwr ls --format json``."""
+
+
+class FlowerHarness:
+    """Owns a temporary Flower home, a SuperLink and (for deployments) SuperNodes."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.marker = uuid.uuid4().hex
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(home),
+            # Flower's processes start each other by name (flower-superexec, ...).
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            MARKER: self.marker,
+        }
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.logs = home / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.control_port = free_port()
+        self.api_port = free_port()
+
+    # --- processes ----------------------------------------------------------------------
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.processes.append(proc)
+        return proc
+
+    def start_superlink(self, *, simulation: bool, extra: list[str] | None = None) -> None:
+        args = [
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--host", "127.0.0.1",
+            "--port", str(self.api_port),
+            "--control-api-address", f"127.0.0.1:{self.control_port}",
+            "--database", str(self.home / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ]  # fmt: skip
+        if simulation:
+            args += ["--simulation", "--isolation", "subprocess"]
+        self.start("superlink", args + (extra or []))
+        self.wait_healthy(self.api_port, "SuperLink")
+        (self.home / "config.toml").write_text(
+            '[superlink]\ndefault = "test"\n\n'
+            f'[superlink.test]\naddress = "127.0.0.1:{self.api_port}"\ninsecure = true\n'
+        )
+
+    def wait_healthy(self, port: int, what: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            if any(p.poll() is not None for p in self.processes):
+                break
+            time.sleep(0.3)
+        raise RuntimeError(f"{what} on port {port} did not become healthy; logs in {self.logs}")
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def run(
+        self,
+        run_config: Mapping[str, Any],
+        *,
+        federation_config: str | None = None,
+        timeout: float = 600.0,
+    ) -> RunResult:
+        """``flwr run . test --stream`` to the end; the run's status from ``flwr ls``."""
+        args = ["run", ".", "test", "--stream", "--run-config", run_config_arg(run_config)]
+        if federation_config:
+            args += ["--federation-config", federation_config]
+        done = self.flwr(*args, timeout=timeout)
+        output = done.stdout + done.stderr
+        run_id = next(
+            (
+                line.split()[-1].strip(".")
+                for line in output.splitlines()
+                if "Successfully started run" in line
+            ),
+            None,
+        )
+        if run_id is None:
+            raise RuntimeError(f"flwr run did not start a run:\n{output}")
+        listing = self.listing(run_id)
+        return RunResult(
+            run_id, listing["status"], listing.get("status-details", ""), output, listing
+        )
+
+    def listing(self, run_id: str) -> dict[str, Any]:
+        done = self.flwr("ls", "test", "--run-id", run_id, "--format", "json")
+        runs = json.loads(done.stdout)["runs"]
+        found: dict[str, Any] = next(r for r in runs if r["run-id"] == run_id)
+        return found
+
+    def close(self) -> None:
+        """Stop every process this harness started, and every process that inherited it."""
+        for proc in self.processes:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        for pid in self.descendants():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def descendants(self) -> list[int]:
+        """Live processes carrying this harness's marker in their environment."""
+        needle = f"{MARKER}={self.marker}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
+    def describe(self) -> str:
+        """The last lines of every log, for assertion messages."""
+        parts = []
+        for log in sorted(self.logs.glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()[-40:]
+            parts.append(f"--- {log.name}\n" + "\n".join(lines))
+        return "\n".join(parts)

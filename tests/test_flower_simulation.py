@@ -1,0 +1,204 @@
+"""End to end through real Flower: `flwr run` simulations against a SuperLink of our own."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.flower_harness import FlowerHarness, RunResult
+from wash_fed.config import WashFedConfig
+from wash_fed.ledger import Ledger
+from wash_fed.shuffle import layer_probs, shuffle_population
+from wash_fed.training import load_test_data, new_model, wash_mask
+
+pytestmark = pytest.mark.slow
+
+MEMBERS = 3
+FEDERATION = f"num-supernodes={MEMBERS} client-resources-num-cpus=1"
+SMALL: dict[str, Any] = {
+    "num-members": MEMBERS,
+    "num-server-rounds": 2,
+    "local-steps": 5,
+    "batch-size": 64,
+    "train-subset": 3000,
+    "holdout-size": 300,
+    "test-subset": 500,
+    "eval-every": 1,
+    "bn-batches": 4,
+}
+# Bytes a message may carry besides its array data: metadata, records, keys, npy headers.
+FRAMING = 2000
+FRAMING_PER_ARRAY = 400
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerHarness]:
+    h = FlowerHarness(tmp_path_factory.mktemp("flwr-home"))
+    try:
+        h.start_superlink(simulation=True)
+        yield h
+    finally:
+        h.close()
+    assert h.descendants() == [], "processes survived the harness"
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+def run(
+    harness: FlowerHarness, out: Path, **overrides: Any
+) -> tuple[RunResult, dict[str, Any], Path]:
+    config = {**SMALL, "output-dir": str(out), **overrides}
+    result = harness.run(config, federation_config=FEDERATION)
+    assert result.status == "finished:completed", f"{result.details}\n{result.output[-4000:]}"
+    (run_dir,) = out.glob(f"*-{result.run_id}")
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert (run_dir / "final_model.pt").is_file()
+    return result, results, run_dir
+
+
+def cfg_of(results: dict[str, Any]) -> WashFedConfig:
+    return WashFedConfig.from_mapping(results["config"])
+
+
+def test_wash_run_sends_only_the_masked_values(harness: FlowerHarness, out: Path) -> None:
+    result, results, run_dir = run(harness, out, strategy="wash")
+    cfg = cfg_of(results)
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert all(r["answered"] == MEMBERS for r in results["rounds"])
+    final = results["final"]
+    assert set(final["soups"]) == {"uniform", "uniform+bn"} and final["final_soup"] == "uniform+bn"
+    assert len(final["members"]) == MEMBERS and 0.0 <= final["ensemble"] <= 1.0
+    assert "Final model:" in result.output and "FedAvg for the same 2 rounds" in result.output
+
+    numels = [p.numel() for p in new_model(cfg, load_test_data(cfg)).parameters()]
+    probs = layer_probs(cfg.shuffle_prob, len(numels), "linear")
+    expected = sum(p * n for p, n in zip(probs, numels, strict=True))
+    ledger = Ledger.read_csv(run_dir / "ledger.csv")
+    train = [e for e in ledger.entries if e.phase == "train"]
+    assert {e.member for e in train} == set(range(MEMBERS))
+    framing = []
+    for e in train:
+        # Up in round r: values at mask r. Down in round 2: values of shuffle event 1.
+        event = e.round if e.direction == "up" else e.round - 1
+        if event == 0:
+            assert e.bytes < FRAMING  # round 1 down: config only
+            continue
+        selected = wash_mask(cfg, numels, event).num_selected
+        assert abs(selected - expected) < 0.05 * expected  # the mask is p_l of each tensor
+        framing.append(e.bytes - 4 * selected)
+    assert all(0 < f < FRAMING + FRAMING_PER_ARRAY for f in framing), framing
+    assert max(framing) - min(framing) < 400, "framing should be a fixed overhead"
+    assert results["bytes"]["up.train"] + results["bytes"]["down.train"] == sum(
+        e.bytes for e in train
+    )
+    assert results["fedavg_bytes"] > 10 * sum(e.bytes for e in train)
+
+
+def test_fedavg_run_sends_the_full_model_each_way(harness: FlowerHarness, out: Path) -> None:
+    _, results, run_dir = run(harness, out, strategy="fedavg")
+    cfg = cfg_of(results)
+    state = new_model(cfg, load_test_data(cfg)).state_dict()
+    model_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    ledger = Ledger.read_csv(run_dir / "ledger.csv")
+    train = [e for e in ledger.entries if e.phase == "train"]
+    assert len(train) == 2 * 2 * MEMBERS  # rounds x directions x members
+    for e in train:
+        assert 0 < e.bytes - model_bytes < FRAMING + FRAMING_PER_ARRAY * len(state), e
+    assert [r["test_accuracy"] is not None for r in results["rounds"]] == [True, True]
+    assert 0.0 < results["final"]["global_model"] <= 1.0
+
+
+def test_papa_run_averages_every_round(harness: FlowerHarness, out: Path) -> None:
+    _, results, run_dir = run(harness, out, strategy="papa", **{"papa-every": 1})
+    cfg = cfg_of(results)
+    tensors = list(new_model(cfg, load_test_data(cfg)).parameters())
+    params = sum(p.numel() for p in tensors)
+    ledger = Ledger.read_csv(run_dir / "ledger.csv")
+    ups = [e for e in ledger.entries if e.phase == "train" and e.direction == "up"]
+    limit = FRAMING + FRAMING_PER_ARRAY * len(tensors)
+    assert all(0 < e.bytes - 4 * params < limit for e in ups)
+    assert all(r["exchange"] == {"averaged": MEMBERS} for r in results["rounds"])
+
+
+def test_one_federated_shuffle_event_equals_the_library_shuffle(
+    harness: FlowerHarness, out: Path
+) -> None:
+    """Same seed, one round: WASH's members are exactly the independent members after one
+    in-process shuffle event."""
+    common = {"num-server-rounds": 1, "save-members": True, "shuffle-prob": 0.3}
+    _, _, ensemble_dir = run(harness, out, strategy="ensemble", **common)
+    _, results, wash_dir = run(harness, out, strategy="wash", **common)
+    cfg = cfg_of(results)
+    before = _members(ensemble_dir)
+    after = _members(wash_dir)
+    assert not all(torch.equal(before[0][k], after[0][k]) for k in before[0]), "nothing moved"
+    models = []
+    for sd in before:
+        model = new_model(cfg, load_test_data(cfg))
+        model.load_state_dict(sd)
+        models.append(model)
+    numels = [p.numel() for p in models[0].parameters()]
+    shuffle_population(
+        [{"weights": list(m.parameters())} for m in models],
+        wash_mask(cfg, numels, 1),
+        seed=cfg.seed,
+        event=1,
+    )
+    for model, expected in zip(models, after, strict=True):
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, expected[key]), key
+
+
+def _members(run_dir: Path) -> list[dict[str, torch.Tensor]]:
+    flat = torch.load(run_dir / "members.pt")["state_dict"]
+    members: list[dict[str, torch.Tensor]] = [{} for _ in range(MEMBERS)]
+    for key, value in flat.items():
+        index, name = key.split(".", 1)
+        members[int(index)][name] = value
+    return members
+
+
+def test_bad_config_fails_before_training_with_a_clear_error(
+    harness: FlowerHarness, out: Path
+) -> None:
+    config = {**SMALL, "output-dir": str(out / "bad"), "shuffle-prob": 1.5}
+    result = harness.run(config, federation_config=FEDERATION)
+    assert result.status == "finished:failed"
+    assert "shuffle-prob must be in [0.0, 1.0], got 1.5" in result.output + result.details
+    assert not (out / "bad").exists()
+
+
+def test_comparison_command_runs_strategies_and_writes_table_and_plots(
+    harness: FlowerHarness, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from simulations import compare
+
+    for key, value in harness.env.items():
+        monkeypatch.setenv(key, value)
+    target = out / "compare"
+    overrides = " ".join(f"{k}={v}" for k, v in SMALL.items() if k != "num-members")
+    code = compare.main(
+        [
+            "--strategies", "wash,fedavg",
+            "--num-supernodes", str(MEMBERS),
+            "--run-config", overrides,
+            "--superlink", "test",
+            "--out", str(target),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    table = (target / "comparison.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| wash |") and table[3].startswith("| fedavg |")
+    wash_ratio = float(table[2].split("|")[8])
+    assert 0 < wash_ratio < 1  # WASH sends less than FedAvg, final step included
+    for name in ("accuracy_vs_bytes.png", "accuracy_vs_round.png"):
+        assert (target / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
