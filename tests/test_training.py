@@ -54,7 +54,7 @@ def test_resnet18_cifar_form() -> None:
 
 
 def test_initialisations_differ_or_are_shared(small_data: TrainingData) -> None:
-    a, b = (Member(cfg(), i, small_data, torch.device("cpu")) for i in range(2))
+    a, b = (Member(cfg(init="different"), i, small_data, torch.device("cpu")) for i in range(2))
     assert not torch.equal(a.parameters()[0], b.parameters()[0])
     c, d = (Member(cfg(init="shared"), i, small_data, torch.device("cpu")) for i in range(2))
     assert all(torch.equal(x, y) for x, y in zip(c.parameters(), d.parameters(), strict=True))

@@ -64,7 +64,7 @@ class WashFedConfig:
     )
 
     model: str = field(default="cnn", metadata=_doc("'cnn', 'resnet18' or 'torchvision:<name>'"))
-    init: str = field(default="different", metadata=_doc(f"one of {INITS}: member initialisations"))
+    init: str = field(default="shared", metadata=_doc(f"one of {INITS}: member initialisations"))
     batch_size: int = field(default=128, metadata=_doc("training batch size"))
     lr: float = field(default=0.05, metadata=_doc("peak learning rate (SGD)"))
     momentum: float = field(default=0.9, metadata=_doc("SGD momentum in [0, 1)"))
