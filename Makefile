@@ -34,12 +34,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	touch $@
 
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist package when the machine has
-# apt (no internet needed beyond the package mirror), else torchvision downloads it.
+# Debian packages, installed when missing and the machine has apt and we are root:
+# Fashion-MNIST's files (no internet needed beyond the package mirror; elsewhere torchvision
+# downloads them), and for the tests a real Prometheus and a compose implementation.
+APT_RUN := dataset-fashion-mnist
+APT_TEST := prometheus docker-compose
+
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	  else echo "note: missing Debian packages:$$missing"; fi; fi
+endef
+
 data: install
-	@if [ "$(DATASET)" = fashion-mnist ] && [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] \
-	    && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -q && apt-get install -y -q dataset-fashion-mnist; fi
+	$(call apt_install,$(APT_RUN))
 	$(PY) -m wash_fed.data prepare $(DATASET)
 
 # Size Flower's local simulation federation once, so that a plain `flwr run .` has one
@@ -58,6 +68,7 @@ compare: data federation
 	$(PY) -m simulations.compare
 
 test: data
+	$(call apt_install,$(APT_TEST))
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install

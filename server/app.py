@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 from flwr.app import (
@@ -42,6 +42,7 @@ from wash_fed.config import WashFedConfig
 from wash_fed.data import ImageData
 from wash_fed.evaluation import accuracy, predict
 from wash_fed.ledger import Ledger
+from wash_fed.metrics import RunMetrics
 from wash_fed.training import (
     initial_model,
     load_test_data,
@@ -67,20 +68,27 @@ def main(grid: Grid, context: Context) -> None:
         cfg.local_steps,
         output.directory,
     )
-    ledger_grid = LedgerGrid(grid, ledger)
+    metrics = RunMetrics(cfg.label)
+    if cfg.metrics_port:
+        metrics.serve(cfg.metrics_port)
+        log(INFO, "Prometheus metrics on port %d", cfg.metrics_port)
+    ledger_grid = LedgerGrid(grid, ledger, on_exchange=lambda *_: metrics.sync_ledger(ledger))
     try:
         data = load_training_data(cfg)
         test = load_test_data(cfg)
         members = connect_members(ledger_grid, cfg, test)
         output.write(members={str(p): n for n, p in members.items()})
         if cfg.strategy == "fedavg":
-            output.finish(run_fedavg(ledger_grid, cfg, test, output), fedavg_bytes=None)
+            final = run_fedavg(ledger_grid, cfg, test, output, metrics)
+            metrics.observe_final({"global": final["global_model"]})
+            output.finish(final, fedavg_bytes=None)
             return
         fedavg_bytes = fedavg_equivalent_bytes(cfg, test, members)
         numels = [p.numel() for p in new_model(cfg, test).parameters()]
 
         def on_round(report: RoundReport) -> None:
             output.add_round(round_row(cfg, ledger, report, fedavg_bytes))
+            metrics.observe_round(report, fedavg_bytes // cfg.num_server_rounds)
 
         strategy = make_population_strategy(cfg, members, numels, on_round)
         strategy.start(
@@ -90,10 +98,33 @@ def main(grid: Grid, context: Context) -> None:
             timeout=cfg.round_timeout,
         )
         final = final_step(ledger_grid, cfg, strategy, test, data.holdout, output)
+        metrics.observe_final(
+            {
+                "ensemble": final["ensemble"],
+                "member_mean": final["member_mean"],
+                "soup": final["final_accuracy"],
+            }
+        )
         output.finish(final, fedavg_bytes)
     except BaseException as err:
         output.fail(err)
         raise
+    finally:
+        publish_metrics(cfg, metrics, ledger, grid.run.run_id)
+
+
+def publish_metrics(cfg: WashFedConfig, metrics: RunMetrics, ledger: Ledger, run_id: int) -> None:
+    """Bring the metrics up to date with the ledger, push them if asked, and keep serving
+    them for ``metrics-grace`` seconds so that the final values are scraped."""
+    metrics.sync_ledger(ledger)
+    if cfg.metrics_pushgateway:
+        try:
+            metrics.push(cfg.metrics_pushgateway, job=f"wash-fed-{cfg.label}-{run_id}")
+        except OSError as err:  # the run's results are on disk; say so and carry on
+            log(WARNING, "could not push metrics to %s: %s", cfg.metrics_pushgateway, err)
+    if cfg.metrics_port and cfg.metrics_grace:
+        log(INFO, "serving final metrics for %.0f s", cfg.metrics_grace)
+        time.sleep(cfg.metrics_grace)
 
 
 def connect_members(grid: Grid, cfg: WashFedConfig, test: ImageData) -> dict[int, int]:
@@ -218,7 +249,7 @@ def fedavg_equivalent_bytes(cfg: WashFedConfig, test: ImageData, members: Mappin
 
 
 def run_fedavg(
-    grid: LedgerGrid, cfg: WashFedConfig, test: ImageData, output: RunOutput
+    grid: LedgerGrid, cfg: WashFedConfig, test: ImageData, output: RunOutput, metrics: RunMetrics
 ) -> dict[str, Any]:
     """Flower's FedAvg, unchanged: one global model that every member trains each round.
 
@@ -250,6 +281,7 @@ def run_fedavg(
         }
         report = RoundReport(server_round, members, {}, time.perf_counter() - started, {})
         output.add_round(round_row(cfg, grid.ledger, report, None))
+        metrics.observe_round(report, 0)
         started = time.perf_counter()
         return MetricRecord(dict(evaluated)) if evaluated else None
 

@@ -100,6 +100,15 @@ class WashFedConfig:
     node_wait_timeout: float = field(
         default=300.0, metadata=_doc("Flower: seconds to wait for num-members SuperNodes")
     )
+    metrics_port: int = field(
+        default=0, metadata=_doc("Flower: ServerApp serves Prometheus metrics on this port; 0: off")
+    )
+    metrics_grace: float = field(
+        default=0.0, metadata=_doc("Flower: seconds to keep serving metrics after the run")
+    )
+    metrics_pushgateway: str = field(
+        default="", metadata=_doc("Flower: push the final metrics to this Pushgateway (host:port)")
+    )
     save_members: bool = field(
         default=False, metadata=_doc("also save every member's final weights (members.pt)")
     )
@@ -146,6 +155,8 @@ class WashFedConfig:
         _at_least("eval-every", self.eval_every, 0)
         _greater("round-timeout", self.round_timeout, 0.0)
         _greater("node-wait-timeout", self.node_wait_timeout, 0.0)
+        _in_range("metrics-port", self.metrics_port, 0, 65535)
+        _at_least("metrics-grace", self.metrics_grace, 0.0)
         _one_of("device", self.device, DEVICES)
         if self.shuffle_optimizer_state and self.momentum == 0.0:
             raise ConfigError("shuffle-optimizer-state needs optimizer state: set momentum > 0")

@@ -1,0 +1,197 @@
+"""Prometheus metrics: unit checks on the registry, then a real Prometheus server scraping
+real `flwr run` simulations of WASH and FedAvg."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import generate_latest
+
+from server.strategies import RoundReport
+from tests.flower_harness import FlowerHarness, free_port
+from wash_fed.ledger import Ledger
+from wash_fed.metrics import RunMetrics
+
+MEMBERS = 3
+SMALL: dict[str, Any] = {
+    "num-members": MEMBERS,
+    "num-server-rounds": 3,
+    "local-steps": 5,
+    "batch-size": 64,
+    "train-subset": 3000,
+    "holdout-size": 300,
+    "test-subset": 500,
+    "eval-every": 1,
+    "bn-batches": 4,
+}
+
+
+def sample(registry_text: str, name: str, **labels: str) -> float:
+    """The value of one sample in the text exposition format."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in registry_text.splitlines():
+        if line.startswith(f"{name}{{"):
+            series, value = line.rsplit(" ", 1)
+            got = ",".join(sorted(series[len(name) + 1 : -1].split(",")))
+            if got == wanted:
+                return float(value)
+    raise KeyError(f"{name}{{{wanted}}} not exported")
+
+
+def test_byte_counter_follows_the_ledger_exactly() -> None:
+    ledger = Ledger()
+    metrics = RunMetrics("wash")
+    ledger.record(1, 0, "up", "train", 100)
+    ledger.record(1, 0, "down", "train", 50)
+    metrics.sync_ledger(ledger)
+    ledger.record(2, 1, "up", "train", 7)
+    ledger.record(3, 1, "up", "collect", 1000)
+    metrics.sync_ledger(ledger)
+    metrics.sync_ledger(ledger)  # nothing new: nothing counted twice
+    text = generate_latest(metrics.registry).decode()
+    assert (
+        sample(text, "wash_fed_bytes_total", strategy="wash", direction="up", phase="train") == 107
+    )
+    assert (
+        sample(text, "wash_fed_bytes_total", strategy="wash", direction="down", phase="train") == 50
+    )
+    assert (
+        sample(text, "wash_fed_bytes_total", strategy="wash", direction="up", phase="collect")
+        == 1000
+    )
+
+
+def test_round_figures_become_gauges_and_a_histogram() -> None:
+    metrics = RunMetrics("papa")
+    report = RoundReport(
+        1,
+        {0: {"loss": 0.5, "test-accuracy": 0.8}, 1: {"loss": 0.7, "test-accuracy": 0.6}},
+        {},
+        2.5,
+        {},
+    )
+    metrics.observe_round(report, fedavg_round_bytes=1000)
+    metrics.observe_final({"soup": 0.75})
+    text = generate_latest(metrics.registry).decode()
+    assert sample(text, "wash_fed_rounds_total", strategy="papa") == 1
+    assert sample(text, "wash_fed_member_loss", strategy="papa", member="1") == 0.7
+    assert sample(text, "wash_fed_accuracy", strategy="papa", model="member_mean") == pytest.approx(
+        0.7
+    )
+    assert sample(text, "wash_fed_accuracy", strategy="papa", model="soup") == 0.75
+    assert sample(text, "wash_fed_round_duration_seconds_bucket", strategy="papa", le="5.0") == 1
+    assert sample(text, "wash_fed_fedavg_equivalent_bytes_total", strategy="papa") == 1000
+
+
+class Prometheus:
+    """Debian's prometheus on loopback, scraping one target every second."""
+
+    def __init__(self, root: Path, target_port: int) -> None:
+        self.port = free_port()
+        config = root / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: wash-fed\n"
+            f"    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
+        )
+        self.proc = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={root / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=open(root / "prometheus.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/-/ready", timeout=1).is_success:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise RuntimeError("prometheus did not become ready")
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        response = httpx.get(f"http://127.0.0.1:{self.port}/api/v1/query", params={"query": promql})
+        response.raise_for_status()
+        body = response.json()
+        assert body["status"] == "success", body
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def prometheus_and_flower(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Prometheus, FlowerHarness, int]]:
+    if shutil.which("prometheus") is None:
+        pytest.fail(
+            "prometheus is not installed (Debian: apt-get install prometheus; .ci/run does)"
+        )
+    metrics_port = free_port()
+    prom = Prometheus(tmp_path_factory.mktemp("prometheus"), metrics_port)
+    harness = FlowerHarness(tmp_path_factory.mktemp("flwr-home"))
+    try:
+        harness.start_superlink(simulation=True)
+        yield prom, harness, metrics_port
+    finally:
+        harness.close()
+        prom.close()
+
+
+@pytest.mark.slow
+def test_prometheus_sees_the_ledgers_bytes_for_wash_and_fedavg(
+    prometheus_and_flower: tuple[Prometheus, FlowerHarness, int], tmp_path: Path
+) -> None:
+    prom, harness, metrics_port = prometheus_and_flower
+    ledgers = {}
+    for strategy in ("wash", "fedavg"):
+        config = {
+            **SMALL,
+            "strategy": strategy,
+            "output-dir": str(tmp_path),
+            "metrics-port": metrics_port,
+            "metrics-grace": 4.0,
+        }
+        result = harness.run(
+            config, federation_config=f"num-supernodes={MEMBERS} client-resources-num-cpus=1"
+        )
+        assert result.status == "finished:completed", result.details + result.output[-3000:]
+        (run_dir,) = tmp_path.glob(f"*-{result.run_id}")
+        ledgers[strategy] = Ledger.read_csv(run_dir / "ledger.csv")
+        assert json.loads((run_dir / "results.json").read_text())["status"] == "completed"
+
+    def scraped(strategy: str, direction: str) -> float:
+        rows = prom.query(
+            f'sum(max_over_time(wash_fed_bytes_total{{strategy="{strategy}",direction="{direction}"}}[30m]))'
+        )
+        return float(rows[0]["value"][1]) if rows else -1.0
+
+    for strategy, ledger in ledgers.items():
+        for direction in ("up", "down"):
+            assert scraped(strategy, direction) == ledger.total(direction), (strategy, direction)
+    ratio = prom.query(
+        'sum(max_over_time(wash_fed_bytes_total{strategy="wash",phase="train"}[30m]))'
+        ' / sum(max_over_time(wash_fed_bytes_total{strategy="fedavg",phase="train"}[30m]))'
+    )
+    expected = ledgers["wash"].total(phase="train") / ledgers["fedavg"].total(phase="train")
+    assert float(ratio[0]["value"][1]) == pytest.approx(expected, rel=1e-12)
+    assert expected < 0.1  # WASH's training traffic is a small fraction of FedAvg's
+    rounds = prom.query('max_over_time(wash_fed_rounds_total{strategy="wash"}[30m])')
+    assert float(rounds[0]["value"][1]) == SMALL["num-server-rounds"]
+    soup = prom.query('max_over_time(wash_fed_accuracy{strategy="wash",model="soup"}[30m])')
+    assert 0.0 < float(soup[0]["value"][1]) <= 1.0

@@ -1,0 +1,129 @@
+"""Prometheus metrics of a run, fed from the byte ledger and the round reports.
+
+Names follow Prometheus conventions (``_total`` counters, ``_seconds`` histograms, base
+units). Labels stay low-cardinality: ``strategy`` (a handful), ``direction`` (up, down),
+``phase`` (setup, train, collect, bn, evaluate), ``model`` (member_mean, ensemble, soup,
+global), ``member`` (the partition id, one per member).
+
+The byte counter is only ever advanced by :meth:`RunMetrics.sync_ledger`, which adds the
+ledger entries it has not seen yet: the exported figures are the ledger's, so the two can
+never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway
+from prometheus_client.exposition import start_http_server
+
+from wash_fed.ledger import Ledger
+
+__all__ = ["RoundFigures", "RunMetrics"]
+
+
+class RoundFigures(Protocol):
+    """What a round reports (``server.strategies.RoundReport`` has these)."""
+
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def metrics(self) -> Mapping[int, Mapping[str, Any]]: ...
+    @property
+    def exchange(self) -> Mapping[str, int]: ...
+
+
+ROUND_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+class RunMetrics:
+    """The metrics of one run, in their own registry."""
+
+    def __init__(self, strategy: str, registry: CollectorRegistry | None = None) -> None:
+        self.strategy = strategy
+        self.registry = registry or CollectorRegistry()
+        self.bytes = Counter(
+            "wash_fed_bytes",
+            "Payload bytes sent, as Flower serializes the messages (the run's ledger).",
+            ["strategy", "direction", "phase"],
+            registry=self.registry,
+        )
+        self.fedavg_bytes = Counter(
+            "wash_fed_fedavg_equivalent_bytes",
+            "Bytes FedAvg would have sent for the training rounds completed so far.",
+            ["strategy"],
+            registry=self.registry,
+        )
+        self.rounds = Counter(
+            "wash_fed_rounds", "Training rounds completed.", ["strategy"], registry=self.registry
+        )
+        self.round_seconds = Histogram(
+            "wash_fed_round_duration_seconds",
+            "Wall time of a training round, from sending to the last reply.",
+            ["strategy"],
+            buckets=ROUND_SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.accuracy = Gauge(
+            "wash_fed_accuracy",
+            "Test accuracy: member_mean and ensemble each evaluated round; soup and global "
+            "(FedAvg) for the final model.",
+            ["strategy", "model"],
+            registry=self.registry,
+        )
+        self.member_loss = Gauge(
+            "wash_fed_member_loss",
+            "A member's mean training loss over its last round.",
+            ["strategy", "member"],
+            registry=self.registry,
+        )
+        self.member_accuracy = Gauge(
+            "wash_fed_member_accuracy",
+            "A member's last reported test accuracy.",
+            ["strategy", "member"],
+            registry=self.registry,
+        )
+        self.moved_values = Counter(
+            "wash_fed_shuffled_values",
+            "Values that changed member in WASH shuffle events.",
+            ["strategy"],
+            registry=self.registry,
+        )
+        self._synced = 0
+
+    def serve(self, port: int, address: str = "0.0.0.0") -> None:
+        """Expose ``/metrics`` on ``port`` (a daemon thread, for as long as the process lives)."""
+        start_http_server(port, addr=address, registry=self.registry)
+
+    def sync_ledger(self, ledger: Ledger) -> None:
+        """Count the ledger entries added since the last call."""
+        for entry in ledger.entries[self._synced :]:
+            self.bytes.labels(self.strategy, entry.direction, entry.phase).inc(entry.bytes)
+        self._synced = len(ledger.entries)
+
+    def observe_round(self, report: RoundFigures, fedavg_round_bytes: int) -> None:
+        """One finished training round: its duration, members' figures, what moved."""
+        self.rounds.labels(self.strategy).inc()
+        self.round_seconds.labels(self.strategy).observe(report.seconds)
+        self.fedavg_bytes.labels(self.strategy).inc(fedavg_round_bytes)
+        self.moved_values.labels(self.strategy).inc(report.exchange.get("moved", 0))
+        tested = []
+        for member, figures in report.metrics.items():
+            if "loss" in figures:
+                self.member_loss.labels(self.strategy, str(member)).set(float(figures["loss"]))
+            if "test-accuracy" in figures:
+                value = float(figures["test-accuracy"])
+                self.member_accuracy.labels(self.strategy, str(member)).set(value)
+                tested.append(value)
+        if tested:
+            self.accuracy.labels(self.strategy, "member_mean").set(sum(tested) / len(tested))
+
+    def observe_final(self, accuracies: Mapping[str, float]) -> None:
+        """Final accuracies by model (``ensemble``, ``soup``, ``global``, ...)."""
+        for model, value in accuracies.items():
+            self.accuracy.labels(self.strategy, model).set(value)
+
+    def push(self, gateway: str, job: str) -> None:
+        """Push everything to a Pushgateway (for runs shorter than a scrape interval)."""
+        push_to_gateway(gateway, job=job, registry=self.registry)
