@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,46 +135,48 @@ class Prometheus:
         self.proc.wait(timeout=15)
 
 
+@dataclass
+class ScrapedRuns:
+    prometheus: Prometheus
+    ledgers: dict[str, Ledger]
+
+
 @pytest.fixture(scope="module")
-def prometheus_and_flower(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[Prometheus, FlowerHarness, int]]:
+def scraped_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScrapedRuns]:
+    """WASH, then FedAvg, through real `flwr run` simulations, scraped by a real Prometheus."""
     if shutil.which("prometheus") is None:
         pytest.fail(
-            "prometheus is not installed (Debian: apt-get install prometheus; .ci/run does)"
+            "prometheus is not installed (Debian: apt-get install prometheus; make test does)"
         )
     metrics_port = free_port()
     prom = Prometheus(tmp_path_factory.mktemp("prometheus"), metrics_port)
     harness = FlowerHarness(tmp_path_factory.mktemp("flwr-home"))
+    out = tmp_path_factory.mktemp("runs")
     try:
         harness.start_superlink(simulation=True)
-        yield prom, harness, metrics_port
+        ledgers = {}
+        for strategy in ("wash", "fedavg"):
+            config = {
+                **SMALL,
+                "strategy": strategy,
+                "output-dir": str(out),
+                "metrics-port": metrics_port,
+                "metrics-grace": 4.0,
+            }
+            federation = f"num-supernodes={MEMBERS} client-resources-num-cpus=1"
+            result = harness.run(config, federation_config=federation)
+            assert result.status == "finished:completed", result.details + result.output[-3000:]
+            (run_dir,) = out.glob(f"*-{result.run_id}")
+            ledgers[strategy] = Ledger.read_csv(run_dir / "ledger.csv")
+        yield ScrapedRuns(prom, ledgers)
     finally:
         harness.close()
         prom.close()
 
 
 @pytest.mark.slow
-def test_prometheus_sees_the_ledgers_bytes_for_wash_and_fedavg(
-    prometheus_and_flower: tuple[Prometheus, FlowerHarness, int], tmp_path: Path
-) -> None:
-    prom, harness, metrics_port = prometheus_and_flower
-    ledgers = {}
-    for strategy in ("wash", "fedavg"):
-        config = {
-            **SMALL,
-            "strategy": strategy,
-            "output-dir": str(tmp_path),
-            "metrics-port": metrics_port,
-            "metrics-grace": 4.0,
-        }
-        result = harness.run(
-            config, federation_config=f"num-supernodes={MEMBERS} client-resources-num-cpus=1"
-        )
-        assert result.status == "finished:completed", result.details + result.output[-3000:]
-        (run_dir,) = tmp_path.glob(f"*-{result.run_id}")
-        ledgers[strategy] = Ledger.read_csv(run_dir / "ledger.csv")
-        assert json.loads((run_dir / "results.json").read_text())["status"] == "completed"
+def test_prometheus_sees_the_ledgers_bytes_for_wash_and_fedavg(scraped_runs: ScrapedRuns) -> None:
+    prom, ledgers = scraped_runs.prometheus, scraped_runs.ledgers
 
     def scraped(strategy: str, direction: str) -> float:
         rows = prom.query(
@@ -195,3 +198,20 @@ def test_prometheus_sees_the_ledgers_bytes_for_wash_and_fedavg(
     assert float(rounds[0]["value"][1]) == SMALL["num-server-rounds"]
     soup = prom.query('max_over_time(wash_fed_accuracy{strategy="wash",model="soup"}[30m])')
     assert 0.0 < float(soup[0]["value"][1]) <= 1.0
+
+
+@pytest.mark.slow
+def test_every_dashboard_query_runs_on_prometheus(scraped_runs: ScrapedRuns) -> None:
+    """The Grafana panels' PromQL, evaluated by the real Prometheus over the runs above."""
+    prom = scraped_runs.prometheus
+    dashboard = json.loads(
+        (Path(__file__).parents[1] / "deploy/grafana/dashboards/wash-fed.json").read_text()
+    )
+    answered = 0
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            # Ranges sized for a live run; the runs above are short and already over.
+            expr = target["expr"].replace("[1m]", "[30m]")
+            expr = f"max_over_time(({expr})[30m:1s])"
+            answered += bool(prom.query(expr))
+    assert answered >= 8, "most panels should show data for the runs above"
