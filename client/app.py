@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import io
+import time
 from typing import Any
 
 import torch
@@ -142,12 +143,15 @@ def hello(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round: apply the delivery, train, reply with what the server asked for."""
+    started = time.perf_counter()
     member = _restore(context)
     config = msg.content.config_records[wire.CONFIG]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     _apply_delivery(member, msg.content)
+    train_started = time.perf_counter()
     stats = member.train_steps(member.cfg.local_steps)
     metrics: dict[str, Any] = {
+        "train-seconds": time.perf_counter() - train_started,
         "loss": stats.loss,
         "train-accuracy": stats.accuracy,
         "num-examples": stats.examples,
@@ -171,6 +175,7 @@ def train(msg: Message, context: Context) -> Message:
     elif reply == wire.REPLY_STATE:
         records[wire.ARRAYS] = wire.tensors_to_record(member.model.state_dict())
     _save(context, member)
+    metrics["handler-seconds"] = time.perf_counter() - started
     return _reply(msg, member, metrics, **records)
 
 

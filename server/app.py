@@ -72,7 +72,12 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.metrics_port:
         metrics.serve(cfg.metrics_port)
         log(INFO, "Prometheus metrics on port %d", cfg.metrics_port)
-    ledger_grid = LedgerGrid(grid, ledger, on_exchange=lambda *_: metrics.sync_ledger(ledger))
+    ledger_grid = LedgerGrid(
+        grid,
+        ledger,
+        on_exchange=lambda *_: metrics.sync_ledger(ledger),
+        poll_interval=cfg.poll_interval,
+    )
     try:
         data = load_training_data(cfg)
         test = load_test_data(cfg)

@@ -8,6 +8,7 @@ to, the member (partition id) and the phase.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
@@ -45,8 +46,9 @@ class LedgerGrid(Grid):
     """Delegates to ``grid`` and records each message in ``ledger``.
 
     ``members`` maps node ids to partition ids; it learns them from the ``partition-id``
-    metric every wash-fed reply carries. ``on_exchange(round, phase)`` is called after every
-    recorded exchange (the metrics exporter listens there).
+    metric every wash-fed reply carries. Replies are polled every ``poll_interval``
+    seconds. ``on_exchange(round, phase)`` is called after every recorded exchange (the
+    metrics exporter listens there).
     """
 
     def __init__(
@@ -54,8 +56,10 @@ class LedgerGrid(Grid):
         grid: Grid,
         ledger: Ledger,
         on_exchange: Callable[[int, str], None] | None = None,
+        poll_interval: float = 0.5,
     ) -> None:
         self._grid = grid
+        self.poll_interval = poll_interval
         self.ledger = ledger
         self.members: dict[int, int] = {}
         self._on_exchange = on_exchange
@@ -105,7 +109,7 @@ class LedgerGrid(Grid):
         messages = list(messages)
         if not messages:
             return []
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = self._exchange(messages, timeout)
         for reply in replies:
             self._learn(reply)
         round_ = _round_of(messages[0].content)
@@ -115,6 +119,21 @@ class LedgerGrid(Grid):
             self._record(reply, "up", reply.metadata.src_node_id, round_)
         if self._on_exchange is not None:
             self._on_exchange(round_, phase_of(messages[0].metadata.message_type))
+        return replies
+
+    def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """Push, then pull replies every ``poll_interval`` seconds until all are in or the
+        timeout passes (Flower's own loop waits a fixed 3 s between pulls)."""
+        pending = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            arrived = list(self._grid.pull_messages(pending))
+            replies += arrived
+            pending -= {reply.metadata.reply_to_message_id for reply in arrived}
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.poll_interval)
         return replies
 
     # --- bookkeeping ------------------------------------------------------------------

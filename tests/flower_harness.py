@@ -80,6 +80,7 @@ class FlowerHarness:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.control_port = free_port()
         self.api_port = free_port()
+        self.certificates: Path | None = None
 
     # --- processes ----------------------------------------------------------------------
 
@@ -91,30 +92,81 @@ class FlowerHarness:
         self.processes.append(proc)
         return proc
 
-    def start_superlink(self, *, simulation: bool, extra: list[str] | None = None) -> None:
+    def start_superlink(self, *, simulation: bool, certificates: Path | None = None) -> None:
+        """A SuperLink on free loopback ports; TLS when ``certificates`` (a folder made by
+        deploy/certs/generate.sh) is given. Writes the ``test`` connection for the CLI."""
         args = [
             str(BIN / "flower-superlink"),
-            "--insecure",
-            "--host", "127.0.0.1",
-            "--port", str(self.api_port),
-            "--control-api-address", f"127.0.0.1:{self.control_port}",
-            "--database", str(self.home / "state.db"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.api_port),
+            "--control-api-address",
+            f"127.0.0.1:{self.control_port}",
+            "--database",
+            str(self.home / "state.db"),
             "--disable-runtime-dependency-installation",
-        ]  # fmt: skip
+        ]
+        if certificates is None:
+            args.append("--insecure")
+            transport = "insecure = true\n"
+        else:
+            args += [
+                f"--ssl-ca-certfile={certificates / 'ca.crt'}",
+                f"--ssl-certfile={certificates / 'server.pem'}",
+                f"--ssl-keyfile={certificates / 'server.key'}",
+            ]
+            transport = f'root-certificates = "{certificates / "ca.crt"}"\n'
         if simulation:
             args += ["--simulation", "--isolation", "subprocess"]
-        self.start("superlink", args + (extra or []))
-        self.wait_healthy(self.api_port, "SuperLink")
+        self.start("superlink", args)
+        self.wait_healthy(self.api_port, "SuperLink", tls=certificates is not None)
         (self.home / "config.toml").write_text(
             '[superlink]\ndefault = "test"\n\n'
-            f'[superlink.test]\naddress = "127.0.0.1:{self.api_port}"\ninsecure = true\n'
+            f'[superlink.test]\naddress = "127.0.0.1:{self.api_port}"\n{transport}'
         )
+        self.certificates = certificates
 
-    def wait_healthy(self, port: int, what: str, timeout: float = 60.0) -> None:
+    def start_supernodes(self, count: int) -> list[int]:
+        """``count`` SuperNodes with partition ids 0..count-1; returns their ports."""
+        ports = []
+        for i in range(count):
+            port = free_port()
+            args = [
+                str(BIN / "flower-supernode"),
+                "--superlink",
+                f"127.0.0.1:{self.api_port}",
+                "--port",
+                str(port),
+                "--node-config",
+                f"partition-id={i} num-partitions={count}",
+            ]
+            if self.certificates is None:
+                args.append("--insecure")
+            else:
+                args += ["--root-certificates", str(self.certificates / "ca.crt")]
+            self.start(f"supernode-{i}", args)
+            ports.append(port)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done = self.flwr("supernode", "list", "test", "--format", "json")
+            if done.returncode == 0:
+                nodes = json.loads(done.stdout).get("nodes", [])
+                if sum(n.get("status") == "online" for n in nodes) >= count:
+                    return ports
+            time.sleep(1.0)
+        raise RuntimeError(f"{count} SuperNodes did not come online:\n{self.describe()}")
+
+    def wait_healthy(
+        self, port: int, what: str, *, tls: bool = False, timeout: float = 60.0
+    ) -> None:
         deadline = time.monotonic() + timeout
+        scheme = "https" if tls else "http"
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).is_success:
+                if httpx.get(
+                    f"{scheme}://127.0.0.1:{port}/health", timeout=1.0, verify=False
+                ).is_success:
                     return
             except httpx.HTTPError:
                 pass

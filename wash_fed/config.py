@@ -97,6 +97,9 @@ class WashFedConfig:
     round_timeout: float = field(
         default=600.0, metadata=_doc("Flower: seconds to wait for the members' replies")
     )
+    poll_interval: float = field(
+        default=0.5, metadata=_doc("Flower: seconds between the server's checks for replies")
+    )
     node_wait_timeout: float = field(
         default=300.0, metadata=_doc("Flower: seconds to wait for num-members SuperNodes")
     )
@@ -155,6 +158,7 @@ class WashFedConfig:
         _at_least("eval-every", self.eval_every, 0)
         _greater("round-timeout", self.round_timeout, 0.0)
         _greater("node-wait-timeout", self.node_wait_timeout, 0.0)
+        _greater("poll-interval", self.poll_interval, 0.0)
         _in_range("metrics-port", self.metrics_port, 0, 65535)
         _at_least("metrics-grace", self.metrics_grace, 0.0)
         _one_of("device", self.device, DEVICES)
