@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.flower_harness import PROJECT, FlowerHarness
+from simulations.local_flower import PROJECT, FlowerHarness
 from wash_fed.ledger import Ledger
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.flower_harness import FlowerHarness, RunResult
+from simulations.local_flower import FlowerHarness, RunResult
 from wash_fed.config import WashFedConfig
 from wash_fed.ledger import Ledger
 from wash_fed.shuffle import layer_probs, shuffle_population

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from server.strategies import RoundReport
-from tests.flower_harness import FlowerHarness, free_port
+from simulations.local_flower import FlowerHarness, free_port
 from wash_fed.ledger import Ledger
 from wash_fed.metrics import RunMetrics
 

@@ -1,9 +1,11 @@
-"""Real Flower processes for the tests: a SuperLink of our own (simulation or deployment),
-SuperNodes, ``flwr run``, and the clean-up of every process they started.
+"""Real Flower processes on this machine: a SuperLink of our own (simulation or deployment,
+optionally with TLS), SuperNodes, ``flwr run``, and the clean-up of every process started.
 
-Each harness gets a temporary ``FLWR_HOME``, free ports and a unique marker in the
-environment of every process it starts. Children inherit the marker (Ray workers too), so
-:meth:`FlowerHarness.close` finds and stops all of them by reading ``/proc``.
+Used by the tests, by ``benchmarks/deployment_overhead.py``, and by anyone who wants the
+compose topology without containers. Each instance gets its own ``FLWR_HOME``, free ports
+and a unique marker in the environment of every process it starts; children inherit the
+marker (Ray workers too), so :meth:`FlowerHarness.close` finds and stops all of them by
+reading ``/proc`` (Linux).
 """
 
 from __future__ import annotations

@@ -1,0 +1,107 @@
+"""Per-round wall time of a real local deployment that is not spent training.
+
+Starts a SuperLink and N SuperNodes on loopback (simulations/local_flower.py, the topology
+of docker-compose.yml), runs a short WASH run under each setting, and prints side by side
+the median round time, the members' training time and handler time (from their replies),
+and the overhead: round time minus the slowest member's training.
+
+Settings:
+* ``flower-defaults``: the server polls for replies every 3 s (Flower's own
+  ``send_and_receive`` loop), SuperExec looks for tasks every 1 s (its default);
+* ``tuned``: the server polls every 0.2 s (``poll-interval``), SuperExec every 0.1 s
+  (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, set in the Dockerfile).
+
+    python benchmarks/deployment_overhead.py [--rounds 5] [--supernodes 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from simulations.local_flower import FlowerHarness
+
+SETTINGS: dict[str, tuple[float, str | None]] = {
+    "flower-defaults": (3.0, None),
+    "tuned": (0.2, "0.1"),
+}
+
+
+def measure(setting: str, rounds: int, supernodes: int) -> dict[str, float]:
+    poll_interval, superexec_poll = SETTINGS[setting]
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        harness = FlowerHarness(home)
+        if superexec_poll is not None:
+            harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = superexec_poll
+        try:
+            harness.start_superlink(simulation=False)
+            harness.start_supernodes(supernodes)
+            config: dict[str, Any] = {
+                "num-members": supernodes,
+                "num-server-rounds": rounds,
+                "local-steps": 5,
+                "batch-size": 64,
+                "train-subset": 3000,
+                "holdout-size": 300,
+                "test-subset": 500,
+                "eval-every": 0,
+                "bn-batches": 4,
+                "poll-interval": poll_interval,
+                "output-dir": str(home / "runs"),
+            }
+            result = harness.run(config, timeout=1800)
+            if result.status != "finished:completed":
+                raise RuntimeError(f"{setting}: {result.details}\n{harness.describe()}")
+            (run_dir,) = (home / "runs").glob(f"*-{result.run_id}")
+            rows = json.loads((run_dir / "results.json").read_text())["rounds"]
+        finally:
+            harness.close()
+    # Round 1 includes starting the run on every node; report the steady rounds after it.
+    steady = rows[1:] or rows
+
+    def slowest(row: dict[str, Any], key: str) -> float:
+        return max(float(m[key]) for m in row["members"].values())
+
+    return {
+        "round": statistics.median(r["seconds"] for r in steady),
+        "train": statistics.median(slowest(r, "train-seconds") for r in steady),
+        "handler": statistics.median(slowest(r, "handler-seconds") for r in steady),
+        "overhead": statistics.median(r["seconds"] - slowest(r, "train-seconds") for r in steady),
+        "first_round": rows[0]["seconds"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--supernodes", type=int, default=4)
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    args = parser.parse_args()
+    results = {s: measure(s, args.rounds, args.supernodes) for s in args.settings.split(",")}
+    print(
+        f"\n{args.supernodes} SuperNodes on loopback, WASH, {args.rounds} rounds of 5 steps; "
+        f"seconds, medians over rounds 2..{args.rounds}"
+    )
+    columns = ["round", "train", "handler", "overhead", "first_round"]
+    print("| setting | round | slowest training | slowest handler | overhead | first round |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | " + " | ".join(f"{r[c]:.2f}" for c in columns) + " |")
+    if {"flower-defaults", "tuned"} <= results.keys():
+        before, after = results["flower-defaults"]["overhead"], results["tuned"]["overhead"]
+        saved = before - after
+        print(
+            f"\noverhead, tuned / flower-defaults: {after / before:.2f} "
+            f"({saved:.2f} s less per round)"
+        )
+
+
+if __name__ == "__main__":
+    main()
