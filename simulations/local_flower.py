@@ -257,3 +257,46 @@ class FlowerHarness:
             lines = log.read_text(errors="replace").splitlines()[-40:]
             parts.append(f"--- {log.name}\n" + "\n".join(lines))
         return "\n".join(parts)
+
+
+class Prometheus:
+    """A real ``prometheus`` (Debian's binary) on loopback, scraping one target every second."""
+
+    def __init__(self, root: Path, target_port: int) -> None:
+        self.port = free_port()
+        config = root / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: wash-fed\n"
+            f"    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
+        )
+        self.proc = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={root / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=open(root / "prometheus.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/-/ready", timeout=1).is_success:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise RuntimeError("prometheus did not become ready")
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        response = httpx.get(f"http://127.0.0.1:{self.port}/api/v1/query", params={"query": promql})
+        response.raise_for_status()
+        body = response.json()
+        assert body["status"] == "success", body
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=15)

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from prometheus_client import generate_latest
 
 from server.strategies import RoundReport
-from simulations.local_flower import FlowerHarness, free_port
+from simulations.local_flower import FlowerHarness, Prometheus, free_port
 from wash_fed.ledger import Ledger
 from wash_fed.metrics import RunMetrics
 
@@ -90,49 +87,6 @@ def test_round_figures_become_gauges_and_a_histogram() -> None:
     assert sample(text, "wash_fed_accuracy", strategy="papa", model="soup") == 0.75
     assert sample(text, "wash_fed_round_duration_seconds_bucket", strategy="papa", le="5.0") == 1
     assert sample(text, "wash_fed_fedavg_equivalent_bytes_total", strategy="papa") == 1000
-
-
-class Prometheus:
-    """Debian's prometheus on loopback, scraping one target every second."""
-
-    def __init__(self, root: Path, target_port: int) -> None:
-        self.port = free_port()
-        config = root / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n  - job_name: wash-fed\n"
-            f"    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
-        )
-        self.proc = subprocess.Popen(
-            [
-                "prometheus",
-                f"--config.file={config}",
-                f"--storage.tsdb.path={root / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            stdout=open(root / "prometheus.log", "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/-/ready", timeout=1).is_success:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        raise RuntimeError("prometheus did not become ready")
-
-    def query(self, promql: str) -> list[dict[str, Any]]:
-        response = httpx.get(f"http://127.0.0.1:{self.port}/api/v1/query", params={"query": promql})
-        response.raise_for_status()
-        body = response.json()
-        assert body["status"] == "success", body
-        result: list[dict[str, Any]] = body["data"]["result"]
-        return result
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=15)
 
 
 @dataclass
