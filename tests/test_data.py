@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,17 @@ def test_missing_data_set_names_the_fixing_command(tmp_path: Path) -> None:
 def test_prepare_unpacks_debian_files_and_is_idempotent(tmp_path: Path) -> None:
     first = prepare("fashion-mnist", tmp_path)
     assert "Debian" in first
-    assert "already prepared" in prepare("fashion-mnist", tmp_path)
+    assert "already under" in prepare("fashion-mnist", tmp_path)
     assert len(load_split("fashion-mnist", tmp_path, train=False)) == 10_000
+
+
+def test_decoded_tensor_file_holds_exactly_the_original_images(tmp_path: Path) -> None:
+    prepare("fashion-mnist", tmp_path)
+    cached = load_split("fashion-mnist", tmp_path, train=True)
+    shutil.rmtree(tmp_path / "wash-fed-tensors")
+    decoded = load_split("fashion-mnist", tmp_path, train=True)  # through torchvision
+    assert torch.equal(cached.images, decoded.images)
+    assert torch.equal(cached.labels, decoded.labels)
 
 
 def _write_cifar(root: Path, monkeypatch: pytest.MonkeyPatch, classes: int) -> None:

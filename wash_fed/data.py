@@ -177,14 +177,26 @@ def _torchvision_split(spec: DatasetSpec, root: Path, train: bool) -> tuple[Tens
     return images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
 
 
+def _cache_path(spec: DatasetSpec, root: Path, train: bool) -> Path:
+    return root / "wash-fed-tensors" / f"{spec.name}-{'train' if train else 'test'}.pt"
+
+
 def load_split(name: str, root: Path | str | None = None, *, train: bool) -> ImageData:
     """Load the training or test split of data set ``name`` from ``root``.
 
-    Raises :class:`DatasetNotFoundError` naming the fixing command when it is not on disk;
-    nothing is downloaded here.
+    Reads the tensor file :func:`prepare` writes (one ``torch.load``, no image decoding and no
+    torchvision import: it matters when every Flower message starts a fresh process), else
+    the original files through torchvision. Raises :class:`DatasetNotFoundError` naming the
+    fixing command when neither is on disk; nothing is downloaded here.
     """
     spec = _spec(name)
-    images, labels = _torchvision_split(spec, Path(root) if root else default_root(), train)
+    root = Path(root) if root else default_root()
+    cache = _cache_path(spec, root, train)
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        images, labels = saved["images"], saved["labels"]
+    else:
+        images, labels = _torchvision_split(spec, root, train)
     return ImageData(images, labels, spec.mean, spec.std, spec.num_classes)
 
 
@@ -193,17 +205,31 @@ def prepare(name: str, root: Path | str | None = None) -> str:
 
     Fashion-MNIST is taken, in order, from an earlier preparation, from Debian's
     ``dataset-fashion-mnist`` package files, or downloaded by torchvision. CIFAR comes from
-    an earlier preparation or a torchvision download.
+    an earlier preparation or a torchvision download. Both splits are then decoded once into
+    a tensor file that :func:`load_split` reads.
     """
     spec = _spec(name)
     root = Path(root) if root else default_root()
+    source = _fetch(spec, root)
+    for train in (True, False):
+        images, labels = _torchvision_split(spec, root, train)
+        cache = _cache_path(spec, root, train)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"images": images, "labels": labels}, tmp)
+        tmp.replace(cache)
+    return f"{name}: {source}; decoded into {cache.parent}"
+
+
+def _fetch(spec: DatasetSpec, root: Path) -> str:
+    """Put the original files under ``root``; say where they came from."""
     try:
         _torchvision_split(spec, root, train=True)
         _torchvision_split(spec, root, train=False)
-        return f"{name}: already prepared under {root}"
+        return f"already under {root}"
     except DatasetNotFoundError:
         pass
-    if name == "fashion-mnist" and all(
+    if spec.name == "fashion-mnist" and all(
         (DEBIAN_FASHION_MNIST / f"{f}.gz").is_file() for f in FASHION_MNIST_FILES
     ):
         raw = root / spec.torchvision_class / "raw"
@@ -211,7 +237,7 @@ def prepare(name: str, root: Path | str | None = None) -> str:
         for f in FASHION_MNIST_FILES:
             with gzip.open(DEBIAN_FASHION_MNIST / f"{f}.gz") as src, open(raw / f, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-        return f"{name}: unpacked Debian's files from {DEBIAN_FASHION_MNIST} into {raw}"
+        return f"unpacked Debian's files from {DEBIAN_FASHION_MNIST} into {raw}"
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, spec.torchvision_class)
@@ -219,11 +245,11 @@ def prepare(name: str, root: Path | str | None = None) -> str:
         for train in (True, False):
             cls(root=str(root), train=train, download=True)
     except Exception as err:  # no network, or a mirror refused: say what to do instead
-        hint = " or `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else ""
+        hint = " or `apt-get install dataset-fashion-mnist`" if spec.name == "fashion-mnist" else ""
         raise DatasetNotFoundError(
-            f"could not download {name} into {root} ({err}); bring the files yourself{hint}"
+            f"could not download {spec.name} into {root} ({err}); bring the files yourself{hint}"
         ) from err
-    return f"{name}: downloaded by torchvision into {root}"
+    return f"downloaded by torchvision into {root}"
 
 
 def partition_indices(
