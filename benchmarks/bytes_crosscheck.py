@@ -8,14 +8,19 @@
 It runs a real local deployment (SuperLink and SuperNodes on loopback, TLS) with Debian's
 ``prometheus`` on loopback.
 
-    python benchmarks/bytes_crosscheck.py [--strategies wash,fedavg,papa,ensemble]
+    python benchmarks/bytes_crosscheck.py [--strategies wash,fedavg,papa,ensemble] [--plot PNG]
+
+``--plot`` renders the Grafana dashboard's panels from the same Prometheus, over the runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,40 @@ from simulations.local_flower import PROJECT, FlowerHarness, Prometheus, free_po
 from wash_fed.ledger import Ledger
 
 MEMBERS = 4
+LEGEND_FIELD = re.compile(r"\{\{(\w+)\}\}")  # Grafana's {{label}} in legend formats
+
+
+def _legend(template: str, labels: dict[str, str]) -> str:
+    return LEGEND_FIELD.sub(lambda m: labels.get(m.group(1), ""), template)
+
+
+def render_dashboard(prometheus: Prometheus, start: float, end: float, path: Path) -> None:
+    """Each panel of deploy/grafana/dashboards/wash-fed.json, drawn from Prometheus."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dashboard = json.loads((PROJECT / "deploy/grafana/dashboards/wash-fed.json").read_text())
+    panels = dashboard["panels"]
+    fig, axes = plt.subplots(
+        (len(panels) + 1) // 2, 2, figsize=(13, 3.2 * ((len(panels) + 1) // 2))
+    )
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        for target in panel["targets"]:
+            for series in prometheus.query_range(target["expr"], start, end, step=2):
+                legend = _legend(target["legendFormat"], series["metric"])
+                times = [(float(t) - start) / 60 for t, _ in series["values"]]
+                ax.plot(times, [float(v) for _, v in series["values"]], label=legend, linewidth=1.2)
+        ax.set_title(panel["title"], fontsize=10)
+        ax.set_xlabel("minutes", fontsize=8)
+        if panel["fieldConfig"]["defaults"]["unit"] == "decbytes":
+            ax.set_yscale("log")
+        ax.legend(fontsize=6, loc="best")
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"dashboard panels rendered to {path}")
 
 
 def main() -> None:
@@ -31,8 +70,10 @@ def main() -> None:
     )
     parser.add_argument("--strategies", default="wash,fedavg,papa,ensemble")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--plot", type=Path, default=None, help="render the dashboard to this PNG")
     args = parser.parse_args()
     rows = []
+    started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         certificates = home / "certs"
@@ -89,6 +130,8 @@ def main() -> None:
                         traffic["outbound-bytes"],
                     )
                 )
+            if args.plot:
+                render_dashboard(prometheus, started, time.time(), args.plot)
         finally:
             harness.close()
             prometheus.close()

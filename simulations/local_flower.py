@@ -290,10 +290,21 @@ class Prometheus:
         raise RuntimeError("prometheus did not become ready")
 
     def query(self, promql: str) -> list[dict[str, Any]]:
-        response = httpx.get(f"http://127.0.0.1:{self.port}/api/v1/query", params={"query": promql})
+        """An instant query through the HTTP API: the result vector."""
+        return self._api("query", {"query": promql})
+
+    def query_range(
+        self, promql: str, start: float, end: float, step: float
+    ) -> list[dict[str, Any]]:
+        """A range query through the HTTP API: one series of ``[time, value]`` per labels."""
+        return self._api("query_range", {"query": promql, "start": start, "end": end, "step": step})
+
+    def _api(self, endpoint: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        response = httpx.get(f"http://127.0.0.1:{self.port}/api/v1/{endpoint}", params=params)
         response.raise_for_status()
         body = response.json()
-        assert body["status"] == "success", body
+        if body["status"] != "success":
+            raise RuntimeError(f"Prometheus answered {body}")
         result: list[dict[str, Any]] = body["data"]["result"]
         return result
 
