@@ -14,7 +14,7 @@ Settings, each a change on top of the one before:
 * ``after``: and the data set is read from the tensor file ``prepare`` writes (one
   ``torch.load``, no torchvision import).
 
-    python benchmarks/deployment_overhead.py [--rounds 5] [--supernodes 4]
+    python benchmarks/deployment_overhead.py [--rounds 10] [--supernodes 4]
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def measure(setting: str, rounds: int, supernodes: int) -> dict[str, float]:
         "round": statistics.median(r["seconds"] for r in steady),
         "train": statistics.median(slowest(r, "train-seconds") for r in steady),
         "handler": statistics.median(slowest(r, "handler-seconds") for r in steady),
+        "restore": statistics.median(slowest(r, "restore-seconds") for r in steady),
         "overhead": statistics.median(r["seconds"] - slowest(r, "train-seconds") for r in steady),
         "first_round": rows[0]["seconds"],
     }
@@ -91,7 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--supernodes", type=int, default=4)
     parser.add_argument("--settings", default=",".join(SETTINGS))
     args = parser.parse_args()
@@ -100,9 +101,12 @@ def main() -> None:
         f"\n{args.supernodes} SuperNodes on loopback, WASH, {args.rounds} rounds of 5 steps; "
         f"seconds, medians over rounds 2..{args.rounds}"
     )
-    columns = ["round", "train", "handler", "overhead", "first_round"]
-    print("| setting | round | slowest training | slowest handler | overhead | first round |")
-    print("|---|---|---|---|---|---|")
+    columns = ["round", "train", "restore", "handler", "overhead", "first_round"]
+    print(
+        "| setting | round | slowest training | slowest restore | slowest handler | overhead "
+        "| first round |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | " + " | ".join(f"{r[c]:.2f}" for c in columns) + " |")
     if {"before", "after"} <= results.keys():

@@ -145,12 +145,14 @@ def train(msg: Message, context: Context) -> Message:
     """One round: apply the delivery, train, reply with what the server asked for."""
     started = time.perf_counter()
     member = _restore(context)
+    restored = time.perf_counter()
     config = msg.content.config_records[wire.CONFIG]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     _apply_delivery(member, msg.content)
     train_started = time.perf_counter()
     stats = member.train_steps(member.cfg.local_steps)
     metrics: dict[str, Any] = {
+        "restore-seconds": restored - started,
         "train-seconds": time.perf_counter() - train_started,
         "loss": stats.loss,
         "train-accuracy": stats.accuracy,

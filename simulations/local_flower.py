@@ -264,6 +264,7 @@ class Prometheus:
 
     def __init__(self, root: Path, target_port: int) -> None:
         self.port = free_port()
+        root.mkdir(parents=True, exist_ok=True)
         config = root / "prometheus.yml"
         config.write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
