@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations.local_flower import PROJECT, FlowerHarness, Prometheus, free_port
+from simulations.local_flower import PROJECT, TINY_RUN, FlowerHarness, Prometheus, free_port
 from wash_fed.ledger import Ledger
 
 MEMBERS = 4
@@ -91,17 +91,10 @@ def main() -> None:
             harness.start_supernodes(MEMBERS)
             for strategy in args.strategies.split(","):
                 config: dict[str, Any] = {
+                    **TINY_RUN,
                     "strategy": strategy,
                     "num-members": MEMBERS,
                     "num-server-rounds": args.rounds,
-                    "local-steps": 5,
-                    "batch-size": 64,
-                    "train-subset": 3000,
-                    "holdout-size": 300,
-                    "test-subset": 500,
-                    "eval-every": 0,
-                    "bn-batches": 4,
-                    "poll-interval": 0.2,
                     "metrics-port": metrics_port,
                     "metrics-grace": 4.0,
                     "output-dir": str(home / "runs"),

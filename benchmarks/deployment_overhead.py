@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from simulations.local_flower import FlowerHarness
+from simulations.local_flower import TINY_RUN, FlowerHarness
 from wash_fed.data import default_root
 
 # setting: (server poll interval, SuperExec poll interval or None for its default, tensor file)
@@ -53,15 +53,9 @@ def measure(setting: str, rounds: int, supernodes: int) -> dict[str, float]:
             harness.start_superlink(simulation=False)
             harness.start_supernodes(supernodes)
             config: dict[str, Any] = {
+                **TINY_RUN,
                 "num-members": supernodes,
                 "num-server-rounds": rounds,
-                "local-steps": 5,
-                "batch-size": 64,
-                "train-subset": 3000,
-                "holdout-size": 300,
-                "test-subset": 500,
-                "eval-every": 0,
-                "bn-batches": 4,
                 "poll-interval": poll_interval,
                 "output-dir": str(home / "runs"),
             }

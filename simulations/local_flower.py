@@ -30,6 +30,20 @@ BIN = Path(sys.executable).parent
 PROJECT = Path(__file__).resolve().parents[1]
 MARKER = "WASH_FED_TEST_HARNESS"
 
+TINY_RUN: dict[str, Any] = {
+    "num-server-rounds": 3,
+    "local-steps": 5,
+    "batch-size": 64,
+    "train-subset": 3000,
+    "holdout-size": 300,
+    "test-subset": 500,
+    "eval-every": 0,
+    "bn-batches": 4,
+    "poll-interval": 0.2,
+}
+"""A run that takes seconds per round on a CPU: for tests and benchmarks of the machinery
+(its accuracies mean nothing). Override what a check needs."""
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -12,24 +12,13 @@ from typing import Any
 
 import pytest
 
-from simulations.local_flower import PROJECT, FlowerHarness
+from simulations.local_flower import PROJECT, TINY_RUN, FlowerHarness
 from wash_fed.ledger import Ledger
 
 pytestmark = pytest.mark.slow
 
 MEMBERS = 4
-SMALL: dict[str, Any] = {
-    "num-members": MEMBERS,
-    "num-server-rounds": 3,
-    "local-steps": 5,
-    "batch-size": 64,
-    "train-subset": 3000,
-    "holdout-size": 300,
-    "test-subset": 500,
-    "eval-every": 0,
-    "bn-batches": 4,
-    "poll-interval": 0.2,
-}
+SMALL: dict[str, Any] = {**TINY_RUN, "num-members": MEMBERS}
 # Flower's Fleet API carries, besides the objects the ledger counts, its own requests and
 # responses (message protos, object trees of 64-character ids, node and run ids, heartbeats).
 FRAMING_SHARE = 0.03

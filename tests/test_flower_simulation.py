@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from simulations.local_flower import FlowerHarness, RunResult
+from simulations.local_flower import TINY_RUN, FlowerHarness, RunResult
 from wash_fed.config import WashFedConfig
 from wash_fed.ledger import Ledger
 from wash_fed.shuffle import layer_probs, shuffle_population
@@ -21,15 +21,10 @@ pytestmark = pytest.mark.slow
 MEMBERS = 3
 FEDERATION = f"num-supernodes={MEMBERS} client-resources-num-cpus=1"
 SMALL: dict[str, Any] = {
+    **TINY_RUN,
     "num-members": MEMBERS,
     "num-server-rounds": 2,
-    "local-steps": 5,
-    "batch-size": 64,
-    "train-subset": 3000,
-    "holdout-size": 300,
-    "test-subset": 500,
     "eval-every": 1,
-    "bn-batches": 4,
 }
 # Bytes a message may carry besides its array data: metadata, records, keys, npy headers.
 FRAMING = 2000

@@ -14,22 +14,12 @@ import pytest
 from prometheus_client import generate_latest
 
 from server.strategies import RoundReport
-from simulations.local_flower import FlowerHarness, Prometheus, free_port
+from simulations.local_flower import TINY_RUN, FlowerHarness, Prometheus, free_port
 from wash_fed.ledger import Ledger
 from wash_fed.metrics import RunMetrics
 
 MEMBERS = 3
-SMALL: dict[str, Any] = {
-    "num-members": MEMBERS,
-    "num-server-rounds": 3,
-    "local-steps": 5,
-    "batch-size": 64,
-    "train-subset": 3000,
-    "holdout-size": 300,
-    "test-subset": 500,
-    "eval-every": 1,
-    "bn-batches": 4,
-}
+SMALL: dict[str, Any] = {**TINY_RUN, "num-members": MEMBERS, "eval-every": 1}
 
 
 def sample(registry_text: str, name: str, **labels: str) -> float:
