@@ -23,7 +23,7 @@ export FLWR_DISABLE_UPDATE_CHECK = 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION = 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install data federation run population test lint bench compare clean
+.PHONY: install data federation run stop population test lint bench compare clean
 
 install: $(VENV)/.installed
 
@@ -61,6 +61,13 @@ federation: install
 run: data federation
 	flwr run . --stream
 
+# `flwr run` leaves Flower's local SuperLink running in the background, with the environment
+# of the run that started it (Flower 1.42 has no command to stop it); stop it after
+# reinstalling or changing the venv. Its SuperExec child exits with it.
+FLWR_HOME ?= $(HOME)/.flwr
+stop:
+	pkill -f -- '[-]-database $(FLWR_HOME)/local-superlink/state.db' || true
+
 population: data
 	$(PY) -m wash_fed.population
 
@@ -79,5 +86,5 @@ lint: install
 bench: install
 	$(PY) benchmarks/shuffle_throughput.py
 
-clean:
+clean: stop
 	rm -rf $(VENV) runs
