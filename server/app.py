@@ -191,20 +191,15 @@ def round_row(
 ) -> dict[str, Any]:
     """One round's figures for ``results.json``; logs the progress line."""
     this_round = ledger.by_round().get(report.round, {"up": 0, "down": 0})
-    rows = list(report.metrics.values())
-
-    def mean(key: str) -> float | None:
-        values = [float(r[key]) for r in rows if key in r]
-        return sum(values) / len(values) if values else None
-
+    means = report.member_means()
     row = {
         "round": report.round,
         "seconds": report.seconds,
-        "answered": len(rows),
+        "answered": len(report.metrics),
         "failed": {str(k): v for k, v in report.failed.items()},
-        "loss": mean("loss"),
-        "train_accuracy": mean("train-accuracy"),
-        "test_accuracy": mean("test-accuracy"),
+        "loss": means.get("loss"),
+        "train_accuracy": means.get("train-accuracy"),
+        "test_accuracy": means.get("test-accuracy"),
         "members": {str(k): v for k, v in sorted(report.metrics.items())},
         "exchange": report.exchange,
         "bytes_up": this_round["up"],
@@ -212,7 +207,7 @@ def round_row(
         "bytes_total": ledger.total(),
     }
     text = f"[{cfg.label}] round {report.round}/{cfg.num_server_rounds}: "
-    text += f"{len(rows)}/{cfg.num_members} members"
+    text += f"{len(report.metrics)}/{cfg.num_members} members"
     if row["loss"] is not None:
         text += f", loss {row['loss']:.4f}, train acc {row['train_accuracy']:.4f}"
     if row["test_accuracy"] is not None:

@@ -60,6 +60,18 @@ class RoundReport:
     exchange: dict[str, int]
     """What the strategy moved (WASH: ``selected``, ``moved``, ``participants``)."""
 
+    def member_means(self) -> dict[str, float]:
+        """Each numeric metric averaged over the members that reported it (partition ids
+        left out)."""
+        rows = list(self.metrics.values())
+        keys = {k for row in rows for k, v in row.items() if isinstance(v, (int, float))}
+        keys.discard("partition-id")
+        means = {}
+        for key in sorted(keys):
+            values = [float(r[key]) for r in rows if key in r]
+            means[key] = sum(values) / len(values)
+        return means
+
 
 class PopulationStrategy(Strategy):
     """Base class: per-member messages, deliveries, round reports. See the module docstring.
@@ -131,7 +143,7 @@ class PopulationStrategy(Strategy):
         self.history.append(report)
         if self._on_round is not None:
             self._on_round(report)
-        return None, _mean_metrics(metrics.values())
+        return None, MetricRecord(dict(report.member_means()))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -184,18 +196,6 @@ class PopulationStrategy(Strategy):
             log(WARNING, "member %s (node %d) failed: %s", self.members.get(node), node, reason)
         ok = {node: answered[node] for node in self.members if node in answered}
         return ok, failed
-
-
-def _mean_metrics(metrics: Iterable[Mapping[str, Any]]) -> MetricRecord:
-    """Mean over members of each numeric metric (partition ids left out)."""
-    rows = list(metrics)
-    keys = {k for row in rows for k, v in row.items() if isinstance(v, (int, float))}
-    keys.discard("partition-id")
-    means: dict[str, float] = {}
-    for key in sorted(keys):
-        values = [float(r[key]) for r in rows if key in r]
-        means[key] = sum(values) / len(values)
-    return MetricRecord(dict(means))
 
 
 class EnsembleStrategy(PopulationStrategy):

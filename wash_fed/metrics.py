@@ -32,6 +32,7 @@ class RoundFigures(Protocol):
     def metrics(self) -> Mapping[int, Mapping[str, Any]]: ...
     @property
     def exchange(self) -> Mapping[str, int]: ...
+    def member_means(self) -> Mapping[str, float]: ...
 
 
 ROUND_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -108,16 +109,15 @@ class RunMetrics:
         self.round_seconds.labels(self.strategy).observe(report.seconds)
         self.fedavg_bytes.labels(self.strategy).inc(fedavg_round_bytes)
         self.moved_values.labels(self.strategy).inc(report.exchange.get("moved", 0))
-        tested = []
         for member, figures in report.metrics.items():
             if "loss" in figures:
                 self.member_loss.labels(self.strategy, str(member)).set(float(figures["loss"]))
             if "test-accuracy" in figures:
                 value = float(figures["test-accuracy"])
                 self.member_accuracy.labels(self.strategy, str(member)).set(value)
-                tested.append(value)
-        if tested:
-            self.accuracy.labels(self.strategy, "member_mean").set(sum(tested) / len(tested))
+        tested = report.member_means().get("test-accuracy")
+        if tested is not None:
+            self.accuracy.labels(self.strategy, "member_mean").set(tested)
 
     def observe_final(self, accuracies: Mapping[str, float]) -> None:
         """Final accuracies by model (``ensemble``, ``soup``, ``global``, ...)."""
