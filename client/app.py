@@ -197,10 +197,11 @@ def bn_statistics(msg: Message, context: Context) -> Message:
     member = _restore(context)
     soup = wire.record_to_tensors(msg.content.array_records[wire.ARRAYS])
     stats = member.bn_statistics(soup)
-    tensors = {f"{name}.mean": t for name, t in stats.means.items()}
-    tensors |= {f"{name}.var": t for name, t in stats.variances.items()}
     return _reply(
-        msg, member, {"batches": stats.batches}, **{wire.STATS: wire.tensors_to_record(tensors)}
+        msg,
+        member,
+        {"batches": stats.batches},
+        **{wire.STATS: wire.bn_statistics_to_record(stats)},
     )
 
 

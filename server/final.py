@@ -116,11 +116,8 @@ def bn_statistics_from_members(
     merged by batch count, exactly what one process would compute over all their batches."""
     parts = []
     for content in _broadcast(grid, members, wire.BN_STATISTICS, soup, server_round, cfg):
-        tensors = wire.record_to_tensors(content.array_records[wire.STATS])
-        names = [k.removesuffix(".mean") for k in tensors if k.endswith(".mean")]
-        means = {n: tensors[f"{n}.mean"] for n in names}
-        variances = {n: tensors[f"{n}.var"] for n in names}
-        parts.append(BNStatistics(means, variances, int(wire.metric(content, "batches"))))
+        record = content.array_records[wire.STATS]
+        parts.append(wire.record_to_bn_statistics(record, int(wire.metric(content, "batches"))))
     return merge_bn_statistics(parts)
 
 

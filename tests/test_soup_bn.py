@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from wash_fed import wire
 from wash_fed.batchnorm import (
     bn_statistics,
     load_bn_statistics,
@@ -76,6 +77,16 @@ def test_merged_statistics_equal_statistics_over_all_batches() -> None:
     for name in whole.means:
         assert torch.allclose(merged.means[name], whole.means[name], atol=1e-6)
         assert torch.allclose(merged.variances[name], whole.variances[name], atol=1e-6)
+
+
+def test_bn_statistics_cross_the_wire_exactly() -> None:
+    stats = bn_statistics(SmallCNN(), _batches(2, 0))
+    back = wire.record_to_bn_statistics(wire.bn_statistics_to_record(stats), stats.batches)
+    assert back.batches == stats.batches
+    assert back.means.keys() == stats.means.keys() == back.variances.keys()
+    for name in stats.means:
+        assert torch.equal(back.means[name], stats.means[name])
+        assert torch.equal(back.variances[name], stats.variances[name])
 
 
 def test_bn_statistics_leave_the_model_untouched_and_recalibration_installs_them() -> None:

@@ -20,6 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from torch import Tensor
 
+from wash_fed.batchnorm import BNStatistics
+
 __all__ = [
     "ARRAYS",
     "BN_STATISTICS",
@@ -30,10 +32,12 @@ __all__ = [
     "METRICS",
     "STATS",
     "VALUES",
+    "bn_statistics_to_record",
     "config_value",
     "message",
     "message_bytes",
     "metric",
+    "record_to_bn_statistics",
     "record_to_tensors",
     "tensors_to_record",
 ]
@@ -105,6 +109,25 @@ def tensors_to_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
 def record_to_tensors(record: ArrayRecord) -> dict[str, Tensor]:
     """An ArrayRecord as CPU tensors, keys kept."""
     return {k: torch.from_numpy(v.numpy().copy()) for k, v in record.items()}
+
+
+def bn_statistics_to_record(stats: BNStatistics) -> ArrayRecord:
+    """BatchNorm statistics as ``<layer>.mean`` and ``<layer>.var`` arrays; the batch count
+    travels as the ``batches`` metric."""
+    tensors = {f"{name}.mean": t for name, t in stats.means.items()}
+    tensors |= {f"{name}.var": t for name, t in stats.variances.items()}
+    return tensors_to_record(tensors)
+
+
+def record_to_bn_statistics(record: ArrayRecord, batches: int) -> BNStatistics:
+    """The inverse of :func:`bn_statistics_to_record`, as CPU tensors."""
+    tensors = record_to_tensors(record)
+    names = [k.removesuffix(".mean") for k in tensors if k.endswith(".mean")]
+    return BNStatistics(
+        {n: tensors[f"{n}.mean"] for n in names},
+        {n: tensors[f"{n}.var"] for n in names},
+        batches,
+    )
 
 
 def message_bytes(content: Message | RecordDict) -> int:
