@@ -1,12 +1,15 @@
 """The wash-fed ServerApp.
 
 Reads the run configuration once (every problem is an error before any training), waits for
-``num-members`` SuperNodes, checks each member's data and mask derivation (``query.hello``),
-then runs the configured strategy through Flower's ``Strategy.start``:
+``num-members`` SuperNodes, checks each member's data and mask derivation (``query.hello``,
+:mod:`server.roster`), then runs the configured strategy through Flower's ``Strategy.start``:
 
-* ``wash``, ``papa``, ``papa-all``, ``ensemble`` (:mod:`server.strategies`), followed by the
-  final step (:mod:`server.final`);
+* ``wash``, ``papa``, ``papa-all``, ``ensemble`` (:mod:`server.strategies` on the member
+  protocol of :mod:`wash_fed.protocol`), followed by the final step (:mod:`server.final`);
 * ``fedavg``: Flower's own ``FedAvg``, unchanged, on the same model, data and rounds.
+
+Whatever happens, the members are told that the run ended (``query.end``), so that their
+workers exit.
 
 Every message goes through a :class:`server.ledger_grid.LedgerGrid`, so every strategy's
 bytes are counted the same way. Results land in ``<output-dir>/<time>-<strategy>-<run id>``.
@@ -15,7 +18,7 @@ bytes are counted the same way. Results land in ``<output-dir>/<time>-<strategy>
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Collection
 from logging import INFO, WARNING
 from typing import Any
 
@@ -24,7 +27,6 @@ from flwr.app import (
     ConfigRecord,
     Context,
     Message,
-    MessageType,
     MetricRecord,
     RecordDict,
 )
@@ -36,13 +38,16 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from server.final import final_step
 from server.ledger_grid import LedgerGrid
 from server.report import RunOutput
-from server.strategies import RoundReport, make_population_strategy
+from server.roster import Roster
+from server.strategies import PopulationStrategy, RoundReport
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.data import ImageData
 from wash_fed.evaluation import accuracy, predict
+from wash_fed.keys import Config, MessageType, Metric, Record, Reply
 from wash_fed.ledger import Ledger
 from wash_fed.metrics import RunMetrics
+from wash_fed.protocol import server_protocol
 from wash_fed.training import (
     initial_model,
     load_test_data,
@@ -79,43 +84,61 @@ def main(grid: Grid, context: Context) -> None:
         poll_interval=cfg.poll_interval,
     )
     try:
-        data = load_training_data(cfg)
         test = load_test_data(cfg)
-        members = connect_members(ledger_grid, cfg, test)
-        output.write(members={str(p): n for n, p in members.items()})
-        if cfg.strategy == "fedavg":
-            final = run_fedavg(ledger_grid, cfg, test, output, metrics)
-            metrics.observe_final({"global": final["global_model"]})
-            output.finish(final, fedavg_bytes=None)
-            return
-        fedavg_bytes = fedavg_equivalent_bytes(cfg, test, members)
         numels = [p.numel() for p in new_model(cfg, test).parameters()]
-
-        def on_round(report: RoundReport) -> None:
-            output.add_round(round_row(cfg, ledger, report, fedavg_bytes))
-            metrics.observe_round(report, fedavg_bytes // cfg.num_server_rounds)
-
-        strategy = make_population_strategy(cfg, members, numels, on_round)
-        strategy.start(
-            grid=ledger_grid,
-            initial_arrays=ArrayRecord(),
-            num_rounds=cfg.num_server_rounds,
-            timeout=cfg.round_timeout,
-        )
-        final = final_step(ledger_grid, cfg, strategy, test, data.holdout, output)
-        metrics.observe_final(
-            {
-                "ensemble": final["ensemble"],
-                "member_mean": final["member_mean"],
-                "soup": final["final_accuracy"],
-            }
-        )
-        output.finish(final, fedavg_bytes)
+        roster = Roster(cfg, wash_mask(cfg, numels, 1).digest())
+        roster.connect(ledger_grid)
+        output.write(members={str(p): n for p, n in roster.nodes.items()})
+        try:
+            if cfg.strategy == "fedavg":
+                final = run_fedavg(ledger_grid, cfg, test, output, metrics)
+                metrics.observe_final({"global": final["global_model"]})
+                output.finish(final, fedavg_bytes=None)
+            else:
+                run_population(ledger_grid, cfg, roster, numels, test, output, metrics)
+        finally:
+            roster.end(ledger_grid)
     except BaseException as err:
         output.fail(err)
         raise
     finally:
         publish_metrics(cfg, metrics, ledger, grid.run.run_id)
+
+
+def run_population(
+    grid: LedgerGrid,
+    cfg: WashFedConfig,
+    roster: Roster,
+    numels: list[int],
+    test: ImageData,
+    output: RunOutput,
+    metrics: RunMetrics,
+) -> None:
+    """WASH, PAPA or independent members through Flower, then the final step."""
+    fedavg_bytes = fedavg_equivalent_bytes(cfg, test, roster.nodes.values())
+
+    def on_round(report: RoundReport) -> None:
+        output.add_round(round_row(cfg, grid.ledger, report, fedavg_bytes))
+        metrics.observe_round(report, fedavg_bytes // cfg.num_server_rounds)
+
+    protocol = server_protocol(cfg, roster.nodes, numels)
+    strategy = PopulationStrategy(cfg, roster, protocol, on_round)
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(),
+        num_rounds=cfg.num_server_rounds,
+        timeout=cfg.round_timeout,
+    )
+    holdout = load_training_data(cfg).holdout if cfg.soup == "greedy" else None
+    final = final_step(grid, cfg, strategy, test, holdout, output)
+    metrics.observe_final(
+        {
+            "ensemble": final["ensemble"],
+            "member_mean": final["member_mean"],
+            "soup": final["final_accuracy"],
+        }
+    )
+    output.finish(final, fedavg_bytes)
 
 
 def publish_metrics(cfg: WashFedConfig, metrics: RunMetrics, ledger: Ledger, run_id: int) -> None:
@@ -130,60 +153,6 @@ def publish_metrics(cfg: WashFedConfig, metrics: RunMetrics, ledger: Ledger, run
     if cfg.metrics_port and cfg.metrics_grace:
         log(INFO, "serving final metrics for %.0f s", cfg.metrics_grace)
         time.sleep(cfg.metrics_grace)
-
-
-def connect_members(grid: Grid, cfg: WashFedConfig, test: ImageData) -> dict[int, int]:
-    """Wait for ``num-members`` nodes, run each member's pre-flight check, map node ids to
-    partition ids. Raises with the members' own words when a check fails."""
-    deadline = time.monotonic() + cfg.node_wait_timeout
-    nodes = list(grid.get_node_ids())
-    while len(nodes) < cfg.num_members:
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"{len(nodes)} of num-members={cfg.num_members} SuperNodes connected within "
-                f"node-wait-timeout={cfg.node_wait_timeout:g} s"
-            )
-        log(INFO, "waiting for SuperNodes: %d of %d connected", len(nodes), cfg.num_members)
-        time.sleep(2.0)
-        nodes = list(grid.get_node_ids())
-    replies = list(
-        grid.send_and_receive(
-            [wire.message(node, wire.HELLO, 0) for node in nodes], timeout=cfg.round_timeout
-        )
-    )
-    problems = [
-        f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()
-    ]
-    if len(replies) < len(nodes):
-        problems.append(f"{len(nodes) - len(replies)} node(s) did not answer the pre-flight check")
-    if problems:
-        raise RuntimeError("members failed their pre-flight check:\n  " + "\n  ".join(problems))
-    members = {r.metadata.src_node_id: int(wire.metric(r.content, "partition-id")) for r in replies}
-    if sorted(members.values()) != list(range(cfg.num_members)):
-        raise RuntimeError(
-            f"expected one member per partition id 0..{cfg.num_members - 1}, "
-            f"got partition ids {sorted(members.values())} from {len(members)} nodes"
-        )
-    numels = [p.numel() for p in new_model(cfg, test).parameters()]
-    expected = wash_mask(cfg, numels, 1).digest()
-    for reply in sorted(replies, key=lambda r: members[r.metadata.src_node_id]):
-        partition = members[reply.metadata.src_node_id]
-        digest = wire.config_value(reply.content, "mask-digest")
-        if digest != expected:
-            raise RuntimeError(
-                f"member {partition} derives other shuffle masks than the server "
-                f"({digest!r} != {expected!r}): install the same numpy and torch everywhere "
-                f"(it has torch {wire.config_value(reply.content, 'torch')!s})"
-            )
-        log(
-            INFO,
-            "member %d on node %d: %d training images, %s",
-            partition,
-            reply.metadata.src_node_id,
-            int(wire.metric(reply.content, "num-examples")),
-            wire.config_value(reply.content, "device"),
-        )
-    return members
 
 
 def round_row(
@@ -202,6 +171,7 @@ def round_row(
         "test_accuracy": means.get("test-accuracy"),
         "members": {str(k): v for k, v in sorted(report.metrics.items())},
         "exchange": report.exchange,
+        "exchange_digest": report.exchange_digest,
         "bytes_up": this_round["up"],
         "bytes_down": this_round["down"],
         "bytes_total": ledger.total(),
@@ -221,31 +191,31 @@ def round_row(
     return row
 
 
-def fedavg_equivalent_bytes(cfg: WashFedConfig, test: ImageData, members: Mapping[int, int]) -> int:
+def fedavg_equivalent_bytes(cfg: WashFedConfig, test: ImageData, nodes: Collection[int]) -> int:
     """What FedAvg would send over the same rounds: each round the full model to every member
     and back, measured as Flower serializes those messages."""
     state = wire.tensors_to_record(new_model(cfg, test).state_dict())
-    node = next(iter(members))
+    node = next(iter(nodes))
     down = wire.message(
-        node, MessageType.TRAIN, 1, {"reply": wire.REPLY_STATE}, {wire.ARRAYS: state}
+        node, MessageType.TRAIN, 1, {Config.REPLY: Reply.STATE}, {Record.ARRAYS: state}
     )
     metrics = MetricRecord(
         {
-            "partition-id": 0,
-            "loss": 0.0,
-            "train-accuracy": 0.0,
-            "num-examples": 0,
-            "steps": 0,
-            "epochs": 0.0,
+            Metric.PARTITION_ID: 0,
+            Metric.LOSS: 0.0,
+            Metric.TRAIN_ACCURACY: 0.0,
+            Metric.NUM_EXAMPLES: 0,
+            Metric.STEPS: 0,
+            Metric.EPOCHS: 0.0,
         }
     )
     up = Message(
-        RecordDict({wire.ARRAYS: state, wire.METRICS: metrics}),
+        RecordDict({Record.ARRAYS: state, Record.METRICS: metrics}),
         dst_node_id=node,
         message_type=MessageType.TRAIN,
     )
     per_round = wire.message_bytes(down) + wire.message_bytes(up)
-    return cfg.num_server_rounds * len(members) * per_round
+    return cfg.num_server_rounds * len(nodes) * per_round
 
 
 def run_fedavg(
@@ -276,7 +246,10 @@ def run_fedavg(
                 predict(model, test, cfg.eval_batch_size), test.labels
             )
         members = {
-            int(wire.metric(c, "partition-id")): {**c.metric_records[wire.METRICS], **evaluated}
+            int(wire.metric(c, Metric.PARTITION_ID)): {
+                **c.metric_records[Record.METRICS],
+                **evaluated,
+            }
             for c in round_metrics[server_round - 1]
         }
         report = RoundReport(server_round, members, {}, time.perf_counter() - started, {})
@@ -298,7 +271,7 @@ def run_fedavg(
         initial_arrays=wire.tensors_to_record(initial_model(cfg, test, 0).state_dict()),
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
-        train_config=ConfigRecord({"reply": wire.REPLY_STATE}),
+        train_config=ConfigRecord({Config.REPLY: Reply.STATE}),
         evaluate_fn=close_round,
     )
     model = new_model(cfg, test)

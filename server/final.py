@@ -3,11 +3,11 @@ recalibrate BatchNorm with the members' own data, evaluate, save the final model
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import MessageType, RecordDict
+from flwr.app import RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from torch import Tensor
@@ -18,6 +18,7 @@ from wash_fed import wire
 from wash_fed.batchnorm import BNStatistics, merge_bn_statistics
 from wash_fed.config import WashFedConfig
 from wash_fed.data import ImageData
+from wash_fed.keys import MessageType, Metric, Record
 from wash_fed.merge import merge_population
 from wash_fed.training import new_model
 
@@ -33,7 +34,7 @@ def final_step(
     output: RunOutput,
 ) -> dict[str, Any]:
     """Collect, merge and evaluate; returns the final figures for ``results.json``."""
-    log(INFO, "final step: collecting %d members", len(strategy.members))
+    log(INFO, "final step: collecting %d members", len(strategy.roster.nodes))
     states = strategy.collect(grid, cfg.round_timeout)
     if not states:
         raise RuntimeError("no member could be collected; nothing to average")
@@ -43,7 +44,8 @@ def final_step(
     def federated_bn_statistics(soup: Mapping[str, Tensor]) -> BNStatistics:
         nonlocal exchanges
         exchanges += 1
-        return bn_statistics_from_members(grid, strategy.members, soup, final_round, cfg)
+        nodes = strategy.roster.nodes.values()
+        return bn_statistics_from_members(grid, nodes, soup, final_round, cfg)
 
     merge = merge_population(
         list(states.values()),
@@ -59,7 +61,7 @@ def final_step(
         members = {f"{p}.{k}": v for p, sd in states.items() for k, v in sd.items()}
         output.save_model(members, "members.pt")
     own_tests = evaluate_on_members(
-        grid, strategy.members, merge.final_state_dict, final_round, cfg
+        grid, strategy.roster.nodes.values(), merge.final_state_dict, final_round, cfg
     )
     soups = ", ".join(f"{k} {v:.4f}" for k, v in merge.soups.items())
     log(
@@ -81,15 +83,18 @@ def final_step(
 
 def _broadcast(
     grid: Grid,
-    members: Mapping[int, int],
+    nodes: Iterable[int],
     message_type: str,
     state_dict: Mapping[str, Tensor],
     server_round: int,
     cfg: WashFedConfig,
 ) -> list[RecordDict]:
     """Send one model to every member; the contents of the successful replies."""
-    arrays = {wire.ARRAYS: wire.tensors_to_record(state_dict)}
-    messages = [wire.message(node, message_type, server_round, arrays=arrays) for node in members]
+    arrays = {Record.ARRAYS: wire.tensors_to_record(state_dict)}
+    messages = [
+        wire.message(node, message_type, server_round, arrays=arrays, ttl=cfg.round_timeout)
+        for node in nodes
+    ]
     contents = []
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
         if reply.has_error():
@@ -107,7 +112,7 @@ def _broadcast(
 
 def bn_statistics_from_members(
     grid: Grid,
-    members: Mapping[int, int],
+    nodes: Iterable[int],
     soup: Mapping[str, Tensor],
     server_round: int,
     cfg: WashFedConfig,
@@ -115,20 +120,24 @@ def bn_statistics_from_members(
     """Federated BN recalibration: each member computes the soup's statistics on its own data;
     merged by batch count, exactly what one process would compute over all their batches."""
     parts = []
-    for content in _broadcast(grid, members, wire.BN_STATISTICS, soup, server_round, cfg):
-        record = content.array_records[wire.STATS]
-        parts.append(wire.record_to_bn_statistics(record, int(wire.metric(content, "batches"))))
+    for content in _broadcast(grid, nodes, MessageType.BN_STATISTICS, soup, server_round, cfg):
+        record = content.array_records[Record.STATS]
+        batches = int(wire.metric(content, Metric.BATCHES))
+        parts.append(wire.record_to_bn_statistics(record, batches))
     return merge_bn_statistics(parts)
 
 
 def evaluate_on_members(
     grid: Grid,
-    members: Mapping[int, int],
+    nodes: Iterable[int],
     state_dict: Mapping[str, Tensor],
     server_round: int,
     cfg: WashFedConfig,
 ) -> dict[str, float]:
     """Federated evaluation of the final model: each member tests it on its own test data.
     Returns accuracy by partition id."""
-    contents = _broadcast(grid, members, MessageType.EVALUATE, state_dict, server_round, cfg)
-    return {str(int(wire.metric(c, "partition-id"))): wire.metric(c, "accuracy") for c in contents}
+    contents = _broadcast(grid, nodes, MessageType.EVALUATE, state_dict, server_round, cfg)
+    return {
+        str(int(wire.metric(c, Metric.PARTITION_ID))): wire.metric(c, Metric.ACCURACY)
+        for c in contents
+    }

@@ -12,20 +12,23 @@ import time
 from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from wash_fed import wire
+from wash_fed.keys import Config, MessageType, Metric
 from wash_fed.ledger import Direction, Ledger
 
 __all__ = ["LedgerGrid", "phase_of"]
 
 _PHASES = {
-    "train": "train",
-    wire.HELLO: "setup",
-    wire.COLLECT: "collect",
-    wire.BN_STATISTICS: "bn",
-    "evaluate": "evaluate",
+    MessageType.TRAIN: "train",
+    MessageType.HELLO: "setup",
+    MessageType.COLLECT: "collect",
+    MessageType.BN_STATISTICS: "bn",
+    MessageType.EVALUATE: "evaluate",
+    MessageType.END: "end",
 }
 
 
@@ -37,8 +40,8 @@ def phase_of(message_type: str) -> str:
 def _round_of(content: RecordDict) -> int:
     """The round a message belongs to, from its config's ``server-round`` (0 if absent)."""
     for record in content.config_records.values():
-        if "server-round" in record:
-            return int(record["server-round"])  # type: ignore[arg-type]
+        if Config.SERVER_ROUND in record:
+            return int(record[Config.SERVER_ROUND])  # type: ignore[arg-type]
     return 0
 
 
@@ -63,7 +66,7 @@ class LedgerGrid(Grid):
         self.ledger = ledger
         self.members: dict[int, int] = {}
         self._on_exchange = on_exchange
-        self._rounds: dict[str, int] = {}  # pushed message id -> round, for pulled replies
+        self._pushed: dict[str, Message] = {}  # message id -> message, until its reply arrives
 
     # --- delegation -------------------------------------------------------------------
 
@@ -90,60 +93,65 @@ class LedgerGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         ids = list(self._grid.push_messages(messages))
-        for msg, message_id in zip(messages, ids, strict=True):
-            self._rounds[message_id] = _round_of(msg.content)
-            self._record(msg, "down", msg.metadata.dst_node_id, self._rounds[message_id])
+        self._pushed.update(zip(ids, messages, strict=True))
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self._grid.pull_messages(message_ids))
-        for reply in replies:
-            self._learn(reply)
-            round_ = self._rounds.pop(reply.metadata.reply_to_message_id, 0)
-            self._record(reply, "up", reply.metadata.src_node_id, round_)
+        self._settle(replies)
         return replies
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
+        """Push, then pull replies every ``poll_interval`` seconds until all are in or the
+        timeout passes (Flower's own loop waits a fixed 3 s between pulls)."""
         messages = list(messages)
         if not messages:
             return []
-        replies = self._exchange(messages, timeout)
-        for reply in replies:
-            self._learn(reply)
-        round_ = _round_of(messages[0].content)
-        for msg in messages:
-            self._record(msg, "down", msg.metadata.dst_node_id, round_)
-        for reply in replies:
-            self._record(reply, "up", reply.metadata.src_node_id, round_)
-        if self._on_exchange is not None:
-            self._on_exchange(round_, phase_of(messages[0].metadata.message_type))
-        return replies
-
-    def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
-        """Push, then pull replies every ``poll_interval`` seconds until all are in or the
-        timeout passes (Flower's own loop waits a fixed 3 s between pulls)."""
-        pending = set(self._grid.push_messages(messages))
+        pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
-            arrived = list(self._grid.pull_messages(pending))
+            arrived = list(self.pull_messages(pending))
             replies += arrived
             pending -= {reply.metadata.reply_to_message_id for reply in arrived}
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(self.poll_interval)
+        for message_id in pending:  # no reply: nothing confirms that it reached its node
+            self._pushed.pop(message_id, None)
+        if self._on_exchange is not None:
+            self._on_exchange(
+                _round_of(messages[0].content), phase_of(messages[0].metadata.message_type)
+            )
         return replies
 
     # --- bookkeeping ------------------------------------------------------------------
+
+    def _settle(self, replies: Iterable[Message]) -> None:
+        """Record each message whose reply shows that it reached its node, and the reply.
+
+        Errors the SuperLink makes itself (an unavailable node, an expired message) are not
+        traffic of a member: neither they nor the message they answer are recorded.
+        """
+        for reply in replies:
+            msg = self._pushed.pop(reply.metadata.reply_to_message_id, None)
+            if msg is None or reply.metadata.src_node_id == SUPERLINK_NODE_ID:
+                continue
+            self._learn(reply)
+            node = msg.metadata.dst_node_id
+            round_ = _round_of(msg.content)
+            self._record(msg, "down", node, round_)
+            self._record(reply, "up", node, round_)
 
     def _learn(self, reply: Message) -> None:
         if reply.has_error():
             return
         for record in reply.content.metric_records.values():
-            if "partition-id" in record:
-                self.members[reply.metadata.src_node_id] = int(record["partition-id"])  # type: ignore[arg-type]
+            if Metric.PARTITION_ID in record:
+                partition = record[Metric.PARTITION_ID]
+                self.members[reply.metadata.src_node_id] = int(partition)  # type: ignore[arg-type]
 
     def _record(self, msg: Message, direction: Direction, node_id: int, round_: int) -> None:
         self.ledger.record(

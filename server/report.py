@@ -33,7 +33,8 @@ def _mb(nbytes: float) -> str:
 def ledger_table(ledger: Ledger, fedavg_bytes: int | None, rounds: int) -> str:
     """The bytes a run sent by phase and direction, next to FedAvg's for the same rounds."""
     phases = sorted(
-        {e.phase for e in ledger.entries}, key=["setup", "train", "collect", "bn", "evaluate"].index
+        {e.phase for e in ledger.entries},
+        key=["setup", "train", "collect", "bn", "evaluate", "end"].index,
     )
     lines = [f"{'phase':<10} {'up':>16} {'down':>16} {'total':>16}"]
     for phase in phases:

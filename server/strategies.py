@@ -1,50 +1,33 @@
-"""Population strategies -- WASH, PAPA and independent members -- as Flower strategies.
+"""The population strategies -- WASH, PAPA and independent members -- as one Flower strategy.
 
-Unlike FedAvg there is no global model: every member keeps its own weights, and each node
-gets its own message every round. Flower's ``Strategy.start`` drives the rounds; a strategy
-decides what each member must send back (``reply_for``) and what it does with the replies
-(``exchange``), which produces the *deliveries* each member applies at the start of its next
-message. A delivery stays due until the member acknowledges it with a successful reply, so
-a member that fails a round loses nothing and takes nobody's values with it.
+Unlike FedAvg there is no global model: every member keeps its own weights and each node
+gets its own message every round. Flower's ``Strategy.start`` drives the rounds; what a
+member sends and what the server delivers is the member protocol's
+(:mod:`wash_fed.protocol`); this class converts records, keeps the deliveries due by
+partition id, re-admits members that come back under a new node id, and reports rounds.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
+from server.roster import Roster
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
-from wash_fed.papa import population_mean
-from wash_fed.shuffle import shuffle_values
-from wash_fed.training import wash_mask
+from wash_fed.keys import Config, MessageType, Record
+from wash_fed.protocol import Deliveries, Exchange, ServerProtocol
 
-__all__ = [
-    "Delivery",
-    "EnsembleStrategy",
-    "PapaStrategy",
-    "PopulationStrategy",
-    "RoundReport",
-    "WashStrategy",
-    "make_population_strategy",
-]
-
-
-@dataclass
-class Delivery:
-    """What a member must apply before its next round: payload records and config entries."""
-
-    records: dict[str, ArrayRecord] = field(default_factory=dict)
-    config: dict[str, int | str] = field(default_factory=dict)
+__all__ = ["PopulationStrategy", "RoundReport"]
 
 
 @dataclass
@@ -55,10 +38,12 @@ class RoundReport:
     metrics: dict[int, dict[str, Any]]
     """Per partition id: the metrics its member reported."""
     failed: dict[int, str]
-    """Per node id of a member that did not answer properly: why."""
+    """Per partition id of a member that did not answer properly: why."""
     seconds: float
     exchange: dict[str, int]
     """What the strategy moved (WASH: ``selected``, ``moved``, ``participants``)."""
+    exchange_digest: str = ""
+    """Fingerprint of the round's deliveries (:attr:`wash_fed.protocol.Exchange.digest`)."""
 
     def member_means(self) -> dict[str, float]:
         """Each numeric metric averaged over the members that reported it (partition ids
@@ -74,72 +59,77 @@ class RoundReport:
 
 
 class PopulationStrategy(Strategy):
-    """Base class: per-member messages, deliveries, round reports. See the module docstring.
-
-    ``members`` maps node ids to partition ids. ``on_round`` is called with each round's
-    report (progress, results on disk, metrics).
-    """
-
-    label = "population"
+    """Per-member messages, deliveries, re-admission and round reports for a population
+    protocol. ``on_round`` is called with each round's report (progress, results on disk,
+    metrics)."""
 
     def __init__(
         self,
         cfg: WashFedConfig,
-        members: Mapping[int, int],
+        roster: Roster,
+        protocol: ServerProtocol,
         on_round: Callable[[RoundReport], None] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.members = dict(sorted(members.items(), key=lambda item: item[1]))
-        self.deliveries: dict[int, Delivery] = {}
+        self.roster = roster
+        self.protocol = protocol
+        self.deliveries = Deliveries()
         self.history: list[RoundReport] = []
+        self.missing: set[int] = set()
+        """Partition ids whose last message failed."""
         self._on_round = on_round
         self._round_started = 0.0
-
-    # --- what subclasses decide ---------------------------------------------------------
-
-    def reply_for(self, server_round: int) -> str:
-        """What every member sends back from round ``server_round`` (``wire.REPLY_*``)."""
-        return wire.REPLY_METRICS
-
-    def exchange(self, server_round: int, replies: dict[int, RecordDict]) -> dict[str, int]:
-        """Act on the successful replies (node id -> content, in partition order): set the
-        deliveries of the next round. Returns counts for the round report."""
-        return {}
 
     # --- Flower's Strategy interface ----------------------------------------------------
 
     def summary(self) -> None:
-        log(
-            INFO,
-            "\t├── %s over %d members (partition ids %s)",
-            self.label,
-            len(self.members),
-            sorted(self.members.values()),
-        )
+        log(INFO, "\t├── %s over %d members", self.cfg.label, len(self.roster.nodes))
         log(INFO, "\t└── %d local steps per round", self.cfg.local_steps)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._round_started = time.perf_counter()
+        self.missing -= set(self.roster.readmit(grid, self.missing))
         every = self.cfg.eval_every
         evaluate = every > 0 and (
             server_round % every == 0 or server_round == self.cfg.num_server_rounds
         )
-        base = {**config, "reply": self.reply_for(server_round), "evaluate": evaluate}
-        return [self._message(node, MessageType.TRAIN, server_round, base) for node in self.members]
+        base = {
+            **config,
+            Config.REPLY: self.protocol.reply_for(server_round),
+            Config.EVALUATE: evaluate,
+        }
+        return self.messages(MessageType.TRAIN, server_round, base)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        ok, failed = self._split(replies)
-        for node in ok:
-            self.deliveries.pop(node, None)  # acknowledged: it was applied before training
-        exchange = self.exchange(server_round, ok)
-        metrics = {self.members[node]: dict(content[wire.METRICS]) for node, content in ok.items()}
-        report = RoundReport(
-            server_round, metrics, failed, time.perf_counter() - self._round_started, exchange
-        )
+        answered, failed = self.split(replies)
+        reply_kind = self.protocol.reply_for(server_round)
+        payloads: dict[int, dict[str, Tensor]] = {}
+        for partition, content in answered.items():
+            try:
+                payloads[partition] = wire.payload_from_content(reply_kind, content)
+            except (TypeError, ValueError) as err:
+                log(
+                    WARNING,
+                    "member %d: unusable reply in round %d: %s",
+                    partition,
+                    server_round,
+                    err,
+                )
+        exchange = self.protocol.exchange(server_round, payloads)
+        for partition, reason in exchange.rejected.items():
+            log(
+                WARNING,
+                "member %d left out of round %d's exchange: %s",
+                partition,
+                server_round,
+                reason,
+            )
+        self.deliveries.settle(answered, exchange)
+        report = self._report(server_round, answered, failed, exchange)
         self.history.append(report)
         if self._on_round is not None:
             self._on_round(report)
@@ -163,143 +153,85 @@ class PopulationStrategy(Strategy):
         Returns the state dicts by partition id; members that fail are left out (logged).
         """
         final_round = self.cfg.num_server_rounds + 1
-        messages = [self._message(node, wire.COLLECT, final_round, {}) for node in self.members]
-        ok, _ = self._split(grid.send_and_receive(messages, timeout=timeout))
-        return {
-            self.members[node]: wire.record_to_tensors(content.array_records[wire.ARRAYS])
-            for node, content in ok.items()
-        }
+        self.missing -= set(self.roster.readmit(grid, self.missing))
+        messages = self.messages(MessageType.COLLECT, final_round, {})
+        answered, _ = self.split(grid.send_and_receive(messages, timeout=timeout))
+        self.deliveries.settle(answered, Exchange({}))
+        states = {}
+        for partition, content in answered.items():
+            if Record.ARRAYS in content.array_records:
+                states[partition] = wire.record_to_tensors(content.array_records[Record.ARRAYS])
+            else:
+                log(WARNING, "member %d: its collect reply holds no weights", partition)
+        return states
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _message(
-        self, node: int, message_type: str, server_round: int, config: Mapping[str, Any]
-    ) -> Message:
-        delivery = self.deliveries.get(node, Delivery())
-        record = {**config, **delivery.config}
-        return wire.message(node, message_type, server_round, record, delivery.records)
+    def messages(
+        self, message_type: str, server_round: int, config: Mapping[str, Any]
+    ) -> list[Message]:
+        """One message per member, each with what is due to it."""
+        messages = []
+        for partition, node in sorted(self.roster.nodes.items()):
+            records, entries = wire.delivery_records(self.deliveries.due(partition))
+            messages.append(
+                wire.message(
+                    node,
+                    message_type,
+                    server_round,
+                    {**config, **entries},
+                    records,
+                    ttl=self.cfg.round_timeout,
+                )
+            )
+        return messages
 
-    def _split(self, replies: Iterable[Message]) -> tuple[dict[int, RecordDict], dict[int, str]]:
-        """Successful replies by node id (in partition order), and the failures with reasons."""
+    def split(self, replies: Iterable[Message]) -> tuple[dict[int, RecordDict], dict[int, str]]:
+        """Successful replies by partition id (in order), and the failures with reasons.
+
+        Members are known by the node the roster has for them; a reply from any other node
+        is ignored. Every failure is logged once.
+        """
         answered: dict[int, RecordDict] = {}
         failed: dict[int, str] = {}
         for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                failed[node] = str(reply.error.reason)
-            else:
-                answered[node] = reply.content
-        for node in self.members:
-            if node not in answered and node not in failed:
-                failed[node] = "no reply before the round timeout"
-        for node, reason in failed.items():
-            log(WARNING, "member %s (node %d) failed: %s", self.members.get(node), node, reason)
-        ok = {node: answered[node] for node in self.members if node in answered}
-        return ok, failed
-
-
-class EnsembleStrategy(PopulationStrategy):
-    """Independent members: no communication until the final collection."""
-
-    label = "ensemble"
-
-
-class WashStrategy(PopulationStrategy):
-    """WASH: after each round, one shuffle event among the members that answered."""
-
-    label = "wash"
-
-    def __init__(
-        self,
-        cfg: WashFedConfig,
-        members: Mapping[int, int],
-        numels: list[int],
-        on_round: Callable[[RoundReport], None] | None = None,
-    ) -> None:
-        super().__init__(cfg, members, on_round)
-        self.numels = numels
-
-    def reply_for(self, server_round: int) -> str:
-        return wire.REPLY_VALUES
-
-    def exchange(self, server_round: int, replies: dict[int, RecordDict]) -> dict[str, int]:
-        expected = wash_mask(self.cfg, self.numels, server_round).num_selected
-        values: dict[int, dict[str, Tensor]] = {}
-        for node, content in replies.items():
-            sent = wire.record_to_tensors(content.array_records[wire.VALUES])
-            problem = _check_values(sent, expected)
-            if problem:  # leave this member out of the event; everyone else carries on
-                log(
-                    WARNING,
-                    "member %d left out of shuffle event %d: %s",
-                    self.members[node],
-                    server_round,
-                    problem,
-                )
+            partition = self.roster.partition_of(reply.metadata.src_node_id)
+            if partition is None:
                 continue
-            values[node] = sent
-        if len(values) < 2:
+            if reply.has_error():
+                failed[partition] = str(reply.error.reason)
+            else:
+                answered[partition] = reply.content
+        for partition in self.roster.nodes:
+            if partition not in answered and partition not in failed:
+                failed[partition] = "no reply before the round timeout"
+        for partition, reason in sorted(failed.items()):
             log(
                 WARNING,
-                "shuffle event %d skipped: %d member(s) took part",
-                server_round,
-                len(values),
+                "member %d (node %d) failed: %s",
+                partition,
+                self.roster.nodes[partition],
+                reason,
             )
-            return {"selected": expected, "moved": 0, "participants": len(values)}
-        received, moved = shuffle_values(
-            list(values.values()), seed=self.cfg.seed, event=server_round
+        self.missing = (self.missing | set(failed)) - set(answered)
+        return dict(sorted(answered.items())), failed
+
+    def _report(
+        self,
+        server_round: int,
+        answered: Mapping[int, RecordDict],
+        failed: dict[int, str],
+        exchange: Exchange,
+    ) -> RoundReport:
+        metrics = {
+            partition: dict(content.metric_records.get(Record.METRICS, MetricRecord()))
+            for partition, content in answered.items()
+        }
+        return RoundReport(
+            server_round,
+            metrics,
+            failed,
+            time.perf_counter() - self._round_started,
+            exchange.counts,
+            exchange.digest,
         )
-        for node, mine in zip(values, received, strict=True):
-            self.deliveries[node] = Delivery(
-                {wire.VALUES: wire.tensors_to_record(mine)}, {"values-event": server_round}
-            )
-        return {"selected": expected, "moved": moved, "participants": len(values)}
-
-
-def _check_values(sent: Mapping[str, Tensor], expected: int) -> str | None:
-    for kind, v in sent.items():
-        if tuple(v.shape) != (expected,):
-            return f"{kind!r} has shape {tuple(v.shape)}, the mask selects {expected}"
-        if not bool(v.isfinite().all()):
-            return f"{kind!r} holds non-finite values"
-    return None
-
-
-class PapaStrategy(PopulationStrategy):
-    """PAPA: every ``papa-every`` rounds, members send their weights and are pulled toward
-    the mean (``papa-all``: replaced by it) before their next round."""
-
-    label = "papa"
-
-    def reply_for(self, server_round: int) -> str:
-        due = server_round % self.cfg.papa_every == 0
-        return wire.REPLY_WEIGHTS if due else wire.REPLY_METRICS
-
-    def exchange(self, server_round: int, replies: dict[int, RecordDict]) -> dict[str, int]:
-        if server_round % self.cfg.papa_every or not replies:
-            return {}
-        weights = [wire.record_to_tensors(c.array_records[wire.ARRAYS]) for c in replies.values()]
-        names = list(weights[0])
-        mean = population_mean([[w[n] for n in names] for w in weights])
-        record = wire.tensors_to_record(dict(zip(names, mean, strict=True)))
-        for node in self.members:
-            self.deliveries[node] = Delivery({wire.MEAN: record})
-        return {"averaged": len(weights)}
-
-
-def make_population_strategy(
-    cfg: WashFedConfig,
-    members: Mapping[int, int],
-    numels: list[int],
-    on_round: Callable[[RoundReport], None] | None = None,
-) -> PopulationStrategy:
-    """The strategy object for ``cfg.strategy`` (anything but ``fedavg``)."""
-    if cfg.strategy == "wash":
-        return WashStrategy(cfg, members, numels, on_round)
-    if cfg.strategy in ("papa", "papa-all"):
-        strategy = PapaStrategy(cfg, members, on_round)
-        strategy.label = cfg.strategy
-        return strategy
-    if cfg.strategy == "ensemble":
-        return EnsembleStrategy(cfg, members, on_round)
-    raise ValueError(f"no population strategy for {cfg.strategy!r}")

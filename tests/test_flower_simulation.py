@@ -13,7 +13,8 @@ import torch
 from simulations.local_flower import TINY_RUN, FlowerHarness, RunResult
 from wash_fed.config import WashFedConfig
 from wash_fed.ledger import Ledger
-from wash_fed.shuffle import layer_probs, shuffle_population
+from wash_fed.population import run_population
+from wash_fed.shuffle import layer_probs
 from wash_fed.training import load_test_data, new_model, wash_mask
 
 pytestmark = pytest.mark.slow
@@ -124,33 +125,47 @@ def test_papa_run_averages_every_round(harness: FlowerHarness, out: Path) -> Non
     assert all(r["exchange"] == {"averaged": MEMBERS} for r in results["rounds"])
 
 
-def test_one_federated_shuffle_event_equals_the_library_shuffle(
-    harness: FlowerHarness, out: Path
+@pytest.fixture
+def torch_settings() -> Iterator[None]:
+    """The population trainer sets process-wide torch options (deterministic=true); put
+    them back for the tests that follow."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.mark.usefixtures("torch_settings")
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"strategy": "wash", "shuffle-optimizer-state": True, "shuffle-prob": 0.3},
+        {"strategy": "papa", "papa-every": 2},
+    ],
+    ids=["wash+opt", "papa"],
+)
+def test_a_federated_run_equals_the_population_trainer_bit_for_bit(
+    harness: FlowerHarness, out: Path, overrides: dict[str, Any]
 ) -> None:
-    """Same seed, one round: WASH's members are exactly the independent members after one
-    in-process shuffle event."""
-    common = {"num-server-rounds": 1, "save-members": True, "shuffle-prob": 0.3}
-    _, _, ensemble_dir = run(harness, out, strategy="ensemble", **common)
-    _, results, wash_dir = run(harness, out, strategy="wash", **common)
+    """Same config, three rounds: the members collected through Flower are the population
+    trainer's members, bit for bit, and every exchange delivered the same values."""
+    common = {"num-server-rounds": 3, "save-members": True, "deterministic": True}
+    _, results, run_dir = run(harness, out, **common, **overrides)
     cfg = cfg_of(results)
-    before = _members(ensemble_dir)
-    after = _members(wash_dir)
-    assert not all(torch.equal(before[0][k], after[0][k]) for k in before[0]), "nothing moved"
-    models = []
-    for sd in before:
-        model = new_model(cfg, load_test_data(cfg))
-        model.load_state_dict(sd)
-        models.append(model)
-    numels = [p.numel() for p in models[0].parameters()]
-    shuffle_population(
-        [{"weights": list(m.parameters())} for m in models],
-        wash_mask(cfg, numels, 1),
-        seed=cfg.seed,
-        event=1,
-    )
-    for model, expected in zip(models, after, strict=True):
-        for key, value in model.state_dict().items():
-            assert torch.equal(value, expected[key]), key
+    reference = run_population(cfg, log=lambda _: None, progress_eval=False)
+    federated = _members(run_dir)
+    for i, (ours, theirs) in enumerate(zip(reference.member_state_dicts, federated, strict=True)):
+        assert ours.keys() == theirs.keys()
+        for key, value in ours.items():
+            assert torch.equal(value, theirs[key]), f"member {i}: {key}"
+    assert [r["exchange_digest"] for r in results["rounds"]] == [
+        r["exchange_digest"] for r in reference.results["rounds"]
+    ]
+    assert [r["exchange"] for r in results["rounds"]] == [
+        r["exchange"] for r in reference.results["rounds"]
+    ]
+    moved = [r["exchange"].get("moved", r["exchange"].get("averaged")) for r in results["rounds"]]
+    assert any(moved), "nothing was exchanged: the comparison proves nothing"
 
 
 def _members(run_dir: Path) -> list[dict[str, torch.Tensor]]:

@@ -67,6 +67,8 @@ def test_cli_writes_results_ledger_and_a_loadable_final_model(tmp_path: Path) ->
         "64",
         "--epochs",
         "1",
+        "--soup",
+        "greedy",
         "--variants",
         "wash,papa",
         "--output-dir",

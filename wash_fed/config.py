@@ -103,6 +103,10 @@ class WashFedConfig:
     node_wait_timeout: float = field(
         default=300.0, metadata=_doc("Flower: seconds to wait for num-members SuperNodes")
     )
+    worker_idle_timeout: float = field(
+        default=1800.0,
+        metadata=_doc("Flower: a member worker without a message for this long exits"),
+    )
     metrics_port: int = field(
         default=0, metadata=_doc("Flower: ServerApp serves Prometheus metrics on this port; 0: off")
     )
@@ -117,6 +121,10 @@ class WashFedConfig:
     )
     device: str = field(
         default="auto", metadata=_doc(f"one of {DEVICES}; auto: CUDA when available")
+    )
+    deterministic: bool = field(
+        default=False,
+        metadata=_doc("one thread and deterministic algorithms per member: bit-exact reruns"),
     )
     output_dir: str = field(
         default="runs", metadata=_doc("directory that receives one folder per run")
@@ -159,6 +167,7 @@ class WashFedConfig:
         _greater("round-timeout", self.round_timeout, 0.0)
         _greater("node-wait-timeout", self.node_wait_timeout, 0.0)
         _greater("poll-interval", self.poll_interval, 0.0)
+        _greater("worker-idle-timeout", self.worker_idle_timeout, 0.0)
         _in_range("metrics-port", self.metrics_port, 0, 65535)
         _at_least("metrics-grace", self.metrics_grace, 0.0)
         _one_of("device", self.device, DEVICES)

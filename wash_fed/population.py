@@ -37,12 +37,21 @@ from wash_fed.data import DatasetNotFoundError, ImageData
 from wash_fed.evaluation import accuracy, predict
 from wash_fed.ledger import Ledger
 from wash_fed.merge import merge_population
-from wash_fed.papa import population_mean, pull_toward
-from wash_fed.shuffle import shuffle_population
+from wash_fed.protocol import (
+    Deliveries,
+    Exchange,
+    ServerProtocol,
+    apply_delivery,
+    member_payload,
+    payload_bytes,
+    server_protocol,
+)
 from wash_fed.soup import uniform_soup
 from wash_fed.training import (
     Member,
     TrainingData,
+    TrainStats,
+    configure_torch,
     load_test_data,
     load_training_data,
     new_model,
@@ -61,12 +70,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 """Named configurations compared side by side; each overrides the base configuration."""
 
 
-def tensor_bytes(tensors: Sequence[Tensor] | Mapping[str, Tensor]) -> int:
-    """Bytes of the tensors' data, as they would travel."""
-    values = tensors.values() if isinstance(tensors, Mapping) else tensors
-    return sum(t.numel() * t.element_size() for t in values)
-
-
 @dataclass
 class PopulationRun:
     """What :func:`run_population` returns (also written to ``results.json``)."""
@@ -75,33 +78,39 @@ class PopulationRun:
     results: dict[str, Any]
     ledger: Ledger
     final_state_dict: dict[str, Tensor]
+    member_state_dicts: list[dict[str, Tensor]]
+    """Every member's weights after the final delivery, in member order."""
     output_dir: Path | None
 
 
-def _communicate(
-    cfg: WashFedConfig, members: list[Member], round_: int, ledger: Ledger
-) -> dict[str, int]:
-    """The strategy's exchange after round ``round_``'s local training, in place."""
-    if cfg.strategy == "wash":
-        params = members[0].parameters()
-        mask = members[0].shuffle_mask(round_)
-        groups = [m.shuffle_groups(cfg.shuffle_optimizer_state) for m in members]
-        count = shuffle_population(groups, mask, seed=cfg.seed, event=round_)
-        payload = count.selected * count.kinds * params[0].element_size()
-        for m in members:
-            ledger.record(round_, m.index, "up", "train", payload)
-            ledger.record(round_, m.index, "down", "train", payload)
-        return {"selected": count.selected, "moved": count.moved}
-    if cfg.strategy in ("papa", "papa-all") and round_ % cfg.papa_every == 0:
-        weights = [m.parameters() for m in members]
-        mean = population_mean(weights)
-        rate = 0.0 if cfg.strategy == "papa-all" else cfg.papa_rate
-        for m, w in zip(members, weights, strict=True):
-            pull_toward(w, mean, rate)
-            ledger.record(round_, m.index, "up", "train", tensor_bytes(w))
-            ledger.record(round_, m.index, "down", "train", tensor_bytes(mean))
-        return {"averaged": 1}
-    return {}
+def _train_round(
+    members: list[Member],
+    server: ServerProtocol,
+    deliveries: Deliveries,
+    round_: int,
+    ledger: Ledger,
+) -> tuple[list[TrainStats], Exchange]:
+    """One round of the member protocol in memory: every member applies what is due to it,
+    trains and sends its payload; the server exchanges. Bytes go to the ledger as they would
+    travel: deliveries down in the round they are applied, payloads up."""
+    reply = server.reply_for(round_)
+    stats, payloads = [], {}
+    for m in members:
+        _deliver(m, deliveries, round_, "train", ledger)
+        stats.append(m.train_steps(m.cfg.local_steps))
+        payloads[m.index] = member_payload(m, reply, round_)
+        if payloads[m.index]:
+            ledger.record(round_, m.index, "up", "train", payload_bytes(payloads[m.index]))
+    exchange = server.exchange(round_, payloads)
+    deliveries.settle(payloads, exchange)
+    return stats, exchange
+
+
+def _deliver(m: Member, deliveries: Deliveries, round_: int, phase: str, ledger: Ledger) -> None:
+    due = deliveries.due(m.index)
+    if due is not None:
+        apply_delivery(m, due)
+        ledger.record(round_, m.index, "down", phase, payload_bytes(due.tensors))
 
 
 def _evaluate_progress(members: list[Member], test: ImageData, batch_size: int) -> dict[str, float]:
@@ -138,7 +147,11 @@ def run_population(
     data = data or load_training_data(cfg)
     data = TrainingData(data.train.to(device), data.partitions, data.holdout)
     test = test or load_test_data(cfg)
+    configure_torch(cfg)
     members = [Member(cfg, i, data, device) for i in range(cfg.num_members)]
+    numels = [p.numel() for p in members[0].parameters()]
+    server = server_protocol(cfg, range(cfg.num_members), numels)
+    deliveries = Deliveries()
     ledger = Ledger()
     label = cfg.label
     log(
@@ -151,15 +164,15 @@ def run_population(
     epochs: list[dict[str, Any]] = []
     next_epoch = 1
     for r in range(1, cfg.num_server_rounds + 1):
-        stats = [m.train_steps(cfg.local_steps) for m in members]
-        exchange = _communicate(cfg, members, r, ledger)
+        stats, exchange = _train_round(members, server, deliveries, r, ledger)
         rounds.append(
             {
                 "round": r,
                 "loss": [s.loss for s in stats],
                 "train_accuracy": [s.accuracy for s in stats],
                 "bytes": ledger.total(),
-                **exchange,
+                "exchange": exchange.counts,
+                "exchange_digest": exchange.digest,
             }
         )
         if stats[0].epochs >= next_epoch or r == cfg.num_server_rounds:
@@ -179,22 +192,24 @@ def run_population(
     train_seconds = time.perf_counter() - start
 
     final_round = cfg.num_server_rounds + 1
+    for m in members:
+        _deliver(m, deliveries, final_round, "collect", ledger)
     state_dicts = [m.model.state_dict() for m in members]
     for m, sd in zip(members, state_dicts, strict=True):
-        ledger.record(final_round, m.index, "up", "collect", tensor_bytes(sd))
+        ledger.record(final_round, m.index, "up", "collect", payload_bytes(sd))
 
     def bn_statistics_of(soup: Mapping[str, Tensor]) -> BNStatistics:
         parts = []
         for m in members:
             stats = m.bn_statistics(soup)
             parts.append(stats)
-            ledger.record(final_round, m.index, "down", "bn", tensor_bytes(soup))
+            ledger.record(final_round, m.index, "down", "bn", payload_bytes(soup))
             ledger.record(
                 final_round,
                 m.index,
                 "up",
                 "bn",
-                tensor_bytes(stats.means) + tensor_bytes(stats.variances),
+                payload_bytes(stats.means) + payload_bytes(stats.variances),
             )
         return merge_bn_statistics(parts)
 
@@ -204,10 +219,10 @@ def run_population(
         test,
         batch_size=cfg.eval_batch_size,
         bn_statistics_of=bn_statistics_of if cfg.bn_recalibration else None,
-        holdout=data.holdout,
+        holdout=data.holdout if cfg.soup == "greedy" else None,
         final_soup=cfg.soup,
     )
-    model_bytes = tensor_bytes(state_dicts[0])
+    model_bytes = payload_bytes(state_dicts[0])
     results = {
         "label": label,
         "config": cfg.to_mapping(),
@@ -231,7 +246,8 @@ def run_population(
             output_dir / "final_model.pt",
         )
         log(f"[{label}] results, ledger and final model ({merge.final_soup}) in {output_dir}")
-    return PopulationRun(cfg, results, ledger, merge.final_state_dict, output_dir)
+    members_final = [{k: v.detach().clone() for k, v in sd.items()} for sd in state_dicts]
+    return PopulationRun(cfg, results, ledger, merge.final_state_dict, members_final, output_dir)
 
 
 def _mb(nbytes: float) -> str:
@@ -259,6 +275,9 @@ def _final_line(label: str, results: Mapping[str, Any]) -> str:
     )
 
 
+SOUP_COLUMNS = ("uniform", "uniform+bn", "greedy+bn")
+
+
 def comparison_table(results: Sequence[Mapping[str, Any]]) -> str:
     """A markdown table of several runs' final figures."""
     header = (
@@ -270,11 +289,11 @@ def comparison_table(results: Sequence[Mapping[str, Any]]) -> str:
     for r in results:
         f, soups, b = r["final"], r["final"]["soups"], r["bytes"]
         train_bytes = b.get("up.train", 0) + b.get("down.train", 0)
+        built = [f"{soups[k]:.4f}" if k in soups else "-" for k in SOUP_COLUMNS]
         rows.append(
             f"| {r['label']} | {f['member_mean']:.4f} | {f['ensemble']:.4f} | "
-            f"{soups['uniform']:.4f} | {soups.get('uniform+bn', float('nan')):.4f} | "
-            f"{soups.get('greedy+bn', float('nan')):.4f} | {train_bytes / 1e6:.2f} | "
-            f"{b['total'] / 1e6:.2f} | {r['train_seconds']:.0f} |"
+            + " | ".join(built)
+            + f" | {train_bytes / 1e6:.2f} | {b['total'] / 1e6:.2f} | {r['train_seconds']:.0f} |"
         )
     return header + "\n".join(rows) + "\n"
 

@@ -10,6 +10,7 @@ and member index, two processes build the same member bit for bit.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "Member",
     "TrainStats",
     "TrainingData",
+    "configure_torch",
     "derive_seed",
     "initial_model",
     "load_test_data",
@@ -52,6 +54,16 @@ def wash_mask(cfg: WashFedConfig, numels: Sequence[int], event: int) -> ShuffleM
     the configured shuffle probability, layer schedule and run seed."""
     probs = layer_probs(cfg.shuffle_prob, len(numels), cfg.layer_schedule)  # type: ignore[arg-type]
     return event_mask(numels, probs, seed=cfg.seed, event=event)
+
+
+def configure_torch(cfg: WashFedConfig) -> None:
+    """Process-wide torch settings a run asks for. ``deterministic``: one thread and
+    deterministic algorithms, so that two processes given the same inputs compute the same
+    bits (the federated run then equals the population trainer's)."""
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -178,6 +190,8 @@ class Member:
             data.partitions[index], cfg.batch_size, seed=derive_seed(cfg.seed, _DATA_ORDER, index)
         )
         self.steps_done = 0
+        self.applied_event = 0
+        """The newest delivery (the round whose exchange produced it) written into the member."""
 
     def parameters(self) -> list[Tensor]:
         """The trainable tensors, in registration order (the order layer schedules use)."""
@@ -254,7 +268,8 @@ class Member:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: model, optimizer, schedule and data position."""
+        """Everything needed to resume: model, optimizer, schedule, data position and the
+        newest delivery applied."""
         epoch, cursor = self.stream.position()
         return {
             "model": self.model.state_dict(),
@@ -262,6 +277,7 @@ class Member:
             "scheduler": self.scheduler.state_dict(),
             "stream": {"epoch": epoch, "cursor": cursor},
             "steps_done": self.steps_done,
+            "applied_event": self.applied_event,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -270,3 +286,4 @@ class Member:
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.seek(state["stream"]["epoch"], state["stream"]["cursor"])
         self.steps_done = int(state["steps_done"])
+        self.applied_event = int(state["applied_event"])

@@ -1,14 +1,13 @@
-"""The message vocabulary between the wash-fed ServerApp and ClientApp.
+"""Conversions between the member protocol and Flower records.
 
-This is the library's one boundary with Flower: message types, record keys, conversions
-between tensors and Flower records, and how a message's size is measured. The algorithm
-modules never import it.
+This is the library's one boundary with Flower (besides the torch-free names in
+:mod:`wash_fed.keys`): tensors, deliveries, payloads and BatchNorm statistics as records,
+and how a message's size is measured. The algorithm modules never import it.
 
-Round messages (``train``) carry a ``config`` record with ``server-round`` and ``reply``
-(what the member must send back) and, when something is due, one payload record:
-``values`` (WASH: the values this member receives from the previous shuffle event, at the
-mask of event ``values-event``), ``mean`` (PAPA: the population mean of the weights) or
-``arrays`` (a full state dict: FedAvg's global model, a soup to evaluate).
+A round message (``train``) carries a ``config`` record with ``server-round`` and ``reply``
+(what the member must send back) and, when something is due, the delivery: a ``values``
+(WASH) or ``mean`` (PAPA) record, with ``delivery-event`` in ``config``. Flower's FedAvg
+sends its global model as ``arrays`` instead.
 """
 
 from __future__ import annotations
@@ -21,22 +20,20 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from torch import Tensor
 
 from wash_fed.batchnorm import BNStatistics
+from wash_fed.keys import Config, Record, Reply, ReplyKind
+from wash_fed.protocol import Delivery
 
 __all__ = [
-    "ARRAYS",
-    "BN_STATISTICS",
-    "COLLECT",
-    "CONFIG",
-    "HELLO",
-    "MEAN",
-    "METRICS",
-    "STATS",
-    "VALUES",
+    "ConfigValue",
     "bn_statistics_to_record",
     "config_value",
+    "delivery_from_content",
+    "delivery_records",
     "message",
     "message_bytes",
     "metric",
+    "payload_from_content",
+    "payload_records",
     "record_to_bn_statistics",
     "record_to_tensors",
     "tensors_to_record",
@@ -44,27 +41,12 @@ __all__ = [
 
 ConfigValue = int | float | str | bytes | bool
 
-# Message types (Flower routes "<category>.<action>" to the ClientApp's handlers).
-HELLO = "query.hello"
-"""Before training: each member checks its data and configuration and says who it is."""
-COLLECT = "query.collect"
-"""Final step: apply what is still due, reply with the full state dict."""
-BN_STATISTICS = "query.bn_statistics"
-"""Final step: BatchNorm statistics of the soup in ``arrays`` on the member's own data."""
-
-# Record keys.
-CONFIG = "config"
-METRICS = "metrics"
-VALUES = "values"
-MEAN = "mean"
-ARRAYS = "arrays"
-STATS = "stats"
-
-# What a member sends back from a round (config["reply"]).
-REPLY_VALUES = "values"
-REPLY_WEIGHTS = "weights"
-REPLY_STATE = "state"
-REPLY_METRICS = "metrics"
+_PAYLOAD_RECORD: dict[str, str] = {
+    Reply.VALUES: Record.VALUES,
+    Reply.WEIGHTS: Record.ARRAYS,
+    Reply.STATE: Record.ARRAYS,
+}
+"""The record that carries each kind of round reply (``metrics`` replies carry none)."""
 
 
 def message(
@@ -73,31 +55,33 @@ def message(
     server_round: int,
     config: Mapping[str, ConfigValue] | None = None,
     arrays: Mapping[str, ArrayRecord] | None = None,
+    ttl: float | None = None,
 ) -> Message:
     """A message to ``node``: a ``config`` record with ``server-round`` (and ``config``'s
-    entries) and the given array records."""
-    record = ConfigRecord({**(config or {}), "server-round": server_round})
+    entries) and the given array records; it expires after ``ttl`` seconds if given."""
+    record = ConfigRecord({**(config or {}), Config.SERVER_ROUND: server_round})
     return Message(
-        RecordDict({CONFIG: record, **(arrays or {})}),
+        RecordDict({Record.CONFIG: record, **(arrays or {})}),
         dst_node_id=node,
         message_type=message_type,
         group_id=str(server_round),
+        ttl=ttl,
     )
 
 
 def metric(content: RecordDict, key: str) -> float:
     """A numeric entry of the ``metrics`` record."""
-    value = content.metric_records[METRICS][key]
+    value = content.metric_records[Record.METRICS][key]
     if not isinstance(value, (int, float)):
         raise TypeError(f"metric {key!r} is {value!r}, not a number")
     return float(value)
 
 
-def config_value(content: RecordDict, key: str) -> int | float | str | bool | bytes:
-    """A scalar entry of the ``config`` record."""
-    value = content.config_records[CONFIG][key]
+def config_value(content: RecordDict, key: str, record: str = Record.CONFIG) -> ConfigValue:
+    """A scalar entry of a config record (``config`` unless ``record`` names another)."""
+    value = content.config_records[record][key]
     if not isinstance(value, (int, float, str, bool, bytes)):
-        raise TypeError(f"config {key!r} is {value!r}, not a scalar")
+        raise TypeError(f"{record} entry {key!r} is {value!r}, not a scalar")
     return value
 
 
@@ -109,6 +93,49 @@ def tensors_to_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
 def record_to_tensors(record: ArrayRecord) -> dict[str, Tensor]:
     """An ArrayRecord as CPU tensors, keys kept."""
     return {k: torch.from_numpy(v.numpy().copy()) for k, v in record.items()}
+
+
+def delivery_records(
+    delivery: Delivery | None,
+) -> tuple[dict[str, ArrayRecord], dict[str, ConfigValue]]:
+    """A delivery as the array record and config entries of the message that carries it."""
+    if delivery is None:
+        return {}, {}
+    return (
+        {delivery.kind: tensors_to_record(delivery.tensors)},
+        {Config.DELIVERY_EVENT: delivery.event},
+    )
+
+
+def delivery_from_content(content: RecordDict) -> Delivery | None:
+    """The delivery a message carries, if any (the inverse of :func:`delivery_records`)."""
+    for kind in ("values", "mean"):
+        if kind in content.array_records:
+            event = config_value(content, Config.DELIVERY_EVENT)
+            if not isinstance(event, int) or isinstance(event, bool):
+                raise TypeError(f"{Config.DELIVERY_EVENT} is {event!r}, not an integer")
+            return Delivery(kind, event, record_to_tensors(content.array_records[kind]))
+    return None
+
+
+def payload_records(reply: ReplyKind, payload: Mapping[str, Tensor]) -> dict[str, ArrayRecord]:
+    """A member's round payload as the records of its reply."""
+    if reply not in _PAYLOAD_RECORD:
+        return {}
+    return {_PAYLOAD_RECORD[reply]: tensors_to_record(payload)}
+
+
+def payload_from_content(reply: ReplyKind, content: RecordDict) -> dict[str, Tensor]:
+    """The payload a round reply carries (the inverse of :func:`payload_records`).
+
+    Raises ValueError naming the record when the reply lacks it or it is not an ArrayRecord.
+    """
+    if reply not in _PAYLOAD_RECORD:
+        return {}
+    name = _PAYLOAD_RECORD[reply]
+    if name not in content.array_records:
+        raise ValueError(f"the reply lacks its {name!r} array record")
+    return record_to_tensors(content.array_records[name])
 
 
 def bn_statistics_to_record(stats: BNStatistics) -> ArrayRecord:

@@ -1,0 +1,225 @@
+"""One member's handlers on Flower records: decode, call the member protocol, encode.
+
+Two runtimes use it: the ClientApp itself (the member restored from ``context.state`` for
+every message: :func:`handle_in_process`) and the member worker (the member resident in a
+long-lived process: :mod:`client.worker`). Training uses CUDA when the process has it
+(``device = "auto"``).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+
+import torch
+from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
+
+from wash_fed import wire
+from wash_fed.config import WashFedConfig
+from wash_fed.data import ImageData
+from wash_fed.evaluation import accuracy, predict
+from wash_fed.keys import Config, Info, MessageType, Metric, NodeConfig, Record, Reply, ReplyKind
+from wash_fed.protocol import apply_delivery, member_payload
+from wash_fed.training import (
+    Member,
+    TrainingData,
+    configure_torch,
+    load_test_data,
+    load_training_data,
+    resolve_device,
+)
+
+__all__ = ["MemberTask", "handle_in_process", "member_identity"]
+
+_STATE_KEY = "member"
+_REPLY_KINDS = (Reply.VALUES, Reply.WEIGHTS, Reply.STATE, Reply.METRICS)
+
+
+@functools.lru_cache(maxsize=1)
+def _training_data(cfg: WashFedConfig, device: torch.device) -> TrainingData:
+    """Loaded once per process: read-only and identical for every member of the run."""
+    data = load_training_data(cfg)
+    return TrainingData(data.train.to(device), data.partitions, data.holdout)
+
+
+@functools.lru_cache(maxsize=1)
+def _test_data(cfg: WashFedConfig) -> ImageData:
+    return load_test_data(cfg)
+
+
+def member_identity(node_config: Mapping[str, Any], cfg: WashFedConfig) -> int:
+    """This node's partition id, checked against the run configuration."""
+    try:
+        partition_id = int(node_config[NodeConfig.PARTITION_ID])
+        num_partitions = int(node_config[NodeConfig.NUM_PARTITIONS])
+    except KeyError as err:
+        raise ValueError(
+            f"node config lacks {err}; start the SuperNode with "
+            '--node-config "partition-id=<i> num-partitions=<n>"'
+        ) from None
+    if num_partitions != cfg.num_members:
+        raise ValueError(
+            f"node config says num-partitions={num_partitions}, the run has "
+            f"num-members={cfg.num_members}"
+        )
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id={partition_id} outside 0..{num_partitions - 1}")
+    return partition_id
+
+
+class MemberTask:
+    """Member ``partition_id`` of the run ``cfg`` and its handlers, one per message type.
+
+    ``startup_seconds`` (building or restoring the member) is reported by the first reply
+    after it was set, as ``restore-seconds``.
+    """
+
+    def __init__(self, cfg: WashFedConfig, partition_id: int) -> None:
+        configure_torch(cfg)
+        device = resolve_device(cfg.device)
+        self.cfg = cfg
+        self.member = Member(cfg, partition_id, _training_data(cfg, device), device)
+        self.resumed = False
+        self.startup_seconds = 0.0
+        self._handlers: dict[str, Callable[[RecordDict], tuple[dict[str, Any], RecordDict]]] = {
+            MessageType.HELLO: self.hello,
+            MessageType.TRAIN: self.train,
+            MessageType.COLLECT: self.collect,
+            MessageType.BN_STATISTICS: self.bn_statistics,
+            MessageType.EVALUATE: self.evaluate,
+            MessageType.END: self.end,
+        }
+
+    def handle(self, message_type: str, content: RecordDict) -> RecordDict:
+        """The reply content to a message of ``message_type``."""
+        handler = self._handlers.get(message_type)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message_type!r}")
+        started = time.perf_counter()
+        metrics, reply = handler(content)
+        metrics |= {
+            Metric.PARTITION_ID: self.member.index,
+            Metric.RESTORE_SECONDS: self.startup_seconds,
+            Metric.HANDLER_SECONDS: time.perf_counter() - started,
+        }
+        self.startup_seconds = 0.0
+        reply[Record.METRICS] = MetricRecord(metrics)
+        return reply
+
+    # --- handlers: (metrics, other records of the reply) ---------------------------------
+
+    def hello(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
+        """Check configuration and data before training; report identity and first mask."""
+        mask = self.member.shuffle_mask(1)
+        info = ConfigRecord(
+            {
+                Info.MASK_DIGEST: mask.digest(),
+                Info.DEVICE: str(self.member.device),
+                Info.TORCH: torch.__version__,
+                Info.RESUMED: self.resumed,
+            }
+        )
+        metrics = {
+            Metric.NUM_EXAMPLES: len(self.member.stream.indices),
+            Metric.MASK_SIZE: mask.num_selected,
+            Metric.STEPS_DONE: self.member.steps_done,
+            Metric.APPLIED_EVENT: self.member.applied_event,
+        }
+        return metrics, RecordDict({Record.INFO: info})
+
+    def train(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
+        """One round: apply the delivery, train, reply with what the server asked for."""
+        config = content.config_records[Record.CONFIG]
+        server_round = int(cast(int, config[Config.SERVER_ROUND]))
+        reply = str(config.get(Config.REPLY, Reply.METRICS))
+        if reply not in _REPLY_KINDS:
+            raise ValueError(f"{Config.REPLY}={reply!r}; expected one of {_REPLY_KINDS}")
+        self._apply(content)
+        started = time.perf_counter()
+        stats = self.member.train_steps(self.cfg.local_steps)
+        metrics: dict[str, Any] = {
+            Metric.TRAIN_SECONDS: time.perf_counter() - started,
+            Metric.LOSS: stats.loss,
+            Metric.TRAIN_ACCURACY: stats.accuracy,
+            Metric.NUM_EXAMPLES: stats.examples,
+            Metric.STEPS: stats.steps,
+            Metric.EPOCHS: stats.epochs,
+        }
+        if config.get(Config.EVALUATE, False):
+            metrics[Metric.TEST_ACCURACY] = self._test_accuracy()
+        payload = member_payload(self.member, cast(ReplyKind, reply), server_round)
+        return metrics, RecordDict({**wire.payload_records(cast(ReplyKind, reply), payload)})
+
+    def collect(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
+        """Final step: apply what is still due, reply with the full state dict."""
+        self._apply(content)
+        state = wire.tensors_to_record(self.member.model.state_dict())
+        return {Metric.STEPS_DONE: self.member.steps_done}, RecordDict({Record.ARRAYS: state})
+
+    def bn_statistics(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
+        """BatchNorm statistics of the soup in ``arrays`` on this member's own data."""
+        soup = wire.record_to_tensors(content.array_records[Record.ARRAYS])
+        stats = self.member.bn_statistics(soup)
+        record = wire.bn_statistics_to_record(stats)
+        return {Metric.BATCHES: stats.batches}, RecordDict({Record.STATS: record})
+
+    def evaluate(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
+        """Test accuracy of the model in ``arrays`` on this member's test data (the member's
+        own weights are restored afterwards)."""
+        own = {k: v.clone() for k, v in self.member.model.state_dict().items()}
+        self.member.model.load_state_dict(
+            wire.record_to_tensors(content.array_records[Record.ARRAYS])
+        )
+        try:
+            acc = self._test_accuracy()
+        finally:
+            self.member.model.load_state_dict(own)
+        return {Metric.ACCURACY: acc, Metric.NUM_EXAMPLES: len(_test_data(self.cfg))}, RecordDict()
+
+    def end(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
+        """The run is over (the worker acts on it; the member has nothing left to do)."""
+        return {Metric.STEPS_DONE: self.member.steps_done}, RecordDict()
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _apply(self, content: RecordDict) -> None:
+        """Write what the server delivered: the protocol's delivery, or FedAvg's model."""
+        delivery = wire.delivery_from_content(content)
+        if delivery is not None:
+            apply_delivery(self.member, delivery)
+        if Record.ARRAYS in content.array_records:
+            state = wire.record_to_tensors(content.array_records[Record.ARRAYS])
+            self.member.model.load_state_dict(state)
+
+    def _test_accuracy(self) -> float:
+        test = _test_data(self.cfg)
+        return accuracy(predict(self.member.model, test, self.cfg.eval_batch_size), test.labels)
+
+    # --- state ---------------------------------------------------------------------------
+
+    def state_bytes(self) -> bytes:
+        """The member's state (see :meth:`wash_fed.training.Member.state_dict`) as bytes."""
+        buffer = io.BytesIO()
+        torch.save(self.member.state_dict(), buffer)
+        return buffer.getvalue()
+
+    def load_state_bytes(self, blob: bytes) -> None:
+        self.member.load_state_dict(torch.load(io.BytesIO(blob), map_location=self.member.device))
+
+
+def handle_in_process(message_type: str, content: RecordDict, context: Context) -> RecordDict:
+    """Run one message in this process: restore the member from ``context.state``, handle
+    the message, save the member back."""
+    started = time.perf_counter()
+    cfg = WashFedConfig.from_mapping(context.run_config)
+    task = MemberTask(cfg, member_identity(context.node_config, cfg))
+    if _STATE_KEY in context.state:
+        blob = context.state.config_records[_STATE_KEY]["state"]
+        task.load_state_bytes(cast(bytes, blob))
+    task.startup_seconds = time.perf_counter() - started
+    reply = task.handle(message_type, content)
+    context.state[_STATE_KEY] = ConfigRecord({"state": task.state_bytes()})
+    return reply

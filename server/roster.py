@@ -1,0 +1,194 @@
+"""Who the members are: the node of each partition id, the pre-flight check, re-admission.
+
+The server knows a member by its partition id, never by the node id Flower gives its
+SuperNode: a SuperNode that restarts comes back under a new node id. Every member answers a
+``query.hello`` -- its partition id, its data, the digest of its first shuffle mask -- before
+it trains (:meth:`Roster.connect`) and again when it comes back (:meth:`Roster.readmit`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+from flwr.app import Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from wash_fed import wire
+from wash_fed.config import WashFedConfig
+from wash_fed.keys import Info, MessageType, Metric, Record
+
+__all__ = ["MemberInfo", "Roster"]
+
+READMIT_TIMEOUT = 120.0
+"""Seconds to wait for a returning node's hello (its worker starts and loads its data)."""
+END_TIMEOUT = 30.0
+"""Seconds to wait for the members to acknowledge the end of the run."""
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """A member's answer to ``query.hello``."""
+
+    partition: int
+    node: int
+    examples: int
+    device: str
+    torch: str
+    mask_digest: str
+    resumed: bool
+    steps_done: int
+
+
+def _member_info(reply: Message) -> MemberInfo:
+    content = reply.content
+    return MemberInfo(
+        partition=int(wire.metric(content, Metric.PARTITION_ID)),
+        node=reply.metadata.src_node_id,
+        examples=int(wire.metric(content, Metric.NUM_EXAMPLES)),
+        device=str(wire.config_value(content, Info.DEVICE, Record.INFO)),
+        torch=str(wire.config_value(content, Info.TORCH, Record.INFO)),
+        mask_digest=str(wire.config_value(content, Info.MASK_DIGEST, Record.INFO)),
+        resumed=bool(wire.config_value(content, Info.RESUMED, Record.INFO)),
+        steps_done=int(wire.metric(content, Metric.STEPS_DONE)),
+    )
+
+
+class Roster:
+    """The node id of every member (partition id), as the run goes on.
+
+    ``mask_digest`` is the digest of shuffle event 1's mask as the server derives it; a
+    member that derives another cannot take part.
+    """
+
+    def __init__(self, cfg: WashFedConfig, mask_digest: str) -> None:
+        self.cfg = cfg
+        self.mask_digest = mask_digest
+        self.nodes: dict[int, int] = {}
+        """Partition id -> node id."""
+        self._refused: set[int] = set()
+
+    def partition_of(self, node: int) -> int | None:
+        return next((p for p, n in self.nodes.items() if n == node), None)
+
+    def connect(self, grid: Grid) -> None:
+        """Wait for ``num-members`` nodes and check every member before any training.
+
+        Raises with the members' own words when a check fails.
+        """
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.node_wait_timeout
+        nodes = list(grid.get_node_ids())
+        while len(nodes) < cfg.num_members:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{len(nodes)} of num-members={cfg.num_members} SuperNodes connected within "
+                    f"node-wait-timeout={cfg.node_wait_timeout:g} s"
+                )
+            log(INFO, "waiting for SuperNodes: %d of %d connected", len(nodes), cfg.num_members)
+            time.sleep(2.0)
+            nodes = list(grid.get_node_ids())
+        members, problems = self._hello(grid, nodes, cfg.round_timeout)
+        if problems:
+            raise RuntimeError("members failed their pre-flight check:\n  " + "\n  ".join(problems))
+        partitions = sorted(m.partition for m in members)
+        if partitions != list(range(cfg.num_members)):
+            raise RuntimeError(
+                f"expected one member per partition id 0..{cfg.num_members - 1}, "
+                f"got partition ids {partitions} from {len(nodes)} nodes"
+            )
+        for member in sorted(members, key=lambda m: m.partition):
+            self.nodes[member.partition] = member.node
+            log(
+                INFO,
+                "member %d on node %d: %d training images, %s",
+                member.partition,
+                member.node,
+                member.examples,
+                member.device,
+            )
+
+    def readmit(self, grid: Grid, missing: Iterable[int]) -> list[int]:
+        """Look for members in ``missing`` (partition ids) that came back under a new node
+        id; re-admit those whose check passes. Returns the partition ids re-admitted."""
+        missing = set(missing)
+        if not missing:
+            return []
+        new = set(grid.get_node_ids()) - set(self.nodes.values()) - self._refused
+        if not new:
+            return []
+        members, problems = self._hello(grid, sorted(new), READMIT_TIMEOUT)
+        for problem in problems:
+            log(WARNING, "a new node failed its check and is not asked again: %s", problem)
+        self._refused |= new - {m.node for m in members}
+        back = []
+        for member in members:
+            if member.partition not in missing:
+                log(
+                    WARNING,
+                    "node %d claims member %d, which is not missing; refused",
+                    member.node,
+                    member.partition,
+                )
+                self._refused.add(member.node)
+                continue
+            self.nodes[member.partition] = member.node
+            missing.discard(member.partition)
+            back.append(member.partition)
+            log(
+                INFO,
+                "member %d is back on node %d (%s at step %d)",
+                member.partition,
+                member.node,
+                "restored from its checkpoint" if member.resumed else "started afresh",
+                member.steps_done,
+            )
+        return back
+
+    def end(self, grid: Grid) -> None:
+        """Tell every member that the run is over (their workers exit); waits briefly."""
+        if not self.nodes:
+            return
+        timeout = min(self.cfg.round_timeout, END_TIMEOUT)
+        round_ = self.cfg.num_server_rounds + 1
+        messages = [
+            wire.message(n, MessageType.END, round_, ttl=timeout) for n in self.nodes.values()
+        ]
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        told = sum(not r.has_error() for r in replies)
+        if told < len(messages):
+            log(WARNING, "%d of %d members acknowledged the end of the run", told, len(messages))
+
+    def _hello(
+        self, grid: Grid, nodes: list[int], timeout: float
+    ) -> tuple[list[MemberInfo], list[str]]:
+        """Ask ``nodes`` who they are; the members that passed and the problems found."""
+        messages = [wire.message(node, MessageType.HELLO, 0, ttl=timeout) for node in nodes]
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        problems, members = [], []
+        answered = {r.metadata.src_node_id for r in replies}
+        problems += [
+            f"node {n}: no answer within {timeout:g} s" for n in nodes if n not in answered
+        ]
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                problems.append(f"node {node}: {reply.error.reason}")
+                continue
+            try:
+                member = _member_info(reply)
+            except (KeyError, TypeError, ValueError) as err:
+                problems.append(f"node {node}: malformed hello reply ({err!r})")
+                continue
+            if member.mask_digest != self.mask_digest:
+                problems.append(
+                    f"member {member.partition} on node {node} derives other shuffle masks than "
+                    f"the server ({member.mask_digest!r} != {self.mask_digest!r}): install the "
+                    f"same numpy and torch everywhere (it has torch {member.torch})"
+                )
+                continue
+            members.append(member)
+        return members, problems

@@ -1,0 +1,144 @@
+"""The member protocol on plain tensors: who takes part in an exchange, what a member that
+fails keeps, and that a member applies each delivery once."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from wash_fed.config import WashFedConfig
+from wash_fed.protocol import (
+    Deliveries,
+    Delivery,
+    Exchange,
+    PapaServer,
+    WashServer,
+    apply_delivery,
+    member_payload,
+)
+from wash_fed.training import Member, TrainingData, load_training_data, wash_mask
+
+MEMBERS = [0, 1, 2]
+NUMELS = [40, 12]
+
+
+def cfg(**overrides: object) -> WashFedConfig:
+    return WashFedConfig(num_members=3, shuffle_prob=0.5, layer_schedule="constant", **overrides)  # type: ignore[arg-type]
+
+
+def owned_values(member: int, event: int, config: WashFedConfig) -> dict[str, torch.Tensor]:
+    """A member's payload in which every value names its owner (member * 1000 + index)."""
+    m = wash_mask(config, NUMELS, event).num_selected
+    return {"weights": member * 1000 + torch.arange(m, dtype=torch.float32)}
+
+
+def test_wash_delivers_a_permutation_of_what_the_participants_sent() -> None:
+    config = cfg()
+    server = WashServer(config, MEMBERS, NUMELS)
+    assert server.reply_for(1) == "values"
+    exchange = server.exchange(1, {p: owned_values(p, 1, config) for p in MEMBERS})
+    sent = torch.stack([owned_values(p, 1, config)["weights"] for p in MEMBERS])
+    received = torch.stack([exchange.deliveries[p].tensors["weights"] for p in MEMBERS])
+    assert torch.equal(sent.sort(0).values, received.sort(0).values)  # per coordinate
+    assert exchange.counts["moved"] > 0 and exchange.counts["participants"] == 3
+    assert all(d.kind == "values" and d.event == 1 for d in exchange.deliveries.values())
+    again = WashServer(config, MEMBERS, NUMELS).exchange(
+        1, {p: owned_values(p, 1, config) for p in MEMBERS}
+    )
+    assert again.digest == exchange.digest  # deterministic in (seed, event)
+
+
+def test_a_member_that_fails_keeps_its_delivery_and_takes_nobodys_values() -> None:
+    config = cfg()
+    server = WashServer(config, MEMBERS, NUMELS)
+    deliveries = Deliveries()
+    first = server.exchange(1, {p: owned_values(p, 1, config) for p in MEMBERS})
+    deliveries.settle(MEMBERS, first)
+    kept = deliveries.due(1)
+    assert kept is not None
+
+    # Round 2: member 1 fails after being sent its event-1 values.
+    second = server.exchange(2, {p: owned_values(p, 2, config) for p in (0, 2)})
+    deliveries.settle([0, 2], second)
+    assert second.counts["participants"] == 2 and set(second.deliveries) == {0, 2}
+    assert deliveries.due(1) is kept  # still due, untouched
+    owners = {int(v) // 1000 for p in (0, 2) for v in second.deliveries[p].tensors["weights"]}
+    assert owners <= {0, 2}  # member 1's values never leak into event 2
+    assert deliveries.due(0).event == 2  # type: ignore[union-attr]
+
+
+def test_bad_payloads_are_left_out_with_a_reason_and_the_rest_shuffle() -> None:
+    config = cfg()
+    server = WashServer(config, MEMBERS, NUMELS)
+    m = wash_mask(config, NUMELS, 1).num_selected
+    nan = torch.zeros(m)
+    nan[0] = math.nan
+    exchange = server.exchange(
+        1,
+        {
+            0: owned_values(0, 1, config),
+            1: {"weights": nan},
+            2: {"weights": torch.ones(m + 1)},
+        },
+    )
+    assert set(exchange.rejected) == {1, 2}
+    assert "non-finite" in exchange.rejected[1] and "shape" in exchange.rejected[2]
+    assert exchange.deliveries == {}  # one participant: nothing to exchange
+    wrong_kind = server.exchange(1, {0: owned_values(0, 1, config), 1: {"momentum": nan}})
+    assert "value kinds" in wrong_kind.rejected[1]
+
+
+def test_papa_delivers_the_mean_on_its_rounds_and_a_newer_mean_replaces_an_older() -> None:
+    config = cfg(strategy="papa", papa_every=2)
+    server = PapaServer(config, MEMBERS)
+    assert server.reply_for(1) == "metrics" and server.reply_for(2) == "weights"
+    assert server.exchange(1, {p: {"w": torch.zeros(3)} for p in MEMBERS}).deliveries == {}
+    deliveries = Deliveries()
+    exchange = server.exchange(2, {p: {"w": torch.full((3,), float(p))} for p in MEMBERS})
+    deliveries.settle(MEMBERS, exchange)
+    assert all(torch.equal(exchange.deliveries[p].tensors["w"], torch.ones(3)) for p in MEMBERS)
+    assert exchange.counts == {"averaged": 3}
+    # Member 2 fails round 4; the mean of rounds 2 is replaced by round 4's for everyone.
+    later = server.exchange(4, {p: {"w": torch.full((3,), 2.0 * p)} for p in (0, 1)})
+    deliveries.settle([0, 1], later)
+    assert deliveries.due(2).event == 4  # type: ignore[union-attr]
+    assert torch.equal(deliveries.due(2).tensors["w"], torch.ones(3))  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def data() -> TrainingData:
+    return load_training_data(
+        WashFedConfig(train_subset=600, holdout_size=0, num_members=2, batch_size=32)
+    )
+
+
+def test_a_member_applies_each_delivery_once(data: TrainingData) -> None:
+    config = WashFedConfig(
+        train_subset=600, holdout_size=0, num_members=2, batch_size=32, shuffle_prob=0.3
+    )
+    a, b = (Member(config, i, data, torch.device("cpu")) for i in range(2))
+    a.train_steps(2)
+    sent = member_payload(a, "values", 1)
+    mask = a.shuffle_mask(1)
+    before = [p.detach().clone() for p in b.parameters()]
+    delivery = Delivery("values", 1, {"weights": sent["weights"] + 1.0})
+    assert apply_delivery(b, delivery) and b.applied_event == 1
+    assert torch.equal(member_payload(b, "values", 1)["weights"], sent["weights"] + 1.0)
+    for old, new, selected in zip(before, b.parameters(), mask.indices, strict=True):
+        keep = torch.ones(old.numel(), dtype=torch.bool).index_fill_(0, selected, False)
+        assert torch.equal(old.reshape(-1)[keep], new.detach().reshape(-1)[keep])
+    b.train_steps(1)
+    trained = [p.detach().clone() for p in b.parameters()]
+    assert not apply_delivery(b, delivery)  # sent again (its reply was lost): skipped
+    assert all(torch.equal(x, y) for x, y in zip(trained, b.parameters(), strict=True))
+    with pytest.raises(ValueError, match="value kinds"):
+        apply_delivery(b, Delivery("values", 2, {"momentum_buffer": sent["weights"]}))
+
+
+def test_exchange_digest_tells_different_deliveries_apart() -> None:
+    one = Exchange({0: Delivery("values", 1, {"weights": torch.zeros(3)})})
+    two = Exchange({0: Delivery("values", 1, {"weights": torch.tensor([0.0, 0.0, 1e-7])})})
+    assert one.digest != two.digest
+    assert one.digest == Exchange({0: Delivery("values", 1, {"weights": torch.zeros(3)})}).digest

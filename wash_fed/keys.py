@@ -1,0 +1,114 @@
+"""Every name two processes share: message types, record names, config and metric entries,
+node configuration.
+
+The ServerApp, the ClientApp, the member worker and the tests spell these names only
+through this module. It imports nothing, so the ClientApp's worker proxy can use it without
+loading torch.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+__all__ = ["Config", "Info", "MessageType", "Metric", "NodeConfig", "Record", "Reply"]
+
+
+class MessageType:
+    """Message types; Flower routes ``<category>.<action>`` to the ClientApp's handlers."""
+
+    TRAIN: Final = "train"
+    """A round: apply the delivery, train ``local-steps``, reply with what ``reply`` asks."""
+    EVALUATE: Final = "evaluate"
+    """Test accuracy of the model in ``arrays`` on the member's own test data."""
+    HELLO: Final = "query.hello"
+    """Before training (and when a node comes back): identity, data, first mask's digest."""
+    COLLECT: Final = "query.collect"
+    """Final step: apply what is still due, reply with the full state dict."""
+    BN_STATISTICS: Final = "query.bn_statistics"
+    """Final step: BatchNorm statistics of the soup in ``arrays`` on the member's data."""
+    END: Final = "query.end"
+    """The run is over: the member's worker (if any) removes its checkpoint and exits."""
+
+
+class Record:
+    """Names of the records in a message's content."""
+
+    CONFIG: Final = "config"
+    METRICS: Final = "metrics"
+    INFO: Final = "info"
+    """A member's description of itself (``query.hello`` replies), a ConfigRecord."""
+    VALUES: Final = "values"
+    """WASH: values at a shuffle event's mask, by value kind (a delivery, or a reply)."""
+    MEAN: Final = "mean"
+    """PAPA: the population mean of the parameters (a delivery)."""
+    ARRAYS: Final = "arrays"
+    """A full state dict or the parameters (Flower's FedAvg uses this name too)."""
+    STATS: Final = "stats"
+    """BatchNorm statistics (``<layer>.mean``, ``<layer>.var``)."""
+
+
+class Config:
+    """Entries of the ``config`` record, server to member."""
+
+    SERVER_ROUND: Final = "server-round"
+    REPLY: Final = "reply"
+    """What the member sends back from a round: one of :class:`Reply`."""
+    EVALUATE: Final = "evaluate"
+    """True: the member also reports its test accuracy this round."""
+    DELIVERY_EVENT: Final = "delivery-event"
+    """The round whose exchange produced the delivery (``values`` or ``mean``) in the message."""
+
+
+class Reply:
+    """What a member sends back from a round."""
+
+    VALUES: Final = "values"
+    WEIGHTS: Final = "weights"
+    STATE: Final = "state"
+    METRICS: Final = "metrics"
+
+
+ReplyKind = Literal["values", "weights", "state", "metrics"]
+
+
+class Metric:
+    """Entries of the ``metrics`` record, member to server."""
+
+    PARTITION_ID: Final = "partition-id"
+    LOSS: Final = "loss"
+    TRAIN_ACCURACY: Final = "train-accuracy"
+    TEST_ACCURACY: Final = "test-accuracy"
+    NUM_EXAMPLES: Final = "num-examples"
+    """Also Flower FedAvg's weighting key."""
+    STEPS: Final = "steps"
+    STEPS_DONE: Final = "steps-done"
+    EPOCHS: Final = "epochs"
+    APPLIED_EVENT: Final = "applied-event"
+    """The newest delivery the member has applied (0: none)."""
+    MASK_SIZE: Final = "mask-size"
+    BATCHES: Final = "batches"
+    ACCURACY: Final = "accuracy"
+    RESTORE_SECONDS: Final = "restore-seconds"
+    TRAIN_SECONDS: Final = "train-seconds"
+    HANDLER_SECONDS: Final = "handler-seconds"
+    WORKER_PID: Final = "worker-pid"
+    """The member worker's process id (absent when the member runs in the ClientApp)."""
+
+
+class Info:
+    """Entries of the ``info`` record of a ``query.hello`` reply."""
+
+    MASK_DIGEST: Final = "mask-digest"
+    DEVICE: Final = "device"
+    TORCH: Final = "torch"
+    RESUMED: Final = "resumed"
+    """True when the member was restored from a checkpoint of this run."""
+
+
+class NodeConfig:
+    """Keys of a SuperNode's ``--node-config``."""
+
+    PARTITION_ID: Final = "partition-id"
+    NUM_PARTITIONS: Final = "num-partitions"
+    WORKER_DIR: Final = "worker-dir"
+    """Where this node's member worker keeps its socket and checkpoints; unset: no worker."""

@@ -1,0 +1,291 @@
+"""The member protocol: what a member sends after its local steps, how the server turns the
+replies into deliveries, and how a member applies a delivery -- per strategy, on plain
+tensors.
+
+Every runner runs this module and nothing else of the exchange: the population trainer
+(:mod:`wash_fed.population`, in memory), the ClientApp and the member worker (over Flower,
+where :mod:`wash_fed.wire` only converts records). So the population trainer is the
+bit-exact reference for a federated run.
+
+One round ``r`` of a member::
+
+    apply_delivery(member, due)            # what the exchange of an earlier round produced
+    member.train_steps(local_steps)
+    payload = member_payload(member, server.reply_for(r), r)
+
+and of the server, with the payloads of the members that answered (by partition id)::
+
+    exchange = server.exchange(r, payloads)
+    deliveries.settle(answered, exchange)  # acknowledged ones go, new ones become due
+
+Invariants: a delivery stays due until its member answers a later message, so a member that
+fails loses nothing; a member applies each delivery at most once (``Member.applied_event``);
+WASH's deliveries are a per-coordinate permutation of what the participants sent, so the
+multiset of values at every coordinate is preserved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import Tensor
+
+from wash_fed.config import WashFedConfig
+from wash_fed.keys import Reply, ReplyKind
+from wash_fed.papa import population_mean, pull_toward
+from wash_fed.shuffle import gather, scatter, shuffle_values
+from wash_fed.training import Member, wash_mask
+
+__all__ = [
+    "Deliveries",
+    "Delivery",
+    "DeliveryKind",
+    "EnsembleServer",
+    "Exchange",
+    "PapaServer",
+    "ServerProtocol",
+    "WashServer",
+    "apply_delivery",
+    "member_payload",
+    "papa_rate",
+    "payload_bytes",
+    "server_protocol",
+    "tensors_digest",
+]
+
+DeliveryKind = Literal["values", "mean"]
+Payload = Mapping[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a member applies before its next local steps.
+
+    ``kind == "values"`` (WASH): ``tensors[kind]`` is the flat vector, shape ``(m,)``, that
+    the member writes back at the mask of shuffle event ``event`` for each value kind
+    (``weights``, ``momentum_buffer``). ``kind == "mean"`` (PAPA): ``tensors[name]`` is the
+    population mean of parameter ``name`` after round ``event``.
+    """
+
+    kind: DeliveryKind
+    event: int
+    tensors: dict[str, Tensor]
+
+
+def apply_delivery(member: Member, delivery: Delivery) -> bool:
+    """Write ``delivery`` into ``member`` in place, unless it already applied this event or
+    a later one. Returns whether it was applied."""
+    if delivery.event <= member.applied_event:
+        return False
+    if delivery.kind == "values":
+        mask = member.shuffle_mask(delivery.event).to(member.device)
+        groups = member.shuffle_groups(member.cfg.shuffle_optimizer_state)
+        if delivery.tensors.keys() != groups.keys():
+            raise ValueError(
+                f"received value kinds {sorted(delivery.tensors)}, expected {sorted(groups)}"
+            )
+        for kind, received in delivery.tensors.items():
+            scatter(groups[kind], mask, received)
+    elif delivery.kind == "mean":
+        names = [name for name, _ in member.model.named_parameters()]
+        missing = sorted(set(names) - delivery.tensors.keys())
+        if missing:
+            raise ValueError(f"the population mean lacks parameters {missing[:5]}")
+        pull_toward(
+            member.parameters(), [delivery.tensors[n] for n in names], papa_rate(member.cfg)
+        )
+    else:
+        raise ValueError(f"unknown delivery kind {delivery.kind!r}")
+    member.applied_event = delivery.event
+    return True
+
+
+def papa_rate(cfg: WashFedConfig) -> float:
+    """How much of itself a member keeps when pulled toward the mean: ``papa-rate`` for
+    ``papa``, 0 (replaced by the mean) for ``papa-all``."""
+    return 0.0 if cfg.strategy == "papa-all" else cfg.papa_rate
+
+
+def member_payload(member: Member, reply: ReplyKind, event: int) -> dict[str, Tensor]:
+    """What ``member`` sends back after the local steps of round ``event``.
+
+    ``values``: its values at the mask of shuffle event ``event``, one flat vector per kind;
+    ``weights``: its parameters by name; ``state``: its full state dict; ``metrics``: nothing.
+    """
+    if reply == Reply.VALUES:
+        mask = member.shuffle_mask(event).to(member.device)
+        groups = member.shuffle_groups(member.cfg.shuffle_optimizer_state)
+        return {kind: gather(tensors, mask) for kind, tensors in groups.items()}
+    if reply == Reply.WEIGHTS:
+        return {name: p.detach() for name, p in member.model.named_parameters()}
+    if reply == Reply.STATE:
+        return dict(member.model.state_dict())
+    if reply == Reply.METRICS:
+        return {}
+    raise ValueError(f"unknown reply kind {reply!r}")
+
+
+def tensors_digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
+    """A short fingerprint of named tensors' values (names, dtypes, shapes and bytes)."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """What the server did with one round's payloads."""
+
+    deliveries: dict[int, Delivery]
+    """New deliveries by member (partition id)."""
+    counts: dict[str, int] = field(default_factory=dict)
+    """What moved (WASH: ``selected``, ``moved``, ``participants``; PAPA: ``averaged``)."""
+    rejected: dict[int, str] = field(default_factory=dict)
+    """Members whose payload was left out, with the reason."""
+
+    @property
+    def digest(self) -> str:
+        """Fingerprint of every delivery, in member order: equal digests, equal exchanges."""
+        return tensors_digest(
+            (f"{member}.{d.kind}.{d.event}.{name}", t)
+            for member, d in sorted(self.deliveries.items())
+            for name, t in sorted(d.tensors.items())
+        )
+
+
+class ServerProtocol:
+    """The server's side of a strategy: what members send back each round, and what it
+    delivers to them. Subclasses are the strategies."""
+
+    def __init__(self, cfg: WashFedConfig, members: Iterable[int]) -> None:
+        self.cfg = cfg
+        self.members = sorted(members)
+
+    def reply_for(self, server_round: int) -> ReplyKind:
+        """What every member sends back from round ``server_round``."""
+        return "metrics"
+
+    def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
+        """Turn the payloads of the members that answered round ``server_round`` (by
+        partition id) into deliveries."""
+        return Exchange({})
+
+
+class EnsembleServer(ServerProtocol):
+    """Independent members: nothing is exchanged until the final collection."""
+
+
+class WashServer(ServerProtocol):
+    """WASH: after each round, one shuffle event among the members that answered.
+
+    ``numels`` are the sizes of the model's parameter tensors in registration order.
+    """
+
+    def __init__(self, cfg: WashFedConfig, members: Iterable[int], numels: list[int]) -> None:
+        super().__init__(cfg, members)
+        self.numels = numels
+
+    def reply_for(self, server_round: int) -> ReplyKind:
+        return "values"
+
+    def expected_kinds(self) -> list[str]:
+        return ["weights", "momentum_buffer"] if self.cfg.shuffle_optimizer_state else ["weights"]
+
+    def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
+        selected = wash_mask(self.cfg, self.numels, server_round).num_selected
+        accepted: dict[int, Payload] = {}
+        rejected: dict[int, str] = {}
+        for member, payload in sorted(payloads.items()):
+            problem = _check_values(payload, self.expected_kinds(), selected)
+            if problem is None:
+                accepted[member] = payload
+            else:
+                rejected[member] = problem
+        counts = {"selected": selected, "moved": 0, "participants": len(accepted)}
+        if len(accepted) < 2:
+            return Exchange({}, counts, rejected)
+        received, moved = shuffle_values(
+            list(accepted.values()), seed=self.cfg.seed, event=server_round
+        )
+        deliveries = {
+            member: Delivery("values", server_round, mine)
+            for member, mine in zip(accepted, received, strict=True)
+        }
+        return Exchange(deliveries, counts | {"moved": moved}, rejected)
+
+
+def _check_values(payload: Payload, kinds: list[str], selected: int) -> str | None:
+    """Why a WASH payload cannot take part in a shuffle event (``None``: it can)."""
+    if sorted(payload) != sorted(kinds):
+        return f"sent value kinds {sorted(payload)}, expected {sorted(kinds)}"
+    for kind, v in payload.items():
+        if tuple(v.shape) != (selected,):
+            return f"{kind!r} has shape {tuple(v.shape)}, the mask selects {selected}"
+        if not bool(v.isfinite().all()):
+            return f"{kind!r} holds non-finite values"
+    return None
+
+
+class PapaServer(ServerProtocol):
+    """PAPA: every ``papa-every`` rounds the members send their parameters and every
+    member is pulled toward their mean (``papa-all``: replaced by it) before its next steps."""
+
+    def _due(self, server_round: int) -> bool:
+        return server_round % self.cfg.papa_every == 0
+
+    def reply_for(self, server_round: int) -> ReplyKind:
+        return "weights" if self._due(server_round) else "metrics"
+
+    def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
+        if not self._due(server_round) or not payloads:
+            return Exchange({})
+        ordered = [payloads[m] for m in sorted(payloads)]
+        names = list(ordered[0])
+        mean = population_mean([[p[n] for n in names] for p in ordered])
+        delivery = Delivery("mean", server_round, dict(zip(names, mean, strict=True)))
+        return Exchange(dict.fromkeys(self.members, delivery), {"averaged": len(ordered)})
+
+
+def server_protocol(
+    cfg: WashFedConfig, members: Iterable[int], numels: list[int]
+) -> ServerProtocol:
+    """The server protocol of ``cfg.strategy`` (anything but ``fedavg``, which is Flower's)."""
+    if cfg.strategy == "wash":
+        return WashServer(cfg, members, numels)
+    if cfg.strategy in ("papa", "papa-all"):
+        return PapaServer(cfg, members)
+    if cfg.strategy == "ensemble":
+        return EnsembleServer(cfg, members)
+    raise ValueError(f"no member protocol for strategy {cfg.strategy!r}")
+
+
+class Deliveries:
+    """The deliveries due, by member. A delivery stays due until its member answers a
+    message that carried it; a newer one (PAPA's next mean) replaces an older one."""
+
+    def __init__(self) -> None:
+        self._due: dict[int, Delivery] = {}
+
+    def due(self, member: int) -> Delivery | None:
+        return self._due.get(member)
+
+    def settle(self, answered: Iterable[int], exchange: Exchange) -> None:
+        """Members in ``answered`` applied what was due to them; ``exchange``'s deliveries
+        are due from now on."""
+        for member in answered:
+            self._due.pop(member, None)
+        self._due.update(exchange.deliveries)
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+
+def payload_bytes(payload: Mapping[str, Tensor]) -> int:
+    """Bytes of the tensors' data, as they would travel."""
+    return sum(t.numel() * t.element_size() for t in payload.values())
