@@ -74,6 +74,28 @@ class RunResult:
     """The run's entry in ``flwr ls --format json``."""
 
 
+@dataclass
+class Submission:
+    """A ``flwr run`` in progress and the file its output goes to."""
+
+    process: subprocess.Popen[bytes]
+    output: Path
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def run_id(self) -> str | None:
+        """The run id, once ``flwr run`` has printed it."""
+        return next(
+            (
+                line.split()[-1].strip(".")
+                for line in self.text().splitlines()
+                if "Successfully started run" in line
+            ),
+            None,
+        )
+
+
 class FlowerHarness:
     """Owns a temporary Flower home, a SuperLink and (for deployments) SuperNodes."""
 
@@ -92,6 +114,8 @@ class FlowerHarness:
             MARKER: self.marker,
         }
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.supernodes: dict[int, subprocess.Popen[bytes]] = {}
+        """The SuperNode process of each partition id (the latest one started)."""
         self.logs = home / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.control_port = free_port()
@@ -101,7 +125,7 @@ class FlowerHarness:
     # --- processes ----------------------------------------------------------------------
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
             args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -143,33 +167,46 @@ class FlowerHarness:
         )
         self.certificates = certificates
 
-    def start_supernodes(self, count: int) -> list[int]:
-        """``count`` SuperNodes with partition ids 0..count-1; returns their ports."""
-        ports = []
+    def start_supernode(
+        self, partition: int, count: int, *, worker_dir: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        """SuperNode ``partition`` of ``count`` on a free port. With ``worker_dir``, its
+        member lives in a member worker under ``worker_dir/member-<partition>``."""
+        node_config = f"partition-id={partition} num-partitions={count}"
+        if worker_dir is not None:
+            node_config += f' worker-dir="{worker_dir / f"member-{partition}"}"'
+        args = [
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            f"127.0.0.1:{self.api_port}",
+            "--port",
+            str(free_port()),
+            "--node-config",
+            node_config,
+        ]
+        if self.certificates is None:
+            args.append("--insecure")
+        else:
+            args += ["--root-certificates", str(self.certificates / "ca.crt")]
+        proc = self.start(f"supernode-{partition}", args)
+        self.supernodes[partition] = proc
+        return proc
+
+    def start_supernodes(self, count: int, *, worker_dir: Path | None = None) -> None:
+        """``count`` SuperNodes with partition ids 0..count-1, online when this returns."""
         for i in range(count):
-            port = free_port()
-            args = [
-                str(BIN / "flower-supernode"),
-                "--superlink",
-                f"127.0.0.1:{self.api_port}",
-                "--port",
-                str(port),
-                "--node-config",
-                f"partition-id={i} num-partitions={count}",
-            ]
-            if self.certificates is None:
-                args.append("--insecure")
-            else:
-                args += ["--root-certificates", str(self.certificates / "ca.crt")]
-            self.start(f"supernode-{i}", args)
-            ports.append(port)
-        deadline = time.monotonic() + 60
+            self.start_supernode(i, count, worker_dir=worker_dir)
+        self.wait_online(count)
+
+    def wait_online(self, count: int, timeout: float = 60.0) -> None:
+        """Wait until the SuperLink lists ``count`` SuperNodes online."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             done = self.flwr("supernode", "list", "test", "--format", "json")
             if done.returncode == 0:
                 nodes = json.loads(done.stdout).get("nodes", [])
                 if sum(n.get("status") == "online" for n in nodes) >= count:
-                    return ports
+                    return
             time.sleep(1.0)
         raise RuntimeError(f"{count} SuperNodes did not come online:\n{self.describe()}")
 
@@ -209,19 +246,34 @@ class FlowerHarness:
         timeout: float = 600.0,
     ) -> RunResult:
         """``flwr run . test --stream`` to the end; the run's status from ``flwr ls``."""
-        args = ["run", ".", "test", "--stream", "--run-config", run_config_arg(run_config)]
+        return self.finish(self.submit(run_config, federation_config=federation_config), timeout)
+
+    def submit(
+        self, run_config: Mapping[str, Any], *, federation_config: str | None = None
+    ) -> Submission:
+        """Start ``flwr run . test --stream`` and return at once (see :meth:`finish`)."""
+        args = [str(BIN / "flwr"), "run", ".", "test", "--stream"]
+        args += ["--run-config", run_config_arg(run_config)]
         if federation_config:
             args += ["--federation-config", federation_config]
-        done = self.flwr(*args, timeout=timeout)
-        output = done.stdout + done.stderr
-        run_id = next(
-            (
-                line.split()[-1].strip(".")
-                for line in output.splitlines()
-                if "Successfully started run" in line
-            ),
-            None,
-        )
+        output = self.logs / f"flwr-run-{uuid.uuid4().hex[:8]}.log"
+        with open(output, "wb") as sink:
+            proc = subprocess.Popen(
+                args, env=self.env, cwd=PROJECT, stdout=sink, stderr=subprocess.STDOUT
+            )
+        return Submission(proc, output)
+
+    def finish(self, submission: Submission, timeout: float = 600.0) -> RunResult:
+        """Wait for a submitted ``flwr run``; the run's status from ``flwr ls``."""
+        try:
+            submission.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            submission.process.kill()
+            raise RuntimeError(
+                f"flwr run took more than {timeout:g} s:\n{submission.text()[-4000:]}"
+            ) from None
+        output = submission.text()
+        run_id = submission.run_id()
         if run_id is None:
             raise RuntimeError(f"flwr run did not start a run:\n{output}")
         listing = self.listing(run_id)

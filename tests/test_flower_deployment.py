@@ -1,18 +1,27 @@
-"""A real local deployment: `flower-superlink` and four `flower-supernode` processes on
-loopback, with TLS, the topology docker-compose.yml runs in containers. WASH and FedAvg run
-to completion; the ledger is checked against Flower's own traffic figures."""
+"""Real local deployments: `flower-superlink` and `flower-supernode` processes on loopback,
+the topology docker-compose.yml runs in containers, every member in its node's member
+worker. WASH and FedAvg run to completion over TLS; a SuperNode and its worker killed in the
+middle of a run come back and finish it. The ledger is checked against Flower's own
+traffic figures."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import signal
 import subprocess
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from simulations.local_flower import PROJECT, TINY_RUN, FlowerHarness
+from simulations.local_flower import PROJECT, TINY_RUN, FlowerHarness, Submission
+from wash_fed.keys import Metric
 from wash_fed.ledger import Ledger
 
 pytestmark = pytest.mark.slow
@@ -37,15 +46,58 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerHarne
     harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"
     try:
         harness.start_superlink(simulation=False, certificates=certificates)
-        harness.start_supernodes(MEMBERS)
+        harness.start_supernodes(MEMBERS, worker_dir=home / "workers")
         yield harness
     finally:
         harness.close()
     assert harness.descendants() == [], "processes survived the deployment"
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A folder with a short path: a Unix socket's path has at most 107 characters."""
+    path = Path(tempfile.mkdtemp(prefix="wf-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def results_of(run_dir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = json.loads((run_dir / "results.json").read_text())
+    return results
+
+
+def assert_ledger_within_flowers_traffic(run_dir: Path, listing: dict[str, Any]) -> None:
+    """SuperLink inbound = what members sent up; outbound = what they pulled down. The
+    ledger counts the objects of delivered messages, Flower also its own framing."""
+    ledger = Ledger.read_csv(run_dir / "ledger.csv")
+    assert all(e.member >= 0 for e in ledger.entries), "traffic of no member was recorded"
+    traffic = listing["network-traffic"]
+    for ours, flowers in (
+        (ledger.total("up"), traffic["inbound-bytes"]),
+        (ledger.total("down"), traffic["outbound-bytes"]),
+    ):
+        assert 0 < ours <= flowers <= ours * (1 + FRAMING_SHARE), (ours, flowers)
+
+
+def worker_pids(results: dict[str, Any]) -> dict[str, set[int]]:
+    """The worker process each member reported, per member, over all rounds."""
+    pids: dict[str, set[int]] = {}
+    for row in results["rounds"]:
+        for member, metrics in row["members"].items():
+            pids.setdefault(member, set()).add(int(metrics[Metric.WORKER_PID]))
+    return pids
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+
+
 @pytest.mark.parametrize("strategy", ["wash", "fedavg"])
-def test_deployment_over_tls_runs_and_its_ledger_matches_flowers_traffic(
+def test_deployment_over_tls_runs_in_member_workers_and_its_ledger_matches_flowers_traffic(
     deployment: FlowerHarness, tmp_path: Path, strategy: str
 ) -> None:
     result = deployment.run(
@@ -53,14 +105,74 @@ def test_deployment_over_tls_runs_and_its_ledger_matches_flowers_traffic(
     )
     assert result.status == "finished:completed", f"{result.details}\n{deployment.describe()}"
     (run_dir,) = tmp_path.glob(f"*-{result.run_id}")
-    results = json.loads((run_dir / "results.json").read_text())
+    results = results_of(run_dir)
     assert results["status"] == "completed"
     assert [r["answered"] for r in results["rounds"]] == [MEMBERS] * SMALL["num-server-rounds"]
-    ledger = Ledger.read_csv(run_dir / "ledger.csv")
-    traffic = result.listing["network-traffic"]
-    # SuperLink inbound = what members sent up; outbound = what they pulled down.
-    for ours, flowers in (
-        (ledger.total("up"), traffic["inbound-bytes"]),
-        (ledger.total("down"), traffic["outbound-bytes"]),
-    ):
-        assert 0 < ours <= flowers <= ours * (1 + FRAMING_SHARE), (strategy, ours, flowers)
+    pids = worker_pids(results)
+    assert all(len(p) == 1 for p in pids.values()), f"a member changed process: {pids}"
+    time.sleep(2.0)  # the workers acknowledged the end of the run; let them exit
+    assert all(gone(pid) for (pid,) in pids.values()), "a member worker outlived its run"
+    assert_ledger_within_flowers_traffic(run_dir, result.listing)
+
+
+def wait_for_rounds(submission: Submission, runs: Path, rounds: int, timeout: float) -> Path:
+    """The run's folder, once ``rounds`` rounds are in its results."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run_id = submission.run_id()
+        found = list(runs.glob(f"*-{run_id}/results.json")) if run_id else []
+        if found and len(results_of(found[0].parent)["rounds"]) >= rounds:
+            return found[0].parent
+        assert submission.process.poll() is None, submission.text()[-3000:]
+        time.sleep(0.3)
+    raise AssertionError(f"{rounds} rounds did not finish in {timeout:g} s")
+
+
+def test_a_member_killed_mid_run_comes_back_from_its_checkpoint(
+    tmp_path: Path, short_tmp: Path
+) -> None:
+    """SIGKILL one SuperNode and its worker after round 2 of 6, restart the SuperNode: the
+    member comes back under a new node id from its checkpoint and the run ends with every
+    member in the soup."""
+    members, victim = 3, 1
+    harness = FlowerHarness(tmp_path / "home")
+    harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"
+    workers = short_tmp
+    try:
+        harness.start_superlink(simulation=False)
+        harness.start_supernodes(members, worker_dir=workers)
+        config = {
+            **TINY_RUN,
+            "num-members": members,
+            "num-server-rounds": 6,
+            "round-timeout": 30.0,
+            "output-dir": str(tmp_path / "runs"),
+        }
+        submission = harness.submit(config)
+        run_dir = wait_for_rounds(submission, tmp_path / "runs", 2, timeout=300)
+        run_id = submission.run_id()
+        (pid_file,) = (workers / f"member-{victim}").glob(f"run-{run_id}/worker.pid")
+        os.killpg(harness.supernodes[victim].pid, signal.SIGKILL)
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        harness.start_supernode(victim, members, worker_dir=workers)
+        result = harness.finish(submission, timeout=900)
+        assert result.status == "finished:completed", f"{result.details}\n{harness.describe()}"
+        results = results_of(run_dir)
+        final = results["final"]
+        assert final["collected"] == list(range(members)), "a member is missing from the soup"
+        rows = results["rounds"]
+        assert len(rows) == 6 and rows[-1]["answered"] == members
+        missed = [r["round"] for r in rows if str(victim) in r["failed"]]
+        assert missed and min(missed) == 3, missed
+        back = [r for r in rows if r["round"] > max(missed)]
+        assert back and all(str(victim) in r["members"] for r in back)
+        pattern = (
+            rf"member {victim} is back on node \d+ \(restored from its checkpoint at step (\d+)\)"
+        )
+        restored = re.search(pattern, result.output)
+        assert restored, result.output[-3000:]
+        assert int(restored.group(1)) in (10, 15)  # after round 2 (or 3, if it got that far)
+        assert_ledger_within_flowers_traffic(run_dir, result.listing)
+    finally:
+        harness.close()
+    assert harness.descendants() == [], "processes survived the deployment"
