@@ -17,6 +17,7 @@ bytes are counted the same way. Results land in ``<output-dir>/<time>-<strategy>
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Collection
 from logging import INFO, WARNING
@@ -83,22 +84,25 @@ def main(grid: Grid, context: Context) -> None:
         on_exchange=lambda *_: metrics.sync_ledger(ledger),
         poll_interval=cfg.poll_interval,
     )
+    roster: Roster | None = None
     try:
         test = load_test_data(cfg)
         numels = [p.numel() for p in new_model(cfg, test).parameters()]
         roster = Roster(cfg, wash_mask(cfg, numels, 1).digest())
         roster.connect(ledger_grid)
         output.write(members={str(p): n for p, n in roster.nodes.items()})
-        try:
-            if cfg.strategy == "fedavg":
-                final = run_fedavg(ledger_grid, cfg, test, output, metrics)
-                metrics.observe_final({"global": final["global_model"]})
-                output.finish(final, fedavg_bytes=None)
-            else:
-                run_population(ledger_grid, cfg, roster, numels, test, output, metrics)
-        finally:
-            roster.end(ledger_grid)
+        if cfg.strategy == "fedavg":
+            final, fedavg_bytes = run_fedavg(ledger_grid, cfg, test, output, metrics), None
+        else:
+            final, fedavg_bytes = run_population(
+                ledger_grid, cfg, roster, numels, test, output, metrics
+            )
+        roster.end(ledger_grid)
+        output.finish(final, fedavg_bytes)
     except BaseException as err:
+        if roster is not None:  # their workers exit now, not after an idle timeout
+            with contextlib.suppress(Exception):
+                roster.end(ledger_grid)
         output.fail(err)
         raise
     finally:
@@ -113,8 +117,9 @@ def run_population(
     test: ImageData,
     output: RunOutput,
     metrics: RunMetrics,
-) -> None:
-    """WASH, PAPA or independent members through Flower, then the final step."""
+) -> tuple[dict[str, Any], int]:
+    """WASH, PAPA or independent members through Flower, then the final step. Returns the
+    final figures and what FedAvg would have sent."""
     fedavg_bytes = fedavg_equivalent_bytes(cfg, test, roster.nodes.values())
 
     def on_round(report: RoundReport) -> None:
@@ -138,7 +143,7 @@ def run_population(
             "soup": final["final_accuracy"],
         }
     )
-    output.finish(final, fedavg_bytes)
+    return final, fedavg_bytes
 
 
 def publish_metrics(cfg: WashFedConfig, metrics: RunMetrics, ledger: Ledger, run_id: int) -> None:
@@ -279,4 +284,5 @@ def run_fedavg(
     output.save_model(model.state_dict())
     final_accuracy = accuracy(predict(model, test, cfg.eval_batch_size), test.labels)
     log(INFO, "[fedavg] test accuracy of the global model: %.4f", final_accuracy)
+    metrics.observe_final({"global": final_accuracy})
     return {"global_model": final_accuracy, "final_accuracy": final_accuracy}
