@@ -20,6 +20,7 @@ COPY pyproject.toml README.md ./
 COPY wash_fed wash_fed
 COPY server server
 COPY client client
-RUN pip install . && useradd --uid 49999 --create-home app && mkdir -p /data /app/runs \
-    && chown app /app/runs
+RUN pip install . && useradd --uid 49999 --create-home app \
+    && mkdir -p /data /app/runs /var/lib/wash-fed \
+    && chown app /app/runs /var/lib/wash-fed
 USER app

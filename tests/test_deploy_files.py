@@ -7,11 +7,11 @@ import json
 import os
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +68,19 @@ def test_compose_file_is_valid_and_has_the_whole_topology() -> None:
     superlink = services["superlink"]
     assert {p["target"] for p in superlink["ports"]} == {9093, 9400}
     assert "deploy" not in superlink  # the ServerApp needs no GPU
+
+
+def test_every_member_lives_in_a_worker_with_its_own_volume() -> None:
+    services = compose_config("docker-compose.yml")["services"]
+    volumes = []
+    for name in SUPERNODES:
+        service = services[name]
+        assert "worker-dir='/var/lib/wash-fed/member'" in " ".join(service["command"])
+        assert service["init"] is True  # reaps the worker when it exits with its run
+        (own,) = [v for v in service["volumes"] if ":/var/lib/wash-fed" in str(v)]
+        volumes.append(str(own).split(":")[0])
+    assert len(set(volumes)) == len(SUPERNODES), "members would share checkpoints"
+    assert "chown app /app/runs /var/lib/wash-fed" in (ROOT / "Dockerfile").read_text()
 
 
 def test_tls_is_the_default_and_insecure_an_explicit_choice() -> None:
