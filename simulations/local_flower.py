@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +27,16 @@ from typing import Any
 
 import httpx
 
-BIN = Path(sys.executable).parent
+
+def _flower_commands() -> Path:
+    """The folder of Flower's commands: beside this interpreter, else wherever ``flwr`` is
+    found on PATH (an install with ``pip --target``)."""
+    here = Path(sys.executable).parent
+    found = shutil.which("flwr")
+    return here if (here / "flwr").exists() or found is None else Path(found).parent
+
+
+BIN = _flower_commands()
 PROJECT = Path(__file__).resolve().parents[1]
 MARKER = "WASH_FED_TEST_HARNESS"
 

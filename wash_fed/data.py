@@ -8,6 +8,7 @@ integers that fits in Flower's ``context.state``.
 Command line::
 
     python -m wash_fed.data prepare fashion-mnist [--root DIR]
+    python -m wash_fed.data synthetic cifar10 --root DIR   # random images, for timing
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "load_split",
     "partition_indices",
     "prepare",
+    "write_synthetic",
 ]
 
 Partition = Literal["full", "iid", "dirichlet"]
@@ -57,6 +59,7 @@ class DatasetSpec:
     torchvision_class: str
     num_classes: int
     channels: int
+    image_size: tuple[int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     fix: str
@@ -69,6 +72,7 @@ DATASETS: dict[str, DatasetSpec] = {
         "FashionMNIST",
         10,
         1,
+        (28, 28),
         (0.2860,),
         (0.3530,),
         "make data   (or: python -m wash_fed.data prepare fashion-mnist)",
@@ -78,6 +82,7 @@ DATASETS: dict[str, DatasetSpec] = {
         "CIFAR10",
         10,
         3,
+        (32, 32),
         (0.4914, 0.4822, 0.4465),
         (0.2470, 0.2435, 0.2616),
         "python -m wash_fed.data prepare cifar10   (needs internet, or unpack "
@@ -88,6 +93,7 @@ DATASETS: dict[str, DatasetSpec] = {
         "CIFAR100",
         100,
         3,
+        (32, 32),
         (0.5071, 0.4865, 0.4409),
         (0.2673, 0.2564, 0.2762),
         "python -m wash_fed.data prepare cifar100   (needs internet, or unpack "
@@ -252,6 +258,28 @@ def _fetch(spec: DatasetSpec, root: Path) -> str:
     return f"downloaded by torchvision into {root}"
 
 
+def write_synthetic(
+    name: str, root: Path | str | None = None, *, train: int = 1600, test: int = 200
+) -> Path:
+    """Random images with random labels in data set ``name``'s shape, written as the tensor
+    files :func:`prepare` writes, so that :func:`load_split` reads them as that data set.
+
+    For timing and smoke tests on machines without the real data: there is nothing to
+    learn in them. Returns the folder written.
+    """
+    spec = _spec(name)
+    root = Path(root) if root else default_root()
+    generator = torch.Generator().manual_seed(0)
+    for is_train, n in ((True, train), (False, test)):
+        shape = (n, spec.channels, *spec.image_size)
+        images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+        labels = torch.randint(0, spec.num_classes, (n,), generator=generator)
+        cache = _cache_path(spec, root, is_train)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"images": images, "labels": labels}, cache)
+    return _cache_path(spec, root, True).parent
+
+
 def partition_indices(
     labels: Tensor, num_partitions: int, partition: Partition, *, alpha: float = 0.5, seed: int = 0
 ) -> list[np.ndarray]:
@@ -342,8 +370,19 @@ def main(argv: list[str] | None = None) -> None:
     prep = sub.add_parser("prepare", help="make a data set available offline")
     prep.add_argument("dataset", choices=sorted(DATASETS))
     prep.add_argument("--root", type=Path, default=None, help=f"default: {default_root()}")
+    fake = sub.add_parser(
+        "synthetic", help="write random images in a data set's shape (timing, smoke tests)"
+    )
+    fake.add_argument("dataset", choices=sorted(DATASETS))
+    fake.add_argument("--root", type=Path, required=True)
+    fake.add_argument("--train", type=int, default=1600)
+    fake.add_argument("--test", type=int, default=200)
     args = parser.parse_args(argv)
-    print(prepare(args.dataset, args.root))
+    if args.command == "prepare":
+        print(prepare(args.dataset, args.root))
+    else:
+        folder = write_synthetic(args.dataset, args.root, train=args.train, test=args.test)
+        print(f"{args.dataset}: random images written to {folder} (nothing to learn in them)")
 
 
 if __name__ == "__main__":
