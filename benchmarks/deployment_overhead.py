@@ -1,112 +1,168 @@
 """Per-round wall time of a real local deployment that is not spent training.
 
 Starts a SuperLink and N SuperNodes on loopback (simulations/local_flower.py, the topology
-of docker-compose.yml), runs a short WASH run under each setting, and prints side by side
-the median round time, the members' training time and handler time (from their replies),
-and the overhead: round time minus the slowest member's training.
+of docker-compose.yml), runs a short WASH run under each runtime, and prints side by side
+the median round time, the members' training, restore, handler and checkpoint times (from
+their replies), and the overhead: round time minus the slowest member's training.
 
-Settings, each a change on top of the one before:
-* ``before``: the server polls for replies every 3 s (Flower's own ``send_and_receive``
-  loop), SuperExec looks for tasks every 1 s (its default), and every ClientApp process
-  decodes the data set's original files through torchvision;
-* ``polling``: the server polls every 0.2 s (``poll-interval``), SuperExec every 0.1 s
-  (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, set in the Dockerfile);
-* ``after``: and the data set is read from the tensor file ``prepare`` writes (one
-  ``torch.load``, no torchvision import).
+Runtimes:
+* ``process per message``: Flower 1.42's own model -- every message starts a ClientApp
+  process that restores the member from ``context.state``;
+* ``worker``: the member lives in its node's member worker (``worker-dir``), the ClientApp
+  only forwards the message to it;
+* ``simulation``: the same work through ``flwr run`` against a simulation SuperLink (Ray
+  actors), for reference.
 
-    python benchmarks/deployment_overhead.py [--rounds 10] [--supernodes 4]
+Every runtime polls as fast as this project lets it (server 0.2 s, SuperExec 0.1 s) and
+reads the data set from the tensor file ``prepare`` writes. Models: the small CNN on
+Fashion-MNIST, and ResNet-18 (CIFAR form, 11 M parameters) on synthetic 32x32 images.
+
+    python benchmarks/deployment_overhead.py [--rounds 8] [--supernodes 4] [--models cnn,resnet18]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from simulations.local_flower import TINY_RUN, FlowerHarness
-from wash_fed.data import default_root
+from wash_fed.data import write_synthetic
+from wash_fed.keys import Metric
 
-# setting: (server poll interval, SuperExec poll interval or None for its default, tensor file)
-SETTINGS: dict[str, tuple[float, str | None, bool]] = {
-    "before": (3.0, None, False),
-    "polling": (0.2, "0.1", False),
-    "after": (0.2, "0.1", True),
+RUNTIMES = ("process per message", "worker", "simulation")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model and the run configuration that trains it briefly."""
+
+    name: str
+    run_config: dict[str, Any]
+    synthetic: bool = False
+    """Write a synthetic CIFAR-10-shaped data set (32x32x3, 10 classes) to train on."""
+
+
+WORKLOADS = {
+    "cnn": Workload("cnn", {"model": "cnn"}),
+    "resnet18": Workload(
+        "resnet18",
+        {
+            "model": "resnet18",
+            "dataset": "cifar10",
+            "batch-size": 16,
+            "local-steps": 2,
+            "train-subset": 0,
+            "holdout-size": 100,
+            "test-subset": 200,
+            "bn-batches": 2,
+            "eval-batch-size": 100,
+        },
+        synthetic=True,
+    ),
 }
 
 
-def measure(setting: str, rounds: int, supernodes: int) -> dict[str, float]:
-    poll_interval, superexec_poll, tensor_file = SETTINGS[setting]
-    with tempfile.TemporaryDirectory() as tmp:
+def measure(runtime: str, workload: Workload, rounds: int, supernodes: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="wf-") as tmp:
         home = Path(tmp)
         harness = FlowerHarness(home)
-        if superexec_poll is not None:
-            harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = superexec_poll
-        if not tensor_file:  # only the original files: decoded in every ClientApp process
-            raw = home / "data" / "FashionMNIST" / "raw"
-            shutil.copytree(default_root() / "FashionMNIST" / "raw", raw)
-            harness.env["WASH_FED_DATA"] = str(home / "data")
+        harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"
+        config: dict[str, Any] = {
+            **TINY_RUN,
+            **workload.run_config,
+            "num-members": supernodes,
+            "num-server-rounds": rounds,
+            "output-dir": str(home / "runs"),
+        }
+        if workload.synthetic:
+            write_synthetic("cifar10", home / "data")
+            config["data-root"] = str(home / "data")
+        federation = None
         try:
-            harness.start_superlink(simulation=False)
-            harness.start_supernodes(supernodes)
-            config: dict[str, Any] = {
-                **TINY_RUN,
-                "num-members": supernodes,
-                "num-server-rounds": rounds,
-                "poll-interval": poll_interval,
-                "output-dir": str(home / "runs"),
-            }
-            result = harness.run(config, timeout=1800)
+            if runtime == "simulation":
+                harness.start_superlink(simulation=True)
+                federation = f"num-supernodes={supernodes} client-resources-num-cpus=1"
+            else:
+                harness.start_superlink(simulation=False)
+                workers = home / "w" if runtime == "worker" else None
+                harness.start_supernodes(supernodes, worker_dir=workers)
+            result = harness.run(config, federation_config=federation, timeout=3600)
             if result.status != "finished:completed":
-                raise RuntimeError(f"{setting}: {result.details}\n{harness.describe()}")
+                raise RuntimeError(f"{runtime}: {result.details}\n{harness.describe()}")
             (run_dir,) = (home / "runs").glob(f"*-{result.run_id}")
             rows = json.loads((run_dir / "results.json").read_text())["rounds"]
         finally:
             harness.close()
-    # Round 1 includes starting the run on every node; report the steady rounds after it.
+    return summarize(rows)
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians over the rounds after the first (which also starts every member)."""
     steady = rows[1:] or rows
 
     def slowest(row: dict[str, Any], key: str) -> float:
-        return max(float(m[key]) for m in row["members"].values())
+        return max(float(m.get(key, 0.0)) for m in row["members"].values())
+
+    def median_of(key: str) -> float:
+        return statistics.median(slowest(r, key) for r in steady)
 
     return {
         "round": statistics.median(r["seconds"] for r in steady),
-        "train": statistics.median(slowest(r, "train-seconds") for r in steady),
-        "handler": statistics.median(slowest(r, "handler-seconds") for r in steady),
-        "restore": statistics.median(slowest(r, "restore-seconds") for r in steady),
-        "overhead": statistics.median(r["seconds"] - slowest(r, "train-seconds") for r in steady),
+        "train": median_of(Metric.TRAIN_SECONDS),
+        "restore": median_of(Metric.RESTORE_SECONDS),
+        "handler": median_of(Metric.HANDLER_SECONDS),
+        "checkpoint": median_of(Metric.CHECKPOINT_SECONDS),
+        "overhead": statistics.median(
+            r["seconds"] - slowest(r, Metric.TRAIN_SECONDS) for r in steady
+        ),
         "first_round": rows[0]["seconds"],
     }
+
+
+COLUMNS = ["round", "train", "restore", "handler", "checkpoint", "overhead", "first_round"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--supernodes", type=int, default=4)
-    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--models", default=",".join(WORKLOADS))
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES))
     args = parser.parse_args()
-    results = {s: measure(s, args.rounds, args.supernodes) for s in args.settings.split(",")}
+    results: dict[tuple[str, str], dict[str, float]] = {}
+    for model in args.models.split(","):
+        for runtime in args.runtimes.split(","):
+            print(f"--- {model}, {runtime}", flush=True)
+            results[model, runtime] = measure(
+                runtime, WORKLOADS[model], args.rounds, args.supernodes
+            )
+            print(json.dumps(results[model, runtime]), flush=True)
     print(
-        f"\n{args.supernodes} SuperNodes on loopback, WASH, {args.rounds} rounds of 5 steps; "
-        f"seconds, medians over rounds 2..{args.rounds}"
+        f"\n{args.supernodes} members on loopback, WASH, {args.rounds} rounds; seconds, "
+        f"medians over rounds 2..{args.rounds} (slowest member per round)"
     )
-    columns = ["round", "train", "restore", "handler", "overhead", "first_round"]
     print(
-        "| setting | round | slowest training | slowest restore | slowest handler | overhead "
+        "| model | runtime | round | training | restore | handler | checkpoint | overhead "
         "| first round |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | " + " | ".join(f"{r[c]:.2f}" for c in columns) + " |")
-    if {"before", "after"} <= results.keys():
-        before, after = results["before"]["overhead"], results["after"]["overhead"]
-        saved = before - after
-        print(f"\noverhead, after / before: {after / before:.2f} ({saved:.2f} s less per round)")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (model, runtime), r in results.items():
+        print(f"| {model} | {runtime} | " + " | ".join(f"{r[c]:.2f}" for c in COLUMNS) + " |")
+    for model in args.models.split(","):
+        old, new = results.get((model, "process per message")), results.get((model, "worker"))
+        if old and new:
+            print(
+                f"{model}: overhead with the worker / process per message: "
+                f"{new['overhead'] / old['overhead']:.2f} "
+                f"({old['overhead'] - new['overhead']:.2f} s less per round)"
+            )
 
 
 if __name__ == "__main__":

@@ -75,9 +75,12 @@ class MemberWorker:
             raise ValueError(f"this worker serves run {self.run_id}, not run {request.run_id}")
         task = self._task(request)
         reply = task.handle(request.message_type, request.content)
-        reply.metric_records[Record.METRICS][Metric.WORKER_PID] = os.getpid()
+        metrics = reply.metric_records[Record.METRICS]
+        metrics[Metric.WORKER_PID] = os.getpid()
         if request.message_type in (MessageType.TRAIN, MessageType.COLLECT):
+            started = time.perf_counter()
             self._checkpoint(task)
+            metrics[Metric.CHECKPOINT_SECONDS] = time.perf_counter() - started
         if request.message_type == MessageType.END:
             (self.directory / CHECKPOINT).unlink(missing_ok=True)
             self.finished.set()

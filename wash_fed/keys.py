@@ -91,6 +91,8 @@ class Metric:
     RESTORE_SECONDS: Final = "restore-seconds"
     TRAIN_SECONDS: Final = "train-seconds"
     HANDLER_SECONDS: Final = "handler-seconds"
+    CHECKPOINT_SECONDS: Final = "checkpoint-seconds"
+    """The member worker's time to write its checkpoint after the message."""
     WORKER_PID: Final = "worker-pid"
     """The member worker's process id (absent when the member runs in the ClientApp)."""
 
