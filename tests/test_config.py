@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from wash_fed.config import ConfigError, WashFedConfig
 
