@@ -21,15 +21,27 @@ from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.data import ImageData
 from wash_fed.evaluation import accuracy, predict
-from wash_fed.keys import Config, Info, MessageType, Metric, NodeConfig, Record, Reply, ReplyKind
+from wash_fed.keys import (
+    Config,
+    Info,
+    MessageType,
+    Metric,
+    NodeConfig,
+    Record,
+    Reply,
+    ReplyKind,
+    Split,
+)
 from wash_fed.protocol import apply_delivery, member_payload
 from wash_fed.training import (
     Member,
+    MemberData,
     TrainingData,
     configure_torch,
-    load_test_data,
     load_training_data,
+    local_member_data,
     resolve_device,
+    shared_member_data,
 )
 
 __all__ = ["MemberTask", "handle_in_process", "member_identity"]
@@ -39,15 +51,18 @@ _REPLY_KINDS = (Reply.VALUES, Reply.WEIGHTS, Reply.STATE, Reply.METRICS)
 
 
 @functools.lru_cache(maxsize=1)
-def _training_data(cfg: WashFedConfig, device: torch.device) -> TrainingData:
+def _shared_data(cfg: WashFedConfig) -> TrainingData:
     """Loaded once per process: read-only and identical for every member of the run."""
-    data = load_training_data(cfg)
-    return TrainingData(data.train.to(device), data.partitions, data.holdout)
+    return load_training_data(cfg)
 
 
-@functools.lru_cache(maxsize=1)
-def _test_data(cfg: WashFedConfig) -> ImageData:
-    return load_test_data(cfg)
+@functools.lru_cache(maxsize=4)
+def _member_data(cfg: WashFedConfig, partition: int, data_path: str, test_path: str) -> MemberData:
+    """The node's own data when it names some (``data-path``), else its partition of the
+    run's data set. Cached: a simulation process serves the messages of several members."""
+    if data_path:
+        return local_member_data(cfg, partition, data_path, test_path or None)
+    return shared_member_data(cfg, partition, _shared_data(cfg))
 
 
 def member_identity(node_config: Mapping[str, Any], cfg: WashFedConfig) -> int:
@@ -77,11 +92,19 @@ class MemberTask:
     after it was set, as ``restore-seconds``.
     """
 
-    def __init__(self, cfg: WashFedConfig, partition_id: int) -> None:
+    def __init__(
+        self, cfg: WashFedConfig, partition_id: int, node_config: Mapping[str, Any]
+    ) -> None:
         configure_torch(cfg)
         device = resolve_device(cfg.device)
         self.cfg = cfg
-        self.member = Member(cfg, partition_id, _training_data(cfg, device), device)
+        self.data = _member_data(
+            cfg,
+            partition_id,
+            str(node_config.get(NodeConfig.DATA_PATH, "")),
+            str(node_config.get(NodeConfig.TEST_DATA_PATH, "")),
+        )
+        self.member = Member(cfg, partition_id, self.data.train, device)
         self.resumed = False
         self.startup_seconds = 0.0
         self._handlers: dict[str, Callable[[RecordDict], tuple[dict[str, Any], RecordDict]]] = {
@@ -148,16 +171,20 @@ class MemberTask:
             Metric.STEPS: stats.steps,
             Metric.EPOCHS: stats.epochs,
         }
-        if config.get(Config.EVALUATE, False):
-            metrics[Metric.TEST_ACCURACY] = self._test_accuracy()
+        if config.get(Config.EVALUATE, False) and self.data.test is not None:
+            metrics[Metric.TEST_ACCURACY] = self._accuracy(self.data.test)
         payload = member_payload(self.member, cast(ReplyKind, reply), server_round)
         return metrics, RecordDict({**wire.payload_records(cast(ReplyKind, reply), payload)})
 
     def collect(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
-        """Final step: apply what is still due, reply with the full state dict."""
+        """Final step: apply what is still due, reply with the full state dict (and, when the
+        server has no test set, the member's accuracy on its own)."""
         self._apply(content)
+        metrics: dict[str, Any] = {Metric.STEPS_DONE: self.member.steps_done}
+        if not self.cfg.test_on_server and self.data.test is not None:
+            metrics[Metric.TEST_ACCURACY] = self._accuracy(self.data.test)
         state = wire.tensors_to_record(self.member.model.state_dict())
-        return {Metric.STEPS_DONE: self.member.steps_done}, RecordDict({Record.ARRAYS: state})
+        return metrics, RecordDict({Record.ARRAYS: state})
 
     def bn_statistics(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
         """BatchNorm statistics of the soup in ``arrays`` on this member's own data."""
@@ -167,17 +194,21 @@ class MemberTask:
         return {Metric.BATCHES: stats.batches}, RecordDict({Record.STATS: record})
 
     def evaluate(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
-        """Test accuracy of the model in ``arrays`` on this member's test data (the member's
-        own weights are restored afterwards)."""
+        """Accuracy of the model in ``arrays`` on this member's test data, or its held-out
+        images (``split``); no accuracy and no examples when it has none."""
+        split = content.config_records[Record.CONFIG].get(Config.SPLIT, Split.TEST)
+        data = {Split.TEST: self.data.test, Split.HOLDOUT: self.data.holdout}.get(str(split))
+        if data is None:
+            return {Metric.NUM_EXAMPLES: 0}, RecordDict()
         own = {k: v.clone() for k, v in self.member.model.state_dict().items()}
         self.member.model.load_state_dict(
             wire.record_to_tensors(content.array_records[Record.ARRAYS])
         )
         try:
-            acc = self._test_accuracy()
+            acc = self._accuracy(data)
         finally:
             self.member.model.load_state_dict(own)
-        return {Metric.ACCURACY: acc, Metric.NUM_EXAMPLES: len(_test_data(self.cfg))}, RecordDict()
+        return {Metric.ACCURACY: acc, Metric.NUM_EXAMPLES: len(data)}, RecordDict()
 
     def end(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
         """The run is over (the worker acts on it; the member has nothing left to do)."""
@@ -194,9 +225,8 @@ class MemberTask:
             state = wire.record_to_tensors(content.array_records[Record.ARRAYS])
             self.member.model.load_state_dict(state)
 
-    def _test_accuracy(self) -> float:
-        test = _test_data(self.cfg)
-        return accuracy(predict(self.member.model, test, self.cfg.eval_batch_size), test.labels)
+    def _accuracy(self, data: ImageData) -> float:
+        return accuracy(predict(self.member.model, data, self.cfg.eval_batch_size), data.labels)
 
     # --- state ---------------------------------------------------------------------------
 
@@ -215,7 +245,7 @@ def handle_in_process(message_type: str, content: RecordDict, context: Context) 
     the message, save the member back."""
     started = time.perf_counter()
     cfg = WashFedConfig.from_mapping(context.run_config)
-    task = MemberTask(cfg, member_identity(context.node_config, cfg))
+    task = MemberTask(cfg, member_identity(context.node_config, cfg), context.node_config)
     if _STATE_KEY in context.state:
         blob = context.state.config_records[_STATE_KEY]["state"]
         task.load_state_bytes(cast(bytes, blob))

@@ -98,7 +98,7 @@ class MemberWorker:
                 )
             return self.task
         started = time.perf_counter()
-        task = MemberTask(cfg, partition)
+        task = MemberTask(cfg, partition, request.node_config)
         self._restore(task)
         task.startup_seconds = time.perf_counter() - started
         self.idle_timeout = cfg.worker_idle_timeout

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from logging import INFO, WARNING
 from typing import Any
 
@@ -35,27 +35,22 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from torch import nn
 
-from server.final import final_step
+from server.final import OnMembers, final_step
 from server.ledger_grid import LedgerGrid
 from server.report import RunOutput
 from server.roster import Roster
 from server.strategies import PopulationStrategy, RoundReport
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
-from wash_fed.data import ImageData
-from wash_fed.evaluation import accuracy, predict
-from wash_fed.keys import Config, MessageType, Metric, Record, Reply
+from wash_fed.data import ImageData, load_local
+from wash_fed.evaluation import Evaluator, OnData
+from wash_fed.keys import Config, MessageType, Metric, Record, Reply, Split
 from wash_fed.ledger import Ledger
 from wash_fed.metrics import RunMetrics
 from wash_fed.protocol import server_protocol
-from wash_fed.training import (
-    initial_model,
-    load_test_data,
-    load_training_data,
-    new_model,
-    wash_mask,
-)
+from wash_fed.training import initial_model, load_test_data, new_model, wash_mask
 
 app = ServerApp()
 
@@ -86,13 +81,19 @@ def main(grid: Grid, context: Context) -> None:
     )
     roster: Roster | None = None
     try:
-        test = load_test_data(cfg)
-        numels = [p.numel() for p in new_model(cfg, test).parameters()]
+        test = load_test_data(cfg) if cfg.test_on_server else None
+        numels = [p.numel() for p in new_model(cfg).parameters()]
         roster = Roster(cfg, wash_mask(cfg, numels, 1).digest())
         roster.connect(ledger_grid)
         output.write(members={str(p): n for p, n in roster.nodes.items()})
         if cfg.strategy == "fedavg":
-            final, fedavg_bytes = run_fedavg(ledger_grid, cfg, test, output, metrics), None
+            evaluator: Evaluator = (
+                OnData(test, cfg.eval_batch_size)
+                if test is not None
+                else OnMembers(ledger_grid, list(roster.nodes.values()), cfg, Split.TEST)
+            )
+            final = run_fedavg(ledger_grid, cfg, evaluator.accuracy, output, metrics)
+            fedavg_bytes = None
         else:
             final, fedavg_bytes = run_population(
                 ledger_grid, cfg, roster, numels, test, output, metrics
@@ -114,13 +115,13 @@ def run_population(
     cfg: WashFedConfig,
     roster: Roster,
     numels: list[int],
-    test: ImageData,
+    test: ImageData | None,
     output: RunOutput,
     metrics: RunMetrics,
 ) -> tuple[dict[str, Any], int]:
     """WASH, PAPA or independent members through Flower, then the final step. Returns the
     final figures and what FedAvg would have sent."""
-    fedavg_bytes = fedavg_equivalent_bytes(cfg, test, roster.nodes.values())
+    fedavg_bytes = fedavg_equivalent_bytes(cfg, roster.nodes.values())
 
     def on_round(report: RoundReport) -> None:
         output.add_round(round_row(cfg, grid.ledger, report, fedavg_bytes))
@@ -134,15 +135,12 @@ def run_population(
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
     )
-    holdout = load_training_data(cfg).holdout if cfg.soup == "greedy" else None
-    final = final_step(grid, cfg, strategy, test, holdout, output)
-    metrics.observe_final(
-        {
-            "ensemble": final["ensemble"],
-            "member_mean": final["member_mean"],
-            "soup": final["final_accuracy"],
-        }
-    )
+    validation = load_local(cfg.validation_path, cfg.dataset) if cfg.validation_path else None
+    final = final_step(grid, cfg, strategy, test, validation, output)
+    observed = {"member_mean": final["member_mean"], "soup": final["final_accuracy"]}
+    if final["ensemble"] is not None:
+        observed["ensemble"] = final["ensemble"]
+    metrics.observe_final(observed)
     return final, fedavg_bytes
 
 
@@ -196,10 +194,10 @@ def round_row(
     return row
 
 
-def fedavg_equivalent_bytes(cfg: WashFedConfig, test: ImageData, nodes: Collection[int]) -> int:
+def fedavg_equivalent_bytes(cfg: WashFedConfig, nodes: Collection[int]) -> int:
     """What FedAvg would send over the same rounds: each round the full model to every member
     and back, measured as Flower serializes those messages."""
-    state = wire.tensors_to_record(new_model(cfg, test).state_dict())
+    state = wire.tensors_to_record(new_model(cfg).state_dict())
     node = next(iter(nodes))
     down = wire.message(
         node, MessageType.TRAIN, 1, {Config.REPLY: Reply.STATE}, {Record.ARRAYS: state}
@@ -224,12 +222,17 @@ def fedavg_equivalent_bytes(cfg: WashFedConfig, test: ImageData, nodes: Collecti
 
 
 def run_fedavg(
-    grid: LedgerGrid, cfg: WashFedConfig, test: ImageData, output: RunOutput, metrics: RunMetrics
+    grid: LedgerGrid,
+    cfg: WashFedConfig,
+    test_accuracy: Callable[[nn.Module], float],
+    output: RunOutput,
+    metrics: RunMetrics,
 ) -> dict[str, Any]:
     """Flower's FedAvg, unchanged: one global model that every member trains each round.
 
     Per-round figures come through FedAvg's own hooks: ``train_metrics_aggr_fn`` sees the
-    members' metrics, ``evaluate_fn`` (server side, on the test set) closes each round.
+    members' metrics, ``evaluate_fn`` closes each round (evaluating with ``test_accuracy``,
+    on the server's test set or the members').
     """
     started = time.perf_counter()
     round_metrics: list[list[RecordDict]] = []
@@ -245,11 +248,9 @@ def run_fedavg(
         every = cfg.eval_every
         evaluated: dict[str, float] = {}
         if every > 0 and (server_round % every == 0 or server_round == cfg.num_server_rounds):
-            model = new_model(cfg, test)
+            model = new_model(cfg)
             model.load_state_dict(wire.record_to_tensors(arrays))
-            evaluated["test-accuracy"] = accuracy(
-                predict(model, test, cfg.eval_batch_size), test.labels
-            )
+            evaluated[Metric.TEST_ACCURACY] = test_accuracy(model)
         members = {
             int(wire.metric(c, Metric.PARTITION_ID)): {
                 **c.metric_records[Record.METRICS],
@@ -273,16 +274,16 @@ def run_fedavg(
     # Members read everything else from the run config; "reply" asks for the full state.
     result = strategy.start(
         grid=grid,
-        initial_arrays=wire.tensors_to_record(initial_model(cfg, test, 0).state_dict()),
+        initial_arrays=wire.tensors_to_record(initial_model(cfg, 0).state_dict()),
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
         train_config=ConfigRecord({Config.REPLY: Reply.STATE}),
         evaluate_fn=close_round,
     )
-    model = new_model(cfg, test)
+    model = new_model(cfg)
     model.load_state_dict(wire.record_to_tensors(result.arrays))
     output.save_model(model.state_dict())
-    final_accuracy = accuracy(predict(model, test, cfg.eval_batch_size), test.labels)
+    final_accuracy = test_accuracy(model)
     log(INFO, "[fedavg] test accuracy of the global model: %.4f", final_accuracy)
     metrics.observe_final({"global": final_accuracy})
     return {"global_model": final_accuracy, "final_accuracy": final_accuracy}

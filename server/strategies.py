@@ -147,23 +147,27 @@ class PopulationStrategy(Strategy):
 
     # --- the final step -----------------------------------------------------------------
 
-    def collect(self, grid: Grid, timeout: float) -> dict[int, dict[str, Tensor]]:
+    def collect(
+        self, grid: Grid, timeout: float
+    ) -> tuple[dict[int, dict[str, Tensor]], dict[int, dict[str, Any]]]:
         """Deliver what is still due and collect every member's full state dict.
 
-        Returns the state dicts by partition id; members that fail are left out (logged).
+        Returns the state dicts and the reported metrics, by partition id; members that
+        fail are left out (logged).
         """
         final_round = self.cfg.num_server_rounds + 1
         self.missing -= set(self.roster.readmit(grid, self.missing))
         messages = self.messages(MessageType.COLLECT, final_round, {})
         answered, _ = self.split(grid.send_and_receive(messages, timeout=timeout))
         self.deliveries.settle(answered, Exchange({}))
-        states = {}
+        states, metrics = {}, {}
         for partition, content in answered.items():
-            if Record.ARRAYS in content.array_records:
-                states[partition] = wire.record_to_tensors(content.array_records[Record.ARRAYS])
-            else:
+            if Record.ARRAYS not in content.array_records:
                 log(WARNING, "member %d: its collect reply holds no weights", partition)
-        return states
+                continue
+            states[partition] = wire.record_to_tensors(content.array_records[Record.ARRAYS])
+            metrics[partition] = dict(content.metric_records.get(Record.METRICS, MetricRecord()))
+        return states, metrics
 
     # --- helpers ------------------------------------------------------------------------
 

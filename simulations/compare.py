@@ -88,7 +88,7 @@ def comparison_table(runs: Sequence[Mapping[str, Any]]) -> str:
         train = b.get("up.train", 0) + b.get("down.train", 0)
         ratio = f"{b['total'] / reference:.3f}" if reference else "-"
         member_mean = f"{final['member_mean']:.4f}" if "member_mean" in final else "-"
-        ensemble = f"{final['ensemble']:.4f}" if "ensemble" in final else "-"
+        ensemble = f"{final['ensemble']:.4f}" if final.get("ensemble") is not None else "-"
         lines.append(
             f"| {r['label']} | {final.get('final_soup', 'global model')} | "
             f"{final['final_accuracy']:.4f} | {member_mean} | {ensemble} | {train / 1e6:.3f} | "

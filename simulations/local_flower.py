@@ -178,13 +178,20 @@ class FlowerHarness:
         self.certificates = certificates
 
     def start_supernode(
-        self, partition: int, count: int, *, worker_dir: Path | None = None
+        self,
+        partition: int,
+        count: int,
+        *,
+        worker_dir: Path | None = None,
+        extra_node_config: Mapping[str, Any] | None = None,
     ) -> subprocess.Popen[bytes]:
         """SuperNode ``partition`` of ``count`` on a free port. With ``worker_dir``, its
-        member lives in a member worker under ``worker_dir/member-<partition>``."""
-        node_config = f"partition-id={partition} num-partitions={count}"
+        member lives in a member worker under ``worker_dir/member-<partition>``;
+        ``extra_node_config`` adds node config entries (e.g. ``data-path``)."""
+        entries: dict[str, Any] = {"partition-id": partition, "num-partitions": count}
         if worker_dir is not None:
-            node_config += f' worker-dir="{worker_dir / f"member-{partition}"}"'
+            entries["worker-dir"] = str(worker_dir / f"member-{partition}")
+        node_config = run_config_arg({**entries, **(extra_node_config or {})})
         args = [
             str(BIN / "flower-supernode"),
             "--superlink",

@@ -42,7 +42,7 @@ def data_root(tmp_path: Path) -> Path:
 
 def test_a_member_trains_on_cuda(data_root: Path) -> None:
     cfg = WashFedConfig.from_mapping({**SYNTHETIC, "data-root": str(data_root)})
-    member = Member(cfg, 0, load_training_data(cfg), torch.device("cuda"))
+    member = Member(cfg, 0, load_training_data(cfg).member(0), torch.device("cuda"))
     stats = member.train_steps(3)
     assert all(p.is_cuda for p in member.parameters())
     assert stats.steps == 3 and torch.isfinite(torch.tensor(stats.loss))

@@ -75,7 +75,9 @@ def test_every_member_lives_in_a_worker_with_its_own_volume() -> None:
     volumes = []
     for name in SUPERNODES:
         service = services[name]
-        assert "worker-dir='/var/lib/wash-fed/member'" in " ".join(service["command"])
+        command = " ".join(service["command"])
+        assert "worker-dir='/var/lib/wash-fed/member'" in command
+        assert "$${NODE_DATA:-}" in command or "${NODE_DATA:-}" in command  # a node's own data
         assert service["init"] is True  # reaps the worker when it exits with its run
         (own,) = [v for v in service["volumes"] if ":/var/lib/wash-fed" in str(v)]
         volumes.append(str(own).split(":")[0])

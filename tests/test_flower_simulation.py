@@ -15,7 +15,7 @@ from wash_fed.config import WashFedConfig
 from wash_fed.ledger import Ledger
 from wash_fed.population import run_population
 from wash_fed.shuffle import layer_probs
-from wash_fed.training import load_test_data, new_model, wash_mask
+from wash_fed.training import new_model, wash_mask
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,7 @@ def test_wash_run_sends_only_the_masked_values(harness: FlowerHarness, out: Path
     assert len(final["members"]) == MEMBERS and 0.0 <= final["ensemble"] <= 1.0
     assert "Final model:" in result.output and "FedAvg for the same 2 rounds" in result.output
 
-    numels = [p.numel() for p in new_model(cfg, load_test_data(cfg)).parameters()]
+    numels = [p.numel() for p in new_model(cfg).parameters()]
     probs = layer_probs(cfg.shuffle_prob, len(numels), "linear")
     expected = sum(p * n for p, n in zip(probs, numels, strict=True))
     ledger = Ledger.read_csv(run_dir / "ledger.csv")
@@ -102,7 +102,7 @@ def test_wash_run_sends_only_the_masked_values(harness: FlowerHarness, out: Path
 def test_fedavg_run_sends_the_full_model_each_way(harness: FlowerHarness, out: Path) -> None:
     _, results, run_dir = run(harness, out, strategy="fedavg")
     cfg = cfg_of(results)
-    state = new_model(cfg, load_test_data(cfg)).state_dict()
+    state = new_model(cfg).state_dict()
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
     ledger = Ledger.read_csv(run_dir / "ledger.csv")
     train = [e for e in ledger.entries if e.phase == "train"]
@@ -116,7 +116,7 @@ def test_fedavg_run_sends_the_full_model_each_way(harness: FlowerHarness, out: P
 def test_papa_run_averages_every_round(harness: FlowerHarness, out: Path) -> None:
     _, results, run_dir = run(harness, out, strategy="papa", **{"papa-every": 1})
     cfg = cfg_of(results)
-    tensors = list(new_model(cfg, load_test_data(cfg)).parameters())
+    tensors = list(new_model(cfg).parameters())
     params = sum(p.numel() for p in tensors)
     ledger = Ledger.read_csv(run_dir / "ledger.csv")
     ups = [e for e in ledger.entries if e.phase == "train" and e.direction == "up"]

@@ -118,7 +118,7 @@ def test_a_member_applies_each_delivery_once(data: TrainingData) -> None:
     config = WashFedConfig(
         train_subset=600, holdout_size=0, num_members=2, batch_size=32, shuffle_prob=0.3
     )
-    a, b = (Member(config, i, data, torch.device("cpu")) for i in range(2))
+    a, b = (Member(config, i, data.member(i), torch.device("cpu")) for i in range(2))
     a.train_steps(2)
     sent = member_payload(a, "values", 1)
     mask = a.shuffle_mask(1)

@@ -54,22 +54,27 @@ def test_resnet18_cifar_form() -> None:
 
 
 def test_initialisations_differ_or_are_shared(small_data: TrainingData) -> None:
-    a, b = (Member(cfg(init="different"), i, small_data, torch.device("cpu")) for i in range(2))
+    a, b = (
+        Member(cfg(init="different"), i, small_data.member(i), torch.device("cpu"))
+        for i in range(2)
+    )
     assert not torch.equal(a.parameters()[0], b.parameters()[0])
-    c, d = (Member(cfg(init="shared"), i, small_data, torch.device("cpu")) for i in range(2))
+    c, d = (
+        Member(cfg(init="shared"), i, small_data.member(i), torch.device("cpu")) for i in range(2)
+    )
     assert all(torch.equal(x, y) for x, y in zip(c.parameters(), d.parameters(), strict=True))
     assert not np.array_equal(c.stream.next(), d.stream.next())  # own data order
 
 
 def test_member_resumes_bit_for_bit(small_data: TrainingData) -> None:
-    straight = Member(cfg(), 1, small_data, torch.device("cpu"))
+    straight = Member(cfg(), 1, small_data.member(1), torch.device("cpu"))
     straight.train_steps(5)
     straight.train_steps(5)
 
-    first = Member(cfg(), 1, small_data, torch.device("cpu"))
+    first = Member(cfg(), 1, small_data.member(1), torch.device("cpu"))
     first.train_steps(5)
     saved = first.state_dict()
-    resumed = Member(cfg(), 1, small_data, torch.device("cpu"))
+    resumed = Member(cfg(), 1, small_data.member(1), torch.device("cpu"))
     resumed.load_state_dict(saved)
     stats = resumed.train_steps(5)
     assert stats.steps == 5 and stats.examples == 160
@@ -80,7 +85,9 @@ def test_member_resumes_bit_for_bit(small_data: TrainingData) -> None:
 
 
 def test_training_learns_and_refuses_to_run_past_the_schedule(small_data: TrainingData) -> None:
-    member = Member(cfg(lr_schedule="constant", lr=0.05), 0, small_data, torch.device("cpu"))
+    member = Member(
+        cfg(lr_schedule="constant", lr=0.05), 0, small_data.member(0), torch.device("cpu")
+    )
     first = member.train_steps(5)
     for _ in range(3):
         last = member.train_steps(5)
@@ -90,7 +97,9 @@ def test_training_learns_and_refuses_to_run_past_the_schedule(small_data: Traini
 
 
 def test_diverging_training_is_reported(small_data: TrainingData) -> None:
-    member = Member(cfg(lr_schedule="constant", lr=1e6), 0, small_data, torch.device("cpu"))
+    member = Member(
+        cfg(lr_schedule="constant", lr=1e6), 0, small_data.member(0), torch.device("cpu")
+    )
     with pytest.raises(FloatingPointError, match="lower lr"):
         member.train_steps(20)
 

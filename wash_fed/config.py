@@ -62,6 +62,20 @@ class WashFedConfig:
     holdout_size: int = field(
         default=5000, metadata=_doc("training images held out for the greedy soup")
     )
+    validation_path: str = field(
+        default="",
+        metadata=_doc(
+            "Flower: the server picks greedy-soup ingredients on this file or image folder; "
+            "empty: on the members' held-out images"
+        ),
+    )
+    test_on_server: bool = field(
+        default=True,
+        metadata=_doc(
+            "Flower: the server evaluates on its own copy of the test set; false: it needs "
+            "no data, the members evaluate on their own test data"
+        ),
+    )
 
     model: str = field(default="cnn", metadata=_doc("'cnn', 'resnet18' or 'torchvision:<name>'"))
     init: str = field(default="shared", metadata=_doc(f"one of {INITS}: member initialisations"))
@@ -159,8 +173,10 @@ class WashFedConfig:
         _at_least("papa-every", self.papa_every, 1)
         _in_range("papa-rate", self.papa_rate, 0.0, 1.0, closed_high=False)
         _one_of("soup", self.soup, SOUPS)
-        if self.soup == "greedy" and self.holdout_size == 0:
-            raise ConfigError("soup='greedy' needs held-out data: set holdout-size > 0")
+        if self.soup == "greedy" and self.holdout_size == 0 and not self.validation_path:
+            raise ConfigError(
+                "soup='greedy' needs held-out data: set holdout-size > 0 or validation-path"
+            )
         _at_least("bn-batches", self.bn_batches, 1)
         _at_least("eval-batch-size", self.eval_batch_size, 1)
         _at_least("eval-every", self.eval_every, 0)

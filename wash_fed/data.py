@@ -33,6 +33,7 @@ __all__ = [
     "ImageData",
     "Partition",
     "default_root",
+    "load_local",
     "load_split",
     "partition_indices",
     "prepare",
@@ -256,6 +257,66 @@ def _fetch(spec: DatasetSpec, root: Path) -> str:
             f"could not download {spec.name} into {root} ({err}); bring the files yourself{hint}"
         ) from err
     return f"downloaded by torchvision into {root}"
+
+
+def load_local(path: Path | str, dataset: str) -> ImageData:
+    """A node's own labelled images for data set ``dataset``'s task.
+
+    ``path`` is either a tensor file as :func:`prepare` writes it (``{"images": uint8
+    (n, C, H, W), "labels": int64 (n,)}``, saved with ``torch.save``) or an image folder with
+    one sub-folder per class, named by its label (``0``, ``1``, ...), of PNG or JPEG files.
+    The images must have the data set's channels and size and the labels its classes; the
+    data set's normalisation applies. Every problem is an error naming the path.
+    """
+    spec = _spec(dataset)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        images, labels = _image_folder(path, spec)
+    elif path.is_file():
+        try:
+            saved = torch.load(path, weights_only=True)
+            images, labels = saved["images"], saved["labels"]
+        except Exception as err:
+            raise ValueError(
+                f"{path}: not a tensor file of images and labels ({type(err).__name__}: {err})"
+            ) from None
+    else:
+        raise DatasetNotFoundError(f"the node's data {path} does not exist")
+    expected = (spec.channels, *spec.image_size)
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"{path}: images must be a uint8 tensor (n, C, H, W)")
+    if tuple(images.shape[1:]) != expected:
+        raise ValueError(
+            f"{path}: images of shape {tuple(images.shape[1:])}; {dataset} needs {expected}"
+        )
+    if not isinstance(labels, Tensor) or labels.shape != (len(images),) or not len(images):
+        raise ValueError(f"{path}: needs one label per image and at least one image")
+    labels = labels.long()
+    if int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes:
+        raise ValueError(f"{path}: labels must be in 0..{spec.num_classes - 1} for {dataset}")
+    return ImageData(images.contiguous(), labels, spec.mean, spec.std, spec.num_classes)
+
+
+def _image_folder(path: Path, spec: DatasetSpec) -> tuple[Tensor, Tensor]:
+    """Decode an image folder (one sub-folder per class, named by its label) with Pillow."""
+    from PIL import Image
+
+    mode = "L" if spec.channels == 1 else "RGB"
+    images, labels = [], []
+    for folder in sorted(p for p in path.iterdir() if p.is_dir()):
+        if not folder.name.isdigit():
+            raise ValueError(f"{folder}: class folders must be named by their label (0, 1, ...)")
+        for file in sorted(f for f in folder.iterdir() if f.is_file()):
+            with Image.open(file) as image:
+                pixels = np.asarray(image.convert(mode), dtype=np.uint8)
+            images.append(torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1).copy()))
+            labels.append(int(folder.name))
+    if not images:
+        raise ValueError(f"{path}: no images in class folders named by their label")
+    sizes = {tuple(i.shape) for i in images}
+    if len(sizes) > 1:
+        raise ValueError(f"{path}: images of different shapes {sorted(sizes)[:3]}")
+    return torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
 
 
 def write_synthetic(

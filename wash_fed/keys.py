@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
-__all__ = ["Config", "Info", "MessageType", "Metric", "NodeConfig", "Record", "Reply"]
+__all__ = ["Config", "Info", "MessageType", "Metric", "NodeConfig", "Record", "Reply", "Split"]
 
 
 class MessageType:
@@ -57,6 +57,16 @@ class Config:
     """True: the member also reports its test accuracy this round."""
     DELIVERY_EVENT: Final = "delivery-event"
     """The round whose exchange produced the delivery (``values`` or ``mean``) in the message."""
+    SPLIT: Final = "split"
+    """``evaluate``: on which of its data the member evaluates, one of :class:`Split`."""
+
+
+class Split:
+    """A member's evaluation data."""
+
+    TEST: Final = "test"
+    HOLDOUT: Final = "holdout"
+    """Its held-out training images (greedy-soup ingredients)."""
 
 
 class Reply:
@@ -114,3 +124,8 @@ class NodeConfig:
     NUM_PARTITIONS: Final = "num-partitions"
     WORKER_DIR: Final = "worker-dir"
     """Where this node's member worker keeps its socket and checkpoints; unset: no worker."""
+    DATA_PATH: Final = "data-path"
+    """This node's own training data (a tensor file or an image folder); unset: its
+    partition of the run's data set."""
+    TEST_DATA_PATH: Final = "test-data-path"
+    """This node's own test data, with ``data-path``; unset: it evaluates nothing."""

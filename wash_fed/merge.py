@@ -1,9 +1,9 @@
 """The final step of a run: evaluate the members and their ensemble, build the soups,
 recalibrate BatchNorm, evaluate the soups, and pick the final model.
 
-Framework-free: where the BatchNorm statistics come from is the caller's business (the
-population trainer computes them in process, the Flower server asks the members), passed
-in as ``bn_statistics_of``.
+Framework-free: where the test and held-out data and the BatchNorm statistics come from is
+the caller's business (the population trainer has them in process, the Flower server may
+ask the members), passed in as an evaluator and callables.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from wash_fed.batchnorm import BNStatistics, load_bn_statistics
-from wash_fed.data import ImageData
-from wash_fed.evaluation import accuracy, evaluate_population, predict
+from wash_fed.evaluation import Evaluator
 from wash_fed.soup import greedy_soup, uniform_soup
 
 __all__ = ["MergeResult", "merge_population"]
@@ -28,7 +27,8 @@ class MergeResult:
     """Test accuracies of everything the final step built, and the final model's weights."""
 
     members: list[float]
-    ensemble: float
+    ensemble: float | None
+    """The output ensemble's accuracy (``None``: not evaluated, e.g. no server test set)."""
     soups: dict[str, float]
     """Test accuracy per soup: ``uniform``, ``uniform+bn``, ``greedy``, ``greedy+bn``."""
     final_soup: str
@@ -55,18 +55,18 @@ class MergeResult:
 def merge_population(
     state_dicts: Sequence[StateDict],
     new_model: Callable[[], nn.Module],
-    test: ImageData,
+    test: Evaluator,
     *,
-    batch_size: int,
     bn_statistics_of: Callable[[StateDict], BNStatistics] | None,
-    holdout: ImageData | None,
+    holdout: Callable[[nn.Module], float] | None,
     final_soup: str,
 ) -> MergeResult:
     """Evaluate and merge a trained population.
 
     ``new_model()`` returns a model of the members' architecture (on the device to use).
-    ``bn_statistics_of(soup)`` returns BatchNorm statistics of the soup on training data;
-    ``None`` skips recalibration. ``holdout`` enables the greedy soup. ``final_soup`` is
+    ``test`` evaluates members, their ensemble and the soups. ``bn_statistics_of(soup)``
+    returns BatchNorm statistics of the soup on training data; ``None`` skips recalibration.
+    ``holdout(model)`` (accuracy on held-out data) enables the greedy soup. ``final_soup`` is
     ``"uniform"`` or ``"greedy"``; the recalibrated variant is final when recalibration runs.
     """
     models = []
@@ -74,18 +74,14 @@ def merge_population(
         m = new_model()
         m.load_state_dict(sd)
         models.append(m)
-    population = evaluate_population(models, test, batch_size)
+    population = test.population(models)
     probe = new_model()
-    labels = test.labels.cpu()
 
     def load(sd: StateDict, recalibrate: bool) -> nn.Module:
         probe.load_state_dict(sd)
         if recalibrate and bn_statistics_of is not None:
             load_bn_statistics(probe, bn_statistics_of(sd))
         return probe
-
-    def test_accuracy(sd: StateDict, recalibrate: bool) -> float:
-        return accuracy(predict(load(sd, recalibrate), test, batch_size), labels)
 
     variants = [False, True] if bn_statistics_of is not None else [False]
     soups: dict[str, float] = {}
@@ -94,19 +90,18 @@ def merge_population(
     uniform = uniform_soup(state_dicts)
     for recal in variants:
         name = "uniform+bn" if recal else "uniform"
-        soups[name] = test_accuracy(uniform, recal)
+        soups[name] = test.accuracy(load(uniform, recal))
         finals[name] = {k: v.detach().clone() for k, v in probe.state_dict().items()}
     if holdout is not None:
-        holdout_labels = holdout.labels.cpu()
         for recal in variants:
             name = "greedy+bn" if recal else "greedy"
 
             def score(sd: StateDict, recal: bool = recal) -> float:
-                return accuracy(predict(load(sd, recal), holdout, batch_size), holdout_labels)
+                return holdout(load(sd, recal))
 
             greedy = greedy_soup(state_dicts, score)
             ingredients[name] = greedy.ingredients
-            soups[name] = test_accuracy(greedy.state_dict, recal)
+            soups[name] = test.accuracy(load(greedy.state_dict, recal))
             finals[name] = {k: v.detach().clone() for k, v in probe.state_dict().items()}
     final = final_soup + ("+bn" if bn_statistics_of is not None else "")
     if final not in finals:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from wash_fed.batchnorm import BNStatistics, merge_bn_statistics
 from wash_fed.config import ConfigError, WashFedConfig
 from wash_fed.data import DatasetNotFoundError, ImageData
-from wash_fed.evaluation import accuracy, predict
+from wash_fed.evaluation import OnData, accuracy, predict
 from wash_fed.ledger import Ledger
 from wash_fed.merge import merge_population
 from wash_fed.protocol import (
@@ -124,7 +124,7 @@ def _evaluate_progress(members: list[Member], test: ImageData, batch_size: int) 
 
 def build_like(member: Member) -> nn.Module:
     """A fresh model of ``member``'s architecture on its device."""
-    return new_model(member.cfg, member.train_data).to(member.device)
+    return new_model(member.cfg).to(member.device)
 
 
 def run_population(
@@ -148,7 +148,7 @@ def run_population(
     data = TrainingData(data.train.to(device), data.partitions, data.holdout)
     test = test or load_test_data(cfg)
     configure_torch(cfg)
-    members = [Member(cfg, i, data, device) for i in range(cfg.num_members)]
+    members = [Member(cfg, i, data.member(i), device) for i in range(cfg.num_members)]
     numels = [p.numel() for p in members[0].parameters()]
     server = server_protocol(cfg, range(cfg.num_members), numels)
     deliveries = Deliveries()
@@ -213,13 +213,13 @@ def run_population(
             )
         return merge_bn_statistics(parts)
 
+    holdout = data.holdout if cfg.soup == "greedy" else None  # the members' shares, together
     merge = merge_population(
         state_dicts,
         lambda: build_like(members[0]),
-        test,
-        batch_size=cfg.eval_batch_size,
+        OnData(test, cfg.eval_batch_size),
         bn_statistics_of=bn_statistics_of if cfg.bn_recalibration else None,
-        holdout=data.holdout if cfg.soup == "greedy" else None,
+        holdout=OnData(holdout, cfg.eval_batch_size).accuracy if holdout else None,
         final_soup=cfg.soup,
     )
     model_bytes = payload_bytes(state_dicts[0])

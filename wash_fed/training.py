@@ -22,12 +22,20 @@ from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LRScheduler,
 
 from wash_fed.batchnorm import BNStatistics, bn_statistics
 from wash_fed.config import WashFedConfig
-from wash_fed.data import BatchStream, ImageData, load_split, partition_indices
+from wash_fed.data import (
+    DATASETS,
+    BatchStream,
+    ImageData,
+    load_local,
+    load_split,
+    partition_indices,
+)
 from wash_fed.models import build_model
 from wash_fed.shuffle import ShuffleMask, event_mask, layer_probs
 
 __all__ = [
     "Member",
+    "MemberData",
     "TrainStats",
     "TrainingData",
     "configure_torch",
@@ -35,8 +43,10 @@ __all__ = [
     "initial_model",
     "load_test_data",
     "load_training_data",
+    "local_member_data",
     "new_model",
     "resolve_device",
+    "shared_member_data",
     "wash_mask",
 ]
 
@@ -79,15 +89,30 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass(frozen=True)
 class TrainingData:
-    """The training images and how they are split, identical in every process of a run.
+    """The shared data set as the run splits it, identical in every process of a run.
 
     ``partitions[i]`` indexes member ``i``'s examples in ``train``; ``holdout`` is disjoint
-    from every partition (used to pick greedy-soup ingredients), ``None`` if empty.
+    from every partition (to pick greedy-soup ingredients), ``None`` if empty; member ``i``
+    holds every ``num-members``-th image of it.
     """
 
     train: ImageData
     partitions: list[np.ndarray]
     holdout: ImageData | None
+
+    def member(self, index: int) -> ImageData:
+        """Member ``index``'s training examples (``train`` itself when it gets them all)."""
+        part = self.partitions[index]
+        if len(part) == len(self.train) and np.array_equal(part, np.arange(len(part))):
+            return self.train
+        return self.train.subset(part)
+
+    def member_holdout(self, index: int) -> ImageData | None:
+        """Member ``index``'s share of the held-out images; the shares partition them."""
+        if self.holdout is None:
+            return None
+        shares = len(self.partitions)
+        return self.holdout.subset(np.arange(index, len(self.holdout), shares))
 
 
 def load_training_data(cfg: WashFedConfig) -> TrainingData:
@@ -110,13 +135,17 @@ def load_training_data(cfg: WashFedConfig) -> TrainingData:
         seed=derive_seed(cfg.seed, _PARTITION) % 2**32,
     )
     for i, part in enumerate(partitions):
-        if len(part) < cfg.batch_size:
-            raise ValueError(
-                f"member {i} gets {len(part)} training images, fewer than batch-size="
-                f"{cfg.batch_size}; use a larger data set, fewer members or another partition"
-            )
+        _check_enough(f"member {i} gets", len(part), cfg)
     holdout = full.subset(holdout_idx) if cfg.holdout_size else None
     return TrainingData(train, partitions, holdout)
+
+
+def _check_enough(who: str, examples: int, cfg: WashFedConfig) -> None:
+    if examples < cfg.batch_size:
+        raise ValueError(
+            f"{who} {examples} training images, fewer than batch-size={cfg.batch_size}; use "
+            "more data, fewer members or another partition"
+        )
 
 
 def load_test_data(cfg: WashFedConfig) -> ImageData:
@@ -126,19 +155,53 @@ def load_test_data(cfg: WashFedConfig) -> ImageData:
     return test
 
 
-def new_model(cfg: WashFedConfig, data: ImageData) -> nn.Module:
-    """A model of the configured architecture for ``data``'s images and classes."""
-    size = (int(data.images.shape[2]), int(data.images.shape[3]))
-    return build_model(cfg.model, data.num_classes, data.channels, size)
+@dataclass(frozen=True)
+class MemberData:
+    """What one member trains on, picks soup ingredients on, and is tested on."""
+
+    train: ImageData
+    holdout: ImageData | None
+    """Its held-out images for the greedy soup (``None``: none)."""
+    test: ImageData | None
+    """Its test images (``None``: it evaluates nothing)."""
 
 
-def initial_model(cfg: WashFedConfig, data: ImageData, member: int) -> nn.Module:
+def shared_member_data(cfg: WashFedConfig, index: int, data: TrainingData) -> MemberData:
+    """Member ``index``'s part of the shared data set (``partition``), and its test set."""
+    return MemberData(data.member(index), data.member_holdout(index), load_test_data(cfg))
+
+
+def local_member_data(
+    cfg: WashFedConfig, index: int, data_path: str, test_path: str | None
+) -> MemberData:
+    """A node's own data (:func:`wash_fed.data.load_local`): ``train-subset`` applies, and
+    ``holdout-size / num-members`` of its images are held out for the greedy soup."""
+    own = load_local(data_path, cfg.dataset)
+    if cfg.train_subset:
+        own = own.subset(np.arange(min(cfg.train_subset, len(own))))
+    share = -(-cfg.holdout_size // cfg.num_members)  # ceil
+    rng = np.random.Generator(np.random.Philox(derive_seed(cfg.seed, _HOLDOUT, index)))
+    order = rng.permutation(len(own))
+    holdout = own.subset(np.sort(order[:share])) if share else None
+    train = own.subset(np.sort(order[share:]))
+    _check_enough(f"the node's data {data_path} leaves", len(train), cfg)
+    test = load_local(test_path, cfg.dataset) if test_path else None
+    return MemberData(train, holdout, test)
+
+
+def new_model(cfg: WashFedConfig) -> nn.Module:
+    """A model of the configured architecture for the data set's images and classes."""
+    spec = DATASETS[cfg.dataset]
+    return build_model(cfg.model, spec.num_classes, spec.channels, spec.image_size)
+
+
+def initial_model(cfg: WashFedConfig, member: int) -> nn.Module:
     """Member ``member``'s initial model: drawn from its own seed (``init='different'``) or
     from the run's (``'shared'``); the global torch RNG is left alone."""
     key = (cfg.seed, _INIT) if cfg.init == "shared" else (cfg.seed, _INIT, member)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(*key))
-        return new_model(cfg, data)
+        return new_model(cfg)
 
 
 @dataclass(frozen=True)
@@ -164,21 +227,22 @@ def _scheduler(cfg: WashFedConfig, optimizer: torch.optim.Optimizer) -> LRSchedu
 
 
 class Member:
-    """Member ``index`` of the population described by ``cfg``.
+    """Member ``index`` of the population described by ``cfg``, training on ``data`` (its own
+    examples).
 
     Initialisation: ``init='different'`` draws each member's weights from its own seed,
-    ``'shared'`` gives every member the same weights. Each member reads its partition in its
-    own order.
+    ``'shared'`` gives every member the same weights. Each member reads its data in its own
+    order.
     """
 
     def __init__(
-        self, cfg: WashFedConfig, index: int, data: TrainingData, device: torch.device
+        self, cfg: WashFedConfig, index: int, data: ImageData, device: torch.device
     ) -> None:
         if not 0 <= index < cfg.num_members:
             raise ValueError(f"member index {index} out of range for num-members={cfg.num_members}")
         self.cfg, self.index, self.device = cfg, index, device
-        self.train_data = data.train.to(device)
-        self.model = initial_model(cfg, data.train, index).to(device)
+        self.train_data = data.to(device)
+        self.model = initial_model(cfg, index).to(device)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
             lr=cfg.lr,
@@ -187,7 +251,7 @@ class Member:
         )
         self.scheduler = _scheduler(cfg, self.optimizer)
         self.stream = BatchStream(
-            data.partitions[index], cfg.batch_size, seed=derive_seed(cfg.seed, _DATA_ORDER, index)
+            np.arange(len(data)), cfg.batch_size, seed=derive_seed(cfg.seed, _DATA_ORDER, index)
         )
         self.steps_done = 0
         self.applied_event = 0
