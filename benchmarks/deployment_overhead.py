@@ -13,9 +13,12 @@ Runtimes:
 * ``simulation``: the same work through ``flwr run`` against a simulation SuperLink (Ray
   actors), for reference.
 
-Every runtime polls as fast as this project lets it (server 0.2 s, SuperExec 0.1 s) and
-reads the data set from the tensor file ``prepare`` writes. Models: the small CNN on
-Fashion-MNIST, and ResNet-18 (CIFAR form, 11 M parameters) on synthetic 32x32 images.
+Every runtime polls as fast as this project lets it (server 0.2 s, SuperExec 0.1 s), reads
+the data set from the tensor file ``prepare`` writes, and gives each member one thread
+(``OMP_NUM_THREADS=1``, as Ray does for simulation actors: four members share two cores
+here). Models: the small CNN on Fashion-MNIST, and ResNet-18 (CIFAR form, 11 M parameters)
+on synthetic 32x32 images. It also times what Flower itself costs every message whatever
+the runtime: starting a ``flwr-clientapp`` process (its imports).
 
     python benchmarks/deployment_overhead.py [--rounds 8] [--supernodes 4] [--models cnn,resnet18]
 """
@@ -25,16 +28,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulations.local_flower import TINY_RUN, FlowerHarness
+from simulations.local_flower import PROJECT, TINY_RUN, FlowerHarness
 from wash_fed.data import write_synthetic
 from wash_fed.keys import Metric
 
 RUNTIMES = ("process per message", "worker", "simulation")
+ROUND_TIMEOUT = 120.0
+"""Seconds a round waits for its members: a runtime that loses members shows it as fewer
+members answering, at a bounded cost."""
 
 
 @dataclass(frozen=True)
@@ -72,11 +81,13 @@ def measure(runtime: str, workload: Workload, rounds: int, supernodes: int) -> d
         home = Path(tmp)
         harness = FlowerHarness(home)
         harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"
+        harness.env["OMP_NUM_THREADS"] = "1"
         config: dict[str, Any] = {
             **TINY_RUN,
             **workload.run_config,
             "num-members": supernodes,
             "num-server-rounds": rounds,
+            "round-timeout": ROUND_TIMEOUT,
             "output-dir": str(home / "runs"),
         }
         if workload.synthetic:
@@ -98,11 +109,12 @@ def measure(runtime: str, workload: Workload, rounds: int, supernodes: int) -> d
             rows = json.loads((run_dir / "results.json").read_text())["rounds"]
         finally:
             harness.close()
-    return summarize(rows)
+    return summarize(rows, supernodes)
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Medians over the rounds after the first (which also starts every member)."""
+def summarize(rows: list[dict[str, Any]], members: int) -> dict[str, float]:
+    """The share of members answering a round, and medians over the rounds after the first
+    (which also starts every member)."""
     steady = rows[1:] or rows
 
     def slowest(row: dict[str, Any], key: str) -> float:
@@ -112,6 +124,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
         return statistics.median(slowest(r, key) for r in steady)
 
     return {
+        "answered": statistics.mean(r["answered"] for r in rows) / members,
         "round": statistics.median(r["seconds"] for r in steady),
         "train": median_of(Metric.TRAIN_SECONDS),
         "restore": median_of(Metric.RESTORE_SECONDS),
@@ -124,7 +137,31 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-COLUMNS = ["round", "train", "restore", "handler", "checkpoint", "overhead", "first_round"]
+def clientapp_start_seconds(repeats: int = 5) -> float:
+    """Median wall time of a fresh interpreter importing what ``flwr-clientapp`` imports
+    before it runs a handler (its runtime module, then this app's ClientApp)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-c", "import flwr.supernode.runtime.run_clientapp, client.app"],
+            check=True,
+            cwd=PROJECT,
+        )
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+COLUMNS = [
+    "answered",
+    "round",
+    "train",
+    "restore",
+    "handler",
+    "checkpoint",
+    "overhead",
+    "first_round",
+]
 
 
 def main() -> None:
@@ -149,12 +186,17 @@ def main() -> None:
         f"medians over rounds 2..{args.rounds} (slowest member per round)"
     )
     print(
-        "| model | runtime | round | training | restore | handler | checkpoint | overhead "
-        "| first round |"
+        "| model | runtime | members answering | round | training | restore | handler "
+        "| checkpoint | overhead | first round |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for (model, runtime), r in results.items():
         print(f"| {model} | {runtime} | " + " | ".join(f"{r[c]:.2f}" for c in COLUMNS) + " |")
+    print(
+        f"\nFlower's own cost per message, any runtime: starting flwr-clientapp (imports) "
+        f"{clientapp_start_seconds():.2f} s; the SuperNode waits a fixed 3 s between checks "
+        "for new messages (flwr 1.42, supernode/start_client_internal.py)"
+    )
     for model in args.models.split(","):
         old, new = results.get((model, "process per message")), results.get((model, "worker"))
         if old and new:
