@@ -36,14 +36,19 @@ $(VENV)/.installed: pyproject.toml
 
 # Debian packages, installed when missing and the machine has apt and we are root:
 # Fashion-MNIST's files (no internet needed beyond the package mirror; elsewhere torchvision
-# downloads them), and for the tests a real Prometheus and a compose implementation.
+# downloads them), and for the tests a real Prometheus, a compose implementation, nginx (the
+# compose stack's proxy), openssl and ssh-keygen (the key scripts). Packages are installed
+# without starting their services (policy-rc.d): the tests run their own instances.
 APT_RUN := dataset-fashion-mnist
-APT_TEST := prometheus docker-compose
+APT_TEST := prometheus docker-compose nginx-light openssl openssh-client
 
 define apt_install
 	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d; \
+	      trap 'rm -f /usr/sbin/policy-rc.d' EXIT; fi; \
 	    apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
 	  else echo "note: missing Debian packages:$$missing"; fi; fi
 endef
@@ -58,8 +63,11 @@ federation: install
 	flwr federation simulation-config @none/default local --num-supernodes $(SUPERNODES) \
 	  --client-resources-num-cpus $(CPUS_PER_CLIENT) --client-resources-num-gpus $(GPUS_PER_CLIENT)
 
+# The launcher checks the run configuration first and exits non-zero unless the run
+# finished completed (`flwr run` itself exits 0 whatever became of the run).
+RUN_CONFIG ?=
 run: data federation
-	flwr run . --stream
+	$(PY) -m simulations.launch --run-config "$(RUN_CONFIG)"
 
 # `flwr run` leaves Flower's local SuperLink running in the background, with the environment
 # of the run that started it (Flower 1.42 has no command to stop it); stop it after

@@ -12,13 +12,22 @@ Message types and what the member does are in :mod:`wash_fed.keys` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import worker_link
-from wash_fed.keys import NodeConfig
+from wash_fed.keys import MessageType, NodeConfig
 
-app = ClientApp()
+MEMBER_MESSAGES = (
+    MessageType.HELLO,
+    MessageType.TRAIN,
+    MessageType.COLLECT,
+    MessageType.BN_STATISTICS,
+    MessageType.EVALUATE,
+    MessageType.END,
+)
 
 
 def _respond(msg: Message, context: Context) -> Message:
@@ -42,31 +51,16 @@ def _respond(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.query("hello")
-def hello(msg: Message, context: Context) -> Message:
-    return _respond(msg, context)
+def member_app(respond: Callable[[Message, Context], Message]) -> ClientApp:
+    """A ClientApp that answers every message type of the member protocol with
+    ``respond`` (``<category>.<action>`` routes to Flower's ``train``, ``evaluate`` and
+    ``query`` registrations)."""
+    member = ClientApp()
+    for message_type in MEMBER_MESSAGES:
+        category, _, action = message_type.partition(".")
+        register = getattr(member, category)
+        register(*([action] if action else []))(respond)
+    return member
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    return _respond(msg, context)
-
-
-@app.query("collect")
-def collect(msg: Message, context: Context) -> Message:
-    return _respond(msg, context)
-
-
-@app.query("bn_statistics")
-def bn_statistics(msg: Message, context: Context) -> Message:
-    return _respond(msg, context)
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    return _respond(msg, context)
-
-
-@app.query("end")
-def end(msg: Message, context: Context) -> Message:
-    return _respond(msg, context)
+app = member_app(_respond)

@@ -12,11 +12,13 @@ import functools
 import io
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, cast
 
 import torch
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
+from client.checkpoints import MemberCheckpoints
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.data import ImageData
@@ -93,7 +95,11 @@ class MemberTask:
     """
 
     def __init__(
-        self, cfg: WashFedConfig, partition_id: int, node_config: Mapping[str, Any]
+        self,
+        cfg: WashFedConfig,
+        partition_id: int,
+        node_config: Mapping[str, Any],
+        checkpoints: MemberCheckpoints | None = None,
     ) -> None:
         configure_torch(cfg)
         device = resolve_device(cfg.device)
@@ -105,6 +111,7 @@ class MemberTask:
             str(node_config.get(NodeConfig.TEST_DATA_PATH, "")),
         )
         self.member = Member(cfg, partition_id, self.data.train, device)
+        self.checkpoints = checkpoints
         self.resumed = False
         self.startup_seconds = 0.0
         self._handlers: dict[str, Callable[[RecordDict], tuple[dict[str, Any], RecordDict]]] = {
@@ -123,6 +130,21 @@ class MemberTask:
             raise ValueError(f"no handler for message type {message_type!r}")
         started = time.perf_counter()
         metrics, reply = handler(content)
+        if self.checkpoints is not None and message_type in (
+            MessageType.TRAIN,
+            MessageType.COLLECT,
+        ):
+            saving = time.perf_counter()
+            config = content.config_records[Record.CONFIG]
+            server_round = int(cast(int, config[Config.SERVER_ROUND]))
+            keep_from = config.get(Config.CHECKPOINTED_ROUND)
+            self.checkpoints.save(
+                self.member,
+                self.cfg,
+                server_round,
+                None if keep_from is None else int(cast(int, keep_from)),
+            )
+            metrics[Metric.CHECKPOINT_SECONDS] = time.perf_counter() - saving
         metrics |= {
             Metric.PARTITION_ID: self.member.index,
             Metric.RESTORE_SECONDS: self.startup_seconds,
@@ -135,7 +157,15 @@ class MemberTask:
     # --- handlers: (metrics, other records of the reply) ---------------------------------
 
     def hello(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
-        """Check configuration and data before training; report identity and first mask."""
+        """Check configuration and data before training; report identity and first mask.
+        In a resumed run, a member not yet restored continues from its checkpoint."""
+        config = content.config_records[Record.CONFIG]
+        resumed_round = 0
+        if Config.RESUME_RUN in config and not self.resumed:
+            resumed_round = self._continue(
+                int(cast(int, config[Config.RESUME_RUN])),
+                int(cast(int, config[Config.RESUME_ROUND])),
+            )
         mask = self.member.shuffle_mask(1)
         info = ConfigRecord(
             {
@@ -147,9 +177,12 @@ class MemberTask:
         )
         metrics = {
             Metric.NUM_EXAMPLES: len(self.member.stream.indices),
+            Metric.TEST_EXAMPLES: len(self.data.test) if self.data.test is not None else 0,
+            Metric.HOLDOUT_EXAMPLES: len(self.data.holdout) if self.data.holdout else 0,
             Metric.MASK_SIZE: mask.num_selected,
             Metric.STEPS_DONE: self.member.steps_done,
             Metric.APPLIED_EVENT: self.member.applied_event,
+            Metric.RESUMED_ROUND: resumed_round,
         }
         return metrics, RecordDict({Record.INFO: info})
 
@@ -211,8 +244,43 @@ class MemberTask:
         return {Metric.ACCURACY: acc, Metric.NUM_EXAMPLES: len(data)}, RecordDict()
 
     def end(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
-        """The run is over (the worker acts on it; the member has nothing left to do)."""
+        """The run is over. Unless it can be resumed (it did not complete), its checkpoints
+        and those of the runs it continued are removed."""
+        config = content.config_records[Record.CONFIG]
+        if self.checkpoints is not None and not config.get(Config.KEEP_CHECKPOINTS, False):
+            self.checkpoints.remove()
+            for run in cast(list[int], config.get(Config.EARLIER_RUNS, [])):
+                self.checkpoints.sibling(int(run)).remove()
         return {Metric.STEPS_DONE: self.member.steps_done}, RecordDict()
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def restore_own(self) -> None:
+        """Continue from this run's newest checkpoint, when there is one (a restarted worker
+        or SuperNode)."""
+        if self.checkpoints is None:
+            return
+        saved = self.checkpoints.restore(self.member, self.cfg)
+        if saved is not None:
+            self.resumed = True
+            print(f"member {self.member.index} resumed at round {saved}", flush=True)
+
+    def _continue(self, run_id: int, at_most: int) -> int:
+        """Load the newest checkpoint of run ``run_id`` of a round ``<= at_most``."""
+        if self.checkpoints is None:
+            raise ValueError(
+                f"member {self.member.index} keeps no checkpoints (member-checkpoints is '' "
+                "and the node has no worker-dir): it cannot continue a run"
+            )
+        earlier = self.checkpoints.sibling(run_id)
+        saved = earlier.restore(self.member, self.cfg, at_most=at_most)
+        if saved is None:
+            raise ValueError(
+                f"member {self.member.index} has no checkpoint of run {run_id} at or before "
+                f"round {at_most} in {earlier.directory}"
+            )
+        self.resumed = True
+        return saved
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -241,15 +309,26 @@ class MemberTask:
 
 
 def handle_in_process(message_type: str, content: RecordDict, context: Context) -> RecordDict:
-    """Run one message in this process: restore the member from ``context.state``, handle
-    the message, save the member back."""
+    """Run one message in this process: restore the member from ``context.state`` (or, in
+    a fresh process, its checkpoint on disk), handle the message, save the member back."""
     started = time.perf_counter()
     cfg = WashFedConfig.from_mapping(context.run_config)
-    task = MemberTask(cfg, member_identity(context.node_config, cfg), context.node_config)
+    partition = member_identity(context.node_config, cfg)
+    checkpoints = (
+        MemberCheckpoints.of_run(
+            Path(cfg.member_checkpoints) / f"member-{partition}", context.run_id
+        )
+        if cfg.member_checkpoints
+        else None
+    )
+    task = MemberTask(cfg, partition, context.node_config, checkpoints)
     if _STATE_KEY in context.state:
         blob = context.state.config_records[_STATE_KEY]["state"]
         task.load_state_bytes(cast(bytes, blob))
+        task.resumed = bool(context.state.config_records[_STATE_KEY]["resumed"])
+    else:
+        task.restore_own()
     task.startup_seconds = time.perf_counter() - started
     reply = task.handle(message_type, content)
-    context.state[_STATE_KEY] = ConfigRecord({"state": task.state_bytes()})
+    context.state[_STATE_KEY] = ConfigRecord({"state": task.state_bytes(), "resumed": task.resumed})
     return reply

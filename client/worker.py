@@ -2,14 +2,15 @@
 
 It keeps the member -- model, optimizer, schedule, data position (on the GPU when there is
 one) -- in memory across every message of a run, so a round costs its training and little
-else, and it checkpoints the member to node-local disk after every round (atomically:
-written aside, then renamed). A worker that is restarted for the same run and partition
-continues from that checkpoint.
+else, and it checkpoints the member to node-local disk after every round
+(:mod:`client.checkpoints`). A worker that is restarted for the same run and partition
+continues from its newest checkpoint.
 
 Lifetime: the ClientApp starts it on the node's first message of a run
 (:func:`client.worker_link.forward`); it ends after the run's ``query.end`` message
-(removing its checkpoint), or after ``worker-idle-timeout`` seconds without a message.
-It listens on a Unix socket in a folder only its user can enter.
+(removing its checkpoints unless the run can be resumed), or after
+``worker-idle-timeout`` seconds without a message. It listens on a Unix socket in a folder
+only its user can enter.
 
     python -m client.worker --dir <worker-dir>/run-<run id> --run-id <run id>
 """
@@ -23,12 +24,11 @@ import threading
 import time
 from concurrent import futures
 from pathlib import Path
-from typing import Any
 
 import grpc
-import torch
 from flwr.app import RecordDict
 
+from client.checkpoints import MemberCheckpoints
 from client.task import MemberTask, member_identity
 from client.worker_link import (
     CHANNEL_OPTIONS,
@@ -45,7 +45,6 @@ __all__ = ["MemberWorker", "main"]
 
 FIRST_MESSAGE_TIMEOUT = 120.0
 """Seconds a new worker waits for its first message (its starter sends it at once)."""
-CHECKPOINT = "member.pt"
 
 
 class MemberWorker:
@@ -77,12 +76,7 @@ class MemberWorker:
         reply = task.handle(request.message_type, request.content)
         metrics = reply.metric_records[Record.METRICS]
         metrics[Metric.WORKER_PID] = os.getpid()
-        if request.message_type in (MessageType.TRAIN, MessageType.COLLECT):
-            started = time.perf_counter()
-            self._checkpoint(task)
-            metrics[Metric.CHECKPOINT_SECONDS] = time.perf_counter() - started
         if request.message_type == MessageType.END:
-            (self.directory / CHECKPOINT).unlink(missing_ok=True)
             self.finished.set()
         return reply
 
@@ -98,43 +92,12 @@ class MemberWorker:
                 )
             return self.task
         started = time.perf_counter()
-        task = MemberTask(cfg, partition, request.node_config)
-        self._restore(task)
+        task = MemberTask(cfg, partition, request.node_config, MemberCheckpoints(self.directory))
+        task.restore_own()
         task.startup_seconds = time.perf_counter() - started
         self.idle_timeout = cfg.worker_idle_timeout
         self.task = task
         return task
-
-    def _restore(self, task: MemberTask) -> None:
-        path = self.directory / CHECKPOINT
-        if not path.is_file():
-            return
-        saved: dict[str, Any] = torch.load(path, map_location=task.member.device)
-        if (saved["partition"], saved["config"]) != (task.member.index, task.cfg.to_mapping()):
-            raise ValueError(
-                f"the checkpoint {path} is of member {saved['partition']} with another "
-                "configuration; remove it to start this member afresh"
-            )
-        task.member.load_state_dict(saved["member"])
-        torch.set_rng_state(saved["rng"])
-        task.resumed = True
-        print(f"member {task.member.index} resumed at step {task.member.steps_done}", flush=True)
-
-    def _checkpoint(self, task: MemberTask) -> None:
-        """Write the member to ``member.pt`` atomically (aside, flushed, renamed)."""
-        path = self.directory / CHECKPOINT
-        tmp = path.with_suffix(".tmp")
-        saved = {
-            "partition": task.member.index,
-            "config": task.cfg.to_mapping(),
-            "member": task.member.state_dict(),
-            "rng": torch.get_rng_state(),
-        }
-        with open(tmp, "wb") as f:
-            torch.save(saved, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
 
     def idle(self) -> bool:
         return time.monotonic() - self.last_message > self.idle_timeout

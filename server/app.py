@@ -19,38 +19,35 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Mapping
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 from flwr.app import (
     ArrayRecord,
-    ConfigRecord,
     Context,
-    Message,
-    MetricRecord,
-    RecordDict,
 )
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
-from torch import nn
+from flwr.supercore.exit import add_exit_handler
+from torch import Tensor
 
+from server.checkpoint import ServerCheckpoint
+from server.fedavg import fedavg_equivalent_bytes, run_fedavg
 from server.final import OnMembers, final_step
 from server.ledger_grid import LedgerGrid
-from server.report import RunOutput
+from server.report import RunOutput, round_row
 from server.roster import Roster
 from server.strategies import PopulationStrategy, RoundReport
-from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.data import ImageData, load_local
 from wash_fed.evaluation import Evaluator, OnData
-from wash_fed.keys import Config, MessageType, Metric, Record, Reply, Split
+from wash_fed.keys import RESULTS_IN, Split
 from wash_fed.ledger import Ledger
 from wash_fed.metrics import RunMetrics
 from wash_fed.protocol import server_protocol
-from wash_fed.training import initial_model, load_test_data, new_model, wash_mask
+from wash_fed.training import load_test_data, new_model, wash_mask
 
 app = ServerApp()
 
@@ -58,21 +55,32 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = WashFedConfig.from_mapping(context.run_config)
-    ledger = Ledger()
+    resumed = ServerCheckpoint.load(Path(cfg.resume_from), cfg) if cfg.resume_from else None
+    ledger = Ledger(resumed.ledger if resumed else ())
     output = RunOutput.create(cfg, grid.run.run_id, ledger)
     log(
         INFO,
-        "wash-fed %s: %d members, %d rounds x %d local steps; results in %s",
+        "wash-fed %s: %d members, %d rounds x %d local steps; " + RESULTS_IN + "%s",
         cfg.label,
         cfg.num_members,
         cfg.num_server_rounds,
         cfg.local_steps,
         output.directory,
     )
+    # `flwr stop` (or a signal) ends the ServerApp through Flower's exit handlers: in a
+    # deployment by exiting its main thread, in simulation by exiting the process around it.
+    add_exit_handler(output.stop, run_before_force_exit=True)
+    if resumed is not None:
+        log(INFO, "continuing %s after round %d", cfg.resume_from, resumed.round)
+        output.results["rounds"] = list(resumed.rows)
+        output.write(
+            resumed_from={
+                "folder": cfg.resume_from,
+                "run_id": resumed.run_id,
+                "round": resumed.round,
+            }
+        )
     metrics = RunMetrics(cfg.label)
-    if cfg.metrics_port:
-        metrics.serve(cfg.metrics_port)
-        log(INFO, "Prometheus metrics on port %d", cfg.metrics_port)
     ledger_grid = LedgerGrid(
         grid,
         ledger,
@@ -80,30 +88,42 @@ def main(grid: Grid, context: Context) -> None:
         poll_interval=cfg.poll_interval,
     )
     roster: Roster | None = None
+    earlier_runs = [*resumed.earlier_runs, resumed.run_id] if resumed else []
     try:
+        if cfg.metrics_port:
+            metrics.serve(cfg.metrics_port)
+            log(INFO, "Prometheus metrics on port %d", cfg.metrics_port)
         test = load_test_data(cfg) if cfg.test_on_server else None
-        numels = [p.numel() for p in new_model(cfg).parameters()]
+        parameters = dict(new_model(cfg).named_parameters())
+        numels = [p.numel() for p in parameters.values()]
         roster = Roster(cfg, wash_mask(cfg, numels, 1).digest())
+        if resumed is not None:
+            roster.continues = (resumed.run_id, resumed.round)
         roster.connect(ledger_grid)
         output.write(members={str(p): n for p, n in roster.nodes.items()})
         if cfg.strategy == "fedavg":
             evaluator: Evaluator = (
                 OnData(test, cfg.eval_batch_size)
                 if test is not None
-                else OnMembers(ledger_grid, list(roster.nodes.values()), cfg, Split.TEST)
+                else OnMembers(ledger_grid, roster, cfg, Split.TEST, {})
             )
             final = run_fedavg(ledger_grid, cfg, evaluator.accuracy, output, metrics)
             fedavg_bytes = None
         else:
             final, fedavg_bytes = run_population(
-                ledger_grid, cfg, roster, numels, test, output, metrics
+                ledger_grid, cfg, roster, parameters, test, output, metrics, resumed
             )
-        roster.end(ledger_grid)
+        roster.end(ledger_grid, completed=True, earlier_runs=earlier_runs)
         output.finish(final, fedavg_bytes)
+    except (SystemExit, KeyboardInterrupt):
+        # Stopped: the run can send nothing more; members' workers end after their idle
+        # timeout.
+        output.stop()
+        raise
     except BaseException as err:
-        if roster is not None:  # their workers exit now, not after an idle timeout
+        if roster is not None:  # their workers exit now; their checkpoints stay
             with contextlib.suppress(Exception):
-                roster.end(ledger_grid)
+                roster.end(ledger_grid, completed=False)
         output.fail(err)
         raise
     finally:
@@ -114,27 +134,52 @@ def run_population(
     grid: LedgerGrid,
     cfg: WashFedConfig,
     roster: Roster,
-    numels: list[int],
+    parameters: Mapping[str, Tensor],
     test: ImageData | None,
     output: RunOutput,
     metrics: RunMetrics,
+    resumed: ServerCheckpoint | None,
 ) -> tuple[dict[str, Any], int]:
-    """WASH, PAPA or independent members through Flower, then the final step. Returns the
-    final figures and what FedAvg would have sent."""
+    """WASH, PAPA or independent members through Flower (from where ``resumed`` left the
+    run, when given), then the final step. Returns the final figures and what FedAvg would
+    have sent."""
     fedavg_bytes = fedavg_equivalent_bytes(cfg, roster.nodes.values())
+    earlier_runs = [*resumed.earlier_runs, resumed.run_id] if resumed else []
 
     def on_round(report: RoundReport) -> None:
         output.add_round(round_row(cfg, grid.ledger, report, fedavg_bytes))
         metrics.observe_round(report, fedavg_bytes // cfg.num_server_rounds)
+        checkpoint = ServerCheckpoint(
+            config=cfg.to_mapping(),
+            run_id=output.results["run_id"],
+            earlier_runs=earlier_runs,
+            round=report.round,
+            deliveries=strategy.deliveries,
+            history=strategy.history,
+            missing=strategy.missing,
+            quarantine=strategy.quarantine,
+            ledger=grid.ledger.entries,
+            rows=output.results["rounds"],
+        )
+        if output.save_checkpoint(checkpoint):
+            strategy.checkpointed = report.round
 
-    protocol = server_protocol(cfg, roster.nodes, numels)
+    protocol = server_protocol(cfg, roster.nodes, parameters)
     strategy = PopulationStrategy(cfg, roster, protocol, on_round)
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(),
-        num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout,
-    )
+    if resumed is not None:
+        strategy.continue_from(resumed)
+    if strategy.rounds_done < cfg.num_server_rounds:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(),
+            num_rounds=cfg.num_server_rounds - strategy.rounds_done,
+            timeout=cfg.round_timeout,
+        )
+    if not any(report.metrics for report in strategy.history):
+        last = strategy.history[-1] if strategy.history else None
+        why = {**last.failed, **last.rejected} if last else {}
+        reasons = "; ".join(f"member {p}: {reason}" for p, reason in sorted(why.items()))
+        raise RuntimeError(f"no member completed a single round ({reasons or 'no round ran'})")
     validation = load_local(cfg.validation_path, cfg.dataset) if cfg.validation_path else None
     final = final_step(grid, cfg, strategy, test, validation, output)
     observed = {"member_mean": final["member_mean"], "soup": final["final_accuracy"]}
@@ -156,134 +201,3 @@ def publish_metrics(cfg: WashFedConfig, metrics: RunMetrics, ledger: Ledger, run
     if cfg.metrics_port and cfg.metrics_grace:
         log(INFO, "serving final metrics for %.0f s", cfg.metrics_grace)
         time.sleep(cfg.metrics_grace)
-
-
-def round_row(
-    cfg: WashFedConfig, ledger: Ledger, report: RoundReport, fedavg_bytes: int | None
-) -> dict[str, Any]:
-    """One round's figures for ``results.json``; logs the progress line."""
-    this_round = ledger.by_round().get(report.round, {"up": 0, "down": 0})
-    means = report.member_means()
-    row = {
-        "round": report.round,
-        "seconds": report.seconds,
-        "answered": len(report.metrics),
-        "failed": {str(k): v for k, v in report.failed.items()},
-        "loss": means.get("loss"),
-        "train_accuracy": means.get("train-accuracy"),
-        "test_accuracy": means.get("test-accuracy"),
-        "members": {str(k): v for k, v in sorted(report.metrics.items())},
-        "exchange": report.exchange,
-        "exchange_digest": report.exchange_digest,
-        "bytes_up": this_round["up"],
-        "bytes_down": this_round["down"],
-        "bytes_total": ledger.total(),
-    }
-    text = f"[{cfg.label}] round {report.round}/{cfg.num_server_rounds}: "
-    text += f"{len(report.metrics)}/{cfg.num_members} members"
-    if row["loss"] is not None:
-        text += f", loss {row['loss']:.4f}, train acc {row['train_accuracy']:.4f}"
-    if row["test_accuracy"] is not None:
-        text += f", test acc {row['test_accuracy']:.4f}"
-    sent = (this_round["up"] + this_round["down"]) / 1e6
-    text += f" | sent {sent:.3f} MB, {ledger.total() / 1e6:.3f} MB so far"
-    if fedavg_bytes:
-        so_far = fedavg_bytes * report.round / cfg.num_server_rounds
-        text += f" (FedAvg: {so_far / 1e6:.3f} MB)"
-    log(INFO, "%s | %.2f s", text, report.seconds)
-    return row
-
-
-def fedavg_equivalent_bytes(cfg: WashFedConfig, nodes: Collection[int]) -> int:
-    """What FedAvg would send over the same rounds: each round the full model to every member
-    and back, measured as Flower serializes those messages."""
-    state = wire.tensors_to_record(new_model(cfg).state_dict())
-    node = next(iter(nodes))
-    down = wire.message(
-        node, MessageType.TRAIN, 1, {Config.REPLY: Reply.STATE}, {Record.ARRAYS: state}
-    )
-    metrics = MetricRecord(
-        {
-            Metric.PARTITION_ID: 0,
-            Metric.LOSS: 0.0,
-            Metric.TRAIN_ACCURACY: 0.0,
-            Metric.NUM_EXAMPLES: 0,
-            Metric.STEPS: 0,
-            Metric.EPOCHS: 0.0,
-        }
-    )
-    up = Message(
-        RecordDict({Record.ARRAYS: state, Record.METRICS: metrics}),
-        dst_node_id=node,
-        message_type=MessageType.TRAIN,
-    )
-    per_round = wire.message_bytes(down) + wire.message_bytes(up)
-    return cfg.num_server_rounds * len(nodes) * per_round
-
-
-def run_fedavg(
-    grid: LedgerGrid,
-    cfg: WashFedConfig,
-    test_accuracy: Callable[[nn.Module], float],
-    output: RunOutput,
-    metrics: RunMetrics,
-) -> dict[str, Any]:
-    """Flower's FedAvg, unchanged: one global model that every member trains each round.
-
-    Per-round figures come through FedAvg's own hooks: ``train_metrics_aggr_fn`` sees the
-    members' metrics, ``evaluate_fn`` closes each round (evaluating with ``test_accuracy``,
-    on the server's test set or the members').
-    """
-    started = time.perf_counter()
-    round_metrics: list[list[RecordDict]] = []
-
-    def keep_train_metrics(contents: list[RecordDict], weighted_by: str) -> MetricRecord:
-        round_metrics.append(contents)
-        return aggregate_metricrecords(contents, weighted_by)
-
-    def close_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        nonlocal started
-        if server_round == 0:
-            return None
-        every = cfg.eval_every
-        evaluated: dict[str, float] = {}
-        if every > 0 and (server_round % every == 0 or server_round == cfg.num_server_rounds):
-            model = new_model(cfg)
-            model.load_state_dict(wire.record_to_tensors(arrays))
-            evaluated[Metric.TEST_ACCURACY] = test_accuracy(model)
-        members = {
-            int(wire.metric(c, Metric.PARTITION_ID)): {
-                **c.metric_records[Record.METRICS],
-                **evaluated,
-            }
-            for c in round_metrics[server_round - 1]
-        }
-        report = RoundReport(server_round, members, {}, time.perf_counter() - started, {})
-        output.add_round(round_row(cfg, grid.ledger, report, None))
-        metrics.observe_round(report, 0)
-        started = time.perf_counter()
-        return MetricRecord(dict(evaluated)) if evaluated else None
-
-    strategy = FedAvg(
-        fraction_train=1.0,
-        fraction_evaluate=0.0,
-        min_train_nodes=cfg.num_members,
-        min_available_nodes=cfg.num_members,
-        train_metrics_aggr_fn=keep_train_metrics,
-    )
-    # Members read everything else from the run config; "reply" asks for the full state.
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=wire.tensors_to_record(initial_model(cfg, 0).state_dict()),
-        num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout,
-        train_config=ConfigRecord({Config.REPLY: Reply.STATE}),
-        evaluate_fn=close_round,
-    )
-    model = new_model(cfg)
-    model.load_state_dict(wire.record_to_tensors(result.arrays))
-    output.save_model(model.state_dict())
-    final_accuracy = test_accuracy(model)
-    log(INFO, "[fedavg] test accuracy of the global model: %.4f", final_accuracy)
-    metrics.observe_final({"global": final_accuracy})
-    return {"global_model": final_accuracy, "final_accuracy": final_accuracy}

@@ -9,7 +9,7 @@ set (``validation-path``) or on the members' held-out images.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
@@ -20,12 +20,20 @@ from flwr.serverapp import Grid
 from torch import Tensor, nn
 
 from server.report import RunOutput
+from server.roster import Roster
 from server.strategies import PopulationStrategy
 from wash_fed import wire
-from wash_fed.batchnorm import BNStatistics, merge_bn_statistics
+from wash_fed.batchnorm import BNStatistics, merge_bn_statistics, running_statistics
 from wash_fed.config import WashFedConfig
 from wash_fed.data import ImageData
 from wash_fed.evaluation import Evaluator, OnData, PopulationAccuracy
+from wash_fed.gate import (
+    capped_batches,
+    check_bn_statistics,
+    check_metrics,
+    magnitude_outliers,
+    require_finite,
+)
 from wash_fed.keys import Config, MessageType, Metric, Record, Split
 from wash_fed.merge import merge_population
 from wash_fed.training import new_model
@@ -46,30 +54,32 @@ def final_step(
     ``test``: the server's test set (``None``: the members evaluate). ``validation``: the
     server's held-out data for the greedy soup (``None``: the members' held-out images).
     """
-    log(INFO, "final step: collecting %d members", len(strategy.roster.nodes))
-    states, reported = strategy.collect(grid, cfg.round_timeout)
+    roster = strategy.roster
+    log(INFO, "final step: collecting %d members", len(roster.nodes))
+    model = new_model(cfg)
+    states, reported, rejected = strategy.collect(grid, cfg.round_timeout, model.state_dict())
     if not states:
         raise RuntimeError("no member could be collected; nothing to average")
     final_round = cfg.num_server_rounds + 1
-    nodes = list(strategy.roster.nodes.values())
+    reference = running_statistics(model)
     exchanges = 0
 
     def federated_bn_statistics(soup: Mapping[str, Tensor]) -> BNStatistics:
         nonlocal exchanges
         exchanges += 1
-        return bn_statistics_from_members(grid, nodes, soup, final_round, cfg)
+        return bn_statistics_from_members(grid, roster, soup, reference, final_round, cfg, rejected)
 
     evaluator: Evaluator = (
         OnData(test, cfg.eval_batch_size)
         if test is not None
-        else OnMembers(grid, nodes, cfg, Split.TEST, _own_accuracies(reported))
+        else OnMembers(grid, roster, cfg, Split.TEST, rejected, _own_accuracies(reported))
     )
     holdout = None
     if cfg.soup == "greedy":
         holdout = (
             OnData(validation, cfg.eval_batch_size).accuracy
             if validation is not None
-            else OnMembers(grid, nodes, cfg, Split.HOLDOUT).accuracy
+            else OnMembers(grid, roster, cfg, Split.HOLDOUT, rejected).accuracy
         )
     merge = merge_population(
         list(states.values()),
@@ -79,11 +89,14 @@ def final_step(
         holdout=holdout,
         final_soup=cfg.soup,
     )
+    require_finite(merge.final_state_dict, "the final model")
     output.save_model(merge.final_state_dict)
     if cfg.save_members:
         members = {f"{p}.{k}": v for p, sd in states.items() for k, v in sd.items()}
         output.save_model(members, "members.pt")
-    own_tests = evaluate_on_members(grid, nodes, merge.final_state_dict, final_round, cfg)
+    own_tests = evaluate_on_members(
+        grid, roster, merge.final_state_dict, final_round, cfg, rejected
+    )
     soups = ", ".join(f"{k} {v:.4f}" for k, v in merge.soups.items())
     ensemble = "-" if merge.ensemble is None else f"{merge.ensemble:.4f}"
     log(
@@ -98,6 +111,8 @@ def final_step(
     )
     return merge.as_dict() | {
         "collected": sorted(states),
+        "quarantined": sorted(roster.quarantined),
+        "rejected": {str(p): reason for p, reason in sorted(rejected.items())},
         "bn_exchanges": exchanges,
         "evaluated_on": "server" if test is not None else "members",
         "members_own_evaluation": own_tests,
@@ -118,13 +133,16 @@ def _own_accuracies(reported: Mapping[int, Mapping[str, Any]]) -> list[float]:
 @dataclass
 class OnMembers:
     """An :class:`~wash_fed.evaluation.Evaluator` over the members' own data (``split``):
-    a model's accuracy is the members' accuracies weighted by their examples; each member's
-    own accuracy is what it reported (``own``); the ensemble is not evaluated."""
+    a model's accuracy is the members' accuracies weighted by their examples (each capped at
+    what it said it holds at hello); each member's own accuracy is what it reported
+    (``own``); the ensemble is not evaluated."""
 
     grid: Grid
-    nodes: Sequence[int]
+    roster: Roster
     cfg: WashFedConfig
     split: str
+    rejected: dict[int, str]
+    """Where rejections are recorded, by partition id."""
     own: list[float] | None = None
 
     def population(self, models: Sequence[nn.Module]) -> PopulationAccuracy:
@@ -134,21 +152,23 @@ class OnMembers:
 
     def accuracy(self, model: nn.Module) -> float:
         final_round = self.cfg.num_server_rounds + 1
-        config = {Config.SPLIT: self.split}
-        replies = _broadcast(
+        contents = _broadcast(
             self.grid,
-            self.nodes,
+            self.roster,
             MessageType.EVALUATE,
             model.state_dict(),
             final_round,
             self.cfg,
-            config,
+            {Config.SPLIT: self.split},
         )
-        scored = [
-            (wire.metric(c, Metric.ACCURACY), wire.metric(c, Metric.NUM_EXAMPLES))
-            for c in replies
-            if wire.metric(c, Metric.NUM_EXAMPLES) > 0
-        ]
+        scored = []
+        what = f"evaluation on {self.split}"
+        for partition, parts in _gated(contents, None, what, self.rejected).items():
+            info = self.roster.info[partition]
+            held = info.test_examples if self.split == Split.TEST else info.holdout_examples
+            examples = min(float(parts.metrics.get(Metric.NUM_EXAMPLES, 0)), held)
+            if examples > 0 and Metric.ACCURACY in parts.metrics:
+                scored.append((float(parts.metrics[Metric.ACCURACY]), examples))
         total = sum(n for _, n in scored)
         if not total:
             raise RuntimeError(f"no member could evaluate on its {self.split} data")
@@ -157,63 +177,108 @@ class OnMembers:
 
 def _broadcast(
     grid: Grid,
-    nodes: Iterable[int],
+    roster: Roster,
     message_type: str,
     state_dict: Mapping[str, Tensor],
     server_round: int,
     cfg: WashFedConfig,
     config: Mapping[str, str] | None = None,
-) -> list[RecordDict]:
-    """Send one model to every member; the contents of the successful replies."""
+) -> dict[int, RecordDict]:
+    """Send one model to every member; the contents of the successful replies, by partition
+    id (failures are logged, one line each)."""
     arrays = {Record.ARRAYS: wire.tensors_to_record(state_dict)}
     messages = [
         wire.message(node, message_type, server_round, config, arrays, ttl=cfg.round_timeout)
-        for node in nodes
+        for node in roster.nodes.values()
     ]
-    contents = []
+    contents = {}
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
+        partition = roster.partition_of(reply.metadata.src_node_id)
+        if partition is None:
+            continue
         if reply.has_error():
-            log(
-                WARNING,
-                "node %d failed %s: %s",
-                reply.metadata.src_node_id,
-                message_type,
-                reply.error.reason,
-            )
+            reason = wire.error_reason(reply)
+            log(WARNING, "member %d failed %s: %s", partition, message_type, reason)
         else:
-            contents.append(reply.content)
+            contents[partition] = reply.content
     return contents
+
+
+def _reject(rejected: dict[int, str], partition: int, what: str, reason: str) -> None:
+    """Log a rejected reply (one line) and record it for the results."""
+    log(WARNING, "member %d: its %s is rejected: %s", partition, what, reason)
+    rejected.setdefault(partition, f"{what}: {reason}")
+
+
+def _gated(
+    contents: Mapping[int, RecordDict], arrays: str | None, what: str, rejected: dict[int, str]
+) -> dict[int, wire.ReplyParts]:
+    """The replies whose records and metrics pass the gate, by partition id; the others
+    are rejected (:func:`_reject`)."""
+    passed = {}
+    for partition, content in sorted(contents.items()):
+        try:
+            parts = wire.reply_parts(content, arrays)
+            problem = check_metrics(parts.metrics)
+        except wire.MalformedReplyError as err:
+            problem = str(err)
+        if problem is None:
+            passed[partition] = parts
+        else:
+            _reject(rejected, partition, what, problem)
+    return passed
 
 
 def bn_statistics_from_members(
     grid: Grid,
-    nodes: Iterable[int],
+    roster: Roster,
     soup: Mapping[str, Tensor],
+    reference: BNStatistics,
     server_round: int,
     cfg: WashFedConfig,
+    rejected: dict[int, str],
 ) -> BNStatistics:
-    """Federated BN recalibration: each member computes the soup's statistics on its own data;
-    merged by batch count, exactly what one process would compute over all their batches."""
-    parts = []
-    for content in _broadcast(grid, nodes, MessageType.BN_STATISTICS, soup, server_round, cfg):
-        record = content.array_records[Record.STATS]
-        batches = int(wire.metric(content, Metric.BATCHES))
-        parts.append(wire.record_to_bn_statistics(record, batches))
-    return merge_bn_statistics(parts)
+    """Federated BN recalibration: each member computes the soup's statistics on its own
+    data; those that pass the gate (the model's layers, finite, variances not negative, not
+    far from the others') are merged by batch count, each member's count capped at what its
+    data can support: what one process would compute over all their batches."""
+    contents = _broadcast(grid, roster, MessageType.BN_STATISTICS, soup, server_round, cfg)
+    stats: dict[int, BNStatistics] = {}
+    what = "BatchNorm statistics"
+    for partition, parts in _gated(contents, Record.STATS, what, rejected).items():
+        claimed = int(parts.metrics.get(Metric.BATCHES, 0))
+        batches = capped_batches(
+            claimed, roster.info[partition].examples, cfg.batch_size, cfg.bn_batches
+        )
+        try:
+            candidate = wire.tensors_to_bn_statistics(parts.tensors, batches)
+            problem = check_bn_statistics(candidate, reference)
+        except wire.MalformedReplyError as err:
+            problem = str(err)
+        if problem is None:
+            stats[partition] = candidate
+        else:
+            _reject(rejected, partition, what, problem)
+    flat = {partition: s.named_tensors() for partition, s in stats.items()}
+    for partition, reason in magnitude_outliers(flat, cfg.outlier_factor).items():
+        _reject(rejected, partition, what, reason)
+        del stats[partition]
+    return merge_bn_statistics(list(stats.values()))
 
 
 def evaluate_on_members(
     grid: Grid,
-    nodes: Iterable[int],
+    roster: Roster,
     state_dict: Mapping[str, Tensor],
     server_round: int,
     cfg: WashFedConfig,
+    rejected: dict[int, str],
 ) -> dict[str, float]:
     """Federated evaluation of the final model: each member tests it on its own test data.
     Returns accuracy by partition id (members without test data are left out)."""
-    contents = _broadcast(grid, nodes, MessageType.EVALUATE, state_dict, server_round, cfg)
+    contents = _broadcast(grid, roster, MessageType.EVALUATE, state_dict, server_round, cfg)
     return {
-        str(int(wire.metric(c, Metric.PARTITION_ID))): wire.metric(c, Metric.ACCURACY)
-        for c in contents
-        if Metric.ACCURACY in c.metric_records[Record.METRICS]
+        str(partition): float(parts.metrics[Metric.ACCURACY])
+        for partition, parts in _gated(contents, None, "evaluation", rejected).items()
+        if Metric.ACCURACY in parts.metrics
     }

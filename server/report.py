@@ -9,6 +9,7 @@ keeps what it had), ``ledger.csv`` (every message), ``final_model.pt`` and, on r
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,10 +21,12 @@ import torch
 from flwr.common.logger import log
 from torch import Tensor
 
+from server.checkpoint import ServerCheckpoint
+from server.strategies import RoundReport
 from wash_fed.config import WashFedConfig
 from wash_fed.ledger import Ledger
 
-__all__ = ["RunOutput", "ledger_table"]
+__all__ = ["RunOutput", "ledger_table", "round_row"]
 
 
 def _mb(nbytes: float) -> str:
@@ -60,6 +63,8 @@ class RunOutput:
     ledger: Ledger
     results: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _stopped: bool = False
 
     @classmethod
     def create(cls, cfg: WashFedConfig, run_id: int, ledger: Ledger) -> RunOutput:
@@ -83,7 +88,13 @@ class RunOutput:
         self.write()
 
     def write(self, **fields: Any) -> None:
-        """Update the results with ``fields`` and rewrite ``results.json`` and ``ledger.csv``."""
+        """Update the results with ``fields`` and rewrite ``results.json`` and ``ledger.csv``;
+        nothing more once the run was stopped."""
+        with self._lock:
+            if not self._stopped:
+                self._write(fields)
+
+    def _write(self, fields: Mapping[str, Any]) -> None:
         self.results.update(fields)
         self.results["bytes"] = self.ledger.summary()
         self.results["wall_seconds"] = time.perf_counter() - self.started
@@ -91,6 +102,15 @@ class RunOutput:
         tmp.write_text(json.dumps(self.results, indent=2, default=float))
         tmp.replace(self.directory / "results.json")
         self.ledger.write_csv(self.directory / "ledger.csv")
+
+    def save_checkpoint(self, checkpoint: ServerCheckpoint) -> bool:
+        """Write the server's checkpoint beside the results; whether it was written (not
+        once the run was stopped)."""
+        with self._lock:
+            if self._stopped:
+                return False
+            checkpoint.save(self.directory)
+            return True
 
     def save_model(self, state_dict: Mapping[str, Tensor], name: str = "final_model.pt") -> Path:
         path = self.directory / name
@@ -111,6 +131,54 @@ class RunOutput:
         log(INFO, "Final model: %s", self.directory / "final_model.pt")
         log(INFO, "Results:     %s", self.directory / "results.json")
 
+    def stop(self) -> None:
+        """The run was stopped (``flwr stop``, a signal): a run still running is recorded
+        ``stopped`` and nothing is written after that. Called from Flower's exit handlers,
+        which also run at every normal exit, when it does nothing."""
+        with self._lock:
+            if self._stopped or self.results.get("status") != "running":
+                return
+            self._write({"status": "stopped"})
+            self._stopped = True
+        log(INFO, "Run stopped; results so far are in %s", self.directory)
+
     def fail(self, error: BaseException) -> None:
         self.write(status="failed", error=f"{type(error).__name__}: {error}")
         log(INFO, "Run failed; results so far are in %s", self.directory)
+
+
+def round_row(
+    cfg: WashFedConfig, ledger: Ledger, report: RoundReport, fedavg_bytes: int | None
+) -> dict[str, Any]:
+    """One round's figures for ``results.json``; logs the progress line."""
+    this_round = ledger.by_round().get(report.round, {"up": 0, "down": 0})
+    means = report.member_means()
+    row = {
+        "round": report.round,
+        "seconds": report.seconds,
+        "answered": len(report.metrics),
+        "failed": {str(k): v for k, v in report.failed.items()},
+        "loss": means.get("loss"),
+        "train_accuracy": means.get("train-accuracy"),
+        "test_accuracy": means.get("test-accuracy"),
+        "members": {str(k): v for k, v in sorted(report.metrics.items())},
+        "exchange": report.exchange,
+        "exchange_digest": report.exchange_digest,
+        "rejected": {str(k): v for k, v in report.rejected.items()},
+        "bytes_up": this_round["up"],
+        "bytes_down": this_round["down"],
+        "bytes_total": ledger.total(),
+    }
+    text = f"[{cfg.label}] round {report.round}/{cfg.num_server_rounds}: "
+    text += f"{len(report.metrics)}/{cfg.num_members} members"
+    if row["loss"] is not None:
+        text += f", loss {row['loss']:.4f}, train acc {row['train_accuracy']:.4f}"
+    if row["test_accuracy"] is not None:
+        text += f", test acc {row['test_accuracy']:.4f}"
+    sent = (this_round["up"] + this_round["down"]) / 1e6
+    text += f" | sent {sent:.3f} MB, {ledger.total() / 1e6:.3f} MB so far"
+    if fedavg_bytes:
+        so_far = fedavg_bytes * report.round / cfg.num_server_rounds
+        text += f" (FedAvg: {so_far / 1e6:.3f} MB)"
+    log(INFO, "%s | %.2f s", text, report.seconds)
+    return row

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
-from wash_fed.keys import Info, MessageType, Metric, Record
+from wash_fed.keys import Config, Info, MessageType, Metric, Record
 
 __all__ = ["MemberInfo", "Roster"]
 
@@ -36,11 +36,15 @@ class MemberInfo:
     partition: int
     node: int
     examples: int
+    test_examples: int
+    holdout_examples: int
     device: str
     torch: str
     mask_digest: str
     resumed: bool
     steps_done: int
+    resumed_round: int
+    """The round of the earlier run's checkpoint it continues from (0: none)."""
 
 
 def _member_info(reply: Message) -> MemberInfo:
@@ -49,11 +53,14 @@ def _member_info(reply: Message) -> MemberInfo:
         partition=int(wire.metric(content, Metric.PARTITION_ID)),
         node=reply.metadata.src_node_id,
         examples=int(wire.metric(content, Metric.NUM_EXAMPLES)),
+        test_examples=int(wire.metric(content, Metric.TEST_EXAMPLES)),
+        holdout_examples=int(wire.metric(content, Metric.HOLDOUT_EXAMPLES)),
         device=str(wire.config_value(content, Info.DEVICE, Record.INFO)),
         torch=str(wire.config_value(content, Info.TORCH, Record.INFO)),
         mask_digest=str(wire.config_value(content, Info.MASK_DIGEST, Record.INFO)),
         resumed=bool(wire.config_value(content, Info.RESUMED, Record.INFO)),
         steps_done=int(wire.metric(content, Metric.STEPS_DONE)),
+        resumed_round=int(wire.metric(content, Metric.RESUMED_ROUND)),
     )
 
 
@@ -68,8 +75,21 @@ class Roster:
         self.cfg = cfg
         self.mask_digest = mask_digest
         self.nodes: dict[int, int] = {}
-        """Partition id -> node id."""
+        """Partition id -> node id, of the members taking part."""
+        self.quarantined: dict[int, int] = {}
+        """Partition id -> node id of members the reply gate rejected too often: asked
+        nothing more (but told when the run ends)."""
+        self.info: dict[int, MemberInfo] = {}
+        """What each member said at its latest hello, by partition id."""
+        self.continues: tuple[int, int] | None = None
+        """A resumed run: (the run whose member checkpoints it continues, its last round)."""
         self._refused: set[int] = set()
+
+    def quarantine(self, partition: int) -> None:
+        """Take a member out of the run for good; a node claiming it is refused."""
+        node = self.nodes.pop(partition)
+        self._refused.add(node)
+        self.quarantined[partition] = node
 
     def partition_of(self, node: int) -> int | None:
         return next((p for p, n in self.nodes.items() if n == node), None)
@@ -102,13 +122,17 @@ class Roster:
             )
         for member in sorted(members, key=lambda m: m.partition):
             self.nodes[member.partition] = member.node
+            self.info[member.partition] = member
             log(
                 INFO,
-                "member %d on node %d: %d training images, %s",
+                "member %d on node %d: %d training images, %s%s",
                 member.partition,
                 member.node,
                 member.examples,
                 member.device,
+                f"; continues from its round {member.resumed_round} checkpoint"
+                if self.continues
+                else "",
             )
 
     def readmit(self, grid: Grid, missing: Iterable[int]) -> list[int]:
@@ -136,6 +160,7 @@ class Roster:
                 self._refused.add(member.node)
                 continue
             self.nodes[member.partition] = member.node
+            self.info[member.partition] = member
             missing.discard(member.partition)
             back.append(member.partition)
             log(
@@ -148,15 +173,20 @@ class Roster:
             )
         return back
 
-    def end(self, grid: Grid) -> None:
-        """Tell every member that the run is over (their workers exit); waits briefly."""
-        if not self.nodes:
+    def end(self, grid: Grid, *, completed: bool, earlier_runs: Iterable[int] = ()) -> None:
+        """Tell every member that the run is over (their workers exit); waits briefly. The
+        members of a run that did not complete keep their checkpoints, for ``resume-from``;
+        otherwise they remove them, and those of the ``earlier_runs`` it continued."""
+        nodes = [*self.nodes.values(), *self.quarantined.values()]
+        if not nodes:
             return
         timeout = min(self.cfg.round_timeout, END_TIMEOUT)
         round_ = self.cfg.num_server_rounds + 1
-        messages = [
-            wire.message(n, MessageType.END, round_, ttl=timeout) for n in self.nodes.values()
-        ]
+        config: dict[str, wire.ConfigValue] = {
+            Config.KEEP_CHECKPOINTS: not completed,
+            Config.EARLIER_RUNS: list(earlier_runs),
+        }
+        messages = [wire.message(n, MessageType.END, round_, config, ttl=timeout) for n in nodes]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         told = sum(not r.has_error() for r in replies)
         if told < len(messages):
@@ -166,7 +196,10 @@ class Roster:
         self, grid: Grid, nodes: list[int], timeout: float
     ) -> tuple[list[MemberInfo], list[str]]:
         """Ask ``nodes`` who they are; the members that passed and the problems found."""
-        messages = [wire.message(node, MessageType.HELLO, 0, ttl=timeout) for node in nodes]
+        config: dict[str, wire.ConfigValue] = {}
+        if self.continues is not None:
+            config = {Config.RESUME_RUN: self.continues[0], Config.RESUME_ROUND: self.continues[1]}
+        messages = [wire.message(n, MessageType.HELLO, 0, config, ttl=timeout) for n in nodes]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         problems, members = [], []
         answered = {r.metadata.src_node_id for r in replies}
@@ -176,7 +209,7 @@ class Roster:
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                problems.append(f"node {node}: {reply.error.reason}")
+                problems.append(f"node {node}: {wire.error_reason(reply)}")
                 continue
             try:
                 member = _member_info(reply)

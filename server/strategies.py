@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -24,8 +24,12 @@ from torch import Tensor
 from server.roster import Roster
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
+from wash_fed.gate import Quarantine, check_metrics, check_tensors, magnitude_outliers
 from wash_fed.keys import Config, MessageType, Record
 from wash_fed.protocol import Deliveries, Exchange, ServerProtocol
+
+if TYPE_CHECKING:
+    from server.checkpoint import ServerCheckpoint
 
 __all__ = ["PopulationStrategy", "RoundReport"]
 
@@ -36,7 +40,7 @@ class RoundReport:
 
     round: int
     metrics: dict[int, dict[str, Any]]
-    """Per partition id: the metrics its member reported."""
+    """Per partition id of a member whose reply was accepted: the metrics it reported."""
     failed: dict[int, str]
     """Per partition id of a member that did not answer properly: why."""
     seconds: float
@@ -44,6 +48,8 @@ class RoundReport:
     """What the strategy moved (WASH: ``selected``, ``moved``, ``participants``)."""
     exchange_digest: str = ""
     """Fingerprint of the round's deliveries (:attr:`wash_fed.protocol.Exchange.digest`)."""
+    rejected: dict[int, str] = field(default_factory=dict)
+    """Per partition id of a member whose reply the gate rejected: why."""
 
     def member_means(self) -> dict[str, float]:
         """Each numeric metric averaged over the members that reported it (partition ids
@@ -77,8 +83,24 @@ class PopulationStrategy(Strategy):
         self.history: list[RoundReport] = []
         self.missing: set[int] = set()
         """Partition ids whose last message failed."""
+        self.quarantine = Quarantine(cfg.quarantine_after)
+        self.rounds_done = 0
+        """Rounds of an earlier run this one continues; Flower's round r is round
+        ``rounds_done + r`` of the run."""
+        self.checkpointed = 0
+        """The newest round of the server's checkpoint (members keep theirs from it on)."""
         self._on_round = on_round
         self._round_started = 0.0
+
+    def continue_from(self, checkpoint: ServerCheckpoint) -> None:
+        """Take up a run where ``checkpoint`` left it (its members continue from theirs)."""
+        self.rounds_done = self.checkpointed = checkpoint.round
+        self.deliveries = checkpoint.deliveries
+        self.history = list(checkpoint.history)
+        self.missing = set(checkpoint.missing)
+        self.quarantine = checkpoint.quarantine
+        for partition in sorted(self.quarantine.quarantined):
+            self.roster.quarantine(partition)
 
     # --- Flower's Strategy interface ----------------------------------------------------
 
@@ -89,6 +111,7 @@ class PopulationStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.rounds_done
         self._round_started = time.perf_counter()
         self.missing -= set(self.roster.readmit(grid, self.missing))
         every = self.cfg.eval_every
@@ -99,41 +122,67 @@ class PopulationStrategy(Strategy):
             **config,
             Config.REPLY: self.protocol.reply_for(server_round),
             Config.EVALUATE: evaluate,
+            Config.CHECKPOINTED_ROUND: self.checkpointed,
         }
         return self.messages(MessageType.TRAIN, server_round, base)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.rounds_done
         answered, failed = self.split(replies)
-        reply_kind = self.protocol.reply_for(server_round)
-        payloads: dict[int, dict[str, Tensor]] = {}
+        record = wire.payload_record(self.protocol.reply_for(server_round))
+        payloads, metrics, rejected = {}, {}, {}
         for partition, content in answered.items():
             try:
-                payloads[partition] = wire.payload_from_content(reply_kind, content)
-            except (TypeError, ValueError) as err:
-                log(
-                    WARNING,
-                    "member %d: unusable reply in round %d: %s",
-                    partition,
-                    server_round,
-                    err,
-                )
+                parts = wire.reply_parts(content, record)
+            except wire.MalformedReplyError as err:
+                rejected[partition] = str(err)
+                continue
+            if (problem := check_metrics(parts.metrics)) is not None:
+                rejected[partition] = problem
+                continue
+            payloads[partition], metrics[partition] = parts.tensors, parts.metrics
         exchange = self.protocol.exchange(server_round, payloads)
-        for partition, reason in exchange.rejected.items():
-            log(
-                WARNING,
-                "member %d left out of round %d's exchange: %s",
-                partition,
-                server_round,
-                reason,
-            )
+        rejected |= exchange.rejected
         self.deliveries.settle(answered, exchange)
-        report = self._report(server_round, answered, failed, exchange)
+        self._judge(server_round, answered, rejected)
+        report = RoundReport(
+            server_round,
+            {p: m for p, m in metrics.items() if p not in rejected},
+            failed,
+            time.perf_counter() - self._round_started,
+            exchange.counts,
+            exchange.digest,
+            rejected,
+        )
         self.history.append(report)
         if self._on_round is not None:
             self._on_round(report)
         return None, MetricRecord(dict(report.member_means()))
+
+    def _judge(self, server_round: int, answered: Iterable[int], rejected: dict[int, str]) -> None:
+        """One log line per rejected reply; quarantine members rejected too often in a row
+        (the roster then sends them nothing more, and they are left out of the soup)."""
+        for partition in answered:
+            if partition not in rejected:
+                self.quarantine.accepted(partition)
+                continue
+            log(
+                WARNING,
+                "member %d rejected in round %d, left out of its exchange: %s",
+                partition,
+                server_round,
+                rejected[partition],
+            )
+            if self.quarantine.rejected(partition):
+                self.roster.quarantine(partition)
+                log(
+                    WARNING,
+                    "member %d quarantined after %d rejections in a row",
+                    partition,
+                    self.cfg.quarantine_after,
+                )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -148,26 +197,37 @@ class PopulationStrategy(Strategy):
     # --- the final step -----------------------------------------------------------------
 
     def collect(
-        self, grid: Grid, timeout: float
-    ) -> tuple[dict[int, dict[str, Tensor]], dict[int, dict[str, Any]]]:
+        self, grid: Grid, timeout: float, reference: Mapping[str, Tensor]
+    ) -> tuple[dict[int, dict[str, Tensor]], dict[int, dict[str, Any]], dict[int, str]]:
         """Deliver what is still due and collect every member's full state dict.
 
-        Returns the state dicts and the reported metrics, by partition id; members that
-        fail are left out (logged).
+        Returns the state dicts and metrics of the replies that pass the gate (the model's
+        entries ``reference``, finite, not far from the others'), by partition id, and why
+        every other member is left out (logged, one line each).
         """
         final_round = self.cfg.num_server_rounds + 1
         self.missing -= set(self.roster.readmit(grid, self.missing))
-        messages = self.messages(MessageType.COLLECT, final_round, {})
+        messages = self.messages(
+            MessageType.COLLECT, final_round, {Config.CHECKPOINTED_ROUND: self.checkpointed}
+        )
         answered, _ = self.split(grid.send_and_receive(messages, timeout=timeout))
         self.deliveries.settle(answered, Exchange({}))
-        states, metrics = {}, {}
+        states, metrics, rejected = {}, {}, {}
         for partition, content in answered.items():
-            if Record.ARRAYS not in content.array_records:
-                log(WARNING, "member %d: its collect reply holds no weights", partition)
-                continue
-            states[partition] = wire.record_to_tensors(content.array_records[Record.ARRAYS])
-            metrics[partition] = dict(content.metric_records.get(Record.METRICS, MetricRecord()))
-        return states, metrics
+            try:
+                parts = wire.reply_parts(content, Record.ARRAYS)
+                problem = check_metrics(parts.metrics) or check_tensors(parts.tensors, reference)
+            except wire.MalformedReplyError as err:
+                problem = str(err)
+            if problem is None:
+                states[partition], metrics[partition] = parts.tensors, parts.metrics
+            else:
+                rejected[partition] = problem
+        rejected |= magnitude_outliers(states, self.cfg.outlier_factor)
+        for partition, reason in sorted(rejected.items()):
+            log(WARNING, "member %d left out of the soup: %s", partition, reason)
+            states.pop(partition, None)
+        return states, metrics, {p: f"collect: {reason}" for p, reason in rejected.items()}
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -203,7 +263,7 @@ class PopulationStrategy(Strategy):
             if partition is None:
                 continue
             if reply.has_error():
-                failed[partition] = str(reply.error.reason)
+                failed[partition] = wire.error_reason(reply)
             else:
                 answered[partition] = reply.content
         for partition in self.roster.nodes:
@@ -219,23 +279,3 @@ class PopulationStrategy(Strategy):
             )
         self.missing = (self.missing | set(failed)) - set(answered)
         return dict(sorted(answered.items())), failed
-
-    def _report(
-        self,
-        server_round: int,
-        answered: Mapping[int, RecordDict],
-        failed: dict[int, str],
-        exchange: Exchange,
-    ) -> RoundReport:
-        metrics = {
-            partition: dict(content.metric_records.get(Record.METRICS, MetricRecord()))
-            for partition, content in answered.items()
-        }
-        return RoundReport(
-            server_round,
-            metrics,
-            failed,
-            time.perf_counter() - self._round_started,
-            exchange.counts,
-            exchange.digest,
-        )

@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-BIN = Path(sys.executable).parent
-PROJECT = Path(__file__).resolve().parents[1]
+from simulations.launch import check_run_config, launch
+from wash_fed.config import ConfigError
+
+
+class RunFailedError(RuntimeError):
+    """A compared run did not finish completed."""
 
 
 def run_strategy(
@@ -41,35 +43,19 @@ def run_strategy(
     superlink: str | None,
     output_dir: Path,
 ) -> dict[str, Any]:
-    """One ``flwr run`` to the end; its results.json (with the wall time added)."""
+    """One ``flwr run`` to the end; its results.json (with the wall time added). Raises
+    RunFailedError when the run did not finish completed."""
     overrides = f'strategy="{strategy}" output-dir="{output_dir}" {run_config}'.strip()
-    args = [str(BIN / "flwr"), "run", ".", *([superlink] if superlink else [])]
-    args += ["--stream", "--run-config", overrides, "--federation-config", federation_config]
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    print(f"\n=== {strategy}: {' '.join(args)}", flush=True)
+    print(f"\n=== {strategy}: --run-config {overrides}", flush=True)
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        args, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    run_id = None
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        print(line, end="", flush=True)
-        if "Successfully started run" in line:
-            run_id = line.split()[-1].strip(".")
-    proc.wait()
+    ended = launch(connection=superlink, run_config=overrides, federation_config=federation_config)
     wall = time.perf_counter() - started
-    if run_id is None:
-        raise RuntimeError(f"flwr run did not start a run for {strategy}")
-    matches = list(output_dir.glob(f"*-{run_id}/results.json"))
+    if not ended.completed:
+        raise RunFailedError(f"run {ended.run_id} ({strategy}) {ended.status}: {ended.details}")
+    matches = list(output_dir.glob(f"*-{ended.run_id}/results.json"))
     if not matches:
-        raise RuntimeError(f"run {run_id} ({strategy}) left no results in {output_dir}")
+        raise RunFailedError(f"run {ended.run_id} ({strategy}) left no results in {output_dir}")
     results: dict[str, Any] = json.loads(matches[0].read_text())
-    if results.get("status") != "completed":
-        raise RuntimeError(
-            f"run {run_id} ({strategy}) {results.get('status')}: {results.get('error')}"
-        )
     results["wall_seconds_flwr_run"] = wall
     return results
 
@@ -165,16 +151,21 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     run_config = f"num-members={args.num_supernodes} {args.run_config}".strip()
     federation = f"num-supernodes={args.num_supernodes} {args.federation_config}".strip()
-    runs = [
-        run_strategy(
-            s,
-            run_config=run_config,
-            federation_config=federation,
-            superlink=args.superlink,
-            output_dir=out,
-        )
-        for s in args.strategies.split(",")
-    ]
+    try:
+        check_run_config(run_config)
+        runs = [
+            run_strategy(
+                s,
+                run_config=run_config,
+                federation_config=federation,
+                superlink=args.superlink,
+                output_dir=out,
+            )
+            for s in args.strategies.split(",")
+        ]
+    except (ConfigError, RunFailedError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     table = comparison_table(runs)
     (out / "comparison.md").write_text(table)
     (out / "runs.json").write_text(json.dumps(runs, indent=2))

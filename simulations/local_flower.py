@@ -16,8 +16,8 @@ import os
 import shutil
 import signal
 import socket
+import string
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -27,16 +27,8 @@ from typing import Any
 
 import httpx
 
+from simulations.launch import BIN, run_id_in, run_status
 
-def _flower_commands() -> Path:
-    """The folder of Flower's commands: beside this interpreter, else wherever ``flwr`` is
-    found on PATH (an install with ``pip --target``)."""
-    here = Path(sys.executable).parent
-    found = shutil.which("flwr")
-    return here if (here / "flwr").exists() or found is None else Path(found).parent
-
-
-BIN = _flower_commands()
 PROJECT = Path(__file__).resolve().parents[1]
 MARKER = "WASH_FED_TEST_HARNESS"
 
@@ -62,6 +54,11 @@ def free_port() -> int:
         return port
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -72,6 +69,36 @@ def _toml_value(value: Any) -> str:
 
 def run_config_arg(values: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+
+
+PROXY_TEMPLATE = PROJECT / "deploy" / "nginx" / "superlink.conf.template"
+
+
+def render_proxy_config(
+    root: Path, *, superlink: str, fleet: str, control: str, certificates: Path
+) -> Path:
+    """An nginx configuration under ``root`` that serves compose's proxy (the same template,
+    filled in as the nginx image does) in the foreground, with its logs in ``root``.
+    Addresses are ``host:port``; returns the file to pass to ``nginx -c``."""
+    root.mkdir(parents=True, exist_ok=True)
+    values = {
+        "SUPERLINK_ADDRESS": superlink,
+        "FLEET_LISTEN": fleet,
+        "CONTROL_LISTEN": control,
+        "CERTS": str(certificates),
+    }
+    (root / "superlink.conf").write_text(
+        string.Template(PROXY_TEMPLATE.read_text()).substitute(values)
+    )
+    # As root, nginx's workers would run as `nobody`, who cannot enter a private temp folder.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    config = root / "nginx.conf"
+    config.write_text(
+        f"{user}daemon off;\npid {root}/nginx.pid;\nerror_log {root}/error.log info;\n"
+        f"events {{}}\nhttp {{\n    access_log {root}/access.log;\n"
+        f"    include {root}/superlink.conf;\n}}\n"
+    )
+    return config
 
 
 @dataclass
@@ -96,14 +123,39 @@ class Submission:
 
     def run_id(self) -> str | None:
         """The run id, once ``flwr run`` has printed it."""
-        return next(
-            (
-                line.split()[-1].strip(".")
-                for line in self.text().splitlines()
-                if "Successfully started run" in line
-            ),
-            None,
-        )
+        return run_id_in(self.text())
+
+
+APP_PACKAGES = ("wash_fed", "server", "client")
+
+
+def copy_app(target: Path) -> Path:
+    """A copy of this app (its packages and pyproject.toml) in ``target``, to change and
+    submit with ``flwr run <target>``."""
+    ignore = shutil.ignore_patterns("__pycache__")
+    for package in APP_PACKAGES:
+        shutil.copytree(PROJECT / package, target / package, ignore=ignore)
+    shutil.copy(PROJECT / "pyproject.toml", target / "pyproject.toml")
+    return target
+
+
+def results_of(run_dir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = json.loads((run_dir / "results.json").read_text())
+    return results
+
+
+def wait_for_rounds(submission: Submission, runs: Path, rounds: int, timeout: float) -> Path:
+    """The run's folder under ``runs``, once ``rounds`` rounds are in its results."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run_id = submission.run_id()
+        found = list(runs.glob(f"*-{run_id}/results.json")) if run_id else []
+        if found and len(results_of(found[0].parent)["rounds"]) >= rounds:
+            return found[0].parent
+        if submission.process.poll() is not None:
+            raise RuntimeError(f"flwr run ended early:\n{submission.text()[-3000:]}")
+        time.sleep(0.3)
+    raise RuntimeError(f"{rounds} rounds did not finish in {timeout:g} s")
 
 
 class FlowerHarness:
@@ -128,54 +180,104 @@ class FlowerHarness:
         """The SuperNode process of each partition id (the latest one started)."""
         self.logs = home / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.control_port = free_port()
         self.api_port = free_port()
+        self.fleet_port = self.api_port
+        """Where SuperNodes connect: the SuperLink's port, or the proxy's fleet port."""
         self.certificates: Path | None = None
 
     # --- processes ----------------------------------------------------------------------
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        # In the harness's home, not this checkout: Ray's workers (simulated members) put
+        # the SuperLink's working directory first on their import path.
         proc = subprocess.Popen(
-            args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            args,
+            env=self.env,
+            cwd=self.home,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.processes.append(proc)
         return proc
 
-    def start_superlink(self, *, simulation: bool, certificates: Path | None = None) -> None:
+    def start_superlink(
+        self,
+        *,
+        simulation: bool,
+        certificates: Path | None = None,
+        supernode_auth: bool = False,
+    ) -> None:
         """A SuperLink on free loopback ports; TLS when ``certificates`` (a folder made by
-        deploy/certs/generate.sh) is given. Writes the ``test`` connection for the CLI."""
+        deploy/certs/generate.sh) is given, admitting only registered SuperNodes when
+        ``supernode_auth``. Writes the ``test`` connection for the CLI."""
         args = [
             str(BIN / "flower-superlink"),
             "--host",
             "127.0.0.1",
             "--port",
             str(self.api_port),
-            "--control-api-address",
-            f"127.0.0.1:{self.control_port}",
             "--database",
             str(self.home / "state.db"),
             "--disable-runtime-dependency-installation",
         ]
         if certificates is None:
             args.append("--insecure")
-            transport = "insecure = true\n"
         else:
             args += [
                 f"--ssl-ca-certfile={certificates / 'ca.crt'}",
                 f"--ssl-certfile={certificates / 'server.pem'}",
                 f"--ssl-keyfile={certificates / 'server.key'}",
             ]
-            transport = f'root-certificates = "{certificates / "ca.crt"}"\n'
+            if supernode_auth:
+                args.append("--enable-supernode-auth")
         if simulation:
             args += ["--simulation", "--isolation", "subprocess"]
         self.start("superlink", args)
         self.wait_healthy(self.api_port, "SuperLink", tls=certificates is not None)
+        self.certificates = certificates
+        self.write_connection(self.api_port)
+
+    def write_connection(self, port: int) -> None:
+        """The CLI's ``test`` connection: the Control API on ``port`` of 127.0.0.1."""
+        if self.certificates is None:
+            transport = "insecure = true\n"
+        else:
+            transport = f'root-certificates = "{self.certificates / "ca.crt"}"\n'
         (self.home / "config.toml").write_text(
             '[superlink]\ndefault = "test"\n\n'
-            f'[superlink.test]\naddress = "127.0.0.1:{self.api_port}"\n{transport}'
+            f'[superlink.test]\naddress = "127.0.0.1:{port}"\n{transport}'
         )
-        self.certificates = certificates
+
+    def start_proxy(self) -> tuple[int, int]:
+        """Compose's nginx proxy in front of the (TLS) SuperLink: SuperNodes connect to its
+        fleet port from then on, and the CLI to its control port. Returns both ports."""
+        if self.certificates is None:
+            raise RuntimeError("the proxy speaks TLS: start the SuperLink with certificates")
+        fleet, control = free_port(), free_port()
+        config = render_proxy_config(
+            self.home / "proxy",
+            superlink=f"127.0.0.1:{self.api_port}",
+            fleet=f"127.0.0.1:{fleet}",
+            control=f"127.0.0.1:{control}",
+            certificates=self.certificates,
+        )
+        self.start("proxy", ["nginx", "-p", str(config.parent), "-c", str(config)])
+        deadline = time.monotonic() + 30
+        while not all(_listening(p) for p in (fleet, control)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the proxy did not start:\n{self.describe()}")
+            time.sleep(0.2)
+        self.fleet_port = fleet
+        self.write_connection(control)
+        return fleet, control
+
+    def register(self, public_key: Path) -> None:
+        """``flwr supernode register``: the SuperLink admits the key's SuperNode."""
+        done = self.flwr("supernode", "register", str(public_key), "test")
+        if done.returncode != 0:
+            raise RuntimeError(f"could not register {public_key}:\n{done.stdout}{done.stderr}")
 
     def start_supernode(
         self,
@@ -184,10 +286,14 @@ class FlowerHarness:
         *,
         worker_dir: Path | None = None,
         extra_node_config: Mapping[str, Any] | None = None,
+        auth_key: Path | None = None,
+        name: str | None = None,
     ) -> subprocess.Popen[bytes]:
         """SuperNode ``partition`` of ``count`` on a free port. With ``worker_dir``, its
         member lives in a member worker under ``worker_dir/member-<partition>``;
-        ``extra_node_config`` adds node config entries (e.g. ``data-path``)."""
+        ``extra_node_config`` adds node config entries (e.g. ``data-path``); ``auth_key`` is
+        its private key where the SuperLink authenticates SuperNodes. Its log is
+        ``<name>.log`` (default ``supernode-<partition>``)."""
         entries: dict[str, Any] = {"partition-id": partition, "num-partitions": count}
         if worker_dir is not None:
             entries["worker-dir"] = str(worker_dir / f"member-{partition}")
@@ -195,7 +301,7 @@ class FlowerHarness:
         args = [
             str(BIN / "flower-supernode"),
             "--superlink",
-            f"127.0.0.1:{self.api_port}",
+            f"127.0.0.1:{self.fleet_port}",
             "--port",
             str(free_port()),
             "--node-config",
@@ -205,8 +311,11 @@ class FlowerHarness:
             args.append("--insecure")
         else:
             args += ["--root-certificates", str(self.certificates / "ca.crt")]
-        proc = self.start(f"supernode-{partition}", args)
-        self.supernodes[partition] = proc
+        if auth_key is not None:
+            args += ["--auth-supernode-private-key", str(auth_key)]
+        proc = self.start(name or f"supernode-{partition}", args)
+        if name is None:
+            self.supernodes[partition] = proc
         return proc
 
     def start_supernodes(self, count: int, *, worker_dir: Path | None = None) -> None:
@@ -261,15 +370,22 @@ class FlowerHarness:
         *,
         federation_config: str | None = None,
         timeout: float = 600.0,
+        app: Path = PROJECT,
     ) -> RunResult:
-        """``flwr run . test --stream`` to the end; the run's status from ``flwr ls``."""
-        return self.finish(self.submit(run_config, federation_config=federation_config), timeout)
+        """``flwr run <app> test --stream`` to the end; the run's status from ``flwr ls``."""
+        submission = self.submit(run_config, federation_config=federation_config, app=app)
+        return self.finish(submission, timeout)
 
     def submit(
-        self, run_config: Mapping[str, Any], *, federation_config: str | None = None
+        self,
+        run_config: Mapping[str, Any],
+        *,
+        federation_config: str | None = None,
+        app: Path = PROJECT,
     ) -> Submission:
-        """Start ``flwr run . test --stream`` and return at once (see :meth:`finish`)."""
-        args = [str(BIN / "flwr"), "run", ".", "test", "--stream"]
+        """Start ``flwr run <app> test --stream`` (this project by default) and return at
+        once (see :meth:`finish`)."""
+        args = [str(BIN / "flwr"), "run", str(app), "test", "--stream"]
         args += ["--run-config", run_config_arg(run_config)]
         if federation_config:
             args += ["--federation-config", federation_config]
@@ -299,10 +415,7 @@ class FlowerHarness:
         )
 
     def listing(self, run_id: str) -> dict[str, Any]:
-        done = self.flwr("ls", "test", "--run-id", run_id, "--format", "json")
-        runs = json.loads(done.stdout)["runs"]
-        found: dict[str, Any] = next(r for r in runs if r["run-id"] == run_id)
-        return found
+        return run_status(BIN / "flwr", run_id, "test", self.env)
 
     def close(self) -> None:
         """Stop every process this harness started, and every process that inherited it."""

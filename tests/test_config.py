@@ -33,7 +33,7 @@ def test_independent_is_an_alias_of_ensemble() -> None:
     ("values", "message"),
     [
         ({"shuffle-prob": 1.5}, r"shuffle-prob must be in \[0.0, 1.0\], got 1.5"),
-        ({"shuffle-prob": math.nan}, "shuffle-prob must be in"),
+        ({"shuffle-prob": math.nan}, "shuffle-prob must be finite, got nan"),
         ({"num-members": 0}, "num-members must be >= 1"),
         ({"strategy": "fedprox"}, "strategy must be one of wash, papa, papa-all, ensemble, fedavg"),
         ({"layer-schedule": "cubic"}, "layer-schedule must be one of linear, constant"),
@@ -41,7 +41,9 @@ def test_independent_is_an_alias_of_ensemble() -> None:
         ({"dirichlet-alpha": 0}, "dirichlet-alpha must be > 0"),
         ({"momentum": 1.0}, r"momentum must be in \[0.0, 1.0\)"),
         ({"lr": -1}, "lr must be > 0"),
-        ({"weight-decay": math.nan}, "weight-decay must be >= 0"),
+        ({"weight-decay": math.nan}, "weight-decay must be finite"),
+        ({"outlier-factor": 0}, "outlier-factor must be > 0"),
+        ({"quarantine-after": 0}, "quarantine-after must be >= 1"),
         ({"num-server-rounds": "ten"}, "num-server-rounds must be int, got 'ten'"),
         ({"shuffle-optimizer-state": 3}, "shuffle-optimizer-state must be bool"),
         ({"num-members": True}, "num-members must be int"),
@@ -64,3 +66,12 @@ def test_pyproject_declares_every_key_with_its_default() -> None:
     run_config = pyproject["tool"]["flwr"]["app"]["config"]
     assert run_config.keys() == WashFedConfig().to_mapping().keys()
     assert WashFedConfig.from_mapping(run_config) == WashFedConfig()
+
+
+@pytest.mark.parametrize(
+    "key", [k for k, v in WashFedConfig().to_mapping().items() if isinstance(v, float)]
+)
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_every_number_must_be_finite(key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"{key} must be finite"):
+        WashFedConfig.from_mapping({key: value})

@@ -6,7 +6,6 @@ traffic figures."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -20,7 +19,13 @@ from typing import Any
 
 import pytest
 
-from simulations.local_flower import PROJECT, TINY_RUN, FlowerHarness, Submission
+from simulations.local_flower import (
+    PROJECT,
+    TINY_RUN,
+    FlowerHarness,
+    results_of,
+    wait_for_rounds,
+)
 from wash_fed.keys import Metric
 from wash_fed.ledger import Ledger
 
@@ -59,11 +64,6 @@ def short_tmp() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="wf-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def results_of(run_dir: Path) -> dict[str, Any]:
-    results: dict[str, Any] = json.loads((run_dir / "results.json").read_text())
-    return results
 
 
 def assert_ledger_within_flowers_traffic(run_dir: Path, listing: dict[str, Any]) -> None:
@@ -115,17 +115,22 @@ def test_deployment_over_tls_runs_in_member_workers_and_its_ledger_matches_flowe
     assert_ledger_within_flowers_traffic(run_dir, result.listing)
 
 
-def wait_for_rounds(submission: Submission, runs: Path, rounds: int, timeout: float) -> Path:
-    """The run's folder, once ``rounds`` rounds are in its results."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run_id = submission.run_id()
-        found = list(runs.glob(f"*-{run_id}/results.json")) if run_id else []
-        if found and len(results_of(found[0].parent)["rounds"]) >= rounds:
-            return found[0].parent
-        assert submission.process.poll() is None, submission.text()[-3000:]
-        time.sleep(0.3)
-    raise AssertionError(f"{rounds} rounds did not finish in {timeout:g} s")
+def test_a_stopped_deployment_run_is_recorded_stopped_at_once(
+    deployment: FlowerHarness, tmp_path: Path
+) -> None:
+    """In a deployment Flower ends the ServerApp's process within seconds of `flwr stop`."""
+    submission = deployment.submit({**SMALL, "num-server-rounds": 100, "output-dir": str(tmp_path)})
+    run_dir = wait_for_rounds(submission, tmp_path, 1, timeout=300)
+    run_id = submission.run_id()
+    assert run_id is not None
+    assert deployment.flwr("stop", run_id, "test").returncode == 0
+    submission.process.wait(timeout=120)
+    time.sleep(5.0)
+    stopped = results_of(run_dir)
+    assert stopped["status"] == "stopped"
+    assert deployment.listing(run_id)["status"] == "finished:stopped"
+    time.sleep(5.0)
+    assert results_of(run_dir) == stopped
 
 
 def test_a_member_killed_mid_run_comes_back_from_its_checkpoint(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,16 @@ from typing import Any
 import pytest
 import torch
 
-from simulations.local_flower import TINY_RUN, FlowerHarness, RunResult
+from simulations.launch import main as launch_main
+from simulations.local_flower import (
+    PROJECT,
+    TINY_RUN,
+    FlowerHarness,
+    RunResult,
+    copy_app,
+    results_of,
+    run_config_arg,
+)
 from wash_fed.config import WashFedConfig
 from wash_fed.ledger import Ledger
 from wash_fed.population import run_population
@@ -33,26 +43,15 @@ FRAMING_PER_ARRAY = 400
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerHarness]:
-    h = FlowerHarness(tmp_path_factory.mktemp("flwr-home"))
-    try:
-        h.start_superlink(simulation=True)
-        yield h
-    finally:
-        h.close()
-    assert h.descendants() == [], "processes survived the harness"
-
-
-@pytest.fixture(scope="module")
 def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
 def run(
-    harness: FlowerHarness, out: Path, **overrides: Any
+    simulation_harness: FlowerHarness, out: Path, **overrides: Any
 ) -> tuple[RunResult, dict[str, Any], Path]:
     config = {**SMALL, "output-dir": str(out), **overrides}
-    result = harness.run(config, federation_config=FEDERATION)
+    result = simulation_harness.run(config, federation_config=FEDERATION)
     assert result.status == "finished:completed", f"{result.details}\n{result.output[-4000:]}"
     (run_dir,) = out.glob(f"*-{result.run_id}")
     results = json.loads((run_dir / "results.json").read_text())
@@ -65,8 +64,10 @@ def cfg_of(results: dict[str, Any]) -> WashFedConfig:
     return WashFedConfig.from_mapping(results["config"])
 
 
-def test_wash_run_sends_only_the_masked_values(harness: FlowerHarness, out: Path) -> None:
-    result, results, run_dir = run(harness, out, strategy="wash")
+def test_wash_run_sends_only_the_masked_values(
+    simulation_harness: FlowerHarness, out: Path
+) -> None:
+    result, results, run_dir = run(simulation_harness, out, strategy="wash")
     cfg = cfg_of(results)
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert all(r["answered"] == MEMBERS for r in results["rounds"])
@@ -99,8 +100,10 @@ def test_wash_run_sends_only_the_masked_values(harness: FlowerHarness, out: Path
     assert results["fedavg_bytes"] > 10 * sum(e.bytes for e in train)
 
 
-def test_fedavg_run_sends_the_full_model_each_way(harness: FlowerHarness, out: Path) -> None:
-    _, results, run_dir = run(harness, out, strategy="fedavg")
+def test_fedavg_run_sends_the_full_model_each_way(
+    simulation_harness: FlowerHarness, out: Path
+) -> None:
+    _, results, run_dir = run(simulation_harness, out, strategy="fedavg")
     cfg = cfg_of(results)
     state = new_model(cfg).state_dict()
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
@@ -113,8 +116,8 @@ def test_fedavg_run_sends_the_full_model_each_way(harness: FlowerHarness, out: P
     assert 0.0 < results["final"]["global_model"] <= 1.0
 
 
-def test_papa_run_averages_every_round(harness: FlowerHarness, out: Path) -> None:
-    _, results, run_dir = run(harness, out, strategy="papa", **{"papa-every": 1})
+def test_papa_run_averages_every_round(simulation_harness: FlowerHarness, out: Path) -> None:
+    _, results, run_dir = run(simulation_harness, out, strategy="papa", **{"papa-every": 1})
     cfg = cfg_of(results)
     tensors = list(new_model(cfg).parameters())
     params = sum(p.numel() for p in tensors)
@@ -145,12 +148,12 @@ def torch_settings() -> Iterator[None]:
     ids=["wash+opt", "papa"],
 )
 def test_a_federated_run_equals_the_population_trainer_bit_for_bit(
-    harness: FlowerHarness, out: Path, overrides: dict[str, Any]
+    simulation_harness: FlowerHarness, out: Path, overrides: dict[str, Any]
 ) -> None:
     """Same config, three rounds: the members collected through Flower are the population
     trainer's members, bit for bit, and every exchange delivered the same values."""
     common = {"num-server-rounds": 3, "save-members": True, "deterministic": True}
-    _, results, run_dir = run(harness, out, **common, **overrides)
+    _, results, run_dir = run(simulation_harness, out, **common, **overrides)
     cfg = cfg_of(results)
     reference = run_population(cfg, log=lambda _: None, progress_eval=False)
     federated = _members(run_dir)
@@ -177,22 +180,89 @@ def _members(run_dir: Path) -> list[dict[str, torch.Tensor]]:
     return members
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"shuffle-prob": 1.5}, "shuffle-prob must be in [0.0, 1.0], got 1.5"),
+        ({"lr": math.inf}, "lr must be finite, got inf"),
+    ],
+)
 def test_bad_config_fails_before_training_with_a_clear_error(
-    harness: FlowerHarness, out: Path
+    simulation_harness: FlowerHarness, out: Path, bad: dict[str, Any], message: str
 ) -> None:
-    config = {**SMALL, "output-dir": str(out / "bad"), "shuffle-prob": 1.5}
-    result = harness.run(config, federation_config=FEDERATION)
+    config = {**SMALL, "output-dir": str(out / "bad"), **bad}
+    result = simulation_harness.run(config, federation_config=FEDERATION)
     assert result.status == "finished:failed"
-    assert "shuffle-prob must be in [0.0, 1.0], got 1.5" in result.output + result.details
+    assert message in result.output + result.details
     assert not (out / "bad").exists()
 
 
+def test_a_run_that_diverges_ends_failed_and_says_why(
+    simulation_harness: FlowerHarness, out: Path
+) -> None:
+    """Every member's loss becomes NaN: they all fail, and the run does not pass for done."""
+    target = out / "diverged"
+    result = simulation_harness.run(
+        {**SMALL, "output-dir": str(target), "lr": 1e12}, federation_config=FEDERATION
+    )
+    assert result.status == "finished:failed", result.output[-3000:]
+    (run_dir,) = target.glob(f"*-{result.run_id}")
+    results = results_of(run_dir)
+    assert results["status"] == "failed"
+    assert "no member completed a single round" in results["error"]
+    assert "member 0: training loss became nan" in results["error"]
+    for row in results["rounds"]:  # each failure with its reason, in one line
+        assert len(row["failed"]) == MEMBERS and row["members"] == {}
+        assert all("\n" not in why and "became nan" in why for why in row["failed"].values())
+
+
+def test_members_run_the_code_of_the_submitted_app(
+    simulation_harness: FlowerHarness, out: Path, tmp_path: Path
+) -> None:
+    """An app submitted from another folder runs its own packages on the members, not the
+    ones this checkout (installed editable) holds: each marks the file it was loaded from."""
+    app = copy_app(tmp_path / "app")
+    mark = "\nimport pathlib as _p\n_p.Path(__file__).with_suffix('.loaded').touch()\n"
+    for module in ("client/app.py", "client/task.py", "wash_fed/training.py"):
+        with open(app / module, "a") as source:
+            source.write(mark)
+    config = {**SMALL, "num-server-rounds": 1, "output-dir": str(out / "copy")}
+    result = simulation_harness.run(config, federation_config=FEDERATION, app=app)
+    assert result.status == "finished:completed", result.output[-3000:]
+    loaded = {
+        p.relative_to(p.parents[1]).as_posix() for p in simulation_harness.home.rglob("*.loaded")
+    }
+    assert loaded == {"client/app.loaded", "client/task.loaded", "wash_fed/training.loaded"}
+    assert not list(PROJECT.rglob("*.loaded")), "this checkout's code ran"
+
+
+def test_the_launcher_exits_non_zero_unless_the_run_completed(
+    simulation_harness: FlowerHarness,
+    out: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`make run`'s command: bad keys and values are named before anything starts, and a
+    run that fails (here: no data set where the run looks for it) is an exit code of 1."""
+    for key, value in simulation_harness.env.items():
+        monkeypatch.setenv(key, value)
+    assert launch_main(["test", "--run-config", "lr=inf"]) == 2
+    assert "lr must be finite, got inf" in capsys.readouterr().err
+    assert launch_main(["test", "--run-config", "shufle-prob=0.1"]) == 2
+    assert "unknown config key 'shufle-prob'" in capsys.readouterr().err
+    overrides = run_config_arg({**SMALL, "output-dir": str(out), "data-root": str(tmp_path)})
+    code = launch_main(["test", "--run-config", overrides, "--federation-config", FEDERATION])
+    assert code == 1
+    assert "finished:failed" in capsys.readouterr().err
+
+
 def test_comparison_command_runs_strategies_and_writes_table_and_plots(
-    harness: FlowerHarness, out: Path, monkeypatch: pytest.MonkeyPatch
+    simulation_harness: FlowerHarness, out: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from simulations import compare
 
-    for key, value in harness.env.items():
+    for key, value in simulation_harness.env.items():
         monkeypatch.setenv(key, value)
     target = out / "compare"
     overrides = " ".join(f"{k}={v}" for k, v in SMALL.items() if k != "num-members")

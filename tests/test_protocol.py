@@ -21,6 +21,7 @@ from wash_fed.protocol import (
 from wash_fed.training import Member, TrainingData, load_training_data, wash_mask
 
 MEMBERS = [0, 1, 2]
+PARAMETERS = {"w": torch.zeros(40), "b": torch.zeros(12)}
 NUMELS = [40, 12]
 
 
@@ -36,7 +37,7 @@ def owned_values(member: int, event: int, config: WashFedConfig) -> dict[str, to
 
 def test_wash_delivers_a_permutation_of_what_the_participants_sent() -> None:
     config = cfg()
-    server = WashServer(config, MEMBERS, NUMELS)
+    server = WashServer(config, MEMBERS, PARAMETERS)
     assert server.reply_for(1) == "values"
     exchange = server.exchange(1, {p: owned_values(p, 1, config) for p in MEMBERS})
     sent = torch.stack([owned_values(p, 1, config)["weights"] for p in MEMBERS])
@@ -44,7 +45,7 @@ def test_wash_delivers_a_permutation_of_what_the_participants_sent() -> None:
     assert torch.equal(sent.sort(0).values, received.sort(0).values)  # per coordinate
     assert exchange.counts["moved"] > 0 and exchange.counts["participants"] == 3
     assert all(d.kind == "values" and d.event == 1 for d in exchange.deliveries.values())
-    again = WashServer(config, MEMBERS, NUMELS).exchange(
+    again = WashServer(config, MEMBERS, PARAMETERS).exchange(
         1, {p: owned_values(p, 1, config) for p in MEMBERS}
     )
     assert again.digest == exchange.digest  # deterministic in (seed, event)
@@ -52,7 +53,7 @@ def test_wash_delivers_a_permutation_of_what_the_participants_sent() -> None:
 
 def test_a_member_that_fails_keeps_its_delivery_and_takes_nobodys_values() -> None:
     config = cfg()
-    server = WashServer(config, MEMBERS, NUMELS)
+    server = WashServer(config, MEMBERS, PARAMETERS)
     deliveries = Deliveries()
     first = server.exchange(1, {p: owned_values(p, 1, config) for p in MEMBERS})
     deliveries.settle(MEMBERS, first)
@@ -71,7 +72,7 @@ def test_a_member_that_fails_keeps_its_delivery_and_takes_nobodys_values() -> No
 
 def test_bad_payloads_are_left_out_with_a_reason_and_the_rest_shuffle() -> None:
     config = cfg()
-    server = WashServer(config, MEMBERS, NUMELS)
+    server = WashServer(config, MEMBERS, PARAMETERS)
     m = wash_mask(config, NUMELS, 1).num_selected
     nan = torch.zeros(m)
     nan[0] = math.nan
@@ -90,21 +91,39 @@ def test_bad_payloads_are_left_out_with_a_reason_and_the_rest_shuffle() -> None:
     assert "value kinds" in wrong_kind.rejected[1]
 
 
+def weights(value: float) -> dict[str, torch.Tensor]:
+    """Parameters shaped like PARAMETERS, every entry ``value``."""
+    return {name: torch.full_like(t, value) for name, t in PARAMETERS.items()}
+
+
 def test_papa_delivers_the_mean_on_its_rounds_and_a_newer_mean_replaces_an_older() -> None:
     config = cfg(strategy="papa", papa_every=2)
-    server = PapaServer(config, MEMBERS)
+    server = PapaServer(config, MEMBERS, PARAMETERS)
     assert server.reply_for(1) == "metrics" and server.reply_for(2) == "weights"
-    assert server.exchange(1, {p: {"w": torch.zeros(3)} for p in MEMBERS}).deliveries == {}
+    assert server.exchange(1, {p: weights(0.0) for p in MEMBERS}).deliveries == {}
     deliveries = Deliveries()
-    exchange = server.exchange(2, {p: {"w": torch.full((3,), float(p))} for p in MEMBERS})
+    exchange = server.exchange(2, {p: weights(float(p)) for p in MEMBERS})
     deliveries.settle(MEMBERS, exchange)
-    assert all(torch.equal(exchange.deliveries[p].tensors["w"], torch.ones(3)) for p in MEMBERS)
+    assert all(torch.equal(exchange.deliveries[p].tensors["w"], torch.ones(40)) for p in MEMBERS)
     assert exchange.counts == {"averaged": 3}
-    # Member 2 fails round 4; the mean of rounds 2 is replaced by round 4's for everyone.
-    later = server.exchange(4, {p: {"w": torch.full((3,), 2.0 * p)} for p in (0, 1)})
+    # Member 2 fails round 4; the mean of round 2 is replaced by round 4's for everyone.
+    later = server.exchange(4, {p: weights(2.0 * p) for p in (0, 1)})
     deliveries.settle([0, 1], later)
     assert deliveries.due(2).event == 4  # type: ignore[union-attr]
-    assert torch.equal(deliveries.due(2).tensors["w"], torch.ones(3))  # type: ignore[union-attr]
+    assert torch.equal(deliveries.due(2).tensors["b"], torch.ones(12))  # type: ignore[union-attr]
+
+
+def test_papa_leaves_out_what_the_gate_rejects() -> None:
+    server = PapaServer(cfg(strategy="papa"), range(5), PARAMETERS)
+    payloads = {p: weights(1.0 + 0.01 * p) for p in range(5)}
+    payloads[1] = {**weights(1.0), "w": torch.full((40,), math.nan)}
+    payloads[2] = weights(1000.0)  # judged against members 0 and 4, the other well-formed ones
+    payloads[3] = {"w": torch.ones(40, dtype=torch.float64), "b": torch.ones(12)}
+    exchange = server.exchange(1, payloads)
+    assert set(exchange.rejected) == {1, 2, 3} and exchange.counts == {"averaged": 2}
+    assert "non-finite" in exchange.rejected[1] and "float64" in exchange.rejected[3]
+    mean = exchange.deliveries[2].tensors["w"]  # every member is pulled toward 0 and 4's mean
+    assert torch.allclose(mean, torch.full((40,), 1.02))
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,8 @@ def test_merged_statistics_equal_statistics_over_all_batches() -> None:
 
 def test_bn_statistics_cross_the_wire_exactly() -> None:
     stats = bn_statistics(SmallCNN(), _batches(2, 0))
-    back = wire.record_to_bn_statistics(wire.bn_statistics_to_record(stats), stats.batches)
+    record = wire.bn_statistics_to_record(stats)
+    back = wire.tensors_to_bn_statistics(wire.record_to_tensors(record), stats.batches)
     assert back.batches == stats.batches
     assert back.means.keys() == stats.means.keys() == back.variances.keys()
     for name in stats.means:

@@ -11,8 +11,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from server.fedavg import FedAvgRounds
 from server.roster import Roster
-from server.strategies import PopulationStrategy
+from server.strategies import PopulationStrategy, RoundReport
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Config, MessageType, Record
@@ -20,6 +21,7 @@ from wash_fed.protocol import PapaServer, WashServer
 from wash_fed.training import wash_mask
 
 NODES = {0: 101, 1: 102, 2: 103}  # partition id -> node id
+PARAMETERS = {"w": torch.zeros(40), "b": torch.zeros(12)}
 NUMELS = [40, 12]
 
 
@@ -40,9 +42,9 @@ def strategy_for(config: WashFedConfig) -> PopulationStrategy:
     roster = Roster(config, mask_digest="")
     roster.nodes = dict(NODES)
     protocol = (
-        WashServer(config, NODES, NUMELS)
+        WashServer(config, NODES, PARAMETERS)
         if config.strategy == "wash"
-        else PapaServer(config, NODES)
+        else PapaServer(config, NODES, PARAMETERS)
     )
     return PopulationStrategy(config, roster, protocol)
 
@@ -116,7 +118,8 @@ def test_a_reply_without_its_payload_or_from_a_stranger_is_left_out() -> None:
         ],
     )
     report = strategy.history[-1]
-    assert set(report.metrics) == {0, 1, 2} and report.failed == {}
+    assert set(report.metrics) == {0, 2} and report.failed == {}
+    assert "expected ['metrics', 'values']" in report.rejected[1]
     assert report.exchange["participants"] == 2
     assert strategy.deliveries.due(1) is None and strategy.deliveries.due(0) is not None
 
@@ -125,7 +128,7 @@ def test_papa_asks_for_weights_on_its_rounds_and_delivers_the_mean_to_all() -> N
     config = cfg(strategy="papa", papa_every=2)
     strategy = strategy_for(config)
     messages = by_node(strategy.messages(MessageType.TRAIN, 2, {}))
-    weights = {p: {"w": torch.full((3,), float(p))} for p in NODES}
+    weights = {p: {n: torch.full_like(t, float(p)) for n, t in PARAMETERS.items()} for p in NODES}
     strategy.aggregate_train(
         2,
         [
@@ -137,5 +140,41 @@ def test_papa_asks_for_weights_on_its_rounds_and_delivers_the_mean_to_all() -> N
         message = by_node(strategy.messages(MessageType.TRAIN, 3, {}))[node]
         delivery = wire.delivery_from_content(message.content)
         assert delivery is not None and delivery.kind == "mean" and delivery.event == 2
-        assert torch.equal(delivery.tensors["w"], torch.ones(3))
+        assert torch.equal(delivery.tensors["w"], torch.ones(40))
     assert strategy.history[-1].exchange == {"averaged": 3}
+
+
+def test_fedavg_reports_each_round_with_its_own_members_metrics() -> None:
+    """A round in which every reply failed reports no members; it does not shift the
+    figures of the rounds after it."""
+    reports: list[RoundReport] = []
+    rounds = FedAvgRounds(cfg(strategy="fedavg", eval_every=0), lambda _: 0.0, reports.append)
+    assert rounds.close(0, ArrayRecord()) is None and reports == []  # FedAvg's initial check
+    rounds.close(1, ArrayRecord())  # no train metrics: every reply failed
+    metrics = MetricRecord({"partition-id": 2, "loss": 0.3, "num-examples": 8})
+    rounds.train_metrics([RecordDict({Record.METRICS: metrics})], "num-examples")
+    rounds.close(2, ArrayRecord())
+    assert [r.round for r in reports] == [1, 2]
+    assert reports[0].metrics == {} and reports[1].metrics[2]["loss"] == 0.3
+
+
+def test_a_failure_is_reported_by_its_reason_in_one_line() -> None:
+    """Flower's reason for a ClientApp that raised carries the traceback (and, in simulation,
+    Ray's wrapping, in colour); a member's failure is its exception's message."""
+    strategy = strategy_for(cfg())
+    (msg, *_) = strategy.messages(MessageType.TRAIN, 1, {})
+    wrapped = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor"
+        '.run()\x1b[39m (pid=1)\n  File "client/task.py", line 167, in train\n'
+        "FloatingPointError: member 0: loss became nan\n\nflwr.clientapp.client_app."
+        "ClientAppException: \nException ClientAppException occurred. Message: member 0: "
+        "loss became nan'>"
+    )
+    for reason, expected in [
+        (wrapped, "member 0: loss became nan"),
+        ("ClientApp raised", "ClientApp raised"),
+        ("x" * 1000, "x" * 299 + "…"),
+        ("", "error code 2"),
+    ]:
+        reply = Message(Error(code=2, reason=reason), reply_to=msg)
+        assert wire.error_reason(reply) == expected

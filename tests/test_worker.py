@@ -141,7 +141,8 @@ def test_worker_keeps_its_member_resumes_after_sigkill_and_ends_with_the_run(
 
     run_dir = worker_link.run_directory(tmp_path, RUN_ID)
     assert run_dir.stat().st_mode & 0o777 == 0o700
-    assert (run_dir / "member.pt").is_file() and (run_dir / "worker.sock").is_socket()
+    assert sorted(p.name for p in run_dir.glob("member-r*.pt")) == ["member-r1.pt", "member-r2.pt"]
+    assert (run_dir / "worker.sock").is_socket()
     os.kill(pid, signal.SIGKILL)
     assert wait_gone(pid)
 
@@ -154,7 +155,7 @@ def test_worker_keeps_its_member_resumes_after_sigkill_and_ends_with_the_run(
     assert round3[Metric.WORKER_PID] == new_pid
     assert ended[Metric.STEPS_DONE] == 3 * RUN_CONFIG["local-steps"]
     assert wait_gone(new_pid), "the worker outlived its run"
-    assert not (run_dir / "member.pt").exists() and not (run_dir / "worker.sock").exists()
+    assert not list(run_dir.glob("member-r*.pt")) and not (run_dir / "worker.sock").exists()
 
 
 @pytest.mark.slow

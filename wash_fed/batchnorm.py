@@ -23,6 +23,7 @@ __all__ = [
     "load_bn_statistics",
     "merge_bn_statistics",
     "recalibrate_bn",
+    "running_statistics",
 ]
 
 
@@ -33,6 +34,11 @@ class BNStatistics:
     means: dict[str, Tensor]
     variances: dict[str, Tensor]
     batches: int
+
+    def named_tensors(self) -> dict[str, Tensor]:
+        """Every statistic by ``<layer>.mean`` and ``<layer>.var`` (how they travel)."""
+        tensors = {f"{name}.mean": t for name, t in self.means.items()}
+        return tensors | {f"{name}.var": t for name, t in self.variances.items()}
 
 
 def _bn_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -49,6 +55,17 @@ def _running(m: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor, Tensor
     if mean is None or var is None or tracked is None:
         raise ValueError("BatchNorm layer without running statistics")
     return mean, var, tracked
+
+
+def running_statistics(model: nn.Module) -> BNStatistics:
+    """``model``'s BatchNorm running statistics as they are (copies; batches: 1). Also the
+    reference for the layers and shapes statistics of this model must have."""
+    running = {name: _running(m) for name, m in _bn_layers(model).items()}
+    return BNStatistics(
+        {name: mean.detach().clone() for name, (mean, _, _) in running.items()},
+        {name: var.detach().clone() for name, (_, var, _) in running.items()},
+        1,
+    )
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ Python. :meth:`WashFedConfig.from_mapping` parses and validates once; every prob
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,25 @@ LR_SCHEDULES = ("one-cycle", "cosine", "constant")
 INITS = ("different", "shared")
 SOUPS = ("uniform", "greedy")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+RESUMABLE_CHANGES = frozenset(
+    {
+        "resume-from",
+        "output-dir",
+        "member-checkpoints",
+        "round-timeout",
+        "poll-interval",
+        "node-wait-timeout",
+        "worker-idle-timeout",
+        "metrics-port",
+        "metrics-grace",
+        "metrics-pushgateway",
+        "save-members",
+        "device",
+    }
+)
+"""Keys a resumed run may set differently from the run it continues."""
 
 
 class ConfigError(ValueError):
@@ -95,6 +115,17 @@ class WashFedConfig:
         default=0.9, metadata=_doc("PAPA: theta <- rate*theta + (1-rate)*mean, in [0, 1)")
     )
 
+    outlier_factor: float = field(
+        default=50.0,
+        metadata=_doc(
+            "reply gate: a member whose values sit this many spreads from the members' "
+            "median is left out"
+        ),
+    )
+    quarantine_after: int = field(
+        default=3,
+        metadata=_doc("reply gate: a member rejected this many rounds in a row is quarantined"),
+    )
     soup: str = field(
         default="uniform", metadata=_doc(f"one of {SOUPS}: the soup saved as the final model")
     )
@@ -143,10 +174,24 @@ class WashFedConfig:
     output_dir: str = field(
         default="runs", metadata=_doc("directory that receives one folder per run")
     )
+    resume_from: str = field(
+        default="",
+        metadata=_doc("Flower: a stopped or failed run's folder (runs/<...>) to continue"),
+    )
+    member_checkpoints: str = field(
+        default="runs/members",
+        metadata=_doc(
+            "Flower: where a member without a worker checkpoints itself each round; '': off"
+        ),
+    )
 
     def __post_init__(self) -> None:
         strategy = STRATEGY_ALIASES.get(self.strategy, self.strategy)
         object.__setattr__(self, "strategy", strategy)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name.replace('_', '-')} must be finite, got {value}")
         _one_of("strategy", self.strategy, STRATEGIES)
         _at_least("num-members", self.num_members, 1)
         _at_least("num-server-rounds", self.num_server_rounds, 1)
@@ -172,6 +217,8 @@ class WashFedConfig:
         _one_of("layer-schedule", self.layer_schedule, LAYER_SCHEDULES)
         _at_least("papa-every", self.papa_every, 1)
         _in_range("papa-rate", self.papa_rate, 0.0, 1.0, closed_high=False)
+        _greater("outlier-factor", self.outlier_factor, 0.0)
+        _at_least("quarantine-after", self.quarantine_after, 1)
         _one_of("soup", self.soup, SOUPS)
         if self.soup == "greedy" and self.holdout_size == 0 and not self.validation_path:
             raise ConfigError(
@@ -187,8 +234,20 @@ class WashFedConfig:
         _in_range("metrics-port", self.metrics_port, 0, 65535)
         _at_least("metrics-grace", self.metrics_grace, 0.0)
         _one_of("device", self.device, DEVICES)
+        if self.resume_from and self.strategy == "fedavg":
+            raise ConfigError(
+                "resume-from continues wash, papa, papa-all and ensemble runs; "
+                "fedavg (Flower's own strategy) keeps no checkpoint"
+            )
         if self.shuffle_optimizer_state and self.momentum == 0.0:
             raise ConfigError("shuffle-optimizer-state needs optimizer state: set momentum > 0")
+
+    def training_changes(self, other: WashFedConfig) -> list[str]:
+        """The keys whose values differ between two configurations, leaving out those a
+        resumed run may change (:data:`RESUMABLE_CHANGES`: where things go, timeouts,
+        metrics, the device)."""
+        mine, theirs = self.to_mapping(), other.to_mapping()
+        return [k for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs[k]]
 
     @property
     def label(self) -> str:

@@ -10,7 +10,21 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
-__all__ = ["Config", "Info", "MessageType", "Metric", "NodeConfig", "Record", "Reply", "Split"]
+__all__ = [
+    "RESULTS_IN",
+    "Config",
+    "Info",
+    "MessageType",
+    "Metric",
+    "NodeConfig",
+    "Record",
+    "Reply",
+    "Split",
+]
+
+RESULTS_IN: Final = "results in "
+"""The ServerApp's first log line ends with this and its results folder; the launcher reads
+it there to settle a run whose ServerApp was killed before it could."""
 
 
 class MessageType:
@@ -59,6 +73,18 @@ class Config:
     """The round whose exchange produced the delivery (``values`` or ``mean``) in the message."""
     SPLIT: Final = "split"
     """``evaluate``: on which of its data the member evaluates, one of :class:`Split`."""
+    CHECKPOINTED_ROUND: Final = "checkpointed-round"
+    """``train`` and ``query.collect``: the newest round of the server's own checkpoint; a
+    member keeps its checkpoints of that round and later (absent: its newest only)."""
+    RESUME_RUN: Final = "resume-run"
+    """``query.hello`` of a resumed run: the run whose member checkpoints to continue."""
+    RESUME_ROUND: Final = "resume-round"
+    """``query.hello`` of a resumed run: the last round the server has; the member continues
+    from its newest checkpoint of a round no later than this."""
+    KEEP_CHECKPOINTS: Final = "keep-checkpoints"
+    """``query.end``: True when the run did not complete (it can be resumed)."""
+    EARLIER_RUNS: Final = "earlier-runs"
+    """``query.end`` of a resumed run: the runs it continued, whose checkpoints go with it."""
 
 
 class Split:
@@ -90,6 +116,10 @@ class Metric:
     TEST_ACCURACY: Final = "test-accuracy"
     NUM_EXAMPLES: Final = "num-examples"
     """Also Flower FedAvg's weighting key."""
+    TEST_EXAMPLES: Final = "test-examples"
+    """``query.hello``: the member's test images (the most its evaluations may weigh)."""
+    HOLDOUT_EXAMPLES: Final = "holdout-examples"
+    """``query.hello``: the member's held-out images."""
     STEPS: Final = "steps"
     STEPS_DONE: Final = "steps-done"
     EPOCHS: Final = "epochs"
@@ -102,7 +132,9 @@ class Metric:
     TRAIN_SECONDS: Final = "train-seconds"
     HANDLER_SECONDS: Final = "handler-seconds"
     CHECKPOINT_SECONDS: Final = "checkpoint-seconds"
-    """The member worker's time to write its checkpoint after the message."""
+    """The member's time to write its checkpoint after the message."""
+    RESUMED_ROUND: Final = "resumed-round"
+    """``query.hello``: the round of the checkpoint the member continues from (0: none)."""
     WORKER_PID: Final = "worker-pid"
     """The member worker's process id (absent when the member runs in the ClientApp)."""
 

@@ -149,8 +149,8 @@ def run_population(
     test = test or load_test_data(cfg)
     configure_torch(cfg)
     members = [Member(cfg, i, data.member(i), device) for i in range(cfg.num_members)]
-    numels = [p.numel() for p in members[0].parameters()]
-    server = server_protocol(cfg, range(cfg.num_members), numels)
+    parameters = dict(members[0].model.named_parameters())
+    server = server_protocol(cfg, range(cfg.num_members), parameters)
     deliveries = Deliveries()
     ledger = Ledger()
     label = cfg.label

@@ -27,13 +27,14 @@ multiset of values at every coordinate is preserved.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import Tensor
 
 from wash_fed.config import WashFedConfig
+from wash_fed.gate import check_tensors, check_values, magnitude_outliers
 from wash_fed.keys import Reply, ReplyKind
 from wash_fed.papa import population_mean, pull_toward
 from wash_fed.shuffle import gather, scatter, shuffle_values
@@ -182,14 +183,19 @@ class EnsembleServer(ServerProtocol):
 
 
 class WashServer(ServerProtocol):
-    """WASH: after each round, one shuffle event among the members that answered.
+    """WASH: after each round, one shuffle event among the members whose values pass the
+    gate (:mod:`wash_fed.gate`: form, then magnitude against the others).
 
-    ``numels`` are the sizes of the model's parameter tensors in registration order.
+    ``parameters`` are the model's parameter tensors by name, in registration order (only
+    their sizes and dtype matter).
     """
 
-    def __init__(self, cfg: WashFedConfig, members: Iterable[int], numels: list[int]) -> None:
+    def __init__(
+        self, cfg: WashFedConfig, members: Iterable[int], parameters: Mapping[str, Tensor]
+    ) -> None:
         super().__init__(cfg, members)
-        self.numels = numels
+        self.numels = [p.numel() for p in parameters.values()]
+        self.dtype = next(iter(parameters.values())).dtype
 
     def reply_for(self, server_round: int) -> ReplyKind:
         return "values"
@@ -199,14 +205,11 @@ class WashServer(ServerProtocol):
 
     def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
         selected = wash_mask(self.cfg, self.numels, server_round).num_selected
-        accepted: dict[int, Payload] = {}
-        rejected: dict[int, str] = {}
-        for member, payload in sorted(payloads.items()):
-            problem = _check_values(payload, self.expected_kinds(), selected)
-            if problem is None:
-                accepted[member] = payload
-            else:
-                rejected[member] = problem
+        accepted, rejected = _admit(
+            payloads,
+            lambda p: check_values(p, self.expected_kinds(), selected, self.dtype),
+            self.cfg.outlier_factor,
+        )
         counts = {"selected": selected, "moved": 0, "participants": len(accepted)}
         if len(accepted) < 2:
             return Exchange({}, counts, rejected)
@@ -220,21 +223,28 @@ class WashServer(ServerProtocol):
         return Exchange(deliveries, counts | {"moved": moved}, rejected)
 
 
-def _check_values(payload: Payload, kinds: list[str], selected: int) -> str | None:
-    """Why a WASH payload cannot take part in a shuffle event (``None``: it can)."""
-    if sorted(payload) != sorted(kinds):
-        return f"sent value kinds {sorted(payload)}, expected {sorted(kinds)}"
-    for kind, v in payload.items():
-        if tuple(v.shape) != (selected,):
-            return f"{kind!r} has shape {tuple(v.shape)}, the mask selects {selected}"
-        if not bool(v.isfinite().all()):
-            return f"{kind!r} holds non-finite values"
-    return None
+def _admit(
+    payloads: Mapping[int, Payload], check: Callable[[Payload], str | None], factor: float
+) -> tuple[dict[int, Payload], dict[int, str]]:
+    """The payloads that pass ``check`` and then the magnitude bound among themselves (in
+    member order), and the reasons for the others."""
+    rejected = {m: reason for m, p in payloads.items() if (reason := check(p)) is not None}
+    formed = {m: p for m, p in sorted(payloads.items()) if m not in rejected}
+    outliers = magnitude_outliers(formed, factor)
+    accepted = {m: p for m, p in formed.items() if m not in outliers}
+    return accepted, rejected | outliers
 
 
 class PapaServer(ServerProtocol):
     """PAPA: every ``papa-every`` rounds the members send their parameters and every
-    member is pulled toward their mean (``papa-all``: replaced by it) before its next steps."""
+    member is pulled toward the mean of those that pass the gate (``papa-all``: replaced
+    by it) before its next steps."""
+
+    def __init__(
+        self, cfg: WashFedConfig, members: Iterable[int], parameters: Mapping[str, Tensor]
+    ) -> None:
+        super().__init__(cfg, members)
+        self.reference = {name: p.detach() for name, p in parameters.items()}
 
     def _due(self, server_round: int) -> bool:
         return server_round % self.cfg.papa_every == 0
@@ -245,21 +255,28 @@ class PapaServer(ServerProtocol):
     def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
         if not self._due(server_round) or not payloads:
             return Exchange({})
-        ordered = [payloads[m] for m in sorted(payloads)]
-        names = list(ordered[0])
+        accepted, rejected = _admit(
+            payloads, lambda p: check_tensors(p, self.reference), self.cfg.outlier_factor
+        )
+        if not accepted:
+            return Exchange({}, {"averaged": 0}, rejected)
+        ordered = list(accepted.values())
+        names = list(self.reference)
         mean = population_mean([[p[n] for n in names] for p in ordered])
         delivery = Delivery("mean", server_round, dict(zip(names, mean, strict=True)))
-        return Exchange(dict.fromkeys(self.members, delivery), {"averaged": len(ordered)})
+        counts = {"averaged": len(ordered)}
+        return Exchange(dict.fromkeys(self.members, delivery), counts, rejected)
 
 
 def server_protocol(
-    cfg: WashFedConfig, members: Iterable[int], numels: list[int]
+    cfg: WashFedConfig, members: Iterable[int], parameters: Mapping[str, Tensor]
 ) -> ServerProtocol:
-    """The server protocol of ``cfg.strategy`` (anything but ``fedavg``, which is Flower's)."""
+    """The server protocol of ``cfg.strategy`` (anything but ``fedavg``, which is Flower's),
+    for a model with ``parameters`` (by name, in registration order)."""
     if cfg.strategy == "wash":
-        return WashServer(cfg, members, numels)
+        return WashServer(cfg, members, parameters)
     if cfg.strategy in ("papa", "papa-all"):
-        return PapaServer(cfg, members)
+        return PapaServer(cfg, members, parameters)
     if cfg.strategy == "ensemble":
         return EnsembleServer(cfg, members)
     raise ValueError(f"no member protocol for strategy {cfg.strategy!r}")

@@ -12,10 +12,13 @@ sends its global model as ``arrays`` instead.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from torch import Tensor
 
@@ -25,6 +28,8 @@ from wash_fed.protocol import Delivery
 
 __all__ = [
     "ConfigValue",
+    "MalformedReplyError",
+    "ReplyParts",
     "bn_statistics_to_record",
     "config_value",
     "delivery_from_content",
@@ -32,14 +37,15 @@ __all__ = [
     "message",
     "message_bytes",
     "metric",
-    "payload_from_content",
+    "payload_record",
     "payload_records",
-    "record_to_bn_statistics",
     "record_to_tensors",
+    "reply_parts",
+    "tensors_to_bn_statistics",
     "tensors_to_record",
 ]
 
-ConfigValue = int | float | str | bytes | bool
+ConfigValue = int | float | str | bytes | bool | list[int]
 
 _PAYLOAD_RECORD: dict[str, str] = {
     Reply.VALUES: Record.VALUES,
@@ -125,36 +131,89 @@ def payload_records(reply: ReplyKind, payload: Mapping[str, Tensor]) -> dict[str
     return {_PAYLOAD_RECORD[reply]: tensors_to_record(payload)}
 
 
-def payload_from_content(reply: ReplyKind, content: RecordDict) -> dict[str, Tensor]:
-    """The payload a round reply carries (the inverse of :func:`payload_records`).
+def payload_record(reply: ReplyKind) -> str | None:
+    """The record that carries a round reply's payload (``None``: metrics only)."""
+    return _PAYLOAD_RECORD.get(reply)
 
-    Raises ValueError naming the record when the reply lacks it or it is not an ArrayRecord.
-    """
-    if reply not in _PAYLOAD_RECORD:
-        return {}
-    name = _PAYLOAD_RECORD[reply]
-    if name not in content.array_records:
-        raise ValueError(f"the reply lacks its {name!r} array record")
-    return record_to_tensors(content.array_records[name])
+
+class MalformedReplyError(ValueError):
+    """A reply whose records are not what the protocol says: names, types or arrays."""
+
+
+@dataclass(frozen=True)
+class ReplyParts:
+    """A reply's content, checked for form: its one array record as tensors (if any), its
+    metrics and its config record (if any)."""
+
+    tensors: dict[str, Tensor]
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+
+
+def reply_parts(
+    content: RecordDict, arrays: str | None = None, config: str | None = None
+) -> ReplyParts:
+    """Split a reply into its parts, insisting on exactly the records the protocol names:
+    ``metrics`` (a MetricRecord), ``arrays`` (an ArrayRecord) and ``config`` (a
+    ConfigRecord) when given, nothing else. Raises :class:`MalformedReplyError` saying what is
+    wrong."""
+    expected: dict[str, type] = {Record.METRICS: MetricRecord}
+    if arrays is not None:
+        expected[arrays] = ArrayRecord
+    if config is not None:
+        expected[config] = ConfigRecord
+    if set(content) != set(expected):
+        raise MalformedReplyError(f"records {sorted(content)}, expected {sorted(expected)}")
+    for name, kind in expected.items():
+        if not isinstance(content[name], kind):
+            raise MalformedReplyError(
+                f"record {name!r} is a {type(content[name]).__name__}, not a {kind.__name__}"
+            )
+    try:
+        tensors = record_to_tensors(content.array_records[arrays]) if arrays else {}
+    except (TypeError, ValueError) as err:
+        raise MalformedReplyError(f"record {arrays!r} holds unreadable arrays ({err})") from None
+    return ReplyParts(
+        tensors,
+        dict(content.metric_records[Record.METRICS]),
+        dict(content.config_records[config]) if config else {},
+    )
 
 
 def bn_statistics_to_record(stats: BNStatistics) -> ArrayRecord:
     """BatchNorm statistics as ``<layer>.mean`` and ``<layer>.var`` arrays; the batch count
     travels as the ``batches`` metric."""
-    tensors = {f"{name}.mean": t for name, t in stats.means.items()}
-    tensors |= {f"{name}.var": t for name, t in stats.variances.items()}
-    return tensors_to_record(tensors)
+    return tensors_to_record(stats.named_tensors())
 
 
-def record_to_bn_statistics(record: ArrayRecord, batches: int) -> BNStatistics:
-    """The inverse of :func:`bn_statistics_to_record`, as CPU tensors."""
-    tensors = record_to_tensors(record)
-    names = [k.removesuffix(".mean") for k in tensors if k.endswith(".mean")]
+def tensors_to_bn_statistics(tensors: Mapping[str, Tensor], batches: int) -> BNStatistics:
+    """The inverse of :func:`bn_statistics_to_record` (given its tensors); raises
+    :class:`MalformedReplyError` when a layer lacks its mean or its variance."""
+    names = {k.removesuffix(".mean") for k in tensors if k.endswith(".mean")}
+    if {f"{n}.{kind}" for n in names for kind in ("mean", "var")} != set(tensors):
+        raise MalformedReplyError("BatchNorm statistics are not pairs of <layer>.mean, .var")
     return BNStatistics(
-        {n: tensors[f"{n}.mean"] for n in names},
-        {n: tensors[f"{n}.var"] for n in names},
+        {n: tensors[f"{n}.mean"] for n in sorted(names)},
+        {n: tensors[f"{n}.var"] for n in sorted(names)},
         batches,
     )
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_MAX_REASON = 300
+
+
+def error_reason(reply: Message) -> str:
+    """Why a reply is an error, in one line: the message of the member's exception, not the
+    traceback (and Ray's wrapping of it) that Flower puts in the reason."""
+    text = _ANSI.sub("", str(reply.error.reason))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return f"error code {reply.error.code}"
+    reason = lines[-1].rstrip("'>")
+    if "Message: " in reason:
+        reason = reason.split("Message: ", 1)[1]
+    return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 1] + "…"
 
 
 def message_bytes(content: Message | RecordDict) -> int:

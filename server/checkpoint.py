@@ -1,0 +1,79 @@
+"""The ServerApp's checkpoint: what a run needs to continue after its ServerApp died or
+was stopped (``resume-from``).
+
+Written after every round to ``checkpoint.pt`` in the run's folder, atomically (aside,
+flushed, renamed), after the round's row in ``results.json``: the round, the strategy's
+state (deliveries still due, history, members missing, quarantine), the ledger, the
+results' rows, and which runs hold the members' matching checkpoints. The shuffle's
+randomness is derived from (seed, round) and needs no state. The file is a pickle: load
+only checkpoints of your own runs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from server.strategies import RoundReport
+from wash_fed.config import ConfigError, WashFedConfig
+from wash_fed.gate import Quarantine
+from wash_fed.ledger import LedgerEntry
+from wash_fed.protocol import Deliveries
+
+__all__ = ["CHECKPOINT", "ServerCheckpoint"]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class ServerCheckpoint:
+    """A run as of the end of ``round``."""
+
+    config: dict[str, Any]
+    run_id: int
+    """The run whose members checkpointed this round."""
+    earlier_runs: list[int]
+    """The runs this one continued, oldest first."""
+    round: int
+    deliveries: Deliveries
+    history: list[RoundReport]
+    missing: set[int]
+    quarantine: Quarantine
+    ledger: list[LedgerEntry]
+    rows: list[dict[str, Any]]
+    """The rounds of ``results.json``."""
+
+    def save(self, directory: Path) -> None:
+        path = directory / CHECKPOINT
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(self, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, directory: Path, cfg: WashFedConfig) -> ServerCheckpoint:
+        """The checkpoint in a run's folder, checked against the configuration of the run
+        that continues it. Raises ConfigError naming what is missing or different."""
+        path = directory / CHECKPOINT
+        if not path.is_file():
+            raise ConfigError(
+                f"resume-from={str(directory)!r}: no {CHECKPOINT} there (a run's folder under "
+                "output-dir; only wash, papa, papa-all and ensemble runs write one)"
+            )
+        saved = torch.load(path, weights_only=False)
+        if not isinstance(saved, cls):
+            raise ConfigError(f"resume-from: {path} is not a wash-fed server checkpoint")
+        changed = cfg.training_changes(WashFedConfig.from_mapping(saved.config))
+        if changed:
+            raise ConfigError(
+                f"resume-from: the run in {directory} was trained with other "
+                + ", ".join(f"{k} ({saved.config[k]!r})" for k in changed)
+                + "; resume it with the same values"
+            )
+        return saved

@@ -1,0 +1,146 @@
+"""FedAvg -- Flower's own strategy, unchanged -- on the same members, model, data and rounds
+as the population strategies, and what it would have sent in their place."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection
+from logging import INFO
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from torch import nn
+
+from server.ledger_grid import LedgerGrid
+from server.report import RunOutput, round_row
+from server.strategies import RoundReport
+from wash_fed import wire
+from wash_fed.config import WashFedConfig
+from wash_fed.gate import require_finite
+from wash_fed.keys import Config, MessageType, Metric, Record, Reply
+from wash_fed.metrics import RunMetrics
+from wash_fed.training import initial_model, new_model
+
+__all__ = ["FedAvgRounds", "fedavg_equivalent_bytes", "run_fedavg"]
+
+
+class FedAvgRounds:
+    """FedAvg's per-round hooks as round reports. ``train_metrics`` (FedAvg's
+    ``train_metrics_aggr_fn``) keeps what the members reported; ``close`` (its
+    ``evaluate_fn``, called once at the end of every round) evaluates the global model when
+    due and reports the round with the metrics kept since the last one -- so a round in
+    which every reply failed reports no members instead of shifting later rounds."""
+
+    def __init__(
+        self,
+        cfg: WashFedConfig,
+        test_accuracy: Callable[[nn.Module], float],
+        on_round: Callable[[RoundReport], None],
+    ) -> None:
+        self.cfg = cfg
+        self.test_accuracy = test_accuracy
+        self.on_round = on_round
+        self._kept: list[RecordDict] = []
+        self._started = time.perf_counter()
+
+    def train_metrics(self, contents: list[RecordDict], weighted_by: str) -> MetricRecord:
+        self._kept = list(contents)
+        return aggregate_metricrecords(contents, weighted_by)
+
+    def close(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:  # FedAvg evaluates the initial model too
+            return None
+        every = self.cfg.eval_every
+        evaluated: dict[str, float] = {}
+        if every > 0 and (server_round % every == 0 or server_round == self.cfg.num_server_rounds):
+            model = new_model(self.cfg)
+            model.load_state_dict(wire.record_to_tensors(arrays))
+            evaluated[Metric.TEST_ACCURACY] = self.test_accuracy(model)
+        members = {
+            int(wire.metric(c, Metric.PARTITION_ID)): {
+                **c.metric_records[Record.METRICS],
+                **evaluated,
+            }
+            for c in self._kept
+        }
+        seconds = time.perf_counter() - self._started
+        self.on_round(RoundReport(server_round, members, {}, seconds, {}))
+        self._kept = []
+        self._started = time.perf_counter()
+        return MetricRecord(dict(evaluated)) if evaluated else None
+
+
+def run_fedavg(
+    grid: LedgerGrid,
+    cfg: WashFedConfig,
+    test_accuracy: Callable[[nn.Module], float],
+    output: RunOutput,
+    metrics: RunMetrics,
+) -> dict[str, Any]:
+    """Flower's FedAvg, unchanged: one global model that every member trains each round.
+
+    Per-round figures come through FedAvg's own hooks: ``train_metrics_aggr_fn`` sees the
+    members' metrics, ``evaluate_fn`` closes each round (evaluating with ``test_accuracy``,
+    on the server's test set or the members').
+    """
+
+    def on_round(report: RoundReport) -> None:
+        output.add_round(round_row(cfg, grid.ledger, report, None))
+        metrics.observe_round(report, 0)
+
+    rounds = FedAvgRounds(cfg, test_accuracy, on_round)
+
+    strategy = FedAvg(
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=cfg.num_members,
+        min_available_nodes=cfg.num_members,
+        train_metrics_aggr_fn=rounds.train_metrics,
+    )
+    # Members read everything else from the run config; "reply" asks for the full state.
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=wire.tensors_to_record(initial_model(cfg, 0).state_dict()),
+        num_rounds=cfg.num_server_rounds,
+        timeout=cfg.round_timeout,
+        train_config=ConfigRecord({Config.REPLY: Reply.STATE}),
+        evaluate_fn=rounds.close,
+    )
+    model = new_model(cfg)
+    model.load_state_dict(wire.record_to_tensors(result.arrays))
+    require_finite(model.state_dict(), "the global model")
+    output.save_model(model.state_dict())
+    final_accuracy = test_accuracy(model)
+    log(INFO, "[fedavg] test accuracy of the global model: %.4f", final_accuracy)
+    metrics.observe_final({"global": final_accuracy})
+    return {"global_model": final_accuracy, "final_accuracy": final_accuracy}
+
+
+def fedavg_equivalent_bytes(cfg: WashFedConfig, nodes: Collection[int]) -> int:
+    """What FedAvg would send over the same rounds: each round the full model to every member
+    and back, measured as Flower serializes those messages."""
+    state = wire.tensors_to_record(new_model(cfg).state_dict())
+    node = next(iter(nodes))
+    down = wire.message(
+        node, MessageType.TRAIN, 1, {Config.REPLY: Reply.STATE}, {Record.ARRAYS: state}
+    )
+    metrics = MetricRecord(
+        {
+            Metric.PARTITION_ID: 0,
+            Metric.LOSS: 0.0,
+            Metric.TRAIN_ACCURACY: 0.0,
+            Metric.NUM_EXAMPLES: 0,
+            Metric.STEPS: 0,
+            Metric.EPOCHS: 0.0,
+        }
+    )
+    up = Message(
+        RecordDict({Record.ARRAYS: state, Record.METRICS: metrics}),
+        dst_node_id=node,
+        message_type=MessageType.TRAIN,
+    )
+    per_round = wire.message_bytes(down) + wire.message_bytes(up)
+    return cfg.num_server_rounds * len(nodes) * per_round

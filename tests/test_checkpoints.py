@@ -1,0 +1,89 @@
+"""A member's checkpoints on disk: written per round, pruned to what the server may resume
+from, restored bit for bit, and refused when they are another member's or configuration's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.checkpoints import MemberCheckpoints
+from wash_fed.config import ConfigError, WashFedConfig
+from wash_fed.training import Member, TrainingData, load_training_data
+
+SMALL = {"train-subset": 1000, "holdout-size": 100, "num-members": 2, "local-steps": 3}
+
+
+@pytest.fixture(scope="module")
+def data() -> TrainingData:
+    return load_training_data(WashFedConfig.from_mapping(SMALL))
+
+
+def member(data: TrainingData, index: int = 0, **overrides: object) -> Member:
+    cfg = WashFedConfig.from_mapping({**SMALL, **overrides})
+    return Member(cfg, index, data.member(index), torch.device("cpu"))
+
+
+def test_checkpoints_are_pruned_to_what_the_server_may_resume_from(
+    tmp_path: Path, data: TrainingData
+) -> None:
+    cfg, trained = WashFedConfig.from_mapping(SMALL), member(data)
+    store = MemberCheckpoints.of_run(tmp_path / "member-0", 7)
+    store.save(trained, cfg, 1, keep_from=0)
+    store.save(trained, cfg, 2, keep_from=1)
+    store.save(trained, cfg, 3, keep_from=1)  # the server stopped saving after round 1
+    assert store.rounds() == [1, 2, 3]
+    store.save(trained, cfg, 4, keep_from=3)
+    assert store.rounds() == [3, 4]
+    store.save(trained, cfg, 5, keep_from=None)  # no server checkpoint: the newest only
+    assert store.rounds() == [5]
+    assert store.sibling(8).directory == tmp_path / "member-0" / "run-8"
+    store.remove()
+    assert not store.directory.exists()
+
+
+def test_a_member_is_restored_bit_for_bit_from_the_round_asked(
+    tmp_path: Path, data: TrainingData
+) -> None:
+    cfg, trained = WashFedConfig.from_mapping(SMALL), member(data)
+    store = MemberCheckpoints(tmp_path)
+    trained.train_steps(3)
+    store.save(trained, cfg, 1, keep_from=0)
+    at_round_1 = {k: v.clone() for k, v in trained.model.state_dict().items()}
+    trained.train_steps(3)
+    store.save(trained, cfg, 2, keep_from=1)
+    fresh = member(data)
+    assert store.restore(fresh, cfg, at_most=1) == 1
+    assert all(torch.equal(v, at_round_1[k]) for k, v in fresh.model.state_dict().items())
+    assert fresh.steps_done == 3
+    assert store.restore(fresh, cfg) == 2 and fresh.steps_done == 6
+    assert store.restore(fresh, cfg, at_most=0) is None
+    # The same steps from the restored state give the same weights.
+    again = member(data)
+    store.restore(again, cfg, at_most=1)
+    again.train_steps(3)
+    assert all(
+        torch.equal(v, trained.model.state_dict()[k]) for k, v in again.model.state_dict().items()
+    )
+
+
+def test_another_members_or_configurations_checkpoint_is_refused(
+    tmp_path: Path, data: TrainingData
+) -> None:
+    cfg = WashFedConfig.from_mapping(SMALL)
+    store = MemberCheckpoints(tmp_path)
+    store.save(member(data, 0), cfg, 1, keep_from=0)
+    with pytest.raises(ValueError, match="is of member 0; this is member 1"):
+        store.restore(member(data, 1), cfg)
+    other = WashFedConfig.from_mapping({**SMALL, "lr": 0.1})
+    with pytest.raises(ValueError, match="trained with other lr"):
+        store.restore(member(data, 0, lr=0.1), other)
+    # Where things go, timeouts and the device may change on resume.
+    moved = WashFedConfig.from_mapping({**SMALL, "output-dir": "elsewhere", "round-timeout": 9})
+    assert store.restore(member(data, 0), moved) == 1
+
+
+def test_only_population_runs_resume() -> None:
+    with pytest.raises(ConfigError, match=r"fedavg .* keeps no checkpoint"):
+        WashFedConfig.from_mapping({"strategy": "fedavg", "resume-from": "runs/x"})

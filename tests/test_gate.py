@@ -1,0 +1,103 @@
+"""The reply gate on plain tensors: form, magnitude against the population, metrics,
+BatchNorm statistics, quarantine."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from wash_fed.batchnorm import BNStatistics
+from wash_fed.gate import (
+    Quarantine,
+    capped_batches,
+    check_bn_statistics,
+    check_metrics,
+    check_tensors,
+    check_values,
+    magnitude_outliers,
+)
+
+REFERENCE = {"w": torch.zeros(4, 3), "b": torch.zeros(3), "n": torch.zeros((), dtype=torch.long)}
+
+
+def honest(member: int, spread: float = 0.01) -> dict[str, torch.Tensor]:
+    """Weights near a shared value, each member a little different."""
+    generator = torch.Generator().manual_seed(member)
+    return {
+        "w": 0.5 + spread * torch.randn(4, 3, generator=generator),
+        "b": -0.2 + spread * torch.randn(3, generator=generator),
+        "n": torch.tensor(7),
+    }
+
+
+def test_form_names_shapes_dtypes_and_finiteness() -> None:
+    assert check_tensors(honest(0), REFERENCE) is None
+    assert "unexpected ['x']" in str(check_tensors({**honest(0), "x": torch.zeros(1)}, REFERENCE))
+    assert "missing ['b']" in str(
+        check_tensors({"w": honest(0)["w"], "n": REFERENCE["n"]}, REFERENCE)
+    )
+    wide = {**honest(0), "w": honest(0)["w"].double()}
+    assert "torch.float64" in str(check_tensors(wide, REFERENCE))
+    nan = {**honest(0), "b": torch.tensor([0.0, math.nan, 0.0])}
+    assert "non-finite" in str(check_tensors(nan, REFERENCE))
+    assert check_values({"weights": torch.ones(5)}, ["weights"], 5, torch.float32) is None
+    assert "shape (6,)" in str(
+        check_values({"weights": torch.ones(6)}, ["weights"], 5, torch.float32)
+    )
+    assert "kinds" in str(check_values({"weight": torch.ones(5)}, ["weights"], 5, torch.float32))
+
+
+@pytest.mark.parametrize(
+    ("fault", "flagged"),
+    [
+        (lambda p: {**p, "w": p["w"] * 1000}, True),
+        (lambda p: {**p, "b": torch.full((3,), 1e30)}, True),
+        (lambda p: {**p, "w": p["w"] + 0.01}, False),  # within the members' own spread
+    ],
+    ids=["scaled", "huge", "ordinary"],
+)
+def test_a_member_far_from_the_population_is_an_outlier(fault: object, flagged: bool) -> None:
+    payloads = {m: honest(m) for m in range(4)}
+    payloads[2] = fault(payloads[2])  # type: ignore[operator]
+    outliers = magnitude_outliers(payloads, factor=50)
+    assert (2 in outliers) is flagged and set(outliers) <= {2}
+
+
+def test_members_from_different_initialisations_are_not_outliers() -> None:
+    payloads = {m: honest(m, spread=1.0) for m in range(5)}
+    assert magnitude_outliers(payloads, factor=50) == {}
+
+
+def test_two_members_have_no_majority_to_judge_by() -> None:
+    payloads = {0: honest(0), 1: {**honest(1), "w": honest(1)["w"] * 1000}}
+    assert magnitude_outliers(payloads, factor=50) == {}
+
+
+def test_metrics_must_be_known_finite_and_in_range() -> None:
+    assert check_metrics({"loss": 0.3, "train-accuracy": 0.9, "num-examples": 64}) is None
+    assert "outside" in str(check_metrics({"test-accuracy": 1.5}))
+    assert "outside" in str(check_metrics({"loss": math.inf}))
+    assert "unknown metric 'bonus'" in str(check_metrics({"bonus": 1}))
+    assert "not a number" in str(check_metrics({"loss": True}))
+
+
+def test_batchnorm_statistics_and_the_weight_a_member_may_claim() -> None:
+    reference = BNStatistics({"bn": torch.zeros(3)}, {"bn": torch.ones(3)}, 1)
+    good = BNStatistics({"bn": torch.rand(3)}, {"bn": torch.rand(3)}, 4)
+    assert check_bn_statistics(good, reference) is None
+    negative = BNStatistics({"bn": torch.rand(3)}, {"bn": -torch.ones(3)}, 4)
+    assert "negative" in str(check_bn_statistics(negative, reference))
+    wrong = BNStatistics({"bn2": torch.rand(3)}, {"bn2": torch.rand(3)}, 4)
+    assert "means" in str(check_bn_statistics(wrong, reference))
+    assert capped_batches(10**9, examples=1000, batch_size=128, bn_batches=50) == 8
+    assert capped_batches(3, examples=1000, batch_size=128, bn_batches=50) == 3
+
+
+def test_quarantine_after_a_streak_of_rejections() -> None:
+    quarantine = Quarantine(limit=2)
+    assert not quarantine.rejected(1)
+    quarantine.accepted(1)  # the streak starts over
+    assert not quarantine.rejected(1)
+    assert quarantine.rejected(1) and quarantine.quarantined == {1}

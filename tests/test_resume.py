@@ -1,0 +1,173 @@
+"""Runs resume (`resume-from`): a run stopped in simulation (recorded `stopped`, nothing
+written after), or whose ServerApp was killed in a local deployment, continues from the
+server's and the members' checkpoints and ends with the same final model as an
+uninterrupted run on the same seed, bit for bit under deterministic settings."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from simulations.local_flower import (
+    TINY_RUN,
+    FlowerHarness,
+    results_of,
+    wait_for_rounds,
+)
+
+pytestmark = pytest.mark.slow
+
+MEMBERS = 3
+CONFIG: dict[str, Any] = {
+    **TINY_RUN,
+    "num-members": MEMBERS,
+    "deterministic": True,
+    "eval-every": 0,
+    "shuffle-prob": 0.2,
+    "shuffle-optimizer-state": True,
+}
+FEDERATION = f"num-supernodes={MEMBERS} client-resources-num-cpus=1"
+
+
+def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    saved = torch.load(run_dir / "final_model.pt", weights_only=False)
+    state: dict[str, torch.Tensor] = saved["state_dict"]
+    return state
+
+
+def assert_same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"the resumed run ended with other values in {differing}"
+
+
+def run_dir_of(runs: Path, run_id: str) -> Path:
+    (found,) = runs.glob(f"*-{run_id}")
+    return found
+
+
+def check_resumed(
+    resumed: dict[str, Any], interrupted: dict[str, Any], reference: dict[str, Any]
+) -> int:
+    """The resumed run's results continue the interrupted one's; returns the round it
+    continued after."""
+    after = resumed["resumed_from"]["round"]
+    assert 1 <= after < reference["config"]["num-server-rounds"], "nothing was left to resume"
+    assert resumed["rounds"][:after] == interrupted["rounds"][:after]
+    assert [r["round"] for r in resumed["rounds"]] == [r["round"] for r in reference["rounds"]]
+    digests = [r["exchange_digest"] for r in resumed["rounds"]]
+    assert digests == [r["exchange_digest"] for r in reference["rounds"]]
+    for key in ("up.train", "down.train"):  # the setup differs: members said hello twice
+        # Node ids (random, in every message's metadata) vary in their encoded length.
+        assert resumed["bytes"][key] == pytest.approx(reference["bytes"][key], rel=1e-4), key
+    return int(after)
+
+
+def test_a_stopped_simulation_resumes_to_the_uninterrupted_final_model(
+    simulation_harness: FlowerHarness, tmp_path: Path
+) -> None:
+    config = {
+        **CONFIG,
+        "num-server-rounds": 30,
+        "output-dir": str(tmp_path / "runs"),
+        "member-checkpoints": str(tmp_path / "members"),
+    }
+    reference = simulation_harness.run(config, federation_config=FEDERATION)
+    assert reference.status == "finished:completed", reference.output[-3000:]
+
+    submission = simulation_harness.submit(config, federation_config=FEDERATION)
+    interrupted_dir = wait_for_rounds(submission, tmp_path / "runs", 2, timeout=300)
+    run_id = submission.run_id()
+    assert run_id is not None
+    assert simulation_harness.flwr("stop", run_id, "test").returncode == 0
+    submission.process.wait(timeout=120)
+    deadline = time.monotonic() + 60
+    while results_of(interrupted_dir)["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stopped = results_of(interrupted_dir)
+    assert stopped["status"] == "stopped"
+    assert simulation_harness.listing(run_id)["status"] == "finished:stopped"
+
+    resumed = simulation_harness.run(
+        {**config, "resume-from": str(interrupted_dir)}, federation_config=FEDERATION
+    )
+    assert resumed.status == "finished:completed", resumed.output[-3000:]
+    resumed_dir = run_dir_of(tmp_path / "runs", resumed.run_id)
+    reference_dir = run_dir_of(tmp_path / "runs", reference.run_id)
+    after = check_resumed(
+        results_of(resumed_dir), results_of(interrupted_dir), results_of(reference_dir)
+    )
+    assert f"continuing {interrupted_dir} after round {after}" in resumed.output
+    assert_same_model(final_model(resumed_dir), final_model(reference_dir))
+    assert results_of(interrupted_dir) == stopped, "written after the stop"
+    # Completed: the members removed their checkpoints, those of the stopped run too.
+    assert not list((tmp_path / "members").rglob("member-r*.pt"))
+
+
+def test_resuming_with_other_training_settings_is_refused(
+    simulation_harness: FlowerHarness, tmp_path: Path
+) -> None:
+    config = {**CONFIG, "num-server-rounds": 1, "output-dir": str(tmp_path / "runs")}
+    first = simulation_harness.run(config, federation_config=FEDERATION)
+    assert first.status == "finished:completed"
+    folder = run_dir_of(tmp_path / "runs", first.run_id)
+    changed = simulation_harness.run(
+        {**config, "resume-from": str(folder), "lr": 0.2}, federation_config=FEDERATION
+    )
+    assert changed.status == "finished:failed"
+    assert "trained with other lr (0.05); resume it with the same values" in changed.output
+
+
+def serverapp_processes(harness: FlowerHarness) -> list[int]:
+    found = []
+    for pid in harness.descendants():
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"flwr-serverapp" in command:
+            found.append(pid)
+    return found
+
+
+def test_a_deployment_whose_serverapp_died_resumes_to_the_uninterrupted_final_model(
+    tmp_path: Path,
+) -> None:
+    home = Path(tempfile.mkdtemp(prefix="wf-"))  # a Unix socket's path is short
+    harness = FlowerHarness(tmp_path / "flwr-home")
+    harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"
+    runs = tmp_path / "runs"
+    config = {**CONFIG, "num-server-rounds": 5, "output-dir": str(runs)}
+    try:
+        harness.start_superlink(simulation=False)
+        harness.start_supernodes(MEMBERS, worker_dir=home)
+        reference = harness.run(config, timeout=900)
+        assert reference.status == "finished:completed", harness.describe()
+
+        submission = harness.submit(config)
+        interrupted_dir = wait_for_rounds(submission, runs, 2, timeout=300)
+        for pid in serverapp_processes(harness):
+            os.kill(pid, signal.SIGKILL)
+        submission.process.wait(timeout=120)
+        assert results_of(interrupted_dir)["status"] == "running"  # it could not say
+
+        resumed = harness.run({**config, "resume-from": str(interrupted_dir)}, timeout=900)
+        assert resumed.status == "finished:completed", harness.describe()
+        resumed_dir = run_dir_of(runs, resumed.run_id)
+        reference_dir = run_dir_of(runs, reference.run_id)
+        check_resumed(
+            results_of(resumed_dir), results_of(interrupted_dir), results_of(reference_dir)
+        )
+        assert_same_model(final_model(resumed_dir), final_model(reference_dir))
+    finally:
+        harness.close()
+        shutil.rmtree(home, ignore_errors=True)
+    assert harness.descendants() == [], "processes survived the deployment"

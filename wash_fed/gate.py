@@ -1,0 +1,194 @@
+"""The gate every member reply passes before anything from it reaches another member, the
+soup or the BatchNorm merge. Framework-free: plain tensors and numbers in, a reason out.
+
+What it checks, per reply:
+
+* **form** -- tensor names (or value kinds), shapes and dtypes exactly as expected, every
+  value finite (:func:`check_tensors`, :func:`check_values`);
+* **magnitude** -- relative to the population: a member whose values sit far from the
+  coordinate-wise median of the members' values, measured in units of the members' typical
+  spread around it, is an outlier (:func:`magnitude_outliers`; needs three or more members:
+  with two there is no majority to tell who is off);
+* **metrics** -- every reported figure is known and in its range (:func:`check_metrics`);
+* **BatchNorm statistics** -- the layers and shapes of the model, finite, variances not
+  negative (:func:`check_bn_statistics`); the merge weight a member claims is capped at what
+  its data can support (:func:`capped_batches`).
+
+What it cannot catch: a member that trains honestly on poisoned or mislabelled data sends
+well-formed values of ordinary magnitude; so does one that drifts slowly. The gate bounds
+the harm one reply can do; it does not certify the data behind it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from wash_fed.batchnorm import BNStatistics
+from wash_fed.keys import Metric
+
+__all__ = [
+    "METRIC_RANGES",
+    "Quarantine",
+    "capped_batches",
+    "check_bn_statistics",
+    "check_metrics",
+    "check_tensors",
+    "check_values",
+    "magnitude_outliers",
+    "require_finite",
+]
+
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    Metric.PARTITION_ID: (0, math.inf),
+    Metric.LOSS: (0, math.inf),
+    Metric.TRAIN_ACCURACY: (0, 1),
+    Metric.TEST_ACCURACY: (0, 1),
+    Metric.ACCURACY: (0, 1),
+    Metric.NUM_EXAMPLES: (0, math.inf),
+    Metric.TEST_EXAMPLES: (0, math.inf),
+    Metric.HOLDOUT_EXAMPLES: (0, math.inf),
+    Metric.STEPS: (0, math.inf),
+    Metric.STEPS_DONE: (0, math.inf),
+    Metric.EPOCHS: (0, math.inf),
+    Metric.APPLIED_EVENT: (0, math.inf),
+    Metric.MASK_SIZE: (0, math.inf),
+    Metric.BATCHES: (0, math.inf),
+    Metric.RESTORE_SECONDS: (0, math.inf),
+    Metric.TRAIN_SECONDS: (0, math.inf),
+    Metric.HANDLER_SECONDS: (0, math.inf),
+    Metric.CHECKPOINT_SECONDS: (0, math.inf),
+    Metric.WORKER_PID: (0, math.inf),
+}
+"""Every metric a member may report, with its closed range; all must be finite."""
+
+
+def check_metrics(metrics: Mapping[str, Any]) -> str | None:
+    """Why a member's metrics are unacceptable (``None``: they are fine)."""
+    for key, value in metrics.items():
+        if key not in METRIC_RANGES:
+            return f"unknown metric {key!r}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"metric {key!r} is {value!r}, not a number"
+        low, high = METRIC_RANGES[key]
+        if not (math.isfinite(value) and low <= value <= high):
+            return f"metric {key!r} is {value}, outside [{low}, {high}]"
+    return None
+
+
+def check_tensors(payload: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> str | None:
+    """Why ``payload`` is not a finite copy of ``reference``'s names, shapes and dtypes."""
+    if payload.keys() != reference.keys():
+        missing = sorted(reference.keys() - payload.keys())[:3]
+        extra = sorted(payload.keys() - reference.keys())[:3]
+        return f"tensors differ from the model's (missing {missing}, unexpected {extra})"
+    for name, value in payload.items():
+        expected = reference[name]
+        if value.shape != expected.shape or value.dtype != expected.dtype:
+            return (
+                f"{name!r} is {value.dtype} {tuple(value.shape)}, expected "
+                f"{expected.dtype} {tuple(expected.shape)}"
+            )
+        if value.is_floating_point() and not bool(value.isfinite().all()):
+            return f"{name!r} holds non-finite values"
+    return None
+
+
+def check_values(
+    payload: Mapping[str, Tensor], kinds: list[str], selected: int, dtype: torch.dtype
+) -> str | None:
+    """Why a WASH payload (one flat vector of ``selected`` values per kind) is unacceptable."""
+    if sorted(payload) != sorted(kinds):
+        return f"sent value kinds {sorted(payload)}, expected {sorted(kinds)}"
+    reference = {kind: torch.empty(selected, dtype=dtype) for kind in kinds}
+    for kind, value in payload.items():
+        if tuple(value.shape) != (selected,):
+            return f"{kind!r} has shape {tuple(value.shape)}, the mask selects {selected}"
+    return check_tensors(payload, reference)
+
+
+def magnitude_outliers(
+    payloads: Mapping[int, Mapping[str, Tensor]], factor: float
+) -> dict[int, str]:
+    """Members whose values are far from the population's, with the reason.
+
+    For every floating-point tensor, with ``med`` the coordinate-wise median over members and ``s``
+    the median over members and coordinates of ``|value - med|`` (the typical spread; at
+    least 1e-3 of the typical magnitude), a member is an outlier when the root mean square
+    of ``(value - med) / s`` exceeds ``factor``. Needs three members or more (returns
+    nothing otherwise); payloads must already have passed the form checks.
+    """
+    if len(payloads) < 3:
+        return {}
+    members = sorted(payloads)
+    outliers: dict[int, str] = {}
+    for name, first in payloads[members[0]].items():
+        if not first.is_floating_point() or not first.numel():
+            continue
+        stacked = torch.stack([payloads[m][name].double().reshape(-1) for m in members])
+        median = stacked.median(dim=0).values  # the lower median for an even count
+        deviation = stacked - median
+        spread = deviation.abs().median()
+        floor = 1e-3 * float(median.abs().median()) + 1e-12
+        scale = max(float(spread), floor)
+        scores = (deviation / scale).pow(2).mean(dim=1).sqrt()
+        for member, score in zip(members, scores.tolist(), strict=True):
+            if score > factor and member not in outliers:
+                outliers[member] = (
+                    f"{name!r} is {score:.3g} spreads from the members' median (limit {factor:g})"
+                )
+    return outliers
+
+
+def check_bn_statistics(stats: BNStatistics, reference: BNStatistics) -> str | None:
+    """Why BatchNorm statistics do not fit the model's layers or are not statistics."""
+    for kind, values, expected in (
+        ("means", stats.means, reference.means),
+        ("variances", stats.variances, reference.variances),
+    ):
+        problem = check_tensors(values, expected)
+        if problem:
+            return f"BatchNorm {kind}: {problem}"
+    if any(bool((v < 0).any()) for v in stats.variances.values()):
+        return "BatchNorm variances are negative"
+    if stats.batches < 1:
+        return f"claims {stats.batches} batches"
+    return None
+
+
+def require_finite(state_dict: Mapping[str, Tensor], what: str) -> None:
+    """Raise if any floating-point entry of ``state_dict`` is not finite: a run must not
+    end with such a model and call itself completed."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise FloatingPointError(f"{what} is not finite ({len(bad)} tensors, e.g. {bad[0]!r})")
+
+
+def capped_batches(claimed: int, examples: int, batch_size: int, bn_batches: int) -> int:
+    """The merge weight a member gets for its BatchNorm statistics: what it claims, at most
+    what its data (``examples`` images in batches of ``batch_size``) and ``bn-batches``
+    allow."""
+    return max(0, min(claimed, bn_batches, math.ceil(examples / batch_size)))
+
+
+class Quarantine:
+    """Members rejected ``limit`` times in a row are quarantined for the rest of the run."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.streaks: dict[int, int] = {}
+        self.quarantined: set[int] = set()
+
+    def rejected(self, member: int) -> bool:
+        """Count a rejection; returns whether the member is now quarantined."""
+        self.streaks[member] = self.streaks.get(member, 0) + 1
+        if self.streaks[member] >= self.limit:
+            self.quarantined.add(member)
+        return member in self.quarantined
+
+    def accepted(self, member: int) -> None:
+        self.streaks.pop(member, None)
