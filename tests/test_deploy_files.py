@@ -13,9 +13,13 @@ from typing import Any
 
 import pytest
 import yaml
+from flwr.cli.supernode.register import try_load_public_key
+
+from simulations.local_flower import render_proxy_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPERNODES = [f"supernode-{i}" for i in range(4)]
+SERVICES = {"superlink", "proxy", *SUPERNODES, "prometheus", "grafana", "pushgateway"}
 
 
 def compose_command() -> list[str]:
@@ -40,7 +44,7 @@ def compose_config(*files: str, env: dict[str, str] | None = None) -> dict[str, 
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "GRAFANA_ADMIN_PASSWORD": "a-test-password", **(env or {})},
     )
     assert done.returncode == 0, done.stderr
     config: dict[str, Any] = yaml.safe_load(done.stdout)
@@ -50,7 +54,7 @@ def compose_config(*files: str, env: dict[str, str] | None = None) -> dict[str, 
 def test_compose_file_is_valid_and_has_the_whole_topology() -> None:
     config = compose_config("docker-compose.yml")
     services = config["services"]
-    assert set(services) == {"superlink", *SUPERNODES, "prometheus", "grafana", "pushgateway"}
+    assert set(services) == SERVICES
     num_members = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
         "config"
     ]["num-members"]
@@ -58,44 +62,113 @@ def test_compose_file_is_valid_and_has_the_whole_topology() -> None:
     for name in SUPERNODES:
         service = services[name]
         command = " ".join(service["command"])
-        assert "--superlink=superlink:9093" in command and "--host=0.0.0.0" in command
+        assert "--superlink=proxy:9093" in command and "--host=0.0.0.0" in command
         assert f"num-partitions={num_members}" in command
         partitions.append(int(service["environment"]["PARTITION_ID"]))
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
         assert device["count"] == 1
     assert sorted(partitions) == list(range(num_members))
-    superlink = services["superlink"]
-    assert {p["target"] for p in superlink["ports"]} == {9093, 9400}
-    assert "deploy" not in superlink  # the ServerApp needs no GPU
+    assert "deploy" not in services["superlink"]  # the ServerApp needs no GPU
 
 
-def test_every_member_lives_in_a_worker_with_its_own_volume() -> None:
+def published(service: dict[str, Any]) -> set[tuple[str, int]]:
+    """(host address, host port) of each port a service publishes, in either of the forms
+    compose writes them ("127.0.0.1:9095:9095/tcp" or a mapping)."""
+    found = set()
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            found.add((port.get("host_ip", "0.0.0.0"), int(port["published"])))
+        else:
+            parts = str(port).split("/")[0].split(":")
+            host = parts[0] if len(parts) == 3 else "0.0.0.0"
+            found.add((host, int(parts[-2])))
+    return found
+
+
+def test_only_the_fleet_api_is_published_beyond_the_host() -> None:
     services = compose_config("docker-compose.yml")["services"]
-    volumes = []
-    for name in SUPERNODES:
-        service = services[name]
-        command = " ".join(service["command"])
-        assert "worker-dir='/var/lib/wash-fed/member'" in command
-        assert "$${NODE_DATA:-}" in command or "${NODE_DATA:-}" in command  # a node's own data
-        assert service["init"] is True  # reaps the worker when it exits with its run
-        (own,) = [v for v in service["volumes"] if ":/var/lib/wash-fed" in str(v)]
-        volumes.append(str(own).split(":")[0])
-    assert len(set(volumes)) == len(SUPERNODES), "members would share checkpoints"
-    assert "chown app /app/runs /var/lib/wash-fed" in (ROOT / "Dockerfile").read_text()
-
-
-def test_tls_is_the_default_and_insecure_an_explicit_choice() -> None:
-    secure = compose_config("docker-compose.yml")["services"]
-    assert "--ssl-certfile=/certs/server.pem" in " ".join(secure["superlink"]["command"])
-    assert all(
-        "--root-certificates=/certs/ca.crt" in " ".join(secure[n]["command"]) for n in SUPERNODES
+    beyond_host = {
+        (name, port)
+        for name, service in services.items()
+        for host, port in published(service)
+        if host != "127.0.0.1"
+    }
+    assert beyond_host == {("proxy", 9093)}
+    assert published(services["proxy"]) == {("0.0.0.0", 9093), ("127.0.0.1", 9095)}
+    for name in ("superlink", "pushgateway", *SUPERNODES):  # metrics, Control, Runtime APIs
+        assert published(services[name]) == set(), name
+    template = (ROOT / "deploy/nginx/superlink.conf.template").read_text()
+    environment = services["proxy"]["environment"]
+    assert (environment["FLEET_LISTEN"], environment["CONTROL_LISTEN"]) == ("9093", "9095")
+    assert (
+        template.count("location /v1/") == 2 and "/v1/runtime" not in template.split("\n\n", 1)[1]
     )
-    assert not any("--insecure" in " ".join(s.get("command", [])) for s in secure.values())
-    plain = compose_config(
-        "docker-compose.yml", env={"SUPERLINK_TLS": "--insecure", "SUPERNODE_TLS": "--insecure"}
-    )["services"]
-    assert all("--insecure" in " ".join(plain[n]["command"]) for n in ["superlink", *SUPERNODES])
+    assert "location /v1/fleet/" in template and "location /v1/control/" in template
+
+
+def test_supernodes_share_a_network_with_the_proxy_alone() -> None:
+    services = compose_config("docker-compose.yml")["services"]
+    on = {name: set(service["networks"]) for name, service in services.items()}
+    assert all(on[n] == {"fleet"} for n in SUPERNODES)
+    assert on["proxy"] == {"fleet", "control"}
+    assert all("fleet" not in on[n] for n in SERVICES - {"proxy", *SUPERNODES})
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> host path of each bind mount."""
+    found = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            found[volume["target"]] = str(volume.get("source", ""))
+        else:
+            source, target = str(volume).split(":")[:2]
+            found[target] = source
+    return found
+
+
+def test_every_private_key_is_mounted_only_where_it_is_used() -> None:
+    services = compose_config("docker-compose.yml")["services"]
+    certs = ROOT / "deploy/certs"
+    keys = {
+        name: {s for s in mounts(service).values() if s.endswith(".key")}
+        for name, service in services.items()
+    }
+    server_key = str(certs / "server.key")
+    assert {n for n, found in keys.items() if server_key in found} == {"superlink", "proxy"}
+    for i, name in enumerate(SUPERNODES):
+        assert keys[name] == {str(certs / "nodes" / f"node-{i}.key")}
+        assert "--auth-supernode-private-key=/certs/node.key" in " ".join(services[name]["command"])
+    assert not any(str(certs / "ca.key") in found for found in keys.values())
+    assert not any(  # no service gets the whole folder
+        source.rstrip("/") == str(certs) for s in services.values() for source in mounts(s).values()
+    )
+
+
+def test_the_superlink_admits_registered_supernodes_over_tls_only() -> None:
+    services = compose_config("docker-compose.yml")["services"]
+    superlink = " ".join(services["superlink"]["command"])
+    assert (
+        "--enable-supernode-auth" in superlink and "--ssl-certfile=/certs/server.pem" in superlink
+    )
+    assert all(
+        "--root-certificates=/certs/ca.crt" in " ".join(services[n]["command"]) for n in SUPERNODES
+    )
+    assert not any("--insecure" in " ".join(s.get("command", [])) for s in services.values())
+
+
+def test_grafana_asks_for_a_login_with_a_password_from_the_environment() -> None:
+    grafana = compose_config("docker-compose.yml")["services"]["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == "a-test-password"
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    without = subprocess.run(
+        [*compose_command(), "config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "GRAFANA_ADMIN_PASSWORD"},
+    )
+    assert without.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in without.stderr
 
 
 def test_cpu_override_drops_every_gpu_reservation() -> None:
@@ -179,12 +252,43 @@ def test_certificate_script_makes_a_chain_that_verifies(tmp_path: Path) -> None:
     ).stdout
     for name in (
         "DNS:superlink",
+        "DNS:proxy",
         "DNS:localhost",
         "IP Address:127.0.0.1",
         "DNS:node.example",
         "IP Address:10.1.2.3",
     ):
         assert name in san
+    for key in ("ca.key", "server.key"):
+        assert (tmp_path / key).stat().st_mode & 0o777 == 0o600, key
+
+
+def test_node_keys_are_private_registrable_and_kept(tmp_path: Path) -> None:
+    script = ROOT / "deploy/certs/node-keys.sh"
+    subprocess.run(["bash", str(script), str(tmp_path), "2"], check=True, capture_output=True)
+    first = (tmp_path / "node-0.key").read_bytes()
+    for i in range(2):
+        assert (tmp_path / f"node-{i}.key").stat().st_mode & 0o777 == 0o600
+        try_load_public_key(tmp_path / f"node-{i}.key.pub")  # what `flwr supernode register` reads
+    subprocess.run(["bash", str(script), str(tmp_path), "2"], check=True, capture_output=True)
+    assert (tmp_path / "node-0.key").read_bytes() == first  # still registered
+
+
+def test_the_proxy_config_is_valid_nginx(tmp_path: Path) -> None:
+    if shutil.which("nginx") is None:
+        pytest.fail("nginx is missing (Debian package nginx-light; make test installs it)")
+    subprocess.run(["bash", str(ROOT / "deploy/certs/generate.sh"), str(tmp_path)], check=True)
+    config = render_proxy_config(
+        tmp_path / "proxy",
+        superlink="127.0.0.1:1",
+        fleet="127.0.0.1:2",
+        control="127.0.0.1:3",
+        certificates=tmp_path,
+    )
+    done = subprocess.run(
+        ["nginx", "-t", "-p", str(config.parent), "-c", str(config)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_dockerfile_keeps_flower_offline_and_quiet() -> None:

@@ -7,11 +7,15 @@
 # OUT_DIR defaults to this script's folder. The server certificate is valid for the names
 # `superlink` and `localhost`, the address 127.0.0.1, and every EXTRA_SAN given (a host name,
 # or an address written IP:x.x.x.x), e.g. the SuperLink's public name for multi-machine use.
+# Private keys are mode 600. server.key is read by the SuperLink (the image's user, uid 49999)
+# and the proxy: it is given to KEY_OWNER (default 49999) when this runs as root, and the
+# script says what to run otherwise. ca.key stays with you and is mounted nowhere.
 set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-$(dirname "$0")}"
 shift || true
 mkdir -p "$out"
-san="DNS:superlink,DNS:localhost,IP:127.0.0.1"
+san="DNS:superlink,DNS:proxy,DNS:localhost,IP:127.0.0.1"
 for extra in "$@"; do
   case "$extra" in IP:*) san="$san,$extra" ;; *) san="$san,DNS:$extra" ;; esac
 done
@@ -26,5 +30,7 @@ openssl x509 -req -in "$out/server.csr" -CA "$out/ca.crt" -CAkey "$out/ca.key" \
   -CAcreateserial -days 365 -sha256 -out "$out/server.pem" \
   -extfile <(printf "subjectAltName=%s\nextendedKeyUsage=serverAuth\n" "$san") 2>/dev/null
 rm -f "$out/server.csr" "$out/ca.srl"
-chmod 644 "$out/ca.crt" "$out/server.pem" "$out/server.key"
+chmod 644 "$out/ca.crt" "$out/server.pem"
+chmod 600 "$out/ca.key" "$out/server.key"
+"$here/own-keys.sh" "$out/server.key"
 echo "CA: $out/ca.crt; SuperLink: $out/server.pem, $out/server.key (SAN $san)"

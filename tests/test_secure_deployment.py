@@ -1,0 +1,94 @@
+"""The compose stack's security, on real processes: a TLS SuperLink with SuperNode
+authentication behind compose's own nginx proxy configuration. Registered SuperNodes join
+through the proxy's fleet address and a run completes; a SuperNode whose key is not
+registered is refused; the Control API answers on the control address only."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import ssl
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from simulations.local_flower import PROJECT, TINY_RUN, FlowerHarness
+
+pytestmark = pytest.mark.slow
+
+MEMBERS = 2
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerHarness]:
+    """SuperLink (TLS, SuperNode auth) behind the proxy; node keys 0..2 in ``home/nodes``,
+    0 and 1 registered through the proxy's control address."""
+    if shutil.which("nginx") is None:
+        pytest.fail("nginx is missing (Debian package nginx-light; make test installs it)")
+    home = tmp_path_factory.mktemp("secured")
+    env = {**os.environ, "KEY_OWNER": str(os.getuid())}
+    certs = PROJECT / "deploy" / "certs"
+    subprocess.run(["bash", str(certs / "generate.sh"), str(home / "certs")], check=True, env=env)
+    subprocess.run(["bash", str(certs / "node-keys.sh"), str(home / "nodes"), "3"], env=env)
+    harness = FlowerHarness(home)
+    harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"
+    try:
+        harness.start_superlink(simulation=False, certificates=home / "certs", supernode_auth=True)
+        harness.start_proxy()
+        for i in range(MEMBERS):
+            harness.register(home / "nodes" / f"node-{i}.key.pub")
+        yield harness
+    finally:
+        harness.close()
+    assert harness.descendants() == [], "processes survived the deployment"
+
+
+def supernodes(harness: FlowerHarness) -> list[dict[str, Any]]:
+    done = harness.flwr("supernode", "list", "test", "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    nodes: list[dict[str, Any]] = json.loads(done.stdout).get("nodes", [])
+    return nodes
+
+
+def test_only_registered_supernodes_join_and_a_run_completes_through_the_proxy(
+    secured: FlowerHarness,
+) -> None:
+    nodes = secured.home / "nodes"
+    for i in range(MEMBERS):
+        secured.start_supernode(i, MEMBERS, auth_key=nodes / f"node-{i}.key")
+    # A rogue node, unregistered, tries to take member 1's place.
+    rogue = secured.start_supernode(1, MEMBERS, auth_key=nodes / "node-2.key", name="rogue")
+    assert rogue.wait(timeout=120) != 0, "an unregistered SuperNode stayed up"
+    assert "Failed to activate SuperNode" in (secured.logs / "rogue.log").read_text()
+    secured.wait_online(MEMBERS)
+    listed = supernodes(secured)
+    assert sum(n.get("status") == "online" for n in listed) == MEMBERS, listed
+
+    result = secured.run(
+        {**TINY_RUN, "num-members": MEMBERS, "output-dir": str(secured.home / "runs")}
+    )
+    assert result.status == "finished:completed", result.details + result.output[-3000:]
+    access = (secured.home / "proxy" / "access.log").read_text()
+    assert "/v1/fleet/" in access and "/v1/control/" in access
+
+
+def test_the_control_api_is_not_served_on_the_fleet_address(secured: FlowerHarness) -> None:
+    ca = str(secured.home / "certs" / "ca.crt")
+    fleet = f"https://127.0.0.1:{secured.fleet_port}"
+    verify = ssl.create_default_context(cafile=ca)
+    for path in ("/v1/control/list-runs", "/v1/runtime/get-nodes", "/health"):
+        reply = httpx.post(f"{fleet}{path}", content=b"", verify=verify, timeout=10)
+        assert reply.status_code == 404 and "nginx" in reply.text, (path, reply.text)
+    # The flwr CLI pointed at the fleet address cannot list runs; at the control address it can.
+    config = secured.home / "config.toml"
+    config.write_text(
+        config.read_text()
+        + f'\n[superlink.fleet]\naddress = "127.0.0.1:{secured.fleet_port}"\n'
+        + f'root-certificates = "{ca}"\n'
+    )
+    assert secured.flwr("ls", "fleet").returncode != 0
+    assert secured.flwr("ls", "test").returncode == 0
