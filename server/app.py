@@ -57,29 +57,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = WashFedConfig.from_mapping(context.run_config)
     resumed = ServerCheckpoint.load(Path(cfg.resume_from), cfg) if cfg.resume_from else None
     ledger = Ledger(resumed.ledger if resumed else ())
-    output = RunOutput.create(cfg, grid.run.run_id, ledger)
-    log(
-        INFO,
-        "wash-fed %s: %d members, %d rounds x %d local steps; " + RESULTS_IN + "%s",
-        cfg.label,
-        cfg.num_members,
-        cfg.num_server_rounds,
-        cfg.local_steps,
-        output.directory,
-    )
-    # `flwr stop` (or a signal) ends the ServerApp through Flower's exit handlers: in a
-    # deployment by exiting its main thread, in simulation by exiting the process around it.
-    add_exit_handler(output.stop, run_before_force_exit=True)
-    if resumed is not None:
-        log(INFO, "continuing %s after round %d", cfg.resume_from, resumed.round)
-        output.results["rounds"] = list(resumed.rows)
-        output.write(
-            resumed_from={
-                "folder": cfg.resume_from,
-                "run_id": resumed.run_id,
-                "round": resumed.round,
-            }
-        )
+    output = open_output(cfg, grid.run.run_id, ledger, resumed)
     metrics = RunMetrics(cfg.label)
     ledger_grid = LedgerGrid(
         grid,
@@ -88,12 +66,10 @@ def main(grid: Grid, context: Context) -> None:
         poll_interval=cfg.poll_interval,
     )
     roster: Roster | None = None
-    earlier_runs = [*resumed.earlier_runs, resumed.run_id] if resumed else []
     try:
         if cfg.metrics_port:
             metrics.serve(cfg.metrics_port)
             log(INFO, "Prometheus metrics on port %d", cfg.metrics_port)
-        test = load_test_data(cfg) if cfg.test_on_server else None
         parameters = dict(new_model(cfg).named_parameters())
         numels = [p.numel() for p in parameters.values()]
         roster = Roster(cfg, wash_mask(cfg, numels, 1).digest())
@@ -101,19 +77,10 @@ def main(grid: Grid, context: Context) -> None:
             roster.continues = (resumed.run_id, resumed.round)
         roster.connect(ledger_grid)
         output.write(members={str(p): n for p, n in roster.nodes.items()})
-        if cfg.strategy == "fedavg":
-            evaluator: Evaluator = (
-                OnData(test, cfg.eval_batch_size)
-                if test is not None
-                else OnMembers(ledger_grid, roster, cfg, Split.TEST, {})
-            )
-            final = run_fedavg(ledger_grid, cfg, evaluator.accuracy, output, metrics)
-            fedavg_bytes = None
-        else:
-            final, fedavg_bytes = run_population(
-                ledger_grid, cfg, roster, parameters, test, output, metrics, resumed
-            )
-        roster.end(ledger_grid, completed=True, earlier_runs=earlier_runs)
+        final, fedavg_bytes = run_strategy(
+            ledger_grid, cfg, roster, parameters, output, metrics, resumed
+        )
+        roster.end(ledger_grid, completed=True, earlier_runs=resumed.chain if resumed else [])
         output.finish(final, fedavg_bytes)
     except (SystemExit, KeyboardInterrupt):
         # Stopped: the run can send nothing more; members' workers end after their idle
@@ -130,6 +97,54 @@ def main(grid: Grid, context: Context) -> None:
         publish_metrics(cfg, metrics, ledger, grid.run.run_id)
 
 
+def open_output(
+    cfg: WashFedConfig, run_id: int, ledger: Ledger, resumed: ServerCheckpoint | None
+) -> RunOutput:
+    """The run's folder and results (carrying over a resumed run's rows), announced in the
+    log; recorded ``stopped`` when Flower ends the ServerApp early."""
+    output = RunOutput.create(cfg, run_id, ledger)
+    log(
+        INFO,
+        "wash-fed %s: %d members, %d rounds x %d local steps; " + RESULTS_IN + "%s",
+        cfg.label,
+        cfg.num_members,
+        cfg.num_server_rounds,
+        cfg.local_steps,
+        output.directory,
+    )
+    # `flwr stop` (or a signal) ends the ServerApp through Flower's exit handlers: in a
+    # deployment by exiting its main thread, in simulation by exiting the process around it.
+    add_exit_handler(output.stop, run_before_force_exit=True)
+    if resumed is not None:
+        log(INFO, "continuing %s after round %d", cfg.resume_from, resumed.round)
+        output.results["rounds"] = list(resumed.rows)
+        origin = {"folder": cfg.resume_from, "run_id": resumed.run_id, "round": resumed.round}
+        output.write(resumed_from=origin)
+    return output
+
+
+def run_strategy(
+    grid: LedgerGrid,
+    cfg: WashFedConfig,
+    roster: Roster,
+    parameters: Mapping[str, Tensor],
+    output: RunOutput,
+    metrics: RunMetrics,
+    resumed: ServerCheckpoint | None,
+) -> tuple[dict[str, Any], int | None]:
+    """The configured strategy to its end: the final figures, and what FedAvg would have
+    sent (None for FedAvg itself)."""
+    test = load_test_data(cfg) if cfg.test_on_server else None
+    if cfg.strategy != "fedavg":
+        return run_population(grid, cfg, roster, parameters, test, output, metrics, resumed)
+    evaluator: Evaluator = (
+        OnData(test, cfg.eval_batch_size)
+        if test is not None
+        else OnMembers(grid, roster, cfg, Split.TEST, {})
+    )
+    return run_fedavg(grid, cfg, evaluator.accuracy, output, metrics), None
+
+
 def run_population(
     grid: LedgerGrid,
     cfg: WashFedConfig,
@@ -144,7 +159,6 @@ def run_population(
     run, when given), then the final step. Returns the final figures and what FedAvg would
     have sent."""
     fedavg_bytes = fedavg_equivalent_bytes(cfg, roster.nodes.values())
-    earlier_runs = [*resumed.earlier_runs, resumed.run_id] if resumed else []
 
     def on_round(report: RoundReport) -> None:
         output.add_round(round_row(cfg, grid.ledger, report, fedavg_bytes))
@@ -152,7 +166,7 @@ def run_population(
         checkpoint = ServerCheckpoint(
             config=cfg.to_mapping(),
             run_id=output.results["run_id"],
-            earlier_runs=earlier_runs,
+            earlier_runs=resumed.chain if resumed else [],
             round=report.round,
             deliveries=strategy.deliveries,
             history=strategy.history,

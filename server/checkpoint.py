@@ -11,6 +11,7 @@ only checkpoints of your own runs.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,11 @@ class ServerCheckpoint:
     rows: list[dict[str, Any]]
     """The rounds of ``results.json``."""
 
+    @property
+    def chain(self) -> list[int]:
+        """Every run this checkpoint's members were trained in, oldest first."""
+        return [*self.earlier_runs, self.run_id]
+
     def save(self, directory: Path) -> None:
         path = directory / CHECKPOINT
         tmp = path.with_suffix(".tmp")
@@ -66,6 +72,9 @@ class ServerCheckpoint:
                 f"resume-from={str(directory)!r}: no {CHECKPOINT} there (a run's folder under "
                 "output-dir; only wash, papa, papa-all and ensemble runs write one)"
             )
+        results = directory / "results.json"
+        if results.is_file() and json.loads(results.read_text()).get("status") == "completed":
+            raise ConfigError(f"resume-from: the run in {directory} completed; nothing to resume")
         saved = torch.load(path, weights_only=False)
         if not isinstance(saved, cls):
             raise ConfigError(f"resume-from: {path} is not a wash-fed server checkpoint")

@@ -8,8 +8,8 @@ sends according to ``FAULT``:
 * ``crash-shaped``: round replies with a missing, an extra, a renamed or a mistyped record;
 * ``nan``, ``huge``, ``scaled``, ``float64``: its shuffled values are NaN, 1e30, x1000 or
   float64;
-* ``bn-claim``: its BatchNorm statistics of the soup are shifted and claim 10^9 batches;
-* ``accuracy``: its evaluations report an accuracy of 1.5;
+* ``final-step``: its BatchNorm statistics of the soup are shifted and claim 10^9 batches,
+  and its evaluations report an accuracy of 1.5;
 * ``none``: nothing (the honest reference run).
 """
 
@@ -57,7 +57,7 @@ def _corrupt(message_type: str, server_round: int, content: RecordDict) -> None:
             _map_values(content, changes[FAULT])
         elif FAULT == "crash-shaped":
             _crash_shaped(content, server_round)
-    elif message_type == "query.bn_statistics" and FAULT == "bn-claim":
+    elif message_type == "query.bn_statistics" and FAULT == "final-step":
         record = content.array_records["stats"]
         content["stats"] = ArrayRecord(
             {
@@ -66,7 +66,7 @@ def _corrupt(message_type: str, server_round: int, content: RecordDict) -> None:
             }
         )
         content.metric_records["metrics"]["batches"] = 10**9
-    elif message_type == "evaluate" and FAULT == "accuracy":
+    elif message_type == "evaluate" and FAULT == "final-step":
         metrics: MetricRecord = content.metric_records["metrics"]
         if "accuracy" in metrics:
             metrics["accuracy"] = 1.5

@@ -1,15 +1,20 @@
-"""A member's checkpoints on disk: written per round, pruned to what the server may resume
-from, restored bit for bit, and refused when they are another member's or configuration's."""
+"""Checkpoints: a member's on disk (written per round, pruned to what the server may resume
+from, restored bit for bit, refused when another member's or configuration's) and the
+server's (loaded only for a run it can continue)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from client.checkpoints import MemberCheckpoints
+from server.checkpoint import ServerCheckpoint
 from wash_fed.config import ConfigError, WashFedConfig
+from wash_fed.gate import Quarantine
+from wash_fed.protocol import Deliveries
 from wash_fed.training import Member, TrainingData, load_training_data
 
 SMALL = {"train-subset": 1000, "holdout-size": 100, "num-members": 2, "local-steps": 3}
@@ -87,3 +92,32 @@ def test_another_members_or_configurations_checkpoint_is_refused(
 def test_only_population_runs_resume() -> None:
     with pytest.raises(ConfigError, match=r"fedavg .* keeps no checkpoint"):
         WashFedConfig.from_mapping({"strategy": "fedavg", "resume-from": "runs/x"})
+
+
+def server_checkpoint(cfg: WashFedConfig) -> ServerCheckpoint:
+    return ServerCheckpoint(
+        config=cfg.to_mapping(),
+        run_id=7,
+        earlier_runs=[5],
+        round=2,
+        deliveries=Deliveries(),
+        history=[],
+        missing=set(),
+        quarantine=Quarantine(3),
+        ledger=[],
+        rows=[],
+    )
+
+
+def test_the_server_checkpoint_names_what_stands_in_the_way_of_resuming(tmp_path: Path) -> None:
+    cfg = WashFedConfig.from_mapping(SMALL)
+    with pytest.raises(ConfigError, match=r"no checkpoint\.pt there"):
+        ServerCheckpoint.load(tmp_path, cfg)
+    server_checkpoint(cfg).save(tmp_path)
+    loaded = ServerCheckpoint.load(tmp_path, cfg)
+    assert (loaded.round, loaded.chain) == (2, [5, 7])
+    with pytest.raises(ConfigError, match=r"other seed \(0\); resume it with the same values"):
+        ServerCheckpoint.load(tmp_path, WashFedConfig.from_mapping({**SMALL, "seed": 1}))
+    (tmp_path / "results.json").write_text(json.dumps({"status": "completed"}))
+    with pytest.raises(ConfigError, match="completed; nothing to resume"):
+        ServerCheckpoint.load(tmp_path, cfg)

@@ -5,6 +5,8 @@ the members' held-out images and evaluating on the members' own test data."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,7 @@ def test_two_nodes_train_on_their_own_files_and_the_server_needs_no_data(
 ) -> None:
     harness = FlowerHarness(tmp_path / "home")
     harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"
+    workers = Path(tempfile.mkdtemp(prefix="wf-"))  # a Unix socket's path is short
     empty = tmp_path / "no-data"  # the run's data root holds nothing: neither side may need it
     empty.mkdir()
     try:
@@ -101,6 +104,7 @@ def test_two_nodes_train_on_their_own_files_and_the_server_needs_no_data(
             harness.start_supernode(
                 i,
                 2,
+                worker_dir=workers,
                 extra_node_config={
                     "data-path": str(node_files[f"train-{i}"]),
                     "test-data-path": str(node_files[f"test-{i}"]),
@@ -121,6 +125,7 @@ def test_two_nodes_train_on_their_own_files_and_the_server_needs_no_data(
         assert result.status == "finished:completed", f"{result.details}\n{harness.describe()}"
     finally:
         harness.close()
+        shutil.rmtree(workers, ignore_errors=True)
     (run_dir,) = (tmp_path / "runs").glob(f"*-{result.run_id}")
     results = json.loads((run_dir / "results.json").read_text())
     assert "member 0 on node" in result.output and ": 1400 training images" in result.output

@@ -112,20 +112,6 @@ def test_a_stopped_simulation_resumes_to_the_uninterrupted_final_model(
     assert not list((tmp_path / "members").rglob("member-r*.pt"))
 
 
-def test_resuming_with_other_training_settings_is_refused(
-    simulation_harness: FlowerHarness, tmp_path: Path
-) -> None:
-    config = {**CONFIG, "num-server-rounds": 1, "output-dir": str(tmp_path / "runs")}
-    first = simulation_harness.run(config, federation_config=FEDERATION)
-    assert first.status == "finished:completed"
-    folder = run_dir_of(tmp_path / "runs", first.run_id)
-    changed = simulation_harness.run(
-        {**config, "resume-from": str(folder), "lr": 0.2}, federation_config=FEDERATION
-    )
-    assert changed.status == "finished:failed"
-    assert "trained with other lr (0.05); resume it with the same values" in changed.output
-
-
 def serverapp_processes(harness: FlowerHarness) -> list[int]:
     found = []
     for pid in harness.descendants():
@@ -145,7 +131,7 @@ def test_a_deployment_whose_serverapp_died_resumes_to_the_uninterrupted_final_mo
     harness = FlowerHarness(tmp_path / "flwr-home")
     harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"
     runs = tmp_path / "runs"
-    config = {**CONFIG, "num-server-rounds": 5, "output-dir": str(runs)}
+    config = {**CONFIG, "num-server-rounds": 3, "output-dir": str(runs)}
     try:
         harness.start_superlink(simulation=False)
         harness.start_supernodes(MEMBERS, worker_dir=home)
@@ -153,7 +139,7 @@ def test_a_deployment_whose_serverapp_died_resumes_to_the_uninterrupted_final_mo
         assert reference.status == "finished:completed", harness.describe()
 
         submission = harness.submit(config)
-        interrupted_dir = wait_for_rounds(submission, runs, 2, timeout=300)
+        interrupted_dir = wait_for_rounds(submission, runs, 1, timeout=300)
         for pid in serverapp_processes(harness):
             os.kill(pid, signal.SIGKILL)
         submission.process.wait(timeout=120)
