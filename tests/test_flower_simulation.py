@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,21 @@ def test_a_run_that_diverges_ends_failed_and_says_why(
     for row in results["rounds"]:  # each failure with its reason, in one line
         assert len(row["failed"]) == MEMBERS and row["members"] == {}
         assert all("\n" not in why and "became nan" in why for why in row["failed"].values())
+
+
+def test_a_busy_metrics_port_fails_the_run_and_says_so(
+    simulation_harness: FlowerHarness, out: Path
+) -> None:
+    target = out / "busy"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = {**SMALL, "output-dir": str(target), "metrics-port": taken.getsockname()[1]}
+        result = simulation_harness.run(config, federation_config=FEDERATION)
+    assert result.status == "finished:failed", result.output[-3000:]
+    (run_dir,) = target.glob(f"*-{result.run_id}")
+    results = results_of(run_dir)
+    assert results["status"] == "failed" and "Address already in use" in results["error"]
 
 
 def test_members_run_the_code_of_the_submitted_app(
