@@ -318,7 +318,7 @@ def handle_in_process(message_type: str, content: RecordDict, context: Context) 
         MemberCheckpoints.of_run(
             Path(cfg.member_checkpoints) / f"member-{partition}", context.run_id
         )
-        if cfg.member_checkpoints
+        if cfg.member_checkpoints and cfg.strategy != "fedavg"  # FedAvg does not resume
         else None
     )
     task = MemberTask(cfg, partition, context.node_config, checkpoints)

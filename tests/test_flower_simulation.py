@@ -104,7 +104,11 @@ def test_wash_run_sends_only_the_masked_values(
 def test_fedavg_run_sends_the_full_model_each_way(
     simulation_harness: FlowerHarness, out: Path
 ) -> None:
-    _, results, run_dir = run(simulation_harness, out, strategy="fedavg")
+    members = out / "fedavg-members"
+    _, results, run_dir = run(
+        simulation_harness, out, strategy="fedavg", **{"member-checkpoints": str(members)}
+    )
+    assert not members.exists(), "FedAvg does not resume: its members write no checkpoints"
     cfg = cfg_of(results)
     state = new_model(cfg).state_dict()
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
