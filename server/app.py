@@ -37,7 +37,7 @@ from server.checkpoint import ServerCheckpoint
 from server.fedavg import fedavg_equivalent_bytes, run_fedavg
 from server.final import OnMembers, final_step
 from server.ledger_grid import LedgerGrid
-from server.report import RunOutput, round_row
+from server.report import RunOutput, record_round
 from server.roster import Roster
 from server.strategies import PopulationStrategy, RoundReport
 from wash_fed.config import WashFedConfig
@@ -161,8 +161,7 @@ def run_population(
     fedavg_bytes = fedavg_equivalent_bytes(cfg, roster.nodes.values())
 
     def on_round(report: RoundReport) -> None:
-        output.add_round(round_row(cfg, grid.ledger, report, fedavg_bytes))
-        metrics.observe_round(report, fedavg_bytes // cfg.num_server_rounds)
+        record_round(output, grid, metrics, report, fedavg_bytes)
         checkpoint = ServerCheckpoint(
             config=cfg.to_mapping(),
             run_id=output.results["run_id"],

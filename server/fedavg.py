@@ -15,7 +15,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from torch import nn
 
 from server.ledger_grid import LedgerGrid
-from server.report import RunOutput, round_row
+from server.report import RunOutput, record_round
 from server.strategies import RoundReport
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
@@ -87,11 +87,9 @@ def run_fedavg(
     on the server's test set or the members').
     """
 
-    def on_round(report: RoundReport) -> None:
-        output.add_round(round_row(cfg, grid.ledger, report, None))
-        metrics.observe_round(report, 0)
-
-    rounds = FedAvgRounds(cfg, test_accuracy, on_round)
+    rounds = FedAvgRounds(
+        cfg, test_accuracy, lambda report: record_round(output, grid, metrics, report, None)
+    )
 
     strategy = FedAvg(
         fraction_train=1.0,

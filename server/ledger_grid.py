@@ -3,7 +3,8 @@
 Every strategy -- ours and Flower's own FedAvg -- talks to the nodes through this wrapper,
 so all of them are counted the same way: each message sent and each reply received, with
 its size as Flower serializes it (:func:`wash_fed.wire.message_bytes`), the round it belongs
-to, the member (partition id) and the phase.
+to, the member (partition id) and the phase -- and how long each message was in flight,
+from its push to the pull of its reply (:mod:`wash_fed.timing` splits rounds with it).
 """
 
 from __future__ import annotations
@@ -66,7 +67,11 @@ class LedgerGrid(Grid):
         self.ledger = ledger
         self.members: dict[int, int] = {}
         self._on_exchange = on_exchange
-        self._pushed: dict[str, Message] = {}  # message id -> message, until its reply arrives
+        self._pushed: dict[str, tuple[Message, float]] = {}
+        """Message id -> the message and when it was pushed, until its reply arrives."""
+        self.in_flight: dict[tuple[int, str], dict[int, float]] = {}
+        """(round, phase) -> partition id -> seconds from push to reply, for delivered
+        messages (:meth:`take_in_flight` hands them out)."""
 
     # --- delegation -------------------------------------------------------------------
 
@@ -93,7 +98,8 @@ class LedgerGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         ids = list(self._grid.push_messages(messages))
-        self._pushed.update(zip(ids, messages, strict=True))
+        pushed = time.monotonic()
+        self._pushed.update((i, (m, pushed)) for i, m in zip(ids, messages, strict=True))
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -135,15 +141,24 @@ class LedgerGrid(Grid):
         Errors the SuperLink makes itself (an unavailable node, an expired message) are not
         traffic of a member: neither they nor the message they answer are recorded.
         """
+        arrived = time.monotonic()
         for reply in replies:
-            msg = self._pushed.pop(reply.metadata.reply_to_message_id, None)
-            if msg is None or reply.metadata.src_node_id == SUPERLINK_NODE_ID:
+            pushed = self._pushed.pop(reply.metadata.reply_to_message_id, None)
+            if pushed is None or reply.metadata.src_node_id == SUPERLINK_NODE_ID:
                 continue
+            msg, pushed_at = pushed
             self._learn(reply)
             node = msg.metadata.dst_node_id
             round_ = _round_of(msg.content)
             self._record(msg, "down", node, round_)
             self._record(reply, "up", node, round_)
+            key = (round_, phase_of(msg.metadata.message_type))
+            self.in_flight.setdefault(key, {})[self.members.get(node, -1)] = arrived - pushed_at
+
+    def take_in_flight(self, round_: int, phase: str = "train") -> dict[int, float]:
+        """Per partition id, the seconds its message of ``round_`` and ``phase`` was in
+        flight (push to reply), forgotten once taken."""
+        return self.in_flight.pop((round_, phase), {})
 
     def _learn(self, reply: Message) -> None:
         if reply.has_error():

@@ -22,11 +22,14 @@ from flwr.common.logger import log
 from torch import Tensor
 
 from server.checkpoint import ServerCheckpoint
+from server.ledger_grid import LedgerGrid
 from server.strategies import RoundReport
 from wash_fed.config import WashFedConfig
 from wash_fed.ledger import Ledger
+from wash_fed.metrics import RunMetrics
+from wash_fed.timing import RoundTime, split_round
 
-__all__ = ["RunOutput", "ledger_table", "round_row"]
+__all__ = ["RunOutput", "ledger_table", "record_round", "round_row"]
 
 
 def _mb(nbytes: float) -> str:
@@ -147,15 +150,35 @@ class RunOutput:
         log(INFO, "Run failed; results so far are in %s", self.directory)
 
 
+def record_round(
+    output: RunOutput,
+    grid: LedgerGrid,
+    metrics: RunMetrics,
+    report: RoundReport,
+    fedavg_bytes: int | None,
+) -> None:
+    """A finished round into the results and the metrics, with where its time went."""
+    time = split_round(report.seconds, grid.take_in_flight(report.round), report.metrics)
+    output.add_round(round_row(output.cfg, grid.ledger, report, fedavg_bytes, time))
+    per_round = fedavg_bytes // output.cfg.num_server_rounds if fedavg_bytes else 0
+    metrics.observe_round(report, per_round, time)
+
+
 def round_row(
-    cfg: WashFedConfig, ledger: Ledger, report: RoundReport, fedavg_bytes: int | None
+    cfg: WashFedConfig,
+    ledger: Ledger,
+    report: RoundReport,
+    fedavg_bytes: int | None,
+    time: RoundTime,
 ) -> dict[str, Any]:
-    """One round's figures for ``results.json``; logs the progress line."""
+    """One round's figures for ``results.json`` (with where its time went); logs the
+    progress line."""
     this_round = ledger.by_round().get(report.round, {"up": 0, "down": 0})
     means = report.member_means()
     row = {
         "round": report.round,
         "seconds": report.seconds,
+        "time": time.as_dict(),
         "answered": len(report.metrics),
         "failed": {str(k): v for k, v in report.failed.items()},
         "loss": means.get("loss"),
@@ -180,5 +203,12 @@ def round_row(
     if fedavg_bytes:
         so_far = fedavg_bytes * report.round / cfg.num_server_rounds
         text += f" (FedAvg: {so_far / 1e6:.3f} MB)"
-    log(INFO, "%s | %.2f s", text, report.seconds)
+    log(
+        INFO,
+        "%s | %.2f s (train %.2f, transfer %.2f)",
+        text,
+        report.seconds,
+        time.train,
+        time.transfer,
+    )
     return row

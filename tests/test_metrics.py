@@ -17,6 +17,7 @@ from server.strategies import RoundReport
 from simulations.local_flower import TINY_RUN, FlowerHarness, Prometheus, free_port
 from wash_fed.ledger import Ledger
 from wash_fed.metrics import RunMetrics
+from wash_fed.timing import RoundTime
 
 MEMBERS = 3
 SMALL: dict[str, Any] = {**TINY_RUN, "num-members": MEMBERS, "eval-every": 1}
@@ -66,7 +67,7 @@ def test_round_figures_become_gauges_and_a_histogram() -> None:
         2.5,
         {},
     )
-    metrics.observe_round(report, fedavg_round_bytes=1000)
+    metrics.observe_round(report, 1000, RoundTime(1.5, 0.25, 0.5, 0.25))
     metrics.observe_final({"soup": 0.75})
     text = generate_latest(metrics.registry).decode()
     assert sample(text, "wash_fed_rounds_total", strategy="papa") == 1
@@ -77,12 +78,19 @@ def test_round_figures_become_gauges_and_a_histogram() -> None:
     assert sample(text, "wash_fed_accuracy", strategy="papa", model="soup") == 0.75
     assert sample(text, "wash_fed_round_duration_seconds_bucket", strategy="papa", le="5.0") == 1
     assert sample(text, "wash_fed_fedavg_equivalent_bytes_total", strategy="papa") == 1000
+    parts = {"train": 1.5, "member": 0.25, "transfer": 0.5, "server": 0.25}
+    for part, seconds in parts.items():
+        assert sample(text, "wash_fed_round_part_seconds_total", strategy="papa", part=part) == (
+            seconds
+        )
 
 
 @dataclass
 class ScrapedRuns:
     prometheus: Prometheus
     ledgers: dict[str, Ledger]
+    rounds: dict[str, list[dict[str, Any]]]
+    """Per strategy, the rounds in its results.json."""
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +106,7 @@ def scraped_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScrapedRu
     out = tmp_path_factory.mktemp("runs")
     try:
         harness.start_superlink(simulation=True)
-        ledgers = {}
+        ledgers, rounds = {}, {}
         for strategy in ("wash", "fedavg"):
             config = {
                 **SMALL,
@@ -112,7 +120,8 @@ def scraped_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScrapedRu
             assert result.status == "finished:completed", result.details + result.output[-3000:]
             (run_dir,) = out.glob(f"*-{result.run_id}")
             ledgers[strategy] = Ledger.read_csv(run_dir / "ledger.csv")
-        yield ScrapedRuns(prom, ledgers)
+            rounds[strategy] = json.loads((run_dir / "results.json").read_text())["rounds"]
+        yield ScrapedRuns(prom, ledgers, rounds)
     finally:
         harness.close()
         prom.close()
@@ -145,6 +154,25 @@ def test_prometheus_sees_the_ledgers_bytes_for_wash_and_fedavg(scraped_runs: Scr
 
 
 @pytest.mark.slow
+def test_prometheus_sees_where_each_rounds_time_went(scraped_runs: ScrapedRuns) -> None:
+    """Each round's parts (results.json) sum to its duration, training takes part of it
+    (simulated members train in the round), and Prometheus holds the same parts."""
+    prom = scraped_runs.prometheus
+    for strategy, rows in scraped_runs.rounds.items():
+        for row in rows:
+            assert sum(row["time"].values()) == pytest.approx(row["seconds"], abs=1e-9)
+            assert 0.0 < row["time"]["train"] < row["seconds"], (strategy, row["time"])
+            assert row["time"]["transfer"] > 0.0, (strategy, row["time"])
+        for part in ("train", "member", "transfer", "server"):
+            scraped = prom.query(
+                f'max_over_time(wash_fed_round_part_seconds_total{{strategy="{strategy}",'
+                f'part="{part}"}}[30m])'
+            )
+            expected = sum(row["time"][part] for row in rows)
+            assert float(scraped[0]["value"][1]) == pytest.approx(expected, rel=1e-9), part
+
+
+@pytest.mark.slow
 def test_every_dashboard_query_runs_on_prometheus(scraped_runs: ScrapedRuns) -> None:
     """The Grafana panels' PromQL, evaluated by the real Prometheus over the runs above."""
     prom = scraped_runs.prometheus
@@ -158,4 +186,4 @@ def test_every_dashboard_query_runs_on_prometheus(scraped_runs: ScrapedRuns) -> 
             expr = target["expr"].replace("[1m]", "[30m]")
             expr = f"max_over_time(({expr})[30m:1s])"
             answered += bool(prom.query(expr))
-    assert answered >= 8, "most panels should show data for the runs above"
+    assert answered >= 9, "most panels should show data for the runs above"

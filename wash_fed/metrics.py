@@ -2,7 +2,8 @@
 
 Names follow Prometheus conventions (``_total`` counters, ``_seconds`` histograms, base
 units). Labels stay low-cardinality: ``strategy`` (a handful), ``direction`` (up, down),
-``phase`` (setup, train, collect, bn, evaluate), ``model`` (member_mean, ensemble, soup,
+``phase`` (setup, train, collect, bn, evaluate), ``part`` (of a round's time: train,
+member, transfer, server; :mod:`wash_fed.timing`), ``model`` (member_mean, ensemble, soup,
 global), ``member`` (the partition id, one per member).
 
 The byte counter is only ever advanced by :meth:`RunMetrics.sync_ledger`, which adds the
@@ -19,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push
 from prometheus_client.exposition import start_http_server
 
 from wash_fed.ledger import Ledger
+from wash_fed.timing import RoundTime
 
 __all__ = ["RoundFigures", "RunMetrics"]
 
@@ -66,6 +68,13 @@ class RunMetrics:
             buckets=ROUND_SECONDS_BUCKETS,
             registry=self.registry,
         )
+        self.round_part_seconds = Counter(
+            "wash_fed_round_part_seconds",
+            "Rounds' wall time by part: the critical member's training, the rest of its "
+            "handling, transfer (link, Flower's queues and polling), and the server.",
+            ["strategy", "part"],
+            registry=self.registry,
+        )
         self.accuracy = Gauge(
             "wash_fed_accuracy",
             "Test accuracy: member_mean and ensemble each evaluated round; soup and global "
@@ -103,10 +112,13 @@ class RunMetrics:
             self.bytes.labels(self.strategy, entry.direction, entry.phase).inc(entry.bytes)
         self._synced = len(ledger.entries)
 
-    def observe_round(self, report: RoundFigures, fedavg_round_bytes: int) -> None:
-        """One finished training round: its duration, members' figures, what moved."""
+    def observe_round(self, report: RoundFigures, fedavg_round_bytes: int, time: RoundTime) -> None:
+        """One finished training round: its duration and its parts, members' figures, what
+        moved."""
         self.rounds.labels(self.strategy).inc()
         self.round_seconds.labels(self.strategy).observe(report.seconds)
+        for part, seconds in time.as_dict().items():
+            self.round_part_seconds.labels(self.strategy, part).inc(seconds)
         self.fedavg_bytes.labels(self.strategy).inc(fedavg_round_bytes)
         self.moved_values.labels(self.strategy).inc(report.exchange.get("moved", 0))
         for member, figures in report.metrics.items():
