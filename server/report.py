@@ -87,7 +87,9 @@ class RunOutput:
         return out
 
     def add_round(self, row: Mapping[str, Any]) -> None:
-        self.results["rounds"].append(dict(row))
+        """A finished round's row, with ``elapsed``: seconds since this process started the
+        run (a resumed run counts from its resumption)."""
+        self.results["rounds"].append({**row, "elapsed": time.perf_counter() - self.started})
         self.write()
 
     def write(self, **fields: Any) -> None:

@@ -208,14 +208,16 @@ class FlowerHarness:
         simulation: bool,
         certificates: Path | None = None,
         supernode_auth: bool = False,
+        host: str = "127.0.0.1",
     ) -> None:
-        """A SuperLink on free loopback ports; TLS when ``certificates`` (a folder made by
-        deploy/certs/generate.sh) is given, admitting only registered SuperNodes when
-        ``supernode_auth``. Writes the ``test`` connection for the CLI."""
+        """A SuperLink on a free port of ``host`` (loopback by default); TLS when
+        ``certificates`` (a folder made by deploy/certs/generate.sh) is given, admitting
+        only registered SuperNodes when ``supernode_auth``. Writes the ``test`` connection
+        for the CLI."""
         args = [
             str(BIN / "flower-superlink"),
             "--host",
-            "127.0.0.1",
+            host,
             "--port",
             str(self.api_port),
             "--database",
@@ -288,12 +290,16 @@ class FlowerHarness:
         extra_node_config: Mapping[str, Any] | None = None,
         auth_key: Path | None = None,
         name: str | None = None,
+        superlink: str | None = None,
+        netns: str | None = None,
     ) -> subprocess.Popen[bytes]:
         """SuperNode ``partition`` of ``count`` on a free port. With ``worker_dir``, its
         member lives in a member worker under ``worker_dir/member-<partition>``;
         ``extra_node_config`` adds node config entries (e.g. ``data-path``); ``auth_key`` is
         its private key where the SuperLink authenticates SuperNodes. Its log is
-        ``<name>.log`` (default ``supernode-<partition>``)."""
+        ``<name>.log`` (default ``supernode-<partition>``). ``superlink`` is the address it
+        connects to (default: this harness's SuperLink or proxy on loopback); ``netns`` a
+        network namespace to run it in (``ip netns exec``; root only)."""
         entries: dict[str, Any] = {"partition-id": partition, "num-partitions": count}
         if worker_dir is not None:
             entries["worker-dir"] = str(worker_dir / f"member-{partition}")
@@ -301,7 +307,7 @@ class FlowerHarness:
         args = [
             str(BIN / "flower-supernode"),
             "--superlink",
-            f"127.0.0.1:{self.fleet_port}",
+            superlink or f"127.0.0.1:{self.fleet_port}",
             "--port",
             str(free_port()),
             "--node-config",
@@ -313,6 +319,8 @@ class FlowerHarness:
             args += ["--root-certificates", str(self.certificates / "ca.crt")]
         if auth_key is not None:
             args += ["--auth-supernode-private-key", str(auth_key)]
+        if netns is not None:
+            args = ["ip", "netns", "exec", netns, *args]
         proc = self.start(name or f"supernode-{partition}", args)
         if name is None:
             self.supernodes[partition] = proc

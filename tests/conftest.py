@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +32,11 @@ def simulation_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flo
     finally:
         harness.close()
     assert harness.descendants() == [], "processes survived the harness"
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A folder with a short path: a Unix socket's path has at most 107 characters."""
+    path = Path(tempfile.mkdtemp(prefix="wf-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,14 +54,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerHarne
     finally:
         harness.close()
     assert harness.descendants() == [], "processes survived the deployment"
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A folder with a short path: a Unix socket's path has at most 107 characters."""
-    path = Path(tempfile.mkdtemp(prefix="wf-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def assert_ledger_within_flowers_traffic(run_dir: Path, listing: dict[str, Any]) -> None:

@@ -1,0 +1,221 @@
+"""Time to accuracy over edge links: WASH, PAPA and FedAvg on the same members, data and
+rounds, through a real deployment whose SuperNodes sit behind tbf-shaped links
+(:mod:`simulations.edge_links`), at several link rates and for two model sizes.
+
+For every run it prints the mean round time in parts (:mod:`wash_fed.timing`: the critical
+member's training, the rest of its handling, transfer -- the link both ways plus Flower's
+queues and polling -- and the server), the bytes sent, the final accuracy and the time to
+reach the target accuracy; it draws test accuracy against wall time, one panel per link
+rate, into ``<out>/edge_time_<model>.png``, with the table in ``edge_time_<model>.md`` and
+every run's results in ``edge_time_<model>.json``. Requires root.
+
+    sudo .venv/bin/python benchmarks/edge_time.py --models cnn --rates 100,10,2
+    sudo .venv/bin/python benchmarks/edge_time.py --models torchvision:resnet18 --rates 100,10
+
+A run "has" a model of some accuracy from the moment one was evaluated: FedAvg's global
+model after each round; for PAPA and WASH the members (their mean accuracy) after each
+round, and the soup when the run ends. The target is ``--target`` times the best final
+accuracy any strategy reached with that model, so it means the same for every strategy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.common.config import parse_config_args
+
+from simulations.edge_links import EdgeFederation, EdgeTopology, TopologyError
+from simulations.launch import results_file_in
+from wash_fed.timing import PARTS
+
+STRATEGIES = ("wash", "papa", "fedavg")
+SHARED: dict[str, Any] = {
+    "num-server-rounds": 4,
+    "batch-size": 64,
+    "train-subset": 12000,
+    "holdout-size": 500,
+    "test-subset": 2000,
+    "test-on-server": True,
+    "eval-every": 1,
+    "papa-every": 2,
+    "poll-interval": 0.2,
+}
+"""Every run's configuration; ``--run-config`` adds to it (per model: ``LOCAL_STEPS``)."""
+LOCAL_STEPS = {"cnn": 30, "torchvision:resnet18": 15}
+"""Local steps per round by model (default ``DEFAULT_STEPS``): the larger model costs more
+per step on a CPU."""
+DEFAULT_STEPS = 15
+
+
+def curve(results: Mapping[str, Any]) -> list[tuple[float, float]]:
+    """(seconds since the run started, test accuracy) of every model the run evaluated: each
+    round's (members' mean, or FedAvg's global model), then the final model."""
+    points = [
+        (float(r["elapsed"]), float(r["test_accuracy"]))
+        for r in results["rounds"]
+        if r["test_accuracy"] is not None
+    ]
+    points.append((float(results["wall_seconds"]), float(results["final"]["final_accuracy"])))
+    return points
+
+
+def time_to(points: Sequence[tuple[float, float]], target: float) -> float | None:
+    """The first time a model of at least ``target`` accuracy was there (None: never)."""
+    return next((t for t, accuracy in points if accuracy >= target), None)
+
+
+def summary(results: Mapping[str, Any], target: float) -> dict[str, Any]:
+    """One run's row: mean seconds per round by part, bytes, accuracy, times."""
+    rounds = results["rounds"]
+    per_round = {p: sum(r["time"][p] for r in rounds) / len(rounds) for p in PARTS}
+    return {
+        "round": sum(r["seconds"] for r in rounds) / len(rounds),
+        **per_round,
+        "megabytes": results["bytes"]["total"] / 1e6,
+        "final_accuracy": results["final"]["final_accuracy"],
+        "wall": results["wall_seconds"],
+        "to_target": time_to(curve(results), target),
+    }
+
+
+def table(runs: Sequence[Mapping[str, Any]], target_fraction: float) -> str:
+    """Markdown: one row per (model, rate, strategy)."""
+    lines = [
+        "| model | link (Mbit/s) | strategy | s/round | train | member | transfer | server "
+        "| sent (MB) | final accuracy | wall (s) | to target (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model in dict.fromkeys(r["model"] for r in runs):
+        of_model = [r for r in runs if r["model"] == model]
+        target = target_fraction * max(r["results"]["final"]["final_accuracy"] for r in of_model)
+        for run in of_model:
+            row = summary(run["results"], target)
+            reached = "never" if row["to_target"] is None else f"{row['to_target']:.0f}"
+            parts = " | ".join(f"{row[p]:.1f}" for p in PARTS)
+            lines.append(
+                f"| {model} | {run['mbit']:g} | {run['strategy']} | {row['round']:.1f} | "
+                f"{parts} | {row['megabytes']:.1f} | {row['final_accuracy']:.4f} | "
+                f"{row['wall']:.0f} | {reached} |"
+            )
+        lines.append(f"| {model}: target accuracy {target:.4f} | | | | | | | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
+    """Accuracy against wall time: one figure per model, one panel per link rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for model in dict.fromkeys(r["model"] for r in runs):
+        rates = list(dict.fromkeys(r["mbit"] for r in runs if r["model"] == model))
+        fig, axes = plt.subplots(1, len(rates), figsize=(4.2 * len(rates), 3.8), squeeze=False)
+        for ax, mbit in zip(axes[0], rates, strict=True):
+            for run in runs:
+                if run["model"] != model or run["mbit"] != mbit:
+                    continue
+                times, accuracies = zip(*curve(run["results"]), strict=True)
+                (line,) = ax.plot(times[:-1], accuracies[:-1], marker="o", markersize=3)
+                ax.plot(
+                    times[-1:],
+                    accuracies[-1:],
+                    marker="*",
+                    markersize=12,
+                    color=line.get_color(),
+                    linestyle="none",
+                )
+                line.set_label(run["strategy"])
+            ax.set_title(f"{model}, {mbit:g} Mbit/s links")
+            ax.set_xlabel("wall time (s); star: final model")
+            ax.grid(True, alpha=0.3)
+        axes[0][0].set_ylabel("test accuracy")
+        axes[0][-1].legend()
+        fig.tight_layout()
+        path = out / f"edge_time_{model.replace(':', '_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def run_all(
+    federation: EdgeFederation,
+    models: Sequence[str],
+    rates: Sequence[float],
+    overrides: Mapping[str, Any],
+) -> list[dict[str, Any]]:
+    """Every (model, rate, strategy), one after the other over the same SuperNodes."""
+    runs = []
+    for model in models:
+        for mbit in rates:
+            federation.topology.shape(mbit)
+            for strategy in STRATEGIES:
+                config = {
+                    **SHARED,
+                    "model": model,
+                    "local-steps": LOCAL_STEPS.get(model, DEFAULT_STEPS),
+                    "strategy": strategy,
+                    **overrides,
+                }
+                print(f"=== {model}, {mbit:g} Mbit/s, {strategy}", flush=True)
+                ended = federation.run(config, echo=False)
+                found = results_file_in(ended.output)
+                if not ended.completed or found is None:
+                    raise RuntimeError(
+                        f"{strategy} over {mbit:g} Mbit/s: {ended.status} ({ended.details})\n"
+                        f"{ended.output[-3000:]}"
+                    )
+                results = json.loads(found.read_text())
+                runs.append(
+                    {"model": model, "mbit": mbit, "strategy": strategy, "results": results}
+                )
+                final = results["final"]["final_accuracy"]
+                print(f"    {results['wall_seconds']:.0f} s, accuracy {final:.4f}", flush=True)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rates", default="100,10,2", help="link rates, Mbit/s")
+    parser.add_argument("--models", default="cnn")
+    parser.add_argument("--members", type=int, default=3)
+    parser.add_argument("--target", type=float, default=0.95)
+    parser.add_argument("--run-config", default="", help="more overrides for every run")
+    parser.add_argument("--out", type=Path, default=Path("runs") / "edge_time")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    given = parse_config_args([args.run_config]) if args.run_config.strip() else {}
+    overrides = {"output-dir": str(out / "runs"), **given}
+    rates = [float(r) for r in args.rates.split(",")]
+    home = Path(tempfile.mkdtemp(prefix="wf-edge-"))
+    try:
+        with EdgeFederation(EdgeTopology(args.members, rates[0]), home) as federation:
+            runs = run_all(federation, args.models.split(","), rates, overrides)
+    except TopologyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for model in dict.fromkeys(r["model"] for r in runs):
+        of_model = [r for r in runs if r["model"] == model]
+        name = f"edge_time_{model.replace(':', '_')}"
+        (out / f"{name}.json").write_text(json.dumps(of_model, indent=2))
+        text = table(of_model, args.target)
+        (out / f"{name}.md").write_text(text)
+        print(f"\n{text}")
+    paths = plot(runs, out)
+    print("written to", out, ":", ", ".join(p.name for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

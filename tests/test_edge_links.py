@@ -1,0 +1,102 @@
+"""Edge links: a real two-host deployment on one machine -- the SuperLink in a hub network
+namespace, each SuperNode in its own, joined by tbf-shaped veth pairs -- runs WASH to the
+end through the shaped links and leaves no namespace, link or process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from simulations.edge_links import EdgeFederation, EdgeTopology, TopologyError, main
+from simulations.launch import results_file_in
+from simulations.local_flower import TINY_RUN, results_of
+from wash_fed.ledger import Ledger
+
+MBIT = 5
+
+
+def root_links() -> set[str]:
+    """The interfaces of the machine's own network namespace."""
+    listing = subprocess.run(["ip", "-j", "link"], capture_output=True, text=True, check=True)
+    return {link["ifname"] for link in json.loads(listing.stdout)}
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (exists and is not a zombie waiting to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.slow
+def test_wash_runs_over_shaped_links_and_nothing_is_left(tmp_path: Path, short_tmp: Path) -> None:
+    links_before = root_links()
+    topology = EdgeTopology(nodes=2, mbit=MBIT)
+    federation = EdgeFederation(topology, short_tmp)
+    try:
+        federation.__enter__()
+    except TopologyError as err:
+        if os.geteuid() != 0:
+            pytest.skip(f"network namespaces need root: {err}")
+        pytest.skip(f"this machine refuses network namespaces: {err}")
+    try:
+        # Two rounds (one exchange), then the final step without the messages it can skip.
+        config = {
+            **TINY_RUN,
+            "num-server-rounds": 2,
+            "test-on-server": True,
+            "bn-recalibration": False,
+            "output-dir": str(tmp_path / "runs"),
+        }
+        ended = federation.run(config, echo=False)
+        sent = topology.sent_bytes()
+        shaped = subprocess.run(
+            ["tc", "-n", topology.node(0), "-s", "-j", "qdisc", "show", "dev", "uplink"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        started = federation.harness.descendants()
+    finally:
+        federation.__exit__(None, None, None)
+
+    assert ended.completed, ended.output[-3000:]
+    results = results_file_in(ended.output)
+    assert results is not None
+    assert results_of(results.parent)["status"] == "completed"
+    # Every member's messages went through its shaped link: each end sent at least the
+    # payload the ledger counts for that direction (plus HTTP and TCP framing).
+    ledger = Ledger.read_csv(results.parent / "ledger.csv")
+    for member in range(2):
+        up = sum(e.bytes for e in ledger.entries if e.member == member and e.direction == "up")
+        down = sum(e.bytes for e in ledger.entries if e.member == member and e.direction == "down")
+        assert sent[f"{topology.node(member)}/uplink"] >= up > 0
+        assert sent[f"{topology.hub}/n{member}"] >= down > 0
+    (qdisc,) = json.loads(shaped)
+    assert qdisc["kind"] == "tbf" and qdisc["options"]["rate"] == MBIT * 1_000_000 // 8
+    assert qdisc["overlimits"] > 0, "the collected model should have had to wait for the link"
+    assert started, "the run's processes should have been found"
+    # Nothing is left: namespaces (and with them the links), processes, root interfaces.
+    assert topology.remaining() == []
+    assert federation.harness.descendants() == []
+    assert not [pid for pid in started if alive(pid)]
+    assert root_links() == links_before
+
+
+def test_the_launcher_names_a_bad_configuration_before_building_anything(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["--members", "2", "--run-config", "shuffle-prob=1.5"]) == 2
+    assert "shuffle-prob" in capsys.readouterr().err
+
+
+def test_a_topology_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(TopologyError, match="need root"):
+        EdgeTopology(nodes=1, mbit=10).build()
