@@ -30,7 +30,12 @@ from typing import Any
 
 from flwr.common.config import parse_config_args
 
-from simulations.edge_links import EdgeFederation, EdgeTopology, TopologyError
+from simulations.edge_links import (
+    EdgeFederation,
+    EdgeTopology,
+    TopologyError,
+    unwind_on_sigterm,
+)
 from simulations.launch import results_file_in
 from wash_fed.timing import PARTS
 
@@ -78,6 +83,7 @@ def summary(results: Mapping[str, Any], target: float) -> dict[str, Any]:
         "round": sum(r["seconds"] for r in rounds) / len(rounds),
         **per_round,
         "megabytes": results["bytes"]["total"] / 1e6,
+        "last_round": curve(results)[-2][1] if len(curve(results)) > 1 else None,
         "final_accuracy": results["final"]["final_accuracy"],
         "wall": results["wall_seconds"],
         "to_target": time_to(curve(results), target),
@@ -88,8 +94,8 @@ def table(runs: Sequence[Mapping[str, Any]], target_fraction: float) -> str:
     """Markdown: one row per (model, rate, strategy)."""
     lines = [
         "| model | link (Mbit/s) | strategy | s/round | train | member | transfer | server "
-        "| sent (MB) | final accuracy | wall (s) | to target (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| sent (MB) | last round | final model | wall (s) | to target (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model in dict.fromkeys(r["model"] for r in runs):
         of_model = [r for r in runs if r["model"] == model]
@@ -97,13 +103,14 @@ def table(runs: Sequence[Mapping[str, Any]], target_fraction: float) -> str:
         for run in of_model:
             row = summary(run["results"], target)
             reached = "never" if row["to_target"] is None else f"{row['to_target']:.0f}"
+            last = "-" if row["last_round"] is None else f"{row['last_round']:.4f}"
             parts = " | ".join(f"{row[p]:.1f}" for p in PARTS)
             lines.append(
                 f"| {model} | {run['mbit']:g} | {run['strategy']} | {row['round']:.1f} | "
-                f"{parts} | {row['megabytes']:.1f} | {row['final_accuracy']:.4f} | "
+                f"{parts} | {row['megabytes']:.1f} | {last} | {row['final_accuracy']:.4f} | "
                 f"{row['wall']:.0f} | {reached} |"
             )
-        lines.append(f"| {model}: target accuracy {target:.4f} | | | | | | | | | | | |")
+        lines.append(f"| {model}: target accuracy {target:.4f} |" + " |" * 12)
     return "\n".join(lines) + "\n"
 
 
@@ -134,7 +141,10 @@ def plot(runs: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
                 )
                 line.set_label(run["strategy"])
             ax.set_title(f"{model}, {mbit:g} Mbit/s links")
-            ax.set_xlabel("wall time (s); star: final model")
+            ax.set_xlabel(
+                "wall time (s); dots: members (FedAvg: global) per round; star: final",
+                fontsize=8,
+            )
             ax.grid(True, alpha=0.3)
         axes[0][0].set_ylabel("test accuracy")
         axes[0][-1].legend()
@@ -192,9 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--run-config", default="", help="more overrides for every run")
     parser.add_argument("--out", type=Path, default=Path("runs") / "edge_time")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="only write tables and plots from these edge_time_<model>.json files",
+    )
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        runs = [run for path in args.render for run in json.loads(path.read_text())]
+        return write_reports(runs, out, args.target)
     given = parse_config_args([args.run_config]) if args.run_config.strip() else {}
     overrides = {"output-dir": str(out / "runs"), **given}
     rates = [float(r) for r in args.rates.split(",")]
@@ -205,11 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     except TopologyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return write_reports(runs, out, args.target)
+
+
+def write_reports(runs: Sequence[Mapping[str, Any]], out: Path, target: float) -> int:
+    """Per model: its runs as JSON, its table (printed too) and its plot, into ``out``."""
     for model in dict.fromkeys(r["model"] for r in runs):
         of_model = [r for r in runs if r["model"] == model]
         name = f"edge_time_{model.replace(':', '_')}"
         (out / f"{name}.json").write_text(json.dumps(of_model, indent=2))
-        text = table(of_model, args.target)
+        text = table(of_model, target)
         (out / f"{name}.md").write_text(text)
         print(f"\n{text}")
     paths = plot(runs, out)
@@ -218,4 +243,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    unwind_on_sigterm()
     sys.exit(main())

@@ -189,8 +189,15 @@ def run_population(
             timeout=cfg.round_timeout,
         )
     if not any(report.metrics for report in strategy.history):
-        last = strategy.history[-1] if strategy.history else None
-        why = {**last.failed, **last.rejected} if last else {}
+        # The latest round with reasons: after quarantines, later rounds ask nobody.
+        why = next(
+            (
+                {**r.failed, **r.rejected}
+                for r in reversed(strategy.history)
+                if r.failed or r.rejected
+            ),
+            {},
+        )
         reasons = "; ".join(f"member {p}: {reason}" for p, reason in sorted(why.items()))
         raise RuntimeError(f"no member completed a single round ({reasons or 'no round ran'})")
     validation = load_local(cfg.validation_path, cfg.dataset) if cfg.validation_path else None

@@ -22,6 +22,7 @@ from wash_fed.config import WashFedConfig
 from wash_fed.gate import require_finite
 from wash_fed.keys import Config, MessageType, Metric, Record, Reply
 from wash_fed.metrics import RunMetrics
+from wash_fed.protocol import to_wire, wire_dtype
 from wash_fed.training import initial_model, new_model
 
 __all__ = ["FedAvgRounds", "fedavg_equivalent_bytes", "run_fedavg"]
@@ -101,7 +102,9 @@ def run_fedavg(
     # Members read everything else from the run config; "reply" asks for the full state.
     result = strategy.start(
         grid=grid,
-        initial_arrays=wire.tensors_to_record(initial_model(cfg, 0).state_dict()),
+        initial_arrays=wire.tensors_to_record(
+            to_wire(initial_model(cfg, 0).state_dict(), wire_dtype(cfg))
+        ),
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
         train_config=ConfigRecord({Config.REPLY: Reply.STATE}),
@@ -118,9 +121,9 @@ def run_fedavg(
 
 
 def fedavg_equivalent_bytes(cfg: WashFedConfig, nodes: Collection[int]) -> int:
-    """What FedAvg would send over the same rounds: each round the full model to every member
-    and back, measured as Flower serializes those messages."""
-    state = wire.tensors_to_record(new_model(cfg).state_dict())
+    """What FedAvg would send over the same rounds: each round the full model (in
+    ``wire-dtype``) to every member and back, measured as Flower serializes those messages."""
+    state = wire.tensors_to_record(to_wire(new_model(cfg).state_dict(), wire_dtype(cfg)))
     node = next(iter(nodes))
     down = wire.message(
         node, MessageType.TRAIN, 1, {Config.REPLY: Reply.STATE}, {Record.ARRAYS: state}

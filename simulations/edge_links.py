@@ -25,6 +25,7 @@ import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,14 @@ from simulations.local_flower import FlowerHarness, run_config_arg
 from wash_fed.config import ConfigError
 from wash_fed.timing import PARTS
 
-__all__ = ["EdgeFederation", "EdgeTopology", "TopologyError", "inside", "main"]
+__all__ = [
+    "EdgeFederation",
+    "EdgeTopology",
+    "TopologyError",
+    "inside",
+    "main",
+    "unwind_on_sigterm",
+]
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
@@ -232,6 +240,12 @@ class EdgeFederation:
         return launch(connection="test", run_config=overrides, env=self.harness.env, echo=echo)
 
 
+def unwind_on_sigterm() -> None:
+    """Make SIGTERM end this process like Ctrl-C does, so that a topology in use is torn
+    down on the way out (``kill``, a CI timeout)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def time_table(results: Mapping[str, Any]) -> str:
     """Mean seconds per round in each part (:mod:`wash_fed.timing`), and bytes per round."""
     rounds = results["rounds"]
@@ -280,4 +294,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    unwind_on_sigterm()
     sys.exit(main())

@@ -100,17 +100,24 @@ def test_wash_run_sends_only_the_masked_values(
     assert results["fedavg_bytes"] > 10 * sum(e.bytes for e in train)
 
 
-def test_fedavg_run_sends_the_full_model_each_way(
+def test_fedavg_run_sends_the_full_model_each_way_in_16_bits(
     simulation_harness: FlowerHarness, out: Path
 ) -> None:
+    """Flower's FedAvg with ``wire-dtype='float16'``: the model travels at two bytes per
+    value (integer buffers stay as they are) and the run trains."""
     members = out / "fedavg-members"
     _, results, run_dir = run(
-        simulation_harness, out, strategy="fedavg", **{"member-checkpoints": str(members)}
+        simulation_harness,
+        out,
+        strategy="fedavg",
+        **{"member-checkpoints": str(members), "wire-dtype": "float16"},
     )
     assert not members.exists(), "FedAvg does not resume: its members write no checkpoints"
     cfg = cfg_of(results)
     state = new_model(cfg).state_dict()
-    model_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    model_bytes = sum(
+        t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in state.values()
+    )
     ledger = Ledger.read_csv(run_dir / "ledger.csv")
     train = [e for e in ledger.entries if e.phase == "train"]
     assert len(train) == 2 * 2 * MEMBERS  # rounds x directions x members
@@ -120,15 +127,21 @@ def test_fedavg_run_sends_the_full_model_each_way(
     assert 0.0 < results["final"]["global_model"] <= 1.0
 
 
-def test_papa_run_averages_every_round(simulation_harness: FlowerHarness, out: Path) -> None:
-    _, results, run_dir = run(simulation_harness, out, strategy="papa", **{"papa-every": 1})
+def test_papa_run_averages_every_round_in_bfloat16(
+    simulation_harness: FlowerHarness, out: Path
+) -> None:
+    """PAPA's weights go up and its mean comes down as bfloat16: two bytes per value."""
+    _, results, run_dir = run(
+        simulation_harness, out, strategy="papa", **{"papa-every": 1, "wire-dtype": "bfloat16"}
+    )
     cfg = cfg_of(results)
     tensors = list(new_model(cfg).parameters())
     params = sum(p.numel() for p in tensors)
     ledger = Ledger.read_csv(run_dir / "ledger.csv")
-    ups = [e for e in ledger.entries if e.phase == "train" and e.direction == "up"]
+    train = [e for e in ledger.entries if e.phase == "train" and e.round > 1]
     limit = FRAMING + FRAMING_PER_ARRAY * len(tensors)
-    assert all(0 < e.bytes - 4 * params < limit for e in ups)
+    assert len(train) == 2 * MEMBERS  # round 2: each member's weights up and the mean down
+    assert all(0 < e.bytes - 2 * params < limit for e in train), train
     assert all(r["exchange"] == {"averaged": MEMBERS} for r in results["rounds"])
 
 
@@ -146,10 +159,15 @@ def torch_settings() -> Iterator[None]:
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"strategy": "wash", "shuffle-optimizer-state": True, "shuffle-prob": 0.3},
+        {
+            "strategy": "wash",
+            "shuffle-optimizer-state": True,
+            "shuffle-prob": 0.3,
+            "wire-dtype": "bfloat16",
+        },
         {"strategy": "papa", "papa-every": 2},
     ],
-    ids=["wash+opt", "papa"],
+    ids=["wash+opt-bfloat16", "papa"],
 )
 def test_a_federated_run_equals_the_population_trainer_bit_for_bit(
     simulation_harness: FlowerHarness, out: Path, overrides: dict[str, Any]

@@ -70,6 +70,24 @@ def test_members_from_different_initialisations_are_not_outliers() -> None:
     assert magnitude_outliers(payloads, factor=50) == {}
 
 
+def test_members_nearly_equal_at_most_coordinates_are_not_outliers() -> None:
+    """A shared initialisation early in training: the members agree to 1e-7 almost
+    everywhere and differ by 1e-2 at one coordinate in a hundred. None is far from the
+    others; one of them scaled x1000 is."""
+    generator = torch.Generator().manual_seed(0)
+    start = 0.02 * torch.randn(20_000, generator=generator)
+    moved = torch.rand(20_000, generator=generator) < 0.01
+
+    def member() -> dict[str, torch.Tensor]:
+        noise = torch.randn(20_000, generator=generator)
+        return {"weights": start + torch.where(moved, 1e-2, 1e-7) * noise}
+
+    payloads = {m: member() for m in range(3)}
+    assert magnitude_outliers(payloads, factor=50) == {}
+    payloads[1] = {"weights": payloads[1]["weights"] * 1000}
+    assert set(magnitude_outliers(payloads, factor=50)) == {1}
+
+
 def test_two_members_have_no_majority_to_judge_by() -> None:
     payloads = {0: honest(0), 1: {**honest(1), "w": honest(1)["w"] * 1000}}
     assert magnitude_outliers(payloads, factor=50) == {}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wash_fed.config import ConfigError, WashFedConfig
+from wash_fed.config import WashFedConfig
 from wash_fed.population import main, run_population
 from wash_fed.training import load_test_data, load_training_data
 
@@ -25,6 +25,7 @@ MECHANISM = {
     "shuffle-prob": 0.2,
     "init": "different",
 }
+TINY = {"train-subset": 1500, "holdout-size": 0, "test-subset": 500, "num-members": 3}
 
 
 @pytest.mark.slow
@@ -70,13 +71,13 @@ def test_cli_writes_results_ledger_and_a_loadable_final_model(tmp_path: Path) ->
         "--soup",
         "greedy",
         "--variants",
-        "wash,papa",
+        "wash,papa,fedavg",
         "--output-dir",
         str(tmp_path),
     ]
     assert main(args) == 0
     (run_dir,) = tmp_path.iterdir()
-    assert (run_dir / "comparison.md").read_text().count("\n") == 4  # header, rule, 2 rows
+    assert (run_dir / "comparison.md").read_text().count("\n") == 5  # header, rule, 3 rows
     results = json.loads((run_dir / "wash" / "results.json").read_text())
     assert results["config"]["num-server-rounds"] == 5  # 1 epoch of 1200 images = 18 steps / 4
     assert set(results["final"]["soups"]) == {"uniform", "uniform+bn", "greedy", "greedy+bn"}
@@ -95,6 +96,45 @@ def test_cli_reports_bad_input_before_training(capsys: pytest.CaptureFixture[str
     assert "unknown variant" in capsys.readouterr().err
 
 
-def test_fedavg_points_to_flower() -> None:
-    with pytest.raises(ConfigError, match="flwr run"):
-        run_population(WashFedConfig(strategy="fedavg"))
+def test_fedavg_starts_from_one_model_and_ends_with_the_members_average() -> None:
+    """FedAvg on the member protocol: one initial model to every member, every round their
+    full states up and the average down; the final model is the last average, and the
+    ledger holds exactly 2 x rounds x members states."""
+    cfg = WashFedConfig.from_mapping(
+        {**TINY, "strategy": "fedavg", "num-server-rounds": 3, "local-steps": 4}
+    )
+    run = run_population(cfg, log=lambda _: None, progress_eval=False)
+    state_bytes = run.results["model_bytes"]
+    assert run.ledger.total("down") == run.ledger.total("up") == 3 * 3 * state_bytes
+    assert run.results["bytes"]["total"] == run.results["fedavg_bytes"]
+    members = run.member_state_dicts  # after their last local steps, before the average
+    for name, value in run.final_state_dict.items():
+        if value.is_floating_point():
+            mean = torch.stack([m[name].double() for m in members]).mean(0).to(value.dtype)
+            assert torch.equal(value, mean), name
+    assert 0.1 < run.results["final"]["final_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_16_bit_values_halve_what_wash_sends_and_it_still_trains() -> None:
+    runs = {
+        dtype: run_population(
+            WashFedConfig.from_mapping(
+                {
+                    **TINY,
+                    "num-server-rounds": 4,
+                    "local-steps": 5,
+                    "shuffle-prob": 0.2,
+                    "wire-dtype": dtype,
+                }
+            ),
+            log=lambda _: None,
+            progress_eval=False,
+        ).results
+        for dtype in ("float32", "bfloat16")
+    }
+    sent = {d: r["bytes"]["up.train"] + r["bytes"]["down.train"] for d, r in runs.items()}
+    assert 2 * sent["bfloat16"] == sent["float32"] > 0
+    accuracy = {d: r["final"]["final_accuracy"] for d, r in runs.items()}
+    assert accuracy["bfloat16"] > 0.3, accuracy  # ten classes: chance is 0.1
+    assert abs(accuracy["bfloat16"] - accuracy["float32"]) < 0.1, accuracy

@@ -28,6 +28,7 @@ LR_SCHEDULES = ("one-cycle", "cosine", "constant")
 INITS = ("different", "shared")
 SOUPS = ("uniform", "greedy")
 DEVICES = ("auto", "cpu", "cuda")
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 RESUMABLE_CHANGES = frozenset(
@@ -114,11 +115,18 @@ class WashFedConfig:
     papa_rate: float = field(
         default=0.9, metadata=_doc("PAPA: theta <- rate*theta + (1-rate)*mean, in [0, 1)")
     )
+    wire_dtype: str = field(
+        default="float32",
+        metadata=_doc(
+            f"one of {WIRE_DTYPES}: the values exchanged while training (WASH's shuffled "
+            "values, PAPA's weights and mean, FedAvg's models); the final step is float32"
+        ),
+    )
 
     outlier_factor: float = field(
         default=50.0,
         metadata=_doc(
-            "reply gate: a member whose values sit this many spreads from the members' "
+            "reply gate: a member this many times farther than the typical member from the "
             "median is left out"
         ),
     )
@@ -217,6 +225,12 @@ class WashFedConfig:
         _one_of("layer-schedule", self.layer_schedule, LAYER_SCHEDULES)
         _at_least("papa-every", self.papa_every, 1)
         _in_range("papa-rate", self.papa_rate, 0.0, 1.0, closed_high=False)
+        _one_of("wire-dtype", self.wire_dtype, WIRE_DTYPES)
+        if self.strategy == "fedavg" and self.wire_dtype == "bfloat16":
+            raise ConfigError(
+                "wire-dtype='bfloat16' does not work with fedavg: Flower's FedAvg averages "
+                "NumPy arrays, and NumPy has no bfloat16; use 'float16'"
+            )
         _greater("outlier-factor", self.outlier_factor, 0.0)
         _at_least("quarantine-after", self.quarantine_after, 1)
         _one_of("soup", self.soup, SOUPS)

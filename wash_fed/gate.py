@@ -116,11 +116,15 @@ def magnitude_outliers(
 ) -> dict[int, str]:
     """Members whose values are far from the population's, with the reason.
 
-    For every floating-point tensor, with ``med`` the coordinate-wise median over members and ``s``
-    the median over members and coordinates of ``|value - med|`` (the typical spread; at
-    least 1e-3 of the typical magnitude), a member is an outlier when the root mean square
-    of ``(value - med) / s`` exceeds ``factor``. Needs three members or more (returns
-    nothing otherwise); payloads must already have passed the form checks.
+    For every floating-point tensor, with ``med`` the coordinate-wise median over members,
+    each member's distance is the root mean square of ``value - med``, and the typical
+    distance ``s`` is the median of the members' distances (at least 1e-3 of the root mean
+    square of ``med``). A member is an outlier when its distance exceeds ``factor * s``.
+    Judging members by whole-tensor distances, not coordinate by coordinate, keeps honest
+    members that are nearly equal at most coordinates (a shared initialisation early in
+    training) from looking far apart at the few where they differ. Needs three members or
+    more, most of them honest (returns nothing for fewer); payloads must already have
+    passed the form checks.
     """
     if len(payloads) < 3:
         return {}
@@ -131,15 +135,14 @@ def magnitude_outliers(
             continue
         stacked = torch.stack([payloads[m][name].double().reshape(-1) for m in members])
         median = stacked.median(dim=0).values  # the lower median for an even count
-        deviation = stacked - median
-        spread = deviation.abs().median()
-        floor = 1e-3 * float(median.abs().median()) + 1e-12
-        scale = max(float(spread), floor)
-        scores = (deviation / scale).pow(2).mean(dim=1).sqrt()
-        for member, score in zip(members, scores.tolist(), strict=True):
+        distances = (stacked - median).pow(2).mean(dim=1).sqrt()
+        floor = 1e-3 * float(median.pow(2).mean().sqrt()) + 1e-12
+        typical = max(float(distances.median()), floor)
+        for member, score in zip(members, (distances / typical).tolist(), strict=True):
             if score > factor and member not in outliers:
                 outliers[member] = (
-                    f"{name!r} is {score:.3g} spreads from the members' median (limit {factor:g})"
+                    f"{name!r} is {score:.3g} times the members' typical distance from their "
+                    f"median (limit {factor:g})"
                 )
     return outliers
 

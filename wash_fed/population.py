@@ -4,9 +4,10 @@ Runs the same protocol as the Flower app, without Flower: each round every membe
 ``local-steps`` SGD steps, then the strategy communicates -- ``wash`` shuffles (one shuffle
 event per round; ``local-steps=1`` is the paper's shuffle after every step), ``papa`` pulls
 members toward the mean every ``papa-every`` rounds, ``papa-all`` replaces them by it,
-``ensemble`` keeps them independent. The ledger records the bytes that would travel if the
-members were on separate machines. The final step builds and evaluates the soups and saves
-the final model.
+``ensemble`` keeps them independent, ``fedavg`` starts every member from one model and
+averages their full states every round. The ledger records the bytes that would travel if
+the members were on separate machines. The final step builds and evaluates the soups (for
+FedAvg: the last average) and saves the final model.
 
 Examples::
 
@@ -40,11 +41,14 @@ from wash_fed.merge import merge_population
 from wash_fed.protocol import (
     Deliveries,
     Exchange,
+    FedAvgServer,
     ServerProtocol,
     apply_delivery,
     member_payload,
     payload_bytes,
     server_protocol,
+    to_wire,
+    wire_dtype,
 )
 from wash_fed.soup import uniform_soup
 from wash_fed.training import (
@@ -52,6 +56,7 @@ from wash_fed.training import (
     TrainingData,
     TrainStats,
     configure_torch,
+    initial_model,
     load_test_data,
     load_training_data,
     new_model,
@@ -66,6 +71,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "wash+opt": {"strategy": "wash", "shuffle_optimizer_state": True},
     "papa": {"strategy": "papa"},
     "papa-all": {"strategy": "papa-all"},
+    "fedavg": {"strategy": "fedavg"},
 }
 """Named configurations compared side by side; each overrides the base configuration."""
 
@@ -138,21 +144,15 @@ def run_population(
 ) -> PopulationRun:
     """Train the population of ``cfg`` to the end, merge it and, if ``output_dir`` is given,
     write ``results.json``, ``ledger.csv`` and ``final_model.pt`` there."""
-    if cfg.strategy == "fedavg":
-        raise ConfigError(
-            "strategy 'fedavg' runs through `flwr run` (Flower's own FedAvg); its in-process "
-            "counterpart here is strategy='papa-all' with papa-every=1"
-        )
     device = resolve_device(cfg.device)
     data = data or load_training_data(cfg)
     data = TrainingData(data.train.to(device), data.partitions, data.holdout)
     test = test or load_test_data(cfg)
     configure_torch(cfg)
     members = [Member(cfg, i, data.member(i), device) for i in range(cfg.num_members)]
-    parameters = dict(members[0].model.named_parameters())
-    server = server_protocol(cfg, range(cfg.num_members), parameters)
-    deliveries = Deliveries()
     ledger = Ledger()
+    server = _server(cfg, members, ledger)
+    deliveries = Deliveries()
     label = cfg.label
     log(
         f"[{label}] {cfg.num_members} members of {cfg.model} on {cfg.dataset} ({device}), "
@@ -190,7 +190,77 @@ def run_population(
             log(_progress_line(label, cfg, row))
             next_epoch = math.floor(stats[0].epochs) + 1
     train_seconds = time.perf_counter() - start
+    if cfg.strategy == "fedavg":
+        final, final_state = _fedavg_final(members, deliveries, test, cfg.eval_batch_size)
+    else:
+        final, final_state = _merge(members, deliveries, data, test, ledger)
+    model_bytes = payload_bytes(to_wire(members[0].model.state_dict(), wire_dtype(cfg)))
+    results = {
+        "label": label,
+        "config": cfg.to_mapping(),
+        "device": str(device),
+        "train_seconds": train_seconds,
+        "total_seconds": time.perf_counter() - start,
+        "epochs": epochs,
+        "rounds": rounds,
+        "final": final,
+        "bytes": ledger.summary(),
+        "fedavg_bytes": 2 * cfg.num_server_rounds * cfg.num_members * model_bytes,
+        "model_bytes": model_bytes,
+    }
+    log(_final_line(label, results))
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        ledger.write_csv(output_dir / "ledger.csv")
+        torch.save(
+            {"model": cfg.model, "dataset": cfg.dataset, "state_dict": final_state},
+            output_dir / "final_model.pt",
+        )
+        log(f"[{label}] results, ledger and final model in {output_dir}")
+    members_final = [
+        {k: v.detach().clone() for k, v in m.model.state_dict().items()} for m in members
+    ]
+    return PopulationRun(cfg, results, ledger, final_state, members_final, output_dir)
 
+
+def _server(cfg: WashFedConfig, members: list[Member], ledger: Ledger) -> ServerProtocol:
+    """The strategy's server side. FedAvg's members first receive one initial model (as
+    Flower's FedAvg sends its global model in round 1), counted in the ledger."""
+    if cfg.strategy != "fedavg":
+        parameters = dict(members[0].model.named_parameters())
+        return server_protocol(cfg, range(cfg.num_members), parameters)
+    start = to_wire(initial_model(cfg, 0).state_dict(), wire_dtype(cfg))
+    for m in members:
+        m.model.load_state_dict(start)
+        ledger.record(1, m.index, "down", "train", payload_bytes(start))
+    return FedAvgServer(cfg, range(cfg.num_members), start)
+
+
+def _fedavg_final(
+    members: list[Member], deliveries: Deliveries, test: ImageData, batch_size: int
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """FedAvg's final model: the average after the last round (no step of its own)."""
+    due = deliveries.due(members[0].index)
+    if due is None:
+        raise RuntimeError("FedAvg ended without an average: every member was rejected")
+    model = build_like(members[0])
+    model.load_state_dict(due.tensors)
+    global_accuracy = accuracy(predict(model, test, batch_size), test.labels)
+    final = {"final_accuracy": global_accuracy, "global_model": global_accuracy}
+    return final, dict(due.tensors)
+
+
+def _merge(
+    members: list[Member],
+    deliveries: Deliveries,
+    data: TrainingData,
+    test: ImageData,
+    ledger: Ledger,
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The population's final step: collect every member, build and evaluate the soups
+    (recalibrating BatchNorm on the members' data), counting what travels."""
+    cfg = members[0].cfg
     final_round = cfg.num_server_rounds + 1
     for m in members:
         _deliver(m, deliveries, final_round, "collect", ledger)
@@ -222,32 +292,7 @@ def run_population(
         holdout=OnData(holdout, cfg.eval_batch_size).accuracy if holdout else None,
         final_soup=cfg.soup,
     )
-    model_bytes = payload_bytes(state_dicts[0])
-    results = {
-        "label": label,
-        "config": cfg.to_mapping(),
-        "device": str(device),
-        "train_seconds": train_seconds,
-        "total_seconds": time.perf_counter() - start,
-        "epochs": epochs,
-        "rounds": rounds,
-        "final": merge.as_dict(),
-        "bytes": ledger.summary(),
-        "fedavg_bytes": 2 * cfg.num_server_rounds * cfg.num_members * model_bytes,
-        "model_bytes": model_bytes,
-    }
-    log(_final_line(label, results))
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        ledger.write_csv(output_dir / "ledger.csv")
-        torch.save(
-            {"model": cfg.model, "dataset": cfg.dataset, "state_dict": merge.final_state_dict},
-            output_dir / "final_model.pt",
-        )
-        log(f"[{label}] results, ledger and final model ({merge.final_soup}) in {output_dir}")
-    members_final = [{k: v.detach().clone() for k, v in sd.items()} for sd in state_dicts]
-    return PopulationRun(cfg, results, ledger, merge.final_state_dict, members_final, output_dir)
+    return merge.as_dict(), merge.final_state_dict
 
 
 def _mb(nbytes: float) -> str:
@@ -266,12 +311,16 @@ def _progress_line(label: str, cfg: WashFedConfig, row: Mapping[str, Any]) -> st
 
 def _final_line(label: str, results: Mapping[str, Any]) -> str:
     final = results["final"]
+    sent = f"sent {_mb(results['bytes']['total'])}"
+    if "soups" not in final:
+        return (
+            f"[{label}] test accuracy of the global model: {final['final_accuracy']:.4f} | {sent}"
+        )
     soups = ", ".join(f"{k} {v:.4f}" for k, v in final["soups"].items())
     return (
         f"[{label}] test accuracy: members {final['member_mean']:.4f} "
         f"(min {min(final['members']):.4f}), ensemble {final['ensemble']:.4f}, {soups} | "
-        f"sent {_mb(results['bytes']['total'])} "
-        f"(FedAvg, same rounds: {_mb(results['fedavg_bytes'])})"
+        f"{sent} (FedAvg, same rounds: {_mb(results['fedavg_bytes'])})"
     )
 
 
@@ -287,11 +336,14 @@ def comparison_table(results: Sequence[Mapping[str, Any]]) -> str:
     )
     rows = []
     for r in results:
-        f, soups, b = r["final"], r["final"]["soups"], r["bytes"]
+        f, b = r["final"], r["bytes"]
+        # FedAvg's global model is its members' uniform average after the last round.
+        soups = f.get("soups", {"uniform": f["final_accuracy"]})
         train_bytes = b.get("up.train", 0) + b.get("down.train", 0)
         built = [f"{soups[k]:.4f}" if k in soups else "-" for k in SOUP_COLUMNS]
+        members = f"{f['member_mean']:.4f} | {f['ensemble']:.4f}" if "ensemble" in f else "- | -"
         rows.append(
-            f"| {r['label']} | {f['member_mean']:.4f} | {f['ensemble']:.4f} | "
+            f"| {r['label']} | {members} | "
             + " | ".join(built)
             + f" | {train_bytes / 1e6:.2f} | {b['total'] / 1e6:.2f} | {r['train_seconds']:.0f} |"
         )

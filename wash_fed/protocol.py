@@ -22,6 +22,12 @@ Invariants: a delivery stays due until its member answers a later message, so a 
 fails loses nothing; a member applies each delivery at most once (``Member.applied_event``);
 WASH's deliveries are a per-coordinate permutation of what the participants sent, so the
 multiset of values at every coordinate is preserved.
+
+Values travel as ``wire-dtype`` (:func:`to_wire`): floating-point payloads and deliveries
+are cast to it, members cast back when they apply them. With ``float32`` nothing changes
+and WASH preserves the population's mean exactly; with a 16-bit type every value that
+travels is rounded once to that type (relative error at most 2**-8 for ``bfloat16``,
+2**-11 for ``float16``) -- WASH then preserves the multiset of the rounded values.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from wash_fed.config import WashFedConfig
@@ -46,6 +53,7 @@ __all__ = [
     "DeliveryKind",
     "EnsembleServer",
     "Exchange",
+    "FedAvgServer",
     "PapaServer",
     "ServerProtocol",
     "WashServer",
@@ -55,9 +63,11 @@ __all__ = [
     "payload_bytes",
     "server_protocol",
     "tensors_digest",
+    "to_wire",
+    "wire_dtype",
 ]
 
-DeliveryKind = Literal["values", "mean"]
+DeliveryKind = Literal["values", "mean", "state"]
 Payload = Mapping[str, Tensor]
 
 
@@ -68,7 +78,9 @@ class Delivery:
     ``kind == "values"`` (WASH): ``tensors[kind]`` is the flat vector, shape ``(m,)``, that
     the member writes back at the mask of shuffle event ``event`` for each value kind
     (``weights``, ``momentum_buffer``). ``kind == "mean"`` (PAPA): ``tensors[name]`` is the
-    population mean of parameter ``name`` after round ``event``.
+    population mean of parameter ``name`` after round ``event``. ``kind == "state"``
+    (FedAvg, in the population trainer): ``tensors`` is the global model's state dict after
+    round ``event``, which the member continues from.
     """
 
     kind: DeliveryKind
@@ -98,10 +110,28 @@ def apply_delivery(member: Member, delivery: Delivery) -> bool:
         pull_toward(
             member.parameters(), [delivery.tensors[n] for n in names], papa_rate(member.cfg)
         )
+    elif delivery.kind == "state":
+        member.model.load_state_dict(delivery.tensors)
     else:
         raise ValueError(f"unknown delivery kind {delivery.kind!r}")
     member.applied_event = delivery.event
     return True
+
+
+_WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def wire_dtype(cfg: WashFedConfig) -> torch.dtype:
+    """The dtype of the floating-point values exchanged while training."""
+    return _WIRE_DTYPES[cfg.wire_dtype]
+
+
+def to_wire(tensors: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """``tensors`` with every floating-point one cast to ``dtype`` (others unchanged)."""
+    return {
+        name: t.detach().to(dtype) if t.is_floating_point() else t.detach()
+        for name, t in tensors.items()
+    }
 
 
 def papa_rate(cfg: WashFedConfig) -> float:
@@ -115,15 +145,17 @@ def member_payload(member: Member, reply: ReplyKind, event: int) -> dict[str, Te
 
     ``values``: its values at the mask of shuffle event ``event``, one flat vector per kind;
     ``weights``: its parameters by name; ``state``: its full state dict; ``metrics``: nothing.
+    Floating-point values are in ``wire-dtype``.
     """
+    dtype = wire_dtype(member.cfg)
     if reply == Reply.VALUES:
         mask = member.shuffle_mask(event).to(member.device)
         groups = member.shuffle_groups(member.cfg.shuffle_optimizer_state)
-        return {kind: gather(tensors, mask) for kind, tensors in groups.items()}
+        return to_wire({kind: gather(tensors, mask) for kind, tensors in groups.items()}, dtype)
     if reply == Reply.WEIGHTS:
-        return {name: p.detach() for name, p in member.model.named_parameters()}
+        return to_wire(dict(member.model.named_parameters()), dtype)
     if reply == Reply.STATE:
-        return dict(member.model.state_dict())
+        return to_wire(member.model.state_dict(), dtype)
     if reply == Reply.METRICS:
         return {}
     raise ValueError(f"unknown reply kind {reply!r}")
@@ -135,7 +167,7 @@ def tensors_digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
     for name, t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bfloat16 too
     return h.hexdigest()
 
 
@@ -187,7 +219,7 @@ class WashServer(ServerProtocol):
     gate (:mod:`wash_fed.gate`: form, then magnitude against the others).
 
     ``parameters`` are the model's parameter tensors by name, in registration order (only
-    their sizes and dtype matter).
+    their sizes matter); replies carry ``wire-dtype`` values.
     """
 
     def __init__(
@@ -195,7 +227,7 @@ class WashServer(ServerProtocol):
     ) -> None:
         super().__init__(cfg, members)
         self.numels = [p.numel() for p in parameters.values()]
-        self.dtype = next(iter(parameters.values())).dtype
+        self.dtype = wire_dtype(cfg)
 
     def reply_for(self, server_round: int) -> ReplyKind:
         return "values"
@@ -244,7 +276,7 @@ class PapaServer(ServerProtocol):
         self, cfg: WashFedConfig, members: Iterable[int], parameters: Mapping[str, Tensor]
     ) -> None:
         super().__init__(cfg, members)
-        self.reference = {name: p.detach() for name, p in parameters.items()}
+        self.reference = to_wire(parameters, wire_dtype(cfg))
 
     def _due(self, server_round: int) -> bool:
         return server_round % self.cfg.papa_every == 0
@@ -266,6 +298,36 @@ class PapaServer(ServerProtocol):
         delivery = Delivery("mean", server_round, dict(zip(names, mean, strict=True)))
         counts = {"averaged": len(ordered)}
         return Exchange(dict.fromkeys(self.members, delivery), counts, rejected)
+
+
+class FedAvgServer(ServerProtocol):
+    """FedAvg on the member protocol (the population trainer's; a Flower run uses Flower's
+    own FedAvg): every round the members send their full state and all continue from the
+    mean of those that pass the gate. Members train equally many examples per round, so the
+    mean is FedAvg's weighting by examples. ``state`` is the model's state dict (its names,
+    shapes and dtypes are what replies must match)."""
+
+    def __init__(
+        self, cfg: WashFedConfig, members: Iterable[int], state: Mapping[str, Tensor]
+    ) -> None:
+        super().__init__(cfg, members)
+        self.reference = to_wire(state, wire_dtype(cfg))
+
+    def reply_for(self, server_round: int) -> ReplyKind:
+        return "state"
+
+    def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
+        accepted, rejected = _admit(
+            payloads, lambda p: check_tensors(p, self.reference), self.cfg.outlier_factor
+        )
+        if not accepted:
+            return Exchange({}, {"averaged": 0}, rejected)
+        names = list(self.reference)
+        mean = population_mean([[p[n] for n in names] for p in accepted.values()])
+        delivery = Delivery("state", server_round, dict(zip(names, mean, strict=True)))
+        return Exchange(
+            dict.fromkeys(self.members, delivery), {"averaged": len(accepted)}, rejected
+        )
 
 
 def server_protocol(

@@ -12,13 +12,14 @@ sends its global model as ``arrays`` instead.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from torch import Tensor
 
@@ -91,14 +92,39 @@ def config_value(content: RecordDict, key: str, record: str = Record.CONFIG) -> 
     return value
 
 
+BFLOAT16 = "bfloat16"
+RAW_BFLOAT16 = "torch.bfloat16.raw"
+"""The ``stype`` of an Array holding bfloat16 values as raw little-endian bytes (NumPy,
+which Flower's arrays use, has no bfloat16)."""
+
+
+def _array(tensor: Tensor) -> Array:
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype != torch.bfloat16:
+        return Array(tensor)
+    data = tensor.view(torch.int16).numpy().astype("<i2").tobytes()
+    return Array(dtype=BFLOAT16, shape=tuple(tensor.shape), stype=RAW_BFLOAT16, data=data)
+
+
+def _tensor(array: Array) -> Tensor:
+    if array.dtype != BFLOAT16:
+        return torch.from_numpy(array.numpy().copy())
+    shape = tuple(array.shape)
+    if array.stype != RAW_BFLOAT16 or len(array.data) != 2 * math.prod(shape):
+        raise ValueError(f"a bfloat16 array of shape {shape} that is not {len(array.data)} bytes")
+    values = torch.frombuffer(bytearray(array.data), dtype=torch.int16).view(torch.bfloat16)
+    return values.reshape(shape).clone()
+
+
 def tensors_to_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
-    """Tensors (on any device) as an ArrayRecord, keys kept."""
-    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    """Tensors (on any device, bfloat16 included) as an ArrayRecord, keys kept."""
+    return ArrayRecord({k: _array(v) for k, v in tensors.items()})
 
 
 def record_to_tensors(record: ArrayRecord) -> dict[str, Tensor]:
-    """An ArrayRecord as CPU tensors, keys kept."""
-    return {k: torch.from_numpy(v.numpy().copy()) for k, v in record.items()}
+    """An ArrayRecord as CPU tensors, keys kept. Raises ValueError for an array that does not
+    hold what it says."""
+    return {k: _tensor(v) for k, v in record.items()}
 
 
 def delivery_records(

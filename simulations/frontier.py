@@ -1,0 +1,308 @@
+"""The accuracy-against-bytes frontier: every strategy at several operating points, over
+several seeds, on the population trainer (the Flower app's protocol, bytes as they would
+travel; :mod:`wash_fed.population`).
+
+Every point trains each member for the same total number of local steps and differs only in
+how the members communicate: FedAvg averages every ``steps / R`` steps for R rounds; WASH
+shuffles a fraction ``p`` of the weights after every round; PAPA pulls members toward their
+mean every few rounds; independent members communicate only at the end. Bytes are the
+ledger's: training rounds and the final step (collection, BatchNorm statistics).
+
+    python -m simulations.frontier --partition full --seeds 0,1,2
+    python -m simulations.frontier --partition dirichlet --alpha 0.3 --seeds 0,1,2
+
+Each finished (point, seed) is appended to ``<out>/runs.jsonl`` at once; run the same
+command again after an interruption and it continues with what is missing. The table
+(``frontier.md``: accuracy mean and standard deviation over the seeds, bytes, whether the
+point is on the Pareto front) and the plot (``frontier.png``) come from whatever the file
+holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.common.config import parse_config_args
+
+from wash_fed.config import ConfigError, WashFedConfig
+from wash_fed.data import DatasetNotFoundError
+from wash_fed.population import run_population
+from wash_fed.training import load_test_data, load_training_data
+
+__all__ = ["Point", "Summary", "default_points", "main", "pareto_front", "summarise", "sweep"]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One operating point: a name and the run configuration it overrides."""
+
+    name: str
+    overrides: Mapping[str, Any]
+
+
+def default_points(total_steps: int) -> list[Point]:
+    """FedAvg with 1, 3, 10 and 30 rounds; WASH at three shuffle probabilities with 30
+    rounds and one with 10; PAPA every round and every 5 of 30; WASH (p = 0.05, 30 rounds)
+    with bfloat16 and float16 values and FedAvg (30 rounds) with float16 models on the wire;
+    independent members. Every point takes ``total_steps`` local steps per member."""
+
+    def rounds(count: int) -> dict[str, int]:
+        return {"num-server-rounds": count, "local-steps": max(1, total_steps // count)}
+
+    fedavg = [Point(f"fedavg-r{r}", {"strategy": "fedavg", **rounds(r)}) for r in (1, 3, 10, 30)]
+    wash = [
+        Point(f"wash-p{p:g}-r{r}", {"strategy": "wash", "shuffle-prob": p, **rounds(r)})
+        for p, r in ((0.005, 30), (0.05, 30), (0.2, 30), (0.05, 10))
+    ]
+    papa = [
+        Point(f"papa-every{t}-r30", {"strategy": "papa", "papa-every": t, **rounds(30)})
+        for t in (1, 5)
+    ]
+    compact = [
+        Point(f"wash-p0.05-r30-{short}", {**wash[1].overrides, "wire-dtype": dtype})
+        for short, dtype in (("bf16", "bfloat16"), ("fp16", "float16"))
+    ]
+    compact.append(Point("fedavg-r30-fp16", {**fedavg[3].overrides, "wire-dtype": "float16"}))
+    ensemble = Point("ensemble", {"strategy": "ensemble", **rounds(1)})
+    return [*fedavg, *wash, *papa, *compact, ensemble]
+
+
+def sweep(
+    points: Sequence[Point],
+    seeds: Sequence[int],
+    base: Mapping[str, Any],
+    store: Path,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run every (point, seed) not yet in ``store`` (JSON lines), appending each result as it
+    finishes; returns every row the store then holds for these points and seeds."""
+    done = {(r["point"], r["seed"]) for r in read_rows(store)}
+    todo = [(p, s) for p in points for s in seeds if (p.name, s) not in done]
+    log(f"{len(done)} runs in {store}; {len(todo)} to go")
+    for index, (point, seed) in enumerate(todo, 1):
+        cfg = WashFedConfig.from_mapping({**base, **point.overrides, "seed": seed})
+        started = time.perf_counter()
+        run = run_population(
+            cfg,
+            data=load_training_data(cfg),
+            test=load_test_data(cfg),
+            log=lambda _: None,
+            progress_eval=False,
+        )
+        row = _row(point, seed, run.results, time.perf_counter() - started)
+        with store.open("a") as sink:
+            sink.write(json.dumps(row) + "\n")
+        log(
+            f"[{index}/{len(todo)}] {point.name} seed {seed}: accuracy {row['accuracy']:.4f}, "
+            f"{row['bytes'] / 1e6:.2f} MB, {row['seconds']:.0f} s"
+        )
+    wanted = {(p.name, s) for p in points for s in seeds}
+    return [r for r in read_rows(store) if (r["point"], r["seed"]) in wanted]
+
+
+def _row(point: Point, seed: int, results: Mapping[str, Any], seconds: float) -> dict[str, Any]:
+    final, sent = results["final"], results["bytes"]
+    return {
+        "point": point.name,
+        "seed": seed,
+        "strategy": results["config"]["strategy"],
+        "overrides": dict(point.overrides),
+        "accuracy": final["final_accuracy"],
+        "member_mean": final.get("member_mean"),
+        "ensemble": final.get("ensemble"),
+        "bytes": sent["total"],
+        "bytes_train": sent.get("up.train", 0) + sent.get("down.train", 0),
+        "seconds": seconds,
+    }
+
+
+def read_rows(store: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines store (none if it does not exist yet)."""
+    if not store.exists():
+        return []
+    return [json.loads(line) for line in store.read_text().splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One point over its seeds."""
+
+    point: str
+    strategy: str
+    seeds: int
+    accuracy: float
+    """Mean final accuracy over the seeds."""
+    spread: float
+    """Standard deviation of the final accuracy over the seeds (0 for one seed)."""
+    megabytes: float
+    """Mean bytes sent, all phases, in MB."""
+    member_mean: float | None
+    ensemble: float | None
+
+
+def summarise(rows: Iterable[Mapping[str, Any]]) -> list[Summary]:
+    """Each point's mean and spread over its seeds, in order of bytes."""
+    by_point: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        by_point.setdefault(row["point"], []).append(row)
+
+    def mean_of(group: list[Mapping[str, Any]], key: str) -> float | None:
+        values = [r[key] for r in group if r.get(key) is not None]
+        return statistics.fmean(values) if values else None
+
+    summaries = []
+    for point, group in by_point.items():
+        accuracies = [r["accuracy"] for r in group]
+        summaries.append(
+            Summary(
+                point=point,
+                strategy=group[0]["strategy"],
+                seeds=len(group),
+                accuracy=statistics.fmean(accuracies),
+                spread=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                megabytes=statistics.fmean(r["bytes"] for r in group) / 1e6,
+                member_mean=mean_of(group, "member_mean"),
+                ensemble=mean_of(group, "ensemble"),
+            )
+        )
+    return sorted(summaries, key=lambda s: (s.megabytes, -s.accuracy))
+
+
+def pareto_front(summaries: Sequence[Summary]) -> list[Summary]:
+    """The points no other point beats on both counts (as many or fewer bytes and a higher
+    mean accuracy, or fewer bytes and as high an accuracy), in order of bytes."""
+    front: list[Summary] = []
+    for s in sorted(summaries, key=lambda s: (s.megabytes, -s.accuracy)):
+        if not front or s.accuracy > front[-1].accuracy:
+            front.append(s)
+    return front
+
+
+def table(summaries: Sequence[Summary]) -> str:
+    """Markdown: one row per point, in order of bytes; front points in bold."""
+    front = {s.point for s in pareto_front(summaries)}
+
+    def maybe(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    lines = [
+        "| point | seeds | final accuracy (mean ± std) | members | ensemble | sent (MB) | front |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        on_front = "yes" if s.point in front else ""
+        name = f"**{s.point}**" if on_front else s.point
+        lines.append(
+            f"| {name} | {s.seeds} | {s.accuracy:.4f} ± {s.spread:.4f} | {maybe(s.member_mean)} "
+            f"| {maybe(s.ensemble)} | {s.megabytes:.2f} | {on_front} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summaries: Sequence[Summary], path: Path, title: str) -> Path:
+    """Accuracy against bytes (log scale), one marker per point with its spread, the front
+    drawn through."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for strategy in dict.fromkeys(s.strategy for s in summaries):
+        mine = [s for s in summaries if s.strategy == strategy]
+        ax.errorbar(
+            [s.megabytes for s in mine],
+            [s.accuracy for s in mine],
+            yerr=[s.spread for s in mine],
+            marker="o",
+            linestyle="none",
+            capsize=3,
+            label=strategy,
+        )
+        for s in mine:
+            ax.annotate(
+                s.point,
+                (s.megabytes, s.accuracy),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    front = pareto_front(summaries)
+    ax.plot(
+        [s.megabytes for s in front],
+        [s.accuracy for s in front],
+        color="black",
+        linewidth=1,
+        linestyle="--",
+        label="Pareto front",
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes sent, all phases (MB, log scale)")
+    ax.set_ylabel("final test accuracy (mean ± std over seeds)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.frontier",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--partition", default="full", help="full, iid or dirichlet")
+    parser.add_argument("--alpha", type=float, default=0.3, help="dirichlet concentration")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--total-steps", type=int, default=900, help="local steps per member")
+    parser.add_argument("--points", default="", help="only these points (comma-separated)")
+    parser.add_argument("--set", default="", help="more overrides for every run: 'k=v ...'")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/frontier-<partition>")
+    args = parser.parse_args(argv)
+    out = args.out or Path("runs") / f"frontier-{args.partition}"
+    points = default_points(args.total_steps)
+    if args.points:
+        wanted = args.points.split(",")
+        unknown = sorted(set(wanted) - {p.name for p in points})
+        if unknown:
+            names = [p.name for p in points]
+            print(f"error: unknown points {unknown}; choose from {names}", file=sys.stderr)
+            return 2
+        points = [p for p in points if p.name in wanted]
+    base: dict[str, Any] = {
+        "partition": args.partition,
+        "dirichlet-alpha": args.alpha,
+        "num-members": 4,
+        **(parse_config_args([args.set]) if args.set.strip() else {}),
+    }
+    try:
+        checked = [WashFedConfig.from_mapping({**base, **p.overrides}) for p in points]
+        out.mkdir(parents=True, exist_ok=True)
+        seeds = [int(s) for s in args.seeds.split(",")]
+        rows = sweep(points, seeds, base, out / "runs.jsonl")
+    except (ConfigError, DatasetNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summaries = summarise(rows)
+    text = table(summaries)
+    (out / "frontier.md").write_text(text)
+    alpha = f", alpha {args.alpha:g}" if args.partition == "dirichlet" else ""
+    title = f"{checked[0].dataset}, {args.partition}{alpha}, {args.total_steps} steps per member"
+    plot(summaries, out / "frontier.png", title)
+    print(f"\n{text}\nwritten: {out / 'frontier.md'}, {out / 'frontier.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Values on the wire: 16-bit types as Flower records (bfloat16 included, which NumPy
+lacks), their size, and replies whose arrays do not hold what they claim."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from wash_fed import wire
+from wash_fed.config import WashFedConfig
+from wash_fed.keys import Record
+from wash_fed.protocol import WashServer, to_wire
+from wash_fed.training import wash_mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_values_come_back_bit_for_bit(dtype: torch.dtype) -> None:
+    sent = {"w": torch.randn(3, 5).to(dtype), "steps": torch.tensor(7)}
+    back = wire.record_to_tensors(wire.tensors_to_record(sent))
+    assert back.keys() == sent.keys()
+    for name, value in sent.items():
+        assert back[name].dtype == value.dtype and torch.equal(back[name], value)
+
+
+def test_16_bit_values_take_half_the_bytes() -> None:
+    def size(dtype: torch.dtype) -> int:
+        values = {"values": torch.randn(100_000).to(dtype)}
+        return wire.message_bytes(RecordDict({Record.VALUES: wire.tensors_to_record(values)}))
+
+    full = size(torch.float32)
+    for half in (size(torch.bfloat16), size(torch.float16)):
+        assert abs(2 * half - full) < 0.002 * full  # framing: a few hundred bytes
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        Array(dtype="bfloat16", shape=(4,), stype=wire.RAW_BFLOAT16, data=b"\x00" * 6),
+        Array(dtype="bfloat16", shape=(2,), stype="numpy.ndarray", data=b"\x00" * 4),
+    ],
+    ids=["short", "foreign-stype"],
+)
+def test_a_bfloat16_array_that_lies_about_itself_is_a_malformed_reply(array: Array) -> None:
+    content = RecordDict(
+        {Record.VALUES: ArrayRecord({"weights": array}), Record.METRICS: MetricRecord({})}
+    )
+    with pytest.raises(wire.MalformedReplyError, match="unreadable arrays"):
+        wire.reply_parts(content, Record.VALUES)
+
+
+def test_wash_takes_values_only_in_the_runs_wire_dtype() -> None:
+    cfg = WashFedConfig(num_members=3, shuffle_prob=0.5, wire_dtype="bfloat16")
+    parameters = {"w": torch.zeros(64)}
+    server = WashServer(cfg, [0, 1, 2], parameters)
+    selected = wash_mask(cfg, [64], 1).num_selected
+    payloads = {m: to_wire({"weights": torch.randn(selected)}, torch.bfloat16) for m in (0, 1)}
+    payloads[2] = {"weights": torch.randn(selected)}  # float32: not what the run sends
+    exchange = server.exchange(1, payloads)
+    assert "float32" in exchange.rejected[2] and set(exchange.deliveries) == {0, 1}
+    assert all(d.tensors["weights"].dtype == torch.bfloat16 for d in exchange.deliveries.values())
