@@ -6,8 +6,7 @@ through ``flwr run``. Every member trains honestly; member ``MEMBER`` then corru
 sends according to ``FAULT``:
 
 * ``crash-shaped``: round replies with a missing, an extra, a renamed or a mistyped record;
-* ``nan``, ``huge``, ``scaled``, ``float64``: its shuffled values are NaN, 1e30, x1000 or
-  float64;
+* ``nan``, ``scaled``: its shuffled values are NaN or x1000;
 * ``final-step``: its BatchNorm statistics of the soup are shifted and claim 10^9 batches,
   and its evaluations report an accuracy of 1.5;
 * ``none``: nothing (the honest reference run).
@@ -49,9 +48,7 @@ def _corrupt(message_type: str, server_round: int, content: RecordDict) -> None:
     if message_type == "train" and "values" in content:
         changes: dict[str, Callable[[np.ndarray], np.ndarray]] = {
             "nan": lambda a: np.full_like(a, np.nan),
-            "huge": lambda a: np.full_like(a, 1e30),
             "scaled": lambda a: a * 1000,
-            "float64": lambda a: a.astype(np.float64),
         }
         if FAULT in changes:
             _map_values(content, changes[FAULT])

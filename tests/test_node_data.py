@@ -114,6 +114,7 @@ def test_two_nodes_train_on_their_own_files_and_the_server_needs_no_data(
         config: dict[str, Any] = {
             **TINY_RUN,
             "num-members": 2,
+            "num-server-rounds": 2,
             "data-root": str(empty),
             "test-on-server": False,
             "soup": "greedy",
