@@ -79,14 +79,15 @@ def summary(results: Mapping[str, Any], target: float) -> dict[str, Any]:
     """One run's row: mean seconds per round by part, bytes, accuracy, times."""
     rounds = results["rounds"]
     per_round = {p: sum(r["time"][p] for r in rounds) / len(rounds) for p in PARTS}
+    points = curve(results)
     return {
         "round": sum(r["seconds"] for r in rounds) / len(rounds),
         **per_round,
         "megabytes": results["bytes"]["total"] / 1e6,
-        "last_round": curve(results)[-2][1] if len(curve(results)) > 1 else None,
+        "last_round": points[-2][1] if len(points) > 1 else None,
         "final_accuracy": results["final"]["final_accuracy"],
         "wall": results["wall_seconds"],
-        "to_target": time_to(curve(results), target),
+        "to_target": time_to(points, target),
     }
 
 

@@ -69,8 +69,8 @@ class LedgerGrid(Grid):
         self._on_exchange = on_exchange
         self._pushed: dict[str, tuple[Message, float]] = {}
         """Message id -> the message and when it was pushed, until its reply arrives."""
-        self.in_flight: dict[tuple[int, str], dict[int, float]] = {}
-        """(round, phase) -> partition id -> seconds from push to reply, for delivered
+        self.in_flight: dict[int, dict[int, float]] = {}
+        """Round -> partition id -> seconds from push to reply of its delivered training
         messages (:meth:`take_in_flight` hands them out)."""
 
     # --- delegation -------------------------------------------------------------------
@@ -152,13 +152,14 @@ class LedgerGrid(Grid):
             round_ = _round_of(msg.content)
             self._record(msg, "down", node, round_)
             self._record(reply, "up", node, round_)
-            key = (round_, phase_of(msg.metadata.message_type))
-            self.in_flight.setdefault(key, {})[self.members.get(node, -1)] = arrived - pushed_at
+            if msg.metadata.message_type == MessageType.TRAIN:
+                flights = self.in_flight.setdefault(round_, {})
+                flights[self.members.get(node, -1)] = arrived - pushed_at
 
-    def take_in_flight(self, round_: int, phase: str = "train") -> dict[int, float]:
-        """Per partition id, the seconds its message of ``round_`` and ``phase`` was in
-        flight (push to reply), forgotten once taken."""
-        return self.in_flight.pop((round_, phase), {})
+    def take_in_flight(self, round_: int) -> dict[int, float]:
+        """Per partition id, the seconds its training message of ``round_`` was in flight
+        (push to reply), forgotten once taken."""
+        return self.in_flight.pop(round_, {})
 
     def _learn(self, reply: Message) -> None:
         if reply.has_error():
