@@ -85,7 +85,8 @@ def sweep(
     """Run every (point, seed) not yet in ``store`` (JSON lines), appending each result as it
     finishes; returns every row the store then holds for these points and seeds."""
     done = {(r["point"], r["seed"]) for r in read_rows(store)}
-    todo = [(p, s) for p in points for s in seeds if (p.name, s) not in done]
+    # Seed by seed: a sweep stopped early holds every point for its first seeds.
+    todo = [(p, s) for s in seeds for p in points if (p.name, s) not in done]
     log(f"{len(done)} runs in {store}; {len(todo)} to go")
     for index, (point, seed) in enumerate(todo, 1):
         cfg = WashFedConfig.from_mapping({**base, **point.overrides, "seed": seed})

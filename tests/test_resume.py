@@ -131,10 +131,11 @@ def test_a_deployment_whose_serverapp_died_resumes_to_the_uninterrupted_final_mo
     harness = FlowerHarness(tmp_path / "flwr-home")
     harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"
     runs = tmp_path / "runs"
-    config = {**CONFIG, "num-server-rounds": 3, "output-dir": str(runs)}
+    members = 2  # one fewer than in simulation: each deployed member is two processes
+    config = {**CONFIG, "num-members": members, "num-server-rounds": 3, "output-dir": str(runs)}
     try:
         harness.start_superlink(simulation=False)
-        harness.start_supernodes(MEMBERS, worker_dir=home)
+        harness.start_supernodes(members, worker_dir=home)
         reference = harness.run(config, timeout=900)
         assert reference.status == "finished:completed", harness.describe()
 
@@ -142,6 +143,10 @@ def test_a_deployment_whose_serverapp_died_resumes_to_the_uninterrupted_final_mo
         interrupted_dir = wait_for_rounds(submission, runs, 1, timeout=300)
         for pid in serverapp_processes(harness):
             os.kill(pid, signal.SIGKILL)
+        # Flower would mark the run failed after two missed heartbeats (~60 s); stop it now.
+        run_id = submission.run_id()
+        assert run_id is not None
+        assert harness.flwr("stop", run_id, "test").returncode == 0
         submission.process.wait(timeout=120)
         assert results_of(interrupted_dir)["status"] == "running"  # it could not say
 
