@@ -94,19 +94,24 @@ def measure(runtime: str, workload: Workload, rounds: int, supernodes: int) -> d
             write_synthetic("cifar10", home / "data")
             config["data-root"] = str(home / "data")
         federation = None
+        workers = home / "w"
         try:
             if runtime == "simulation":
                 harness.start_superlink(simulation=True)
                 federation = f"num-supernodes={supernodes} client-resources-num-cpus=1"
             else:
                 harness.start_superlink(simulation=False)
-                workers = home / "w" if runtime == "worker" else None
-                harness.start_supernodes(supernodes, worker_dir=workers)
+                harness.start_supernodes(
+                    supernodes, worker_dir=workers if runtime == "worker" else None
+                )
             result = harness.run(config, federation_config=federation, timeout=3600)
             if result.status != "finished:completed":
-                raise RuntimeError(f"{runtime}: {result.details}\n{harness.describe()}")
+                raise RuntimeError(f"{runtime}: {result.details}")
             (run_dir,) = (home / "runs").glob(f"*-{result.run_id}")
             rows = json.loads((run_dir / "results.json").read_text())["rounds"]
+        except BaseException:  # also Ctrl-C or `timeout -s INT`: say where it stood
+            print(f"{runtime} did not finish; its logs end:\n{harness.describe(workers)}")
+            raise
         finally:
             harness.close()
     return summarize(rows, supernodes)

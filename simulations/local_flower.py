@@ -454,12 +454,16 @@ class FlowerHarness:
                 continue
         return found
 
-    def describe(self) -> str:
-        """The last lines of every log, for assertion messages."""
+    def describe(self, *more: Path) -> str:
+        """The last lines of every log, and of every ``*.log`` under the folders ``more``
+        (member workers' folders), for assertion messages."""
+        logs = sorted(self.logs.glob("*.log"))
+        for folder in more:
+            logs += sorted(folder.rglob("*.log"))
         parts = []
-        for log in sorted(self.logs.glob("*.log")):
+        for log in logs:
             lines = log.read_text(errors="replace").splitlines()[-40:]
-            parts.append(f"--- {log.name}\n" + "\n".join(lines))
+            parts.append(f"--- {log}\n" + "\n".join(lines))
         return "\n".join(parts)
 
 
