@@ -37,7 +37,16 @@ from wash_fed.data import DatasetNotFoundError
 from wash_fed.population import run_population
 from wash_fed.training import load_test_data, load_training_data
 
-__all__ = ["Point", "Summary", "default_points", "main", "pareto_front", "summarise", "sweep"]
+__all__ = [
+    "Point",
+    "Summary",
+    "default_points",
+    "main",
+    "pareto_front",
+    "pick",
+    "summarise",
+    "sweep",
+]
 
 
 @dataclass(frozen=True)
@@ -75,15 +84,30 @@ def default_points(total_steps: int) -> list[Point]:
     return [*fedavg, *wash, *papa, *compact, ensemble]
 
 
+def pick(points: Sequence[Point], names: str) -> list[Point]:
+    """The points named in ``names`` (comma-separated), in their own order; all of them
+    when ``names`` is empty. An unknown name is a ValueError naming it."""
+    if not names:
+        return list(points)
+    wanted = names.split(",")
+    unknown = sorted(set(wanted) - {p.name for p in points})
+    if unknown:
+        raise ValueError(f"unknown {unknown}; choose from {[p.name for p in points]}")
+    return [p for p in points if p.name in wanted]
+
+
 def sweep(
     points: Sequence[Point],
     seeds: Sequence[int],
     base: Mapping[str, Any],
     store: Path,
     log: Callable[[str], None] = print,
+    progress_eval: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every (point, seed) not yet in ``store`` (JSON lines), appending each result as it
-    finishes; returns every row the store then holds for these points and seeds."""
+    finishes; returns every row the store then holds for these points and seeds.
+    ``progress_eval``: evaluate members and their soup on the test set after every epoch
+    (the rows' ``epochs``) and log each epoch's line."""
     done = {(r["point"], r["seed"]) for r in read_rows(store)}
     # Seed by seed: a sweep stopped early holds every point for its first seeds.
     todo = [(p, s) for s in seeds for p in points if (p.name, s) not in done]
@@ -95,8 +119,8 @@ def sweep(
             cfg,
             data=load_training_data(cfg),
             test=load_test_data(cfg),
-            log=lambda _: None,
-            progress_eval=False,
+            log=log if progress_eval else lambda _: None,
+            progress_eval=progress_eval,
         )
         row = _row(point, seed, run.results, time.perf_counter() - started)
         with store.open("a") as sink:
@@ -119,6 +143,8 @@ def _row(point: Point, seed: int, results: Mapping[str, Any], seconds: float) ->
         "accuracy": final["final_accuracy"],
         "member_mean": final.get("member_mean"),
         "ensemble": final.get("ensemble"),
+        "soups": final.get("soups", {}),
+        "epochs": results["epochs"],
         "bytes": sent["total"],
         "bytes_train": sent.get("up.train", 0) + sent.get("down.train", 0),
         "seconds": seconds,
@@ -272,15 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default: runs/frontier-<partition>")
     args = parser.parse_args(argv)
     out = args.out or Path("runs") / f"frontier-{args.partition}"
-    points = default_points(args.total_steps)
-    if args.points:
-        wanted = args.points.split(",")
-        unknown = sorted(set(wanted) - {p.name for p in points})
-        if unknown:
-            names = [p.name for p in points]
-            print(f"error: unknown points {unknown}; choose from {names}", file=sys.stderr)
-            return 2
-        points = [p for p in points if p.name in wanted]
+    try:
+        points = pick(default_points(args.total_steps), args.points)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     base: dict[str, Any] = {
         "partition": args.partition,
         "dirichlet-alpha": args.alpha,
