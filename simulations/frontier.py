@@ -16,6 +16,10 @@ command again after an interruption and it continues with what is missing. The t
 (``frontier.md``: accuracy mean and standard deviation over the seeds, bytes, whether the
 point is on the Pareto front) and the plot (``frontier.png``) come from whatever the file
 holds.
+
+Spot checks: the same command with ``--flower`` (and a few ``--points`` and ``--seeds``) runs
+those points through real ``flwr run`` simulations instead, into ``flower.jsonl``, and
+writes ``spot_checks.md``: each beside the population's run of the same point and seed.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ __all__ = [
     "main",
     "pareto_front",
     "pick",
+    "spot_check",
     "summarise",
     "sweep",
 ]
@@ -96,33 +101,69 @@ def pick(points: Sequence[Point], names: str) -> list[Point]:
     return [p for p in points if p.name in wanted]
 
 
+Train = Callable[[Mapping[str, Any]], Mapping[str, Any]]
+"""Trains one run configuration (run-config keys) to the end; returns its results.json."""
+
+
+def on_population(progress_eval: bool = False, log: Callable[[str], None] = print) -> Train:
+    """Runs on the population trainer. ``progress_eval``: evaluate members and their soup on
+    the test set after every epoch (the results' ``epochs``) and log each epoch's line."""
+
+    def train(values: Mapping[str, Any]) -> Mapping[str, Any]:
+        cfg = WashFedConfig.from_mapping(values)
+        data, test = load_training_data(cfg), load_test_data(cfg)
+        quiet: Callable[[str], None] = lambda _: None  # noqa: E731
+        return run_population(
+            cfg,
+            data=data,
+            test=test,
+            log=log if progress_eval else quiet,
+            progress_eval=progress_eval,
+        ).results
+
+    return train
+
+
+def on_flower(output_dir: Path, federation_config: str) -> Train:
+    """Runs through ``flwr run`` on Flower's local simulation (``federation_config``: its
+    options, e.g. ``num-supernodes=4``); run folders under ``output_dir``."""
+
+    from simulations.compare import run_strategy
+    from simulations.local_flower import run_config_arg
+
+    def train(values: Mapping[str, Any]) -> Mapping[str, Any]:
+        rest = {k: v for k, v in values.items() if k != "strategy"}
+        return run_strategy(
+            values["strategy"],
+            run_config=run_config_arg(rest),
+            federation_config=federation_config,
+            superlink=None,
+            output_dir=output_dir,
+        )
+
+    return train
+
+
 def sweep(
     points: Sequence[Point],
     seeds: Sequence[int],
     base: Mapping[str, Any],
     store: Path,
+    train: Train | None = None,
     log: Callable[[str], None] = print,
-    progress_eval: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run every (point, seed) not yet in ``store`` (JSON lines), appending each result as it
-    finishes; returns every row the store then holds for these points and seeds.
-    ``progress_eval``: evaluate members and their soup on the test set after every epoch
-    (the rows' ``epochs``) and log each epoch's line."""
+    """Run every (point, seed) not yet in ``store`` (JSON lines) with ``train`` (default: the
+    population trainer), appending each result as it finishes; returns every row the store
+    then holds for these points and seeds."""
+    train = train or on_population()
     done = {(r["point"], r["seed"]) for r in read_rows(store)}
     # Seed by seed: a sweep stopped early holds every point for its first seeds.
     todo = [(p, s) for s in seeds for p in points if (p.name, s) not in done]
     log(f"{len(done)} runs in {store}; {len(todo)} to go")
     for index, (point, seed) in enumerate(todo, 1):
-        cfg = WashFedConfig.from_mapping({**base, **point.overrides, "seed": seed})
         started = time.perf_counter()
-        run = run_population(
-            cfg,
-            data=load_training_data(cfg),
-            test=load_test_data(cfg),
-            log=log if progress_eval else lambda _: None,
-            progress_eval=progress_eval,
-        )
-        row = _row(point, seed, run.results, time.perf_counter() - started)
+        results = train({**base, **point.overrides, "seed": seed})
+        row = _row(point, seed, results, time.perf_counter() - started)
         with store.open("a") as sink:
             sink.write(json.dumps(row) + "\n")
         log(
@@ -144,9 +185,10 @@ def _row(point: Point, seed: int, results: Mapping[str, Any], seconds: float) ->
         "member_mean": final.get("member_mean"),
         "ensemble": final.get("ensemble"),
         "soups": final.get("soups", {}),
-        "epochs": results["epochs"],
+        "epochs": results.get("epochs", []),
         "bytes": sent["total"],
         "bytes_train": sent.get("up.train", 0) + sent.get("down.train", 0),
+        "sent": dict(sent),
         "seconds": seconds,
     }
 
@@ -283,6 +325,71 @@ def plot(summaries: Sequence[Summary], path: Path, title: str) -> Path:
     return path
 
 
+def spot_check(
+    points: Sequence[Point], seeds: Sequence[int], base: Mapping[str, Any], out: Path
+) -> int:
+    """Run ``points`` x ``seeds`` through Flower's simulation (one SuperNode per member) into
+    ``out/flower.jsonl`` and write ``spot_checks.md`` beside the population's rows; 1 when
+    a Flower run failed."""
+    from simulations.compare import RunFailedError
+
+    federation = f"num-supernodes={base['num-members']} client-resources-num-cpus=1"
+    # Flower's members evaluate every few rounds by default; the population's do not.
+    flower = on_flower(out / "flower-runs", federation)
+    try:
+        rows = sweep(points, seeds, {**base, "eval-every": 0}, out / "flower.jsonl", flower)
+    except RunFailedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    text = spot_check_table(read_rows(out / "runs.jsonl"), rows)
+    (out / "spot_checks.md").write_text(text)
+    print(f"\n{text}\nwritten: {out / 'spot_checks.md'}")
+    return 0
+
+
+def _phases(row: Mapping[str, Any], *phases: str) -> float:
+    """Megabytes a row's run sent, both ways, in ``phases``."""
+    sent = row.get("sent", {})
+    total = sum(int(sent.get(f"{way}.{phase}", 0)) for way in ("up", "down") for phase in phases)
+    return total / 1e6
+
+
+def spot_check_table(
+    population: Iterable[Mapping[str, Any]], flower: Iterable[Mapping[str, Any]]
+) -> str:
+    """Markdown: each Flower run beside the population trainer's run of the same point and
+    seed (``-`` where the population has none yet): final accuracy, and megabytes while
+    training and in the final step (collection, BatchNorm statistics), which both count;
+    Flower's run also sends setup and end messages and the final model to every member for
+    evaluation on its own data, which the population trainer does not."""
+    by_key = {(r["point"], r["seed"]): r for r in population}
+    lines = [
+        "| point | seed | accuracy: population, Flower | training (MB): population, Flower "
+        "| final step (MB): population, Flower | Flower only: setup, evaluation, end (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in flower:
+        p = by_key.get((f["point"], f["seed"]))
+        accuracy = _pair(p, f, lambda r: float(r["accuracy"]), 4)
+        train = _pair(p, f, lambda r: _phases(r, "train"), 3)
+        final = _pair(p, f, lambda r: _phases(r, "collect", "bn"), 3)
+        lines.append(
+            f"| {f['point']} | {f['seed']} | {accuracy} | {train} | {final} "
+            f"| {_phases(f, 'setup', 'evaluate', 'end'):.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _pair(
+    left: Mapping[str, Any] | None,
+    right: Mapping[str, Any],
+    of: Callable[[Mapping[str, Any]], float],
+    digits: int,
+) -> str:
+    shown = "-" if left is None else f"{of(left):.{digits}f}"
+    return f"{shown}, {of(right):.{digits}f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m simulations.frontier",
@@ -296,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", default="", help="only these points (comma-separated)")
     parser.add_argument("--set", default="", help="more overrides for every run: 'k=v ...'")
     parser.add_argument("--out", type=Path, default=None, help="default: runs/frontier-<partition>")
+    parser.add_argument(
+        "--flower",
+        action="store_true",
+        help="spot checks: run the points through `flwr run` simulations instead (flower.jsonl) "
+        "and compare them with the population trainer's rows",
+    )
     args = parser.parse_args(argv)
     out = args.out or Path("runs") / f"frontier-{args.partition}"
     try:
@@ -313,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         checked = [WashFedConfig.from_mapping({**base, **p.overrides}) for p in points]
         out.mkdir(parents=True, exist_ok=True)
         seeds = [int(s) for s in args.seeds.split(",")]
+        if args.flower:
+            return spot_check(points, seeds, base, out)
         rows = sweep(points, seeds, base, out / "runs.jsonl")
     except (ConfigError, DatasetNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

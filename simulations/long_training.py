@@ -24,7 +24,7 @@ from typing import Any
 
 from flwr.common.config import parse_config_args
 
-from simulations.frontier import Point, pick, read_rows, sweep
+from simulations.frontier import Point, on_population, pick, read_rows, sweep
 from wash_fed.config import ConfigError, WashFedConfig
 from wash_fed.data import DatasetNotFoundError
 from wash_fed.training import load_training_data
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             WashFedConfig.from_mapping({**base, **variant.overrides})
         args.out.mkdir(parents=True, exist_ok=True)
         store = args.out / "runs.jsonl"
-        sweep(variants, [args.seed], base, store, progress_eval=True)
+        sweep(variants, [args.seed], base, store, on_population(progress_eval=True))
     except (ConfigError, DatasetNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
 """The frontier sweep: its summary and Pareto front, and a tiny sweep end to end on real
-data, interrupted and continued."""
+data, interrupted and continued, with a Flower spot check."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from simulations.frontier import Summary, main, pareto_front, read_rows, summarise
+from simulations.local_flower import FlowerHarness
 
 
 def summary(point: str, accuracy: float, megabytes: float) -> Summary:
@@ -38,26 +39,31 @@ def test_a_summary_is_the_mean_and_spread_over_seeds() -> None:
 
 
 @pytest.mark.slow
-def test_a_tiny_sweep_runs_and_continues_where_it_stopped(tmp_path: Path) -> None:
+def test_a_tiny_sweep_continues_where_it_stopped_and_flower_agrees(
+    tmp_path: Path, simulation_harness: FlowerHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two seeds, then a third: only the missing runs train. Then one point through a real
+    `flwr run` simulation: deterministic, it ends with the population's accuracy, and its
+    training bytes are the population's plus Flower's framing."""
     args = [
         "--points",
         "fedavg-r1,wash-p0.05-r10,ensemble",
         "--total-steps",
         "20",
         "--set",
-        "train-subset=600 holdout-size=0 test-subset=300 num-members=3 batch-size=32",
+        "train-subset=600 holdout-size=0 test-subset=300 num-members=3 batch-size=32 "
+        "deterministic=true",
         "--out",
         str(tmp_path),
     ]
-    assert main([*args, "--seeds", "0,1"]) == 0
+    assert main([*args, "--seeds", "0"]) == 0
     first = read_rows(tmp_path / "runs.jsonl")
-    assert len(first) == 6
-    # Run again with a third seed: only the three missing runs train.
-    assert main([*args, "--seeds", "0,1,2"]) == 0
+    assert len(first) == 3
+    assert main([*args, "--seeds", "0,1"]) == 0
     rows = read_rows(tmp_path / "runs.jsonl")
-    assert rows[:6] == first and len(rows) == 9
-    assert {(r["point"], r["seed"]) for r in rows[6:]} == {
-        (p, 2) for p in ("fedavg-r1", "wash-p0.05-r10", "ensemble")
+    assert rows[:3] == first and len(rows) == 6
+    assert {(r["point"], r["seed"]) for r in rows[3:]} == {
+        (p, 1) for p in ("fedavg-r1", "wash-p0.05-r10", "ensemble")
     }
     by_point = {r["point"]: r for r in rows if r["seed"] == 0}
     # FedAvg's one round moves the model down and up once per member; WASH's ten rounds of
@@ -69,6 +75,16 @@ def test_a_tiny_sweep_runs_and_continues_where_it_stopped(tmp_path: Path) -> Non
     assert (tmp_path / "frontier.png").stat().st_size > 0
     assert all(0.0 < r["accuracy"] <= 1.0 for r in rows)
     assert json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[0])["seed"] == 0
+
+    for key, value in simulation_harness.env.items():  # `flwr run` reaches its SuperLink
+        monkeypatch.setenv(key, value)
+    assert main([*args, "--seeds", "0", "--points", "wash-p0.05-r10", "--flower"]) == 0
+    (flower,) = read_rows(tmp_path / "flower.jsonl")
+    population = by_point["wash-p0.05-r10"]
+    assert flower["accuracy"] == population["accuracy"]
+    assert population["bytes_train"] < flower["bytes_train"] < 1.25 * population["bytes_train"]
+    spot = (tmp_path / "spot_checks.md").read_text().splitlines()[2]
+    assert spot.startswith(f"| wash-p0.05-r10 | 0 | {population['accuracy']:.4f}, ")
 
 
 def test_unknown_points_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
