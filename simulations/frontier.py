@@ -370,24 +370,27 @@ def spot_check_table(
     ]
     for f in flower:
         p = by_key.get((f["point"], f["seed"]))
-        accuracy = _pair(p, f, lambda r: float(r["accuracy"]), 4)
-        train = _pair(p, f, lambda r: _phases(r, "train"), 3)
-        final = _pair(p, f, lambda r: _phases(r, "collect", "bn"), 3)
+        # The population's ledger holds training and the final step only.
+        population_cells = (
+            (
+                f"{p['accuracy']:.4f}",
+                f"{p['bytes_train'] / 1e6:.3f}",
+                f"{(p['bytes'] - p['bytes_train']) / 1e6:.3f}",
+            )
+            if p
+            else ("-", "-", "-")
+        )
+        flower_cells = (
+            f"{f['accuracy']:.4f}",
+            f"{_phases(f, 'train'):.3f}",
+            f"{_phases(f, 'collect', 'bn'):.3f}",
+        )
+        pairs = " | ".join(f"{a}, {b}" for a, b in zip(population_cells, flower_cells, strict=True))
         lines.append(
-            f"| {f['point']} | {f['seed']} | {accuracy} | {train} | {final} "
+            f"| {f['point']} | {f['seed']} | {pairs} "
             f"| {_phases(f, 'setup', 'evaluate', 'end'):.3f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _pair(
-    left: Mapping[str, Any] | None,
-    right: Mapping[str, Any],
-    of: Callable[[Mapping[str, Any]], float],
-    digits: int,
-) -> str:
-    shown = "-" if left is None else f"{of(left):.{digits}f}"
-    return f"{shown}, {of(right):.{digits}f}"
 
 
 def main(argv: list[str] | None = None) -> int:
