@@ -27,6 +27,7 @@ from flwr.common.config import parse_config_args
 from simulations.frontier import Point, on_population, pick, read_rows, sweep
 from wash_fed.config import ConfigError, WashFedConfig
 from wash_fed.data import DatasetNotFoundError
+from wash_fed.population import rounds_for_epochs
 from wash_fed.training import load_training_data
 
 __all__ = ["VARIANTS", "main", "plot", "table"]
@@ -125,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         variants = pick(VARIANTS, args.variants)
         cfg = WashFedConfig.from_mapping(base)
-        steps_per_epoch = len(load_training_data(cfg).partitions[0]) // cfg.batch_size
-        base["num-server-rounds"] = max(1, args.epochs * steps_per_epoch)
+        base["num-server-rounds"] = rounds_for_epochs(cfg, load_training_data(cfg), args.epochs)
         for variant in variants:
             WashFedConfig.from_mapping({**base, **variant.overrides})
         args.out.mkdir(parents=True, exist_ok=True)

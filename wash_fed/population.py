@@ -63,7 +63,7 @@ from wash_fed.training import (
     resolve_device,
 )
 
-__all__ = ["VARIANTS", "PopulationRun", "run_population"]
+__all__ = ["VARIANTS", "PopulationRun", "rounds_for_epochs", "run_population"]
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "ensemble": {"strategy": "ensemble"},
@@ -373,6 +373,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def rounds_for_epochs(cfg: WashFedConfig, data: TrainingData, epochs: int) -> int:
+    """Rounds of ``cfg.local_steps`` steps that make ``epochs`` epochs of member 0's data
+    (whole batches; at least one round)."""
+    steps = epochs * (len(data.partitions[0]) // cfg.batch_size)
+    return max(1, math.ceil(steps / cfg.local_steps))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     given = {
@@ -390,9 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.epochs is not None:
-        steps = args.epochs * (len(data.partitions[0]) // base.batch_size)
         base = dataclasses.replace(
-            base, num_server_rounds=max(1, math.ceil(steps / base.local_steps))
+            base, num_server_rounds=rounds_for_epochs(base, data, args.epochs)
         )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = []
