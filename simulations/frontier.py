@@ -285,6 +285,7 @@ def plot(summaries: Sequence[Summary], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    labels = []
     for strategy in dict.fromkeys(s.strategy for s in summaries):
         mine = [s for s in summaries if s.strategy == strategy]
         ax.errorbar(
@@ -296,14 +297,17 @@ def plot(summaries: Sequence[Summary], path: Path, title: str) -> Path:
             capsize=3,
             label=strategy,
         )
-        for s in mine:
+        labels += [
             ax.annotate(
                 s.point,
                 (s.megabytes, s.accuracy),
                 fontsize=7,
-                xytext=(3, 3),
+                xytext=(4, 3),
                 textcoords="offset points",
+                arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.5},
             )
+            for s in mine
+        ]
     front = pareto_front(summaries)
     ax.plot(
         [s.megabytes for s in front],
@@ -320,9 +324,27 @@ def plot(summaries: Sequence[Summary], path: Path, title: str) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    _separate(labels)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _separate(labels: Sequence[Any]) -> None:
+    """Move point labels down, one line at a time (at most ten), until none overlaps one
+    placed before it: points close in bytes and accuracy otherwise print their names over
+    each other. A thin line leads from a moved label to its point."""
+    from matplotlib.text import Text
+
+    placed: list[Any] = []
+    for label in labels:
+        for _ in range(10):
+            box = Text.get_window_extent(label)  # the text alone, not its leader line
+            if not any(box.overlaps(other) for other in placed):
+                break
+            x, y = label.xyann
+            label.xyann = (x, y - 6)
+        placed.append(Text.get_window_extent(label))
 
 
 def spot_check(
