@@ -9,7 +9,7 @@ set (``validation-path``) or on the members' held-out images.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
@@ -69,18 +69,7 @@ def final_step(
         exchanges += 1
         return bn_statistics_from_members(grid, roster, soup, reference, final_round, cfg, rejected)
 
-    evaluator: Evaluator = (
-        OnData(test, cfg.eval_batch_size)
-        if test is not None
-        else OnMembers(grid, roster, cfg, Split.TEST, rejected, _own_accuracies(reported))
-    )
-    holdout = None
-    if cfg.soup == "greedy":
-        holdout = (
-            OnData(validation, cfg.eval_batch_size).accuracy
-            if validation is not None
-            else OnMembers(grid, roster, cfg, Split.HOLDOUT, rejected).accuracy
-        )
+    evaluator, holdout = _evaluators(grid, cfg, roster, test, validation, rejected, reported)
     merge = merge_population(
         list(states.values()),
         lambda: new_model(cfg),
@@ -117,6 +106,30 @@ def final_step(
         "evaluated_on": "server" if test is not None else "members",
         "members_own_evaluation": own_tests,
     }
+
+
+def _evaluators(
+    grid: Grid,
+    cfg: WashFedConfig,
+    roster: Roster,
+    test: ImageData | None,
+    validation: ImageData | None,
+    rejected: dict[int, str],
+    reported: Mapping[int, Mapping[str, Any]],
+) -> tuple[Evaluator, Callable[[nn.Module], float] | None]:
+    """Where the final step tests (the server's test set, else the members' own test data)
+    and, for the greedy soup, where it picks ingredients (the server's validation set, else
+    the members' held-out images; ``None`` for the other soups)."""
+    evaluator: Evaluator = (
+        OnData(test, cfg.eval_batch_size)
+        if test is not None
+        else OnMembers(grid, roster, cfg, Split.TEST, rejected, _own_accuracies(reported))
+    )
+    if cfg.soup != "greedy":
+        return evaluator, None
+    if validation is not None:
+        return evaluator, OnData(validation, cfg.eval_batch_size).accuracy
+    return evaluator, OnMembers(grid, roster, cfg, Split.HOLDOUT, rejected).accuracy
 
 
 def _own_accuracies(reported: Mapping[int, Mapping[str, Any]]) -> list[float]:

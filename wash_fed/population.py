@@ -160,6 +160,50 @@ def run_population(
         f"= {cfg.total_steps * cfg.batch_size / len(data.partitions[0]):.2f} epochs"
     )
     start = time.perf_counter()
+    rounds, epochs = _train(
+        cfg, members, server, deliveries, ledger, test if progress_eval else None, log
+    )
+    train_seconds = time.perf_counter() - start
+    if cfg.strategy == "fedavg":
+        final, final_state = _fedavg_final(members, deliveries, test, cfg.eval_batch_size)
+    else:
+        final, final_state = _merge(members, deliveries, data, test, ledger)
+    model_bytes = payload_bytes(to_wire(members[0].model.state_dict(), wire_dtype(cfg)))
+    results = {
+        "label": label,
+        "config": cfg.to_mapping(),
+        "device": str(device),
+        "train_seconds": train_seconds,
+        "total_seconds": time.perf_counter() - start,
+        "epochs": epochs,
+        "rounds": rounds,
+        "final": final,
+        "bytes": ledger.summary(),
+        "fedavg_bytes": 2 * cfg.num_server_rounds * cfg.num_members * model_bytes,
+        "model_bytes": model_bytes,
+    }
+    log(_final_line(label, results))
+    if output_dir is not None:
+        _save(output_dir, cfg, results, ledger, final_state)
+        log(f"[{label}] results, ledger and final model in {output_dir}")
+    members_final = [
+        {k: v.detach().clone() for k, v in m.model.state_dict().items()} for m in members
+    ]
+    return PopulationRun(cfg, results, ledger, final_state, members_final, output_dir)
+
+
+def _train(
+    cfg: WashFedConfig,
+    members: list[Member],
+    server: ServerProtocol,
+    deliveries: Deliveries,
+    ledger: Ledger,
+    test: ImageData | None,
+    log: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every round of the run; returns one row per round and one per epoch (and the last
+    round), the members evaluated on ``test`` at each epoch unless it is ``None``."""
+    start = time.perf_counter()
     rounds: list[dict[str, Any]] = []
     epochs: list[dict[str, Any]] = []
     next_epoch = 1
@@ -184,44 +228,29 @@ def run_population(
                 "bytes": ledger.total(),
                 "seconds": time.perf_counter() - start,
             }
-            if progress_eval:
+            if test is not None:
                 row |= _evaluate_progress(members, test, cfg.eval_batch_size)
             epochs.append(row)
-            log(_progress_line(label, cfg, row))
+            log(_progress_line(cfg.label, cfg, row))
             next_epoch = math.floor(stats[0].epochs) + 1
-    train_seconds = time.perf_counter() - start
-    if cfg.strategy == "fedavg":
-        final, final_state = _fedavg_final(members, deliveries, test, cfg.eval_batch_size)
-    else:
-        final, final_state = _merge(members, deliveries, data, test, ledger)
-    model_bytes = payload_bytes(to_wire(members[0].model.state_dict(), wire_dtype(cfg)))
-    results = {
-        "label": label,
-        "config": cfg.to_mapping(),
-        "device": str(device),
-        "train_seconds": train_seconds,
-        "total_seconds": time.perf_counter() - start,
-        "epochs": epochs,
-        "rounds": rounds,
-        "final": final,
-        "bytes": ledger.summary(),
-        "fedavg_bytes": 2 * cfg.num_server_rounds * cfg.num_members * model_bytes,
-        "model_bytes": model_bytes,
-    }
-    log(_final_line(label, results))
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        ledger.write_csv(output_dir / "ledger.csv")
-        torch.save(
-            {"model": cfg.model, "dataset": cfg.dataset, "state_dict": final_state},
-            output_dir / "final_model.pt",
-        )
-        log(f"[{label}] results, ledger and final model in {output_dir}")
-    members_final = [
-        {k: v.detach().clone() for k, v in m.model.state_dict().items()} for m in members
-    ]
-    return PopulationRun(cfg, results, ledger, final_state, members_final, output_dir)
+    return rounds, epochs
+
+
+def _save(
+    output_dir: Path,
+    cfg: WashFedConfig,
+    results: Mapping[str, Any],
+    ledger: Ledger,
+    final_state: Mapping[str, Any],
+) -> None:
+    """``results.json``, ``ledger.csv`` and ``final_model.pt`` in ``output_dir``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    ledger.write_csv(output_dir / "ledger.csv")
+    torch.save(
+        {"model": cfg.model, "dataset": cfg.dataset, "state_dict": final_state},
+        output_dir / "final_model.pt",
+    )
 
 
 def _server(cfg: WashFedConfig, members: list[Member], ledger: Ledger) -> ServerProtocol:
