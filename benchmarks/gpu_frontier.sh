@@ -14,6 +14,9 @@
 #   cat OUT/frontier-full-s*/runs.jsonl > runs/frontier-full/runs.jsonl
 #   python -m simulations.frontier --partition full     # finds every run done: table, plot
 # and likewise cat OUT/long-*/runs.jsonl for python -m simulations.long_training.
+# DONE=<folder> (carried) holds rows already run elsewhere, as frontier-<partition>/runs.jsonl
+# and long-training/runs.jsonl: each process starts from its share of them and runs only
+# what is missing, and the cat above then gives every row once.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 FLWR_TELEMETRY_ENABLED=0 OMP_NUM_THREADS=1
@@ -47,6 +50,15 @@ else
   seeds=(0 1 2)
 fi
 
+prefill() {  # store in DONE, key, value, destination: the store's rows whose key is value
+  [ -n "${DONE:-}" ] && [ -f "$DONE/$1" ] || return 0
+  mkdir -p "$(dirname "$4")"
+  "$PY" -c 'import json, sys
+src, key, value, dst = sys.argv[1:]
+rows = [line for line in open(src) if line.strip() and str(json.loads(line)[key]) == value]
+open(dst, "w").writelines(rows)' "$DONE/$1" "$2" "$3" "$4" || exit 1
+}
+
 started=()
 launch() {  # name, command...: run it in the background, cut off after LIMIT seconds
   local name=$1
@@ -56,12 +68,14 @@ launch() {  # name, command...: run it in the background, cut off after LIMIT se
 }
 for partition in full dirichlet; do
   for seed in "${seeds[@]}"; do
+    prefill "frontier-$partition/runs.jsonl" seed "$seed" "$OUT/frontier-$partition-s$seed/runs.jsonl"
     launch "frontier-$partition-s$seed" "$PY" -m simulations.frontier --partition "$partition" \
       --alpha 0.3 --seeds "$seed" --out "$OUT/frontier-$partition-s$seed" "${sweep[@]}"
   done
 done
 for variant in $("$PY" -c "from simulations.long_training import VARIANTS as V
 print(' '.join(v.name for v in V))"); do
+  prefill long-training/runs.jsonl point "$variant" "$OUT/long-$variant/runs.jsonl"
   launch "long-$variant" "$PY" -m simulations.long_training --variants "$variant" \
     --out "$OUT/long-$variant" "${long[@]}"
 done

@@ -190,6 +190,7 @@ def _row(point: Point, seed: int, results: Mapping[str, Any], seconds: float) ->
         "bytes_train": sent.get("up.train", 0) + sent.get("down.train", 0),
         "sent": dict(sent),
         "seconds": seconds,
+        "device": results.get("device"),  # the population trainer's; a Flower run: None
     }
 
 
