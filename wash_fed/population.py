@@ -182,7 +182,7 @@ def run_population(
         "fedavg_bytes": 2 * cfg.num_server_rounds * cfg.num_members * model_bytes,
         "model_bytes": model_bytes,
     }
-    log(_final_line(label, results))
+    log(_final_line(results))
     if output_dir is not None:
         _save(output_dir, cfg, results, ledger, final_state)
         log(f"[{label}] results, ledger and final model in {output_dir}")
@@ -231,7 +231,7 @@ def _train(
             if test is not None:
                 row |= _evaluate_progress(members, test, cfg.eval_batch_size)
             epochs.append(row)
-            log(_progress_line(cfg.label, cfg, row))
+            log(_progress_line(cfg, row))
             next_epoch = math.floor(stats[0].epochs) + 1
     return rounds, epochs
 
@@ -328,9 +328,9 @@ def _mb(nbytes: float) -> str:
     return f"{nbytes / 1e6:.2f} MB"
 
 
-def _progress_line(label: str, cfg: WashFedConfig, row: Mapping[str, Any]) -> str:
+def _progress_line(cfg: WashFedConfig, row: Mapping[str, Any]) -> str:
     line = (
-        f"[{label}] epoch {row['epoch']:.2f} | round {row['round']}/{cfg.num_server_rounds} | "
+        f"[{cfg.label}] epoch {row['epoch']:.2f} | round {row['round']}/{cfg.num_server_rounds} | "
         f"loss {row['loss']:.4f} | train acc {row['train_accuracy']:.4f}"
     )
     if "soup" in row:
@@ -338,7 +338,8 @@ def _progress_line(label: str, cfg: WashFedConfig, row: Mapping[str, Any]) -> st
     return line + f" | sent {_mb(row['bytes'])} | {row['seconds']:.1f} s"
 
 
-def _final_line(label: str, results: Mapping[str, Any]) -> str:
+def _final_line(results: Mapping[str, Any]) -> str:
+    label = results["label"]
     final = results["final"]
     sent = f"sent {_mb(results['bytes']['total'])}"
     if "soups" not in final:
