@@ -10,7 +10,9 @@ PY := $(VENV)/bin/python
 # torch/torchvision pair installed first (override for another platform or CUDA build).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DATASET ?= fashion-mnist
-PYTEST_ARGS ?=
+# Two test processes: the deployment tests spend much of their time waiting on Flower's
+# polls, so a second process roughly uses the idle core (PYTEST_ARGS="-n 0": one process).
+PYTEST_ARGS ?= -n 2 --dist worksteal
 
 # Simulated federation: one SuperNode per member (num-members in pyproject.toml).
 SUPERNODES ?= 4
