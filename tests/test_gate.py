@@ -88,6 +88,22 @@ def test_members_nearly_equal_at_most_coordinates_are_not_outliers() -> None:
     assert set(magnitude_outliers(payloads, factor=50)) == {1}
 
 
+def test_two_close_members_do_not_make_the_other_two_outliers() -> None:
+    """Non-IID BatchNorm means: two members with similar label mixes agree to 1e-3; the
+    other two see brighter images, which shifts every channel's mean the same way, by 0.3
+    and 0.6. All four are honest; a member scaled x1000 is not."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(32, generator=generator)
+
+    def member(shift: float) -> dict[str, torch.Tensor]:
+        return {"mean": base + shift + 1e-3 * torch.randn(32, generator=generator)}
+
+    payloads = {m: member(shift) for m, shift in enumerate([0.0, 0.0, 0.3, 0.6])}
+    assert magnitude_outliers(payloads, factor=50) == {}
+    payloads[3] = {"mean": payloads[3]["mean"] * 1000}
+    assert set(magnitude_outliers(payloads, factor=50)) == {3}
+
+
 def test_two_members_have_no_majority_to_judge_by() -> None:
     payloads = {0: honest(0), 1: {**honest(1), "w": honest(1)["w"] * 1000}}
     assert magnitude_outliers(payloads, factor=50) == {}

@@ -118,13 +118,16 @@ def magnitude_outliers(
 
     For every floating-point tensor, with ``med`` the coordinate-wise median over members,
     each member's distance is the root mean square of ``value - med``, and the typical
-    distance ``s`` is the median of the members' distances (at least 1e-3 of the root mean
-    square of ``med``). A member is an outlier when its distance exceeds ``factor * s``.
-    Judging members by whole-tensor distances, not coordinate by coordinate, keeps honest
-    members that are nearly equal at most coordinates (a shared initialisation early in
-    training) from looking far apart at the few where they differ. Needs three members or
-    more, most of them honest (returns nothing for fewer); payloads must already have
-    passed the form checks.
+    distance ``s`` is the smallest distance within which a strict majority of the members
+    lie (the median of the distances for an odd count, the upper median for an even one;
+    at least 1e-3 of the root mean square of ``med``). A member is an outlier when its
+    distance exceeds ``factor * s``. Judging members by whole-tensor distances, not
+    coordinate by coordinate, keeps honest members that are nearly equal at most
+    coordinates (a shared initialisation early in training) from looking far apart at the
+    few where they differ. The majority's radius, not the lower median, keeps two honest
+    members that happen to be close (similar label mixes among four) from making the
+    other two look far. Needs three members or more, a strict majority of them honest
+    (returns nothing for fewer); payloads must already have passed the form checks.
     """
     if len(payloads) < 3:
         return {}
@@ -137,7 +140,8 @@ def magnitude_outliers(
         median = stacked.median(dim=0).values  # the lower median for an even count
         distances = (stacked - median).pow(2).mean(dim=1).sqrt()
         floor = 1e-3 * float(median.pow(2).mean().sqrt()) + 1e-12
-        typical = max(float(distances.median()), floor)
+        majority_radius = distances.sort().values[len(members) // 2]
+        typical = max(float(majority_radius), floor)
         for member, score in zip(members, (distances / typical).tolist(), strict=True):
             if score > factor and member not in outliers:
                 outliers[member] = (
