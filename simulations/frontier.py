@@ -191,6 +191,7 @@ def _row(point: Point, seed: int, results: Mapping[str, Any], seconds: float) ->
         "sent": dict(sent),
         "seconds": seconds,
         "device": results.get("device"),  # the population trainer's; a Flower run: None
+        "threads": results.get("threads"),  # likewise
     }
 
 

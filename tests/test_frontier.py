@@ -74,6 +74,7 @@ def test_a_tiny_sweep_continues_where_it_stopped_and_flower_agrees(
     assert table.count("\n") == 2 + 3 and "± " in table
     assert (tmp_path / "frontier.png").stat().st_size > 0
     assert all(0.0 < r["accuracy"] <= 1.0 for r in rows)
+    assert all(r["threads"] == 1 for r in rows)  # deterministic=true: one thread
     assert json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[0])["seed"] == 0
 
     for key, value in simulation_harness.env.items():  # `flwr run` reaches its SuperLink

@@ -173,6 +173,7 @@ def run_population(
         "label": label,
         "config": cfg.to_mapping(),
         "device": str(device),
+        "threads": torch.get_num_threads(),  # another count sums in another order
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - start,
         "epochs": epochs,
