@@ -23,8 +23,10 @@ from wash_fed.keys import Config, Info, MessageType, Metric, Record
 
 __all__ = ["MemberInfo", "Roster"]
 
-READMIT_TIMEOUT = 120.0
-"""Seconds to wait for a returning node's hello (its worker starts and loads its data)."""
+HELLO_TIMEOUT = 120.0
+"""The least time a hello is given, whatever ``round-timeout`` says: it is a member's first
+message of the run, so its worker starts, imports torch and loads its data first (tens of
+seconds on a busy CPU)."""
 END_TIMEOUT = 30.0
 """Seconds to wait for the members to acknowledge the end of the run."""
 
@@ -111,7 +113,7 @@ class Roster:
             log(INFO, "waiting for SuperNodes: %d of %d connected", len(nodes), cfg.num_members)
             time.sleep(2.0)
             nodes = list(grid.get_node_ids())
-        members, problems = self._hello(grid, nodes, cfg.round_timeout)
+        members, problems = self._hello(grid, nodes)
         if problems:
             raise RuntimeError("members failed their pre-flight check:\n  " + "\n  ".join(problems))
         partitions = sorted(m.partition for m in members)
@@ -144,7 +146,7 @@ class Roster:
         new = set(grid.get_node_ids()) - set(self.nodes.values()) - self._refused
         if not new:
             return []
-        members, problems = self._hello(grid, sorted(new), READMIT_TIMEOUT)
+        members, problems = self._hello(grid, sorted(new))
         for problem in problems:
             log(WARNING, "a new node failed its check and is not asked again: %s", problem)
         self._refused |= new - {m.node for m in members}
@@ -192,22 +194,21 @@ class Roster:
         if told < len(messages):
             log(WARNING, "%d of %d members acknowledged the end of the run", told, len(messages))
 
-    def _hello(
-        self, grid: Grid, nodes: list[int], timeout: float
-    ) -> tuple[list[MemberInfo], list[str]]:
-        """Ask ``nodes`` who they are; the members that passed and the problems found."""
+    def _hello(self, grid: Grid, nodes: list[int]) -> tuple[list[MemberInfo], list[str]]:
+        """Ask ``nodes`` who they are; the members that passed and the problems found, each
+        named by the node asked (the SuperLink answers for a node it could not reach)."""
         config: dict[str, wire.ConfigValue] = {}
         if self.continues is not None:
             config = {Config.RESUME_RUN: self.continues[0], Config.RESUME_ROUND: self.continues[1]}
+        timeout = max(self.cfg.round_timeout, HELLO_TIMEOUT)
         messages = [wire.message(n, MessageType.HELLO, 0, config, ttl=timeout) for n in nodes]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
-        problems, members = [], []
-        answered = {r.metadata.src_node_id for r in replies}
-        problems += [
-            f"node {n}: no answer within {timeout:g} s" for n in nodes if n not in answered
-        ]
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        answered = {asked[r.metadata.reply_to_message_id] for r in replies}
+        problems = [f"node {n}: no answer within {timeout:g} s" for n in nodes if n not in answered]
+        members = []
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = asked[reply.metadata.reply_to_message_id]
             if reply.has_error():
                 problems.append(f"node {node}: {wire.error_reason(reply)}")
                 continue
