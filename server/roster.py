@@ -24,9 +24,9 @@ from wash_fed.keys import Config, Info, MessageType, Metric, Record
 __all__ = ["MemberInfo", "Roster"]
 
 HELLO_TIMEOUT = 120.0
-"""The least time a hello is given, whatever ``round-timeout`` says: it is a member's first
-message of the run, so its worker starts, imports torch and loads its data first (tens of
-seconds on a busy CPU)."""
+"""Seconds a returning node's hello is given, and the least the pre-flight hello is given
+whatever ``round-timeout`` says: a hello is a member's first message of the run, so its worker
+starts, imports torch and loads its data first (tens of seconds on a busy CPU)."""
 END_TIMEOUT = 30.0
 """Seconds to wait for the members to acknowledge the end of the run."""
 
@@ -113,7 +113,7 @@ class Roster:
             log(INFO, "waiting for SuperNodes: %d of %d connected", len(nodes), cfg.num_members)
             time.sleep(2.0)
             nodes = list(grid.get_node_ids())
-        members, problems = self._hello(grid, nodes)
+        members, problems = self._hello(grid, nodes, max(cfg.round_timeout, HELLO_TIMEOUT))
         if problems:
             raise RuntimeError("members failed their pre-flight check:\n  " + "\n  ".join(problems))
         partitions = sorted(m.partition for m in members)
@@ -146,7 +146,7 @@ class Roster:
         new = set(grid.get_node_ids()) - set(self.nodes.values()) - self._refused
         if not new:
             return []
-        members, problems = self._hello(grid, sorted(new))
+        members, problems = self._hello(grid, sorted(new), HELLO_TIMEOUT)
         for problem in problems:
             log(WARNING, "a new node failed its check and is not asked again: %s", problem)
         self._refused |= new - {m.node for m in members}
@@ -194,13 +194,14 @@ class Roster:
         if told < len(messages):
             log(WARNING, "%d of %d members acknowledged the end of the run", told, len(messages))
 
-    def _hello(self, grid: Grid, nodes: list[int]) -> tuple[list[MemberInfo], list[str]]:
+    def _hello(
+        self, grid: Grid, nodes: list[int], timeout: float
+    ) -> tuple[list[MemberInfo], list[str]]:
         """Ask ``nodes`` who they are; the members that passed and the problems found, each
         named by the node asked (the SuperLink answers for a node it could not reach)."""
         config: dict[str, wire.ConfigValue] = {}
         if self.continues is not None:
             config = {Config.RESUME_RUN: self.continues[0], Config.RESUME_ROUND: self.continues[1]}
-        timeout = max(self.cfg.round_timeout, HELLO_TIMEOUT)
         messages = [wire.message(n, MessageType.HELLO, 0, config, ttl=timeout) for n in nodes]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
