@@ -425,20 +425,33 @@ class FlowerHarness:
     def listing(self, run_id: str) -> dict[str, Any]:
         return run_status(BIN / "flwr", run_id, "test", self.env)
 
-    def close(self) -> None:
-        """Stop every process this harness started, and every process that inherited it."""
+    def close(self, grace: float = 15.0, bound: float = 120.0) -> None:
+        """Stop every process this harness started, and every process that inherited it.
+
+        Each started process gets SIGTERM and ``grace`` seconds to exit, then SIGKILL. The
+        processes that inherited the marker are then killed until none is left: a loaded
+        machine delays their exit (and a dying Ray may still start one) without failing
+        the close. Raises only when some survive ``bound`` seconds of that."""
         for proc in self.processes:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
         for proc in self.processes:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        for pid in self.descendants():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=bound)
+        deadline = time.monotonic() + bound
+        while survivors := self.descendants():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"processes {survivors} survived SIGKILL for {bound:g} s")
+            for pid in survivors:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
 
     def descendants(self) -> list[int]:
         """Live processes carrying this harness's marker in their environment."""
