@@ -8,16 +8,14 @@ keeps what it had), ``ledger.csv`` (every message), ``final_model.pt`` and, on r
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.common.logger import log
 from torch import Tensor
 
@@ -25,6 +23,7 @@ from server.checkpoint import ServerCheckpoint
 from server.ledger_grid import LedgerGrid
 from server.strategies import RoundReport
 from wash_fed.config import WashFedConfig
+from wash_fed.files import save_torch, write_json
 from wash_fed.ledger import Ledger
 from wash_fed.metrics import RunMetrics
 from wash_fed.timing import RoundTime, split_round
@@ -103,9 +102,7 @@ class RunOutput:
         self.results.update(fields)
         self.results["bytes"] = self.ledger.summary()
         self.results["wall_seconds"] = time.perf_counter() - self.started
-        tmp = self.directory / "results.json.tmp"
-        tmp.write_text(json.dumps(self.results, indent=2, default=float))
-        tmp.replace(self.directory / "results.json")
+        write_json(self.directory / "results.json", self.results)
         self.ledger.write_csv(self.directory / "ledger.csv")
 
     def save_checkpoint(self, checkpoint: ServerCheckpoint) -> bool:
@@ -119,10 +116,12 @@ class RunOutput:
 
     def save_model(self, state_dict: Mapping[str, Tensor], name: str = "final_model.pt") -> Path:
         path = self.directory / name
-        torch.save(
-            {"model": self.cfg.model, "dataset": self.cfg.dataset, "state_dict": dict(state_dict)},
-            path,
-        )
+        saved = {
+            "model": self.cfg.model,
+            "dataset": self.cfg.dataset,
+            "state_dict": dict(state_dict),
+        }
+        save_torch(path, saved)
         return path
 
     def finish(self, final: Mapping[str, Any], fedavg_bytes: int | None) -> None:
@@ -143,12 +142,26 @@ class RunOutput:
         with self._lock:
             if self._stopped or self.results.get("status") != "running":
                 return
-            self._write({"status": "stopped"})
             self._stopped = True
+            try:
+                self._write({"status": "stopped"})
+            except OSError as err:
+                log(ERROR, "Run stopped; could not record it in %s: %s", self.directory, err)
+                return
         log(INFO, "Run stopped; results so far are in %s", self.directory)
 
     def fail(self, error: BaseException) -> None:
-        self.write(status="failed", error=f"{type(error).__name__}: {error}")
+        """Record the run as failed with ``error``. When even that cannot be written (the
+        disk that failed the run), the log says so and the error goes on unrecorded here:
+        Flower's status for the run says ``failed`` with the same reason."""
+        reason = f"{type(error).__name__}: {error}"
+        try:
+            self.write(status="failed", error=reason)
+        except OSError as err:
+            log(
+                ERROR, "Run failed (%s); could not record it in %s: %s", reason, self.directory, err
+            )
+            return
         log(INFO, "Run failed; results so far are in %s", self.directory)
 
 

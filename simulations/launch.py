@@ -27,6 +27,7 @@ from typing import Any
 from flwr.common.config import parse_config_args
 
 from wash_fed.config import ConfigError, WashFedConfig
+from wash_fed.files import write_json
 from wash_fed.keys import RESULTS_IN
 
 __all__ = [
@@ -83,7 +84,8 @@ def results_file_in(output: str) -> Path | None:
 
 def settle_results(path: Path, status: str, details: str) -> bool:
     """A ServerApp killed before it could record its end leaves its results "running": write
-    the end Flower saw (``stopped``, else ``failed``). Whether the file was changed."""
+    the end Flower saw (``stopped``, else ``failed``). Whether the file was changed; raises
+    ``OSError`` when it could not be read or written."""
     if not path.is_file() or not status.startswith("finished:"):
         return False
     results = json.loads(path.read_text())
@@ -91,9 +93,7 @@ def settle_results(path: Path, status: str, details: str) -> bool:
         return False
     results["status"] = "stopped" if status == "finished:stopped" else "failed"
     results["error"] = f"the ServerApp ended without recording why; Flower: {status} {details}"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(path)
+    write_json(path, results)
     return True
 
 
@@ -117,6 +117,8 @@ class Launched:
     status: str
     details: str
     output: str
+    error: str = ""
+    """Why the run failed, as its ``results.json`` says (empty where it says nothing)."""
 
     @property
     def completed(self) -> bool:
@@ -159,9 +161,17 @@ def launch(
     listing = run_status(BIN / "flwr", run_id, connection, environment)
     status, details = listing["status"], listing.get("status-details", "")
     results = results_file_in(output)
-    if results is not None and settle_results(results, status, details):
-        print(f"{results}: the ServerApp did not record its end; wrote {status}", file=sys.stderr)
-    return Launched(run_id, status, details, output)
+    error = ""
+    try:
+        if results is not None and settle_results(results, status, details):
+            print(
+                f"{results}: the ServerApp did not record its end; wrote {status}", file=sys.stderr
+            )
+        if results is not None and results.is_file():
+            error = str(json.loads(results.read_text()).get("error", ""))
+    except (OSError, ValueError) as err:  # a full or read-only disk, a damaged file
+        print(f"{results}: could not record the run's end ({status}): {err}", file=sys.stderr)
+    return Launched(run_id, status, details, output, error)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     if ended.completed:
         return 0
     print(f"\nrun {ended.run_id}: {ended.status} ({ended.details})", file=sys.stderr)
+    if ended.error:
+        print(f"error: {ended.error}", file=sys.stderr)
     return 1
 
 

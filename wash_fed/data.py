@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wash_fed.files import save_torch
+
 __all__ = [
     "DATASETS",
     "BatchStream",
@@ -222,9 +224,7 @@ def prepare(name: str, root: Path | str | None = None) -> str:
         images, labels = _torchvision_split(spec, root, train)
         cache = _cache_path(spec, root, train)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save({"images": images, "labels": labels}, tmp)
-        tmp.replace(cache)
+        save_torch(cache, {"images": images, "labels": labels})
     return f"{name}: {source}; decoded into {cache.parent}"
 
 
@@ -337,7 +337,7 @@ def write_synthetic(
         labels = torch.randint(0, spec.num_classes, (n,), generator=generator)
         cache = _cache_path(spec, root, is_train)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"images": images, "labels": labels}, cache)
+        save_torch(cache, {"images": images, "labels": labels})
     return _cache_path(spec, root, True).parent
 
 

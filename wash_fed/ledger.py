@@ -12,9 +12,11 @@ from __future__ import annotations
 import csv
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
+
+from wash_fed.files import write_csv
 
 __all__ = ["Direction", "Ledger", "LedgerEntry"]
 
@@ -46,6 +48,12 @@ class Ledger:
             raise ValueError(f"a message cannot have {nbytes} bytes")
         self.entries.append(LedgerEntry(round, member, direction, phase, int(nbytes)))
 
+    def attribute(self, indices: Iterable[int], member: int) -> None:
+        """The entries at ``indices``, recorded before their member was known (-1), are
+        ``member``'s."""
+        for i in indices:
+            self.entries[i] = replace(self.entries[i], member=member)
+
     def total(self, direction: Direction | None = None, phase: str | None = None) -> int:
         """Bytes over all entries matching ``direction`` and ``phase`` (``None``: any)."""
         return sum(
@@ -71,10 +79,9 @@ class Ledger:
         return out
 
     def write_csv(self, path: Path | str) -> None:
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(LedgerEntry)])
-            writer.writeheader()
-            writer.writerows(asdict(e) for e in self.entries)
+        """Every entry as a row of ``path`` (written atomically)."""
+        fieldnames = [fl.name for fl in fields(LedgerEntry)]
+        write_csv(Path(path), fieldnames, (asdict(e) for e in self.entries))
 
     @classmethod
     def read_csv(cls, path: Path | str) -> Ledger:

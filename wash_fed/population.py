@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -36,6 +35,7 @@ from wash_fed.batchnorm import BNStatistics, merge_bn_statistics
 from wash_fed.config import ConfigError, WashFedConfig
 from wash_fed.data import DatasetNotFoundError, ImageData
 from wash_fed.evaluation import OnData, accuracy, predict
+from wash_fed.files import save_torch, write_json
 from wash_fed.ledger import Ledger
 from wash_fed.merge import merge_population
 from wash_fed.protocol import (
@@ -246,12 +246,10 @@ def _save(
 ) -> None:
     """``results.json``, ``ledger.csv`` and ``final_model.pt`` in ``output_dir``."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(output_dir / "results.json", results)
     ledger.write_csv(output_dir / "ledger.csv")
-    torch.save(
-        {"model": cfg.model, "dataset": cfg.dataset, "state_dict": final_state},
-        output_dir / "final_model.pt",
-    )
+    saved = {"model": cfg.model, "dataset": cfg.dataset, "state_dict": final_state}
+    save_torch(output_dir / "final_model.pt", saved)
 
 
 def _server(cfg: WashFedConfig, members: list[Member], ledger: Ledger) -> ServerProtocol:
@@ -291,7 +289,7 @@ def _merge(
     """The population's final step: collect every member, build and evaluate the soups
     (recalibrating BatchNorm on the members' data), counting what travels."""
     cfg = members[0].cfg
-    final_round = cfg.num_server_rounds + 1
+    final_round = cfg.final_round
     for m in members:
         _deliver(m, deliveries, final_round, "collect", ledger)
     state_dicts = [m.model.state_dict() for m in members]
