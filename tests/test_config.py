@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from wash_fed.config import ConfigError, WashFedConfig
+from wash_fed.config import ConfigError, WashFedConfig, reference
 
 
 def test_defaults_are_valid_and_round_trip() -> None:
@@ -53,6 +53,12 @@ def test_independent_is_an_alias_of_ensemble() -> None:
         ({"soup": "greedy", "holdout-size": 0}, "soup='greedy' needs held-out data"),
         ({"dataset": "imagenet"}, "dataset must be one of cifar10, cifar100, fashion-mnist"),
         ({"shuffle-optimizer-state": True, "momentum": 0.0}, "needs optimizer state"),
+        ({"model": "vgg99"}, "unknown model 'vgg99'; choose 'cnn', 'resnet18'"),
+        ({"model": "torchvision:vgg99"}, "'vgg99' is not a torchvision classification model"),
+        ({"seed": 2**64}, "seed must fit in a signed 64-bit integer"),
+        ({"poll-interval": 1e9}, "poll-interval must be <= 60"),
+        ({"poll-interval": 20.0, "round-timeout": 10.0}, "poll-interval must be <= 10"),
+        ({"round-timeout": 1e6}, "round-timeout must be <= 43200"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(
@@ -77,3 +83,13 @@ def test_pyproject_declares_every_key_with_its_default() -> None:
 def test_every_number_must_be_finite(key: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"{key} must be finite"):
         WashFedConfig.from_mapping({key: value})
+
+
+def test_the_configuration_reference_is_the_generated_one() -> None:
+    """docs/configuration.md is what `python -m wash_fed.config --reference` prints: a key
+    added, removed or redocumented in WashFedConfig without regenerating it fails here (and
+    one added to pyproject.toml alone fails the test above)."""
+    committed = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    assert committed == reference(), (
+        "regenerate it: python -m wash_fed.config --reference > docs/configuration.md"
+    )

@@ -104,9 +104,11 @@ def test_diverging_training_is_reported(small_data: TrainingData) -> None:
         member.train_steps(20)
 
 
-def test_too_little_data_per_member_is_a_clear_error() -> None:
+def test_too_little_data_per_member_is_a_clear_error(small_data: TrainingData) -> None:
     with pytest.raises(ValueError, match="fewer than batch-size"):
         load_training_data(cfg(partition="iid", num_members=4, train_subset=400, batch_size=128))
+    with pytest.raises(ValueError, match="batch-size=4096 is more than member 0's 1800 training"):
+        Member(cfg(batch_size=4096), 0, small_data.member(0), torch.device("cpu"))
 
 
 def test_holdout_is_disjoint_from_training_data(small_data: TrainingData) -> None:

@@ -9,14 +9,18 @@ Python. :meth:`WashFedConfig.from_mapping` parses and validates once; every prob
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import math
+import sys
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from wash_fed.data import DATASETS, PARTITIONS
+from wash_fed.models import model_problem
 from wash_fed.shuffle import LAYER_SCHEDULES
 
 __all__ = ["STRATEGIES", "ConfigError", "WashFedConfig"]
@@ -50,6 +54,12 @@ RESUMABLE_CHANGES = frozenset(
 """Keys a resumed run may set differently from the run it continues."""
 
 
+MAX_TIMEOUT = 43_200.0
+"""Seconds: Flower's default time to live of a message (12 h), the longest any wait may be."""
+MAX_POLL_INTERVAL = 60.0
+"""Seconds: the longest poll interval Flower itself accepts (its SuperExec's)."""
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type or out of range."""
 
@@ -58,21 +68,27 @@ def _doc(text: str) -> dict[str, str]:
     return {"help": text}
 
 
+def _listed(names: Iterable[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
 @dataclass(frozen=True)
 class WashFedConfig:
     """Everything a run needs to know. Defaults run on a CPU in minutes (Fashion-MNIST)."""
 
-    strategy: str = field(default="wash", metadata=_doc(f"one of {STRATEGIES}"))
+    strategy: str = field(default="wash", metadata=_doc(f"one of {_listed(STRATEGIES)}"))
     num_members: int = field(default=4, metadata=_doc("population size N (Flower: SuperNodes)"))
     num_server_rounds: int = field(default=30, metadata=_doc("rounds (= shuffle events)"))
     local_steps: int = field(default=50, metadata=_doc("optimizer steps per member per round"))
     seed: int = field(default=0, metadata=_doc("run seed: initialisations, data order, masks"))
 
-    dataset: str = field(default="fashion-mnist", metadata=_doc(f"one of {sorted(DATASETS)}"))
+    dataset: str = field(
+        default="fashion-mnist", metadata=_doc(f"one of {_listed(sorted(DATASETS))}")
+    )
     data_root: str = field(
         default="", metadata=_doc("data directory; empty: $WASH_FED_DATA or ~/.cache/wash-fed/data")
     )
-    partition: str = field(default="full", metadata=_doc(f"one of {PARTITIONS}"))
+    partition: str = field(default="full", metadata=_doc(f"one of {_listed(PARTITIONS)}"))
     dirichlet_alpha: float = field(
         default=0.5, metadata=_doc("concentration for partition=dirichlet, > 0")
     )
@@ -99,15 +115,19 @@ class WashFedConfig:
     )
 
     model: str = field(default="cnn", metadata=_doc("'cnn', 'resnet18' or 'torchvision:<name>'"))
-    init: str = field(default="shared", metadata=_doc(f"one of {INITS}: member initialisations"))
+    init: str = field(
+        default="shared", metadata=_doc(f"one of {_listed(INITS)}: member initialisations")
+    )
     batch_size: int = field(default=128, metadata=_doc("training batch size"))
     lr: float = field(default=0.05, metadata=_doc("peak learning rate (SGD)"))
     momentum: float = field(default=0.9, metadata=_doc("SGD momentum in [0, 1)"))
     weight_decay: float = field(default=5e-4, metadata=_doc("SGD weight decay, >= 0"))
-    lr_schedule: str = field(default="one-cycle", metadata=_doc(f"one of {LR_SCHEDULES}"))
+    lr_schedule: str = field(default="one-cycle", metadata=_doc(f"one of {_listed(LR_SCHEDULES)}"))
 
     shuffle_prob: float = field(default=0.05, metadata=_doc("WASH shuffle probability p in [0, 1]"))
-    layer_schedule: str = field(default="linear", metadata=_doc(f"one of {LAYER_SCHEDULES}"))
+    layer_schedule: str = field(
+        default="linear", metadata=_doc(f"one of {_listed(LAYER_SCHEDULES)}")
+    )
     shuffle_optimizer_state: bool = field(
         default=False, metadata=_doc("WASH+Opt: move momentum with weights")
     )
@@ -118,7 +138,7 @@ class WashFedConfig:
     wire_dtype: str = field(
         default="float32",
         metadata=_doc(
-            f"one of {WIRE_DTYPES}: the values exchanged while training (WASH's shuffled "
+            f"one of {_listed(WIRE_DTYPES)}: the values exchanged while training (WASH's shuffled "
             "values, PAPA's weights and mean, FedAvg's models); the final step is float32"
         ),
     )
@@ -132,10 +152,14 @@ class WashFedConfig:
     )
     quarantine_after: int = field(
         default=3,
-        metadata=_doc("reply gate: a member rejected this many rounds in a row is quarantined"),
+        metadata=_doc(
+            "reply gate: a member rejected, or failing with an error of its own, this many "
+            "rounds in a row is quarantined"
+        ),
     )
     soup: str = field(
-        default="uniform", metadata=_doc(f"one of {SOUPS}: the soup saved as the final model")
+        default="uniform",
+        metadata=_doc(f"one of {_listed(SOUPS)}: the soup saved as the final model"),
     )
     bn_recalibration: bool = field(
         default=True, metadata=_doc("recompute the soup's BatchNorm statistics")
@@ -173,7 +197,7 @@ class WashFedConfig:
         default=False, metadata=_doc("also save every member's final weights (members.pt)")
     )
     device: str = field(
-        default="auto", metadata=_doc(f"one of {DEVICES}; auto: CUDA when available")
+        default="auto", metadata=_doc(f"one of {_listed(DEVICES)}; auto: CUDA when available")
     )
     deterministic: bool = field(
         default=False,
@@ -197,9 +221,14 @@ class WashFedConfig:
         strategy = STRATEGY_ALIASES.get(self.strategy, self.strategy)
         object.__setattr__(self, "strategy", strategy)
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+            value, key = getattr(self, f.name), f.name.replace("_", "-")
             if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{f.name.replace('_', '-')} must be finite, got {value}")
+                raise ConfigError(f"{key} must be finite, got {value}")
+            if isinstance(value, int) and not -(2**63) <= value < 2**63:
+                raise ConfigError(
+                    f"{key} must fit in a signed 64-bit integer (as Flower's records hold "
+                    f"numbers), got {value}"
+                )
         _one_of("strategy", self.strategy, STRATEGIES)
         _at_least("num-members", self.num_members, 1)
         _at_least("num-server-rounds", self.num_server_rounds, 1)
@@ -211,10 +240,8 @@ class WashFedConfig:
         _at_least("train-subset", self.train_subset, 0)
         _at_least("test-subset", self.test_subset, 0)
         _at_least("holdout-size", self.holdout_size, 0)
-        if not self.model:
-            raise ConfigError(
-                "model must not be empty; use 'cnn', 'resnet18' or 'torchvision:<name>'"
-            )
+        if (problem := model_problem(self.model)) is not None:
+            raise ConfigError(problem)
         _one_of("init", self.init, INITS)
         _at_least("batch-size", self.batch_size, 1)
         _greater("lr", self.lr, 0.0)
@@ -242,9 +269,13 @@ class WashFedConfig:
         _at_least("eval-batch-size", self.eval_batch_size, 1)
         _at_least("eval-every", self.eval_every, 0)
         _greater("round-timeout", self.round_timeout, 0.0)
+        _at_most("round-timeout", self.round_timeout, MAX_TIMEOUT)
         _greater("node-wait-timeout", self.node_wait_timeout, 0.0)
+        _at_most("node-wait-timeout", self.node_wait_timeout, MAX_TIMEOUT)
         _greater("poll-interval", self.poll_interval, 0.0)
+        _at_most("poll-interval", self.poll_interval, min(MAX_POLL_INTERVAL, self.round_timeout))
         _greater("worker-idle-timeout", self.worker_idle_timeout, 0.0)
+        _at_most("worker-idle-timeout", self.worker_idle_timeout, MAX_TIMEOUT)
         _in_range("metrics-port", self.metrics_port, 0, 65535)
         _at_least("metrics-grace", self.metrics_grace, 0.0)
         _one_of("device", self.device, DEVICES)
@@ -271,6 +302,17 @@ class WashFedConfig:
             if self.strategy == "wash" and self.shuffle_optimizer_state
             else self.strategy
         )
+
+    @property
+    def final_round(self) -> int:
+        """The round number the final step's messages carry: the one after the last."""
+        return self.num_server_rounds + 1
+
+    def evaluates_at(self, server_round: int) -> bool:
+        """Whether members report test accuracy with their replies of ``server_round``:
+        every ``eval-every`` rounds and at the last one (never with ``eval-every = 0``)."""
+        every = self.eval_every
+        return every > 0 and (server_round % every == 0 or server_round == self.num_server_rounds)
 
     @property
     def total_steps(self) -> int:
@@ -340,8 +382,65 @@ def _greater(key: str, value: float, low: float) -> None:
         raise ConfigError(f"{key} must be > {low}, got {value}")
 
 
+def _at_most(key: str, value: float, high: float) -> None:
+    if not value <= high:
+        raise ConfigError(f"{key} must be <= {high:g}, got {value:g}")
+
+
 def _in_range(key: str, value: float, low: float, high: float, *, closed_high: bool = True) -> None:
     ok = low <= value <= high if closed_high else low <= value < high
     if not ok:
         bracket = "]" if closed_high else ")"
         raise ConfigError(f"{key} must be in [{low}, {high}{bracket}, got {value}")
+
+
+def reference() -> str:
+    """The configuration reference (``docs/configuration.md``): every key with its type,
+    default and meaning, generated from :class:`WashFedConfig`."""
+    hints = typing.get_type_hints(WashFedConfig)
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `python -m wash_fed.config --reference > docs/configuration.md`;"
+        " edit wash_fed/config.py, not this file. -->",
+        "",
+        "Every key of the run configuration (`wash_fed.config.WashFedConfig`). Set one with",
+        '`flwr run . --run-config "key=value"`, in a TOML file of overrides, or with the',
+        "population trainer's `--key value`. Each is declared with its default in",
+        "`pyproject.toml` (`[tool.flwr.app.config]`); a value out of range is an error naming",
+        "the key and what is allowed, before any training. Keys whose meaning starts with",
+        "*Flower:* matter to runs through Flower only.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for f in dataclasses.fields(WashFedConfig):
+        key = f.name.replace("_", "-")
+        default = json.dumps(f.default) if isinstance(f.default, str) else _toml(f.default)
+        text = f.metadata["help"].replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+        lines.append(f"| `{key}` | {hints[f.name].__name__} | `{default}` | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: object) -> str:
+    """A default as it is written in TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wash_fed.config", description=__doc__)
+    parser.add_argument(
+        "--reference", action="store_true", help="print the configuration reference (Markdown)"
+    )
+    args = parser.parse_args(argv)
+    if args.reference:
+        print(reference(), end="")
+        return 0
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

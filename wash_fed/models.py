@@ -61,31 +61,41 @@ class _RepeatChannels(nn.Module):
         return x.expand(-1, 3, -1, -1)
 
 
-def build_model(
-    name: str, num_classes: int, in_channels: int, image_size: tuple[int, int]
-) -> nn.Module:
-    """A freshly initialised model, drawn from the current torch RNG."""
-    if name == "cnn":
-        model: nn.Module = SmallCNN(num_classes, in_channels, image_size)
-    elif name == "resnet18":
-        model = resnet18_cifar(num_classes, in_channels)
-    elif name.startswith(TORCHVISION_PREFIX):
+def model_problem(name: str) -> str | None:
+    """Why ``name`` names no model this module builds (``None``: it does)."""
+    if name in ("cnn", "resnet18"):
+        return None
+    if name.startswith(TORCHVISION_PREFIX):
         import torchvision.models as tvm
 
         arch = name.removeprefix(TORCHVISION_PREFIX)
         classification = tvm.list_models(module=tvm)
         if arch not in classification:
-            raise ValueError(
+            return (
                 f"model {name!r}: {arch!r} is not a torchvision classification model; "
                 f"some that are: {', '.join(classification[:8])}, ..."
             )
-        model = tvm.get_model(arch, weights=None, num_classes=num_classes)
-        if in_channels == 1:
-            model = nn.Sequential(_RepeatChannels(), model)
-        elif in_channels != 3:
-            raise ValueError(f"model {name!r} takes 1 or 3 input channels, got {in_channels}")
-    else:
-        raise ValueError(
-            f"unknown model {name!r}; choose 'cnn', 'resnet18' or 'torchvision:<name>'"
-        )
+        return None
+    return f"unknown model {name!r}; choose 'cnn', 'resnet18' or 'torchvision:<name>'"
+
+
+def build_model(
+    name: str, num_classes: int, in_channels: int, image_size: tuple[int, int]
+) -> nn.Module:
+    """A freshly initialised model, drawn from the current torch RNG."""
+    if (problem := model_problem(name)) is not None:
+        raise ValueError(problem)
+    if name == "cnn":
+        return SmallCNN(num_classes, in_channels, image_size)
+    if name == "resnet18":
+        return resnet18_cifar(num_classes, in_channels)
+    import torchvision.models as tvm
+
+    model: nn.Module = tvm.get_model(
+        name.removeprefix(TORCHVISION_PREFIX), weights=None, num_classes=num_classes
+    )
+    if in_channels == 1:
+        return nn.Sequential(_RepeatChannels(), model)
+    if in_channels != 3:
+        raise ValueError(f"model {name!r} takes 1 or 3 input channels, got {in_channels}")
     return model

@@ -240,6 +240,11 @@ class Member:
     ) -> None:
         if not 0 <= index < cfg.num_members:
             raise ValueError(f"member index {index} out of range for num-members={cfg.num_members}")
+        if cfg.batch_size > len(data):
+            raise ValueError(
+                f"batch-size={cfg.batch_size} is more than member {index}'s {len(data)} "
+                "training images"
+            )
         self.cfg, self.index, self.device = cfg, index, device
         self.train_data = data.to(device)
         self.model = initial_model(cfg, index).to(device)
