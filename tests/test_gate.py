@@ -104,6 +104,40 @@ def test_two_close_members_do_not_make_the_other_two_outliers() -> None:
     assert set(magnitude_outliers(payloads, factor=50)) == {3}
 
 
+@pytest.mark.parametrize(
+    ("fault", "flagged"),
+    [
+        (lambda w: -w, True),
+        (torch.zeros_like, True),
+        (lambda w: 2 * w, True),
+        (lambda w: 1.3 * w, False),  # a scaled copy inside the floor passes
+    ],
+    ids=["negated", "zeroed", "doubled", "x1.3"],
+)
+def test_values_that_point_elsewhere_are_outliers(fault: object, flagged: bool) -> None:
+    """Members spread as widely as their values are large: a negated or zeroed copy is not
+    far from the median in distance, but its projection on the median is about -1 or 0
+    where the others' are about 1."""
+    generator = torch.Generator().manual_seed(0)
+    base = 0.05 * torch.randn(5000, generator=generator)
+    payloads = {
+        m: {"weights": base + 0.03 * torch.randn(5000, generator=generator)} for m in range(4)
+    }
+    assert magnitude_outliers(payloads, factor=50) == {}
+    payloads[1] = {"weights": fault(payloads[1]["weights"])}  # type: ignore[operator]
+    outliers = magnitude_outliers(payloads, factor=50)
+    assert set(outliers) == ({1} if flagged else set())
+    assert all("points elsewhere" in reason for reason in outliers.values())
+
+
+def test_independent_members_are_not_judged_by_direction() -> None:
+    """Members from different initialisations share no direction: none is an outlier,
+    whatever the size of their tensors."""
+    generator = torch.Generator().manual_seed(0)
+    payloads = {m: {"weights": torch.randn(20_000, generator=generator)} for m in range(5)}
+    assert magnitude_outliers(payloads, factor=50) == {}
+
+
 def test_two_members_have_no_majority_to_judge_by() -> None:
     payloads = {0: honest(0), 1: {**honest(1), "w": honest(1)["w"] * 1000}}
     assert magnitude_outliers(payloads, factor=50) == {}

@@ -5,18 +5,21 @@ What it checks, per reply:
 
 * **form** -- tensor names (or value kinds), shapes and dtypes exactly as expected, every
   value finite (:func:`check_tensors`, :func:`check_values`);
-* **magnitude** -- relative to the population: a member whose values sit far from the
-  coordinate-wise median of the members' values, measured in units of the members' typical
-  spread around it, is an outlier (:func:`magnitude_outliers`; needs three or more members:
-  with two there is no majority to tell who is off);
+* **magnitude and direction** -- relative to the population: a member whose values sit far
+  from the coordinate-wise median of the members' values, measured in units of the
+  members' typical spread around it, or whose values do not point where the others' do
+  (their projection on the median: negated or zeroed values), is an outlier
+  (:func:`magnitude_outliers`; needs three or more members: with two there is no majority
+  to tell who is off);
 * **metrics** -- every reported figure is known and in its range (:func:`check_metrics`);
 * **BatchNorm statistics** -- the layers and shapes of the model, finite, variances not
   negative (:func:`check_bn_statistics`); the merge weight a member claims is capped at what
   its data can support (:func:`capped_batches`).
 
 What it cannot catch: a member that trains honestly on poisoned or mislabelled data sends
-well-formed values of ordinary magnitude; so does one that drifts slowly. The gate bounds
-the harm one reply can do; it does not certify the data behind it.
+well-formed values of ordinary magnitude; so does one that drifts slowly, or scales its
+values by less than :data:`ALIGNMENT_FLOOR` either way. The gate bounds the harm one reply
+can do; it does not certify the data behind it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from wash_fed.batchnorm import BNStatistics
 from wash_fed.keys import Metric
 
 __all__ = [
+    "ALIGNMENT_FACTOR",
+    "ALIGNMENT_FLOOR",
     "METRIC_RANGES",
     "Quarantine",
     "capped_batches",
@@ -111,6 +116,16 @@ def check_values(
     return check_tensors(payload, reference)
 
 
+ALIGNMENT_FLOOR = 0.5
+"""How far a member's projection on the median may stray from the members' typical one at
+least (the median's own is 1: negated values give about -1, zeros 0, a copy scaled by c
+about c)."""
+ALIGNMENT_FACTOR = 10.0
+"""... and in units of how far the members' projections typically stray."""
+ALIGNMENT_MIN_SIZE = 256
+"""Tensors with fewer values are not judged by direction (too few to say)."""
+
+
 def magnitude_outliers(
     payloads: Mapping[int, Mapping[str, Tensor]], factor: float
 ) -> dict[int, str]:
@@ -126,8 +141,17 @@ def magnitude_outliers(
     coordinates (a shared initialisation early in training) from looking far apart at the
     few where they differ. The majority's radius, not the lower median, keeps two honest
     members that happen to be close (similar label mixes among four) from making the
-    other two look far. Needs three members or more, a strict majority of them honest
-    (returns nothing for fewer); payloads must already have passed the form checks.
+    other two look far.
+
+    Direction: for tensors of at least :data:`ALIGNMENT_MIN_SIZE` values, each member's
+    projection on the median, ``<value, med> / <med, med>``, is compared with the members'
+    median projection; a member is an outlier when it strays more than
+    ``max(ALIGNMENT_FLOOR, ALIGNMENT_FACTOR * r)``, ``r`` the majority's radius of those
+    strays. Negated or zeroed values are close to the median in distance when members are
+    spread, but point elsewhere.
+
+    Needs three members or more, a strict majority of them honest (returns nothing for
+    fewer); payloads must already have passed the form checks.
     """
     if len(payloads) < 3:
         return {}
@@ -140,15 +164,45 @@ def magnitude_outliers(
         median = stacked.median(dim=0).values  # the lower median for an even count
         distances = (stacked - median).pow(2).mean(dim=1).sqrt()
         floor = 1e-3 * float(median.pow(2).mean().sqrt()) + 1e-12
-        majority_radius = distances.sort().values[len(members) // 2]
-        typical = max(float(majority_radius), floor)
+        typical = max(_majority_radius(distances), floor)
         for member, score in zip(members, (distances / typical).tolist(), strict=True):
             if score > factor and member not in outliers:
                 outliers[member] = (
                     f"{name!r} is {score:.3g} times the members' typical distance from their "
                     f"median (limit {factor:g})"
                 )
+        for member, reason in _direction_outliers(name, stacked, median, members).items():
+            outliers.setdefault(member, reason)
     return outliers
+
+
+def _majority_radius(values: Tensor) -> float:
+    """The smallest bound within which a strict majority of ``values`` (one per member)
+    lie."""
+    return float(values.sort().values[len(values) // 2])
+
+
+def _direction_outliers(
+    name: str, stacked: Tensor, median: Tensor, members: list[int]
+) -> dict[int, str]:
+    """Members whose values (rows of ``stacked``, shape ``(N, n)``) do not point where the
+    others' do: their projection on ``median`` (shape ``(n,)``) strays from the members'
+    median projection by more than ``max(ALIGNMENT_FLOOR, ALIGNMENT_FACTOR * radius)``."""
+    scale = float(median.pow(2).sum())
+    if median.numel() < ALIGNMENT_MIN_SIZE or scale == 0.0:
+        return {}
+    projections = stacked @ median / scale
+    center = float(projections.median())
+    strays = (projections - center).abs()
+    limit = max(ALIGNMENT_FLOOR, ALIGNMENT_FACTOR * _majority_radius(strays))
+    return {
+        member: (
+            f"{name!r} points elsewhere than the members' values: its projection on their "
+            f"median is {float(p):.3g}, theirs about {center:.3g} (limit +-{limit:.3g})"
+        )
+        for member, p, stray in zip(members, projections, strays.tolist(), strict=True)
+        if stray > limit
+    }
 
 
 def check_bn_statistics(stats: BNStatistics, reference: BNStatistics) -> str | None:
