@@ -4,36 +4,37 @@ as the population strategies, and what it would have sent in their place."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Mapping
 from logging import INFO
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
-from torch import nn
+from torch import Tensor, nn
 
 from server.ledger_grid import LedgerGrid
+from server.replies import Replies, gather, log_rejections
 from server.report import RunOutput, record_round
+from server.roster import Roster
 from server.strategies import RoundReport
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
-from wash_fed.gate import require_finite
+from wash_fed.gate import check_tensors, magnitude_outliers, require_finite
 from wash_fed.keys import Config, MessageType, Metric, Record, Reply
 from wash_fed.metrics import RunMetrics
 from wash_fed.protocol import to_wire, wire_dtype
 from wash_fed.training import initial_model, new_model
 
-__all__ = ["FedAvgRounds", "fedavg_equivalent_bytes", "run_fedavg"]
+__all__ = ["FedAvgRounds", "GatedFedAvg", "fedavg_equivalent_bytes", "run_fedavg"]
 
 
 class FedAvgRounds:
-    """FedAvg's per-round hooks as round reports. ``train_metrics`` (FedAvg's
-    ``train_metrics_aggr_fn``) keeps what the members reported; ``close`` (its
-    ``evaluate_fn``, called once at the end of every round) evaluates the global model when
-    due and reports the round with the metrics kept since the last one -- so a round in
-    which every reply failed reports no members instead of shifting later rounds."""
+    """FedAvg's rounds as round reports. :meth:`note` keeps what each round's replies were
+    (accepted, rejected, failed); :meth:`close` (FedAvg's ``evaluate_fn``, called once at
+    the end of every round) evaluates the global model when due and reports the round with
+    what was kept since the last one -- so a round in which every reply failed reports no
+    members instead of shifting later rounds."""
 
     def __init__(
         self,
@@ -44,67 +45,105 @@ class FedAvgRounds:
         self.cfg = cfg
         self.test_accuracy = test_accuracy
         self.on_round = on_round
-        self._kept: list[RecordDict] = []
+        self._kept = Replies()
         self._started = time.perf_counter()
 
-    def train_metrics(self, contents: list[RecordDict], weighted_by: str) -> MetricRecord:
-        self._kept = list(contents)
-        return aggregate_metricrecords(contents, weighted_by)
+    def note(self, got: Replies) -> None:
+        self._kept = got
 
     def close(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:  # FedAvg evaluates the initial model too
             return None
-        every = self.cfg.eval_every
         evaluated: dict[str, float] = {}
-        if every > 0 and (server_round % every == 0 or server_round == self.cfg.num_server_rounds):
+        if self.cfg.evaluates_at(server_round):
             model = new_model(self.cfg)
             model.load_state_dict(wire.record_to_tensors(arrays))
             evaluated[Metric.TEST_ACCURACY] = self.test_accuracy(model)
-        members = {
-            int(wire.metric(c, Metric.PARTITION_ID)): {
-                **c.metric_records[Record.METRICS],
-                **evaluated,
-            }
-            for c in self._kept
-        }
+        kept = self._kept
+        members = {p: {**parts.metrics, **evaluated} for p, parts in kept.accepted.items()}
         seconds = time.perf_counter() - self._started
-        self.on_round(RoundReport(server_round, members, {}, seconds, {}))
-        self._kept = []
+        report = RoundReport(
+            server_round, members, kept.failed, seconds, {}, rejected=kept.rejected
+        )
+        self.on_round(report)
+        self._kept = Replies()
         self._started = time.perf_counter()
         return MetricRecord(dict(evaluated)) if evaluated else None
+
+
+class GatedFedAvg(FedAvg):
+    """Flower's FedAvg, its algorithm unchanged, whose training replies first pass the
+    reply gate: replies by the roster's members only, of the right form, tensors of the
+    model's names, shapes and dtypes, finite, and not far from the others' (the magnitude
+    bound of :func:`wash_fed.gate.magnitude_outliers`). Rejected replies are logged and left
+    out of the average."""
+
+    def __init__(
+        self,
+        *,
+        roster: Roster,
+        reference: Mapping[str, Tensor],
+        outlier_factor: float,
+        rounds: FedAvgRounds,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        self.roster = roster
+        self.reference = dict(reference)
+        self.outlier_factor = outlier_factor
+        self.rounds = rounds
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        got = gather(replies, self.roster.nodes, Record.ARRAYS, f"round {server_round}")
+        got.reject(
+            {
+                p: problem
+                for p, parts in got.accepted.items()
+                if (problem := check_tensors(parts.tensors, self.reference)) is not None
+            }
+        )
+        states = {p: parts.tensors for p, parts in got.accepted.items()}
+        got.reject(magnitude_outliers(states, self.outlier_factor))
+        log_rejections(got.rejected, f"round {server_round}, left out of the average")
+        self.rounds.note(got)
+        return super().aggregate_train(server_round, list(got.messages.values()))
 
 
 def run_fedavg(
     grid: LedgerGrid,
     cfg: WashFedConfig,
+    roster: Roster,
     test_accuracy: Callable[[nn.Module], float],
     output: RunOutput,
     metrics: RunMetrics,
 ) -> dict[str, Any]:
-    """Flower's FedAvg, unchanged: one global model that every member trains each round.
+    """Flower's FedAvg, unchanged, behind the reply gate: one global model that every
+    member trains each round.
 
-    Per-round figures come through FedAvg's own hooks: ``train_metrics_aggr_fn`` sees the
-    members' metrics, ``evaluate_fn`` closes each round (evaluating with ``test_accuracy``,
-    on the server's test set or the members').
+    Per-round figures come through FedAvg's own hooks: ``aggregate_train`` (gated) keeps
+    the members' replies, ``evaluate_fn`` closes each round (evaluating with
+    ``test_accuracy``, on the server's test set or the members').
     """
-
     rounds = FedAvgRounds(
         cfg, test_accuracy, lambda report: record_round(output, grid, metrics, report, None)
     )
-
-    strategy = FedAvg(
+    initial = to_wire(initial_model(cfg, 0).state_dict(), wire_dtype(cfg))
+    strategy = GatedFedAvg(
+        roster=roster,
+        reference=initial,
+        outlier_factor=cfg.outlier_factor,
+        rounds=rounds,
         fraction_train=1.0,
         fraction_evaluate=0.0,
         min_train_nodes=cfg.num_members,
         min_available_nodes=cfg.num_members,
-        train_metrics_aggr_fn=rounds.train_metrics,
     )
     # Members read everything else from the run config; "reply" asks for the full state.
     result = strategy.start(
         grid=grid,
-        initial_arrays=wire.tensors_to_record(
-            to_wire(initial_model(cfg, 0).state_dict(), wire_dtype(cfg))
-        ),
+        initial_arrays=wire.tensors_to_record(initial),
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
         train_config=ConfigRecord({Config.REPLY: Reply.STATE}),

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import INFO
 from typing import Any
 
-from flwr.app import RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from torch import Tensor, nn
 
+from server.replies import gather, log_rejections
 from server.report import RunOutput
 from server.roster import Roster
 from server.strategies import PopulationStrategy
@@ -30,7 +30,6 @@ from wash_fed.evaluation import Evaluator, OnData, PopulationAccuracy
 from wash_fed.gate import (
     capped_batches,
     check_bn_statistics,
-    check_metrics,
     magnitude_outliers,
     require_finite,
 )
@@ -60,14 +59,13 @@ def final_step(
     states, reported, rejected = strategy.collect(grid, cfg.round_timeout, model.state_dict())
     if not states:
         raise RuntimeError("no member could be collected; nothing to average")
-    final_round = cfg.num_server_rounds + 1
     reference = running_statistics(model)
     exchanges = 0
 
     def federated_bn_statistics(soup: Mapping[str, Tensor]) -> BNStatistics:
         nonlocal exchanges
         exchanges += 1
-        return bn_statistics_from_members(grid, roster, soup, reference, final_round, cfg, rejected)
+        return bn_statistics_from_members(grid, roster, soup, reference, cfg, rejected)
 
     evaluator, holdout = _evaluators(grid, cfg, roster, test, validation, rejected, reported)
     merge = merge_population(
@@ -83,9 +81,7 @@ def final_step(
     if cfg.save_members:
         members = {f"{p}.{k}": v for p, sd in states.items() for k, v in sd.items()}
         output.save_model(members, "members.pt")
-    own_tests = evaluate_on_members(
-        grid, roster, merge.final_state_dict, final_round, cfg, rejected
-    )
+    own_tests = evaluate_on_members(grid, roster, merge.final_state_dict, cfg, rejected)
     soups = ", ".join(f"{k} {v:.4f}" for k, v in merge.soups.items())
     ensemble = "-" if merge.ensemble is None else f"{merge.ensemble:.4f}"
     log(
@@ -164,19 +160,19 @@ class OnMembers:
         return PopulationAccuracy(self.own, None)
 
     def accuracy(self, model: nn.Module) -> float:
-        final_round = self.cfg.num_server_rounds + 1
-        contents = _broadcast(
+        replies = _ask(
             self.grid,
             self.roster,
             MessageType.EVALUATE,
             model.state_dict(),
-            final_round,
             self.cfg,
-            {Config.SPLIT: self.split},
+            arrays=None,
+            what=f"evaluation on {self.split}",
+            rejected=self.rejected,
+            config={Config.SPLIT: self.split},
         )
         scored = []
-        what = f"evaluation on {self.split}"
-        for partition, parts in _gated(contents, None, what, self.rejected).items():
+        for partition, parts in replies.items():
             info = self.roster.info[partition]
             held = info.test_examples if self.split == Split.TEST else info.holdout_examples
             examples = min(float(parts.metrics.get(Metric.NUM_EXAMPLES, 0)), held)
@@ -188,58 +184,39 @@ class OnMembers:
         return sum(acc * n for acc, n in scored) / total
 
 
-def _broadcast(
+def _ask(
     grid: Grid,
     roster: Roster,
     message_type: str,
     state_dict: Mapping[str, Tensor],
-    server_round: int,
     cfg: WashFedConfig,
+    *,
+    arrays: str | None,
+    what: str,
+    rejected: dict[int, str],
     config: Mapping[str, str] | None = None,
-) -> dict[int, RecordDict]:
-    """Send one model to every member; the contents of the successful replies, by partition
-    id (failures are logged, one line each)."""
-    arrays = {Record.ARRAYS: wire.tensors_to_record(state_dict)}
+) -> dict[int, wire.ReplyParts]:
+    """Send one model to every member; the replies of the right form, by partition id
+    (:func:`server.replies.gather`). Failures are logged; rejections are logged and
+    recorded in ``rejected``."""
+    message_arrays = {Record.ARRAYS: wire.tensors_to_record(state_dict)}
     messages = [
-        wire.message(node, message_type, server_round, config, arrays, ttl=cfg.round_timeout)
+        wire.message(
+            node, message_type, cfg.final_round, config, message_arrays, ttl=cfg.round_timeout
+        )
         for node in roster.nodes.values()
     ]
-    contents = {}
-    for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
-        partition = roster.partition_of(reply.metadata.src_node_id)
-        if partition is None:
-            continue
-        if reply.has_error():
-            reason = wire.error_reason(reply)
-            log(WARNING, "member %d failed %s: %s", partition, message_type, reason)
-        else:
-            contents[partition] = reply.content
-    return contents
+    replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+    got = gather(replies, roster.nodes, arrays, what)
+    for partition, reason in got.rejected.items():
+        _reject(rejected, partition, what, reason)
+    return got.accepted
 
 
 def _reject(rejected: dict[int, str], partition: int, what: str, reason: str) -> None:
     """Log a rejected reply (one line) and record it for the results."""
-    log(WARNING, "member %d: its %s is rejected: %s", partition, what, reason)
+    log_rejections({partition: reason}, what)
     rejected.setdefault(partition, f"{what}: {reason}")
-
-
-def _gated(
-    contents: Mapping[int, RecordDict], arrays: str | None, what: str, rejected: dict[int, str]
-) -> dict[int, wire.ReplyParts]:
-    """The replies whose records and metrics pass the gate, by partition id; the others
-    are rejected (:func:`_reject`)."""
-    passed = {}
-    for partition, content in sorted(contents.items()):
-        try:
-            parts = wire.reply_parts(content, arrays)
-            problem = check_metrics(parts.metrics)
-        except wire.MalformedReplyError as err:
-            problem = str(err)
-        if problem is None:
-            passed[partition] = parts
-        else:
-            _reject(rejected, partition, what, problem)
-    return passed
 
 
 def bn_statistics_from_members(
@@ -247,7 +224,6 @@ def bn_statistics_from_members(
     roster: Roster,
     soup: Mapping[str, Tensor],
     reference: BNStatistics,
-    server_round: int,
     cfg: WashFedConfig,
     rejected: dict[int, str],
 ) -> BNStatistics:
@@ -255,10 +231,13 @@ def bn_statistics_from_members(
     data; those that pass the gate (the model's layers, finite, variances not negative, not
     far from the others') are merged by batch count, each member's count capped at what its
     data can support: what one process would compute over all their batches."""
-    contents = _broadcast(grid, roster, MessageType.BN_STATISTICS, soup, server_round, cfg)
-    stats: dict[int, BNStatistics] = {}
     what = "BatchNorm statistics"
-    for partition, parts in _gated(contents, Record.STATS, what, rejected).items():
+    replies = _ask(
+        grid, roster, MessageType.BN_STATISTICS, soup, cfg, arrays=Record.STATS, what=what,
+        rejected=rejected,
+    )  # fmt: skip
+    stats: dict[int, BNStatistics] = {}
+    for partition, parts in replies.items():
         claimed = int(parts.metrics.get(Metric.BATCHES, 0))
         batches = capped_batches(
             claimed, roster.info[partition].examples, cfg.batch_size, cfg.bn_batches
@@ -283,15 +262,17 @@ def evaluate_on_members(
     grid: Grid,
     roster: Roster,
     state_dict: Mapping[str, Tensor],
-    server_round: int,
     cfg: WashFedConfig,
     rejected: dict[int, str],
 ) -> dict[str, float]:
     """Federated evaluation of the final model: each member tests it on its own test data.
     Returns accuracy by partition id (members without test data are left out)."""
-    contents = _broadcast(grid, roster, MessageType.EVALUATE, state_dict, server_round, cfg)
+    replies = _ask(
+        grid, roster, MessageType.EVALUATE, state_dict, cfg, arrays=None, what="evaluation",
+        rejected=rejected,
+    )  # fmt: skip
     return {
         str(partition): float(parts.metrics[Metric.ACCURACY])
-        for partition, parts in _gated(contents, None, "evaluation", rejected).items()
+        for partition, parts in replies.items()
         if Metric.ACCURACY in parts.metrics
     }

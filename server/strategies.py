@@ -15,16 +15,17 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
+from server.replies import Replies, gather, log_rejections
 from server.roster import Roster
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
-from wash_fed.gate import Quarantine, check_metrics, check_tensors, magnitude_outliers
+from wash_fed.gate import Quarantine, check_tensors, magnitude_outliers
 from wash_fed.keys import Config, MessageType, Record
 from wash_fed.protocol import Deliveries, Exchange, ServerProtocol
 
@@ -114,14 +115,10 @@ class PopulationStrategy(Strategy):
         server_round += self.rounds_done
         self._round_started = time.perf_counter()
         self.missing -= set(self.roster.readmit(grid, self.missing))
-        every = self.cfg.eval_every
-        evaluate = every > 0 and (
-            server_round % every == 0 or server_round == self.cfg.num_server_rounds
-        )
         base = {
             **config,
             Config.REPLY: self.protocol.reply_for(server_round),
-            Config.EVALUATE: evaluate,
+            Config.EVALUATE: self.cfg.evaluates_at(server_round),
             Config.CHECKPOINTED_ROUND: self.checkpointed,
         }
         return self.messages(MessageType.TRAIN, server_round, base)
@@ -130,56 +127,44 @@ class PopulationStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.rounds_done
-        answered, failed = self.split(replies)
         record = wire.payload_record(self.protocol.reply_for(server_round))
-        payloads, metrics, rejected = {}, {}, {}
-        for partition, content in answered.items():
-            try:
-                parts = wire.reply_parts(content, record)
-            except wire.MalformedReplyError as err:
-                rejected[partition] = str(err)
-                continue
-            if (problem := check_metrics(parts.metrics)) is not None:
-                rejected[partition] = problem
-                continue
-            payloads[partition], metrics[partition] = parts.tensors, parts.metrics
+        got = gather(replies, self.roster.nodes, record, f"round {server_round}")
+        answered = got.answered()
+        self._note_missing(got)
+        payloads = {p: parts.tensors for p, parts in got.accepted.items()}
         exchange = self.protocol.exchange(server_round, payloads)
-        rejected |= exchange.rejected
+        got.reject(exchange.rejected)
         self.deliveries.settle(answered, exchange)
-        self._judge(server_round, answered, rejected)
+        self._judge(server_round, got)
         report = RoundReport(
             server_round,
-            {p: m for p, m in metrics.items() if p not in rejected},
-            failed,
+            {p: parts.metrics for p, parts in got.accepted.items()},
+            got.failed,
             time.perf_counter() - self._round_started,
             exchange.counts,
             exchange.digest,
-            rejected,
+            got.rejected,
         )
         self.history.append(report)
         if self._on_round is not None:
             self._on_round(report)
         return None, MetricRecord(dict(report.member_means()))
 
-    def _judge(self, server_round: int, answered: Iterable[int], rejected: dict[int, str]) -> None:
-        """One log line per rejected reply; quarantine members rejected too often in a row
-        (the roster then sends them nothing more, and they are left out of the soup)."""
-        for partition in answered:
-            if partition not in rejected:
-                self.quarantine.accepted(partition)
-                continue
-            log(
-                WARNING,
-                "member %d rejected in round %d, left out of its exchange: %s",
-                partition,
-                server_round,
-                rejected[partition],
-            )
+    def _judge(self, server_round: int, got: Replies) -> None:
+        """One log line per rejected reply; quarantine members whose replies were rejected,
+        or were errors of their own, too often in a row (the roster then sends them nothing
+        more, and they are left out of the soup). A member whose node could not be reached
+        is not judged: it may come back under a new node id."""
+        log_rejections(got.rejected, f"round {server_round}, left out of its exchange")
+        for partition in got.accepted:
+            self.quarantine.accepted(partition)
+        for partition in sorted({*got.rejected, *got.errored}):
             if self.quarantine.rejected(partition):
                 self.roster.quarantine(partition)
+                self.missing.discard(partition)
                 log(
                     WARNING,
-                    "member %d quarantined after %d rejections in a row",
+                    "member %d quarantined after %d rejected or failed replies in a row",
                     partition,
                     self.cfg.quarantine_after,
                 )
@@ -205,29 +190,31 @@ class PopulationStrategy(Strategy):
         entries ``reference``, finite, not far from the others'), by partition id, and why
         every other member is left out (logged, one line each).
         """
-        final_round = self.cfg.num_server_rounds + 1
         self.missing -= set(self.roster.readmit(grid, self.missing))
         messages = self.messages(
-            MessageType.COLLECT, final_round, {Config.CHECKPOINTED_ROUND: self.checkpointed}
+            MessageType.COLLECT,
+            self.cfg.final_round,
+            {Config.CHECKPOINTED_ROUND: self.checkpointed},
         )
-        answered, _ = self.split(grid.send_and_receive(messages, timeout=timeout))
-        self.deliveries.settle(answered, Exchange({}))
-        states, metrics, rejected = {}, {}, {}
-        for partition, content in answered.items():
-            try:
-                parts = wire.reply_parts(content, Record.ARRAYS)
-                problem = check_metrics(parts.metrics) or check_tensors(parts.tensors, reference)
-            except wire.MalformedReplyError as err:
-                problem = str(err)
-            if problem is None:
-                states[partition], metrics[partition] = parts.tensors, parts.metrics
-            else:
-                rejected[partition] = problem
-        rejected |= magnitude_outliers(states, self.cfg.outlier_factor)
-        for partition, reason in sorted(rejected.items()):
-            log(WARNING, "member %d left out of the soup: %s", partition, reason)
-            states.pop(partition, None)
-        return states, metrics, {p: f"collect: {reason}" for p, reason in rejected.items()}
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        got = gather(replies, self.roster.nodes, Record.ARRAYS, "the final collection")
+        self._note_missing(got)
+        self.deliveries.settle(got.answered(), Exchange({}))
+        got.reject(
+            {
+                p: problem
+                for p, parts in got.accepted.items()
+                if (problem := check_tensors(parts.tensors, reference)) is not None
+            }
+        )
+        states = {p: parts.tensors for p, parts in got.accepted.items()}
+        got.reject(magnitude_outliers(states, self.cfg.outlier_factor))
+        log_rejections(got.rejected, "the final collection, left out of the soup")
+        return (
+            {p: parts.tensors for p, parts in got.accepted.items()},
+            {p: parts.metrics for p, parts in got.accepted.items()},
+            {p: f"collect: {reason}" for p, reason in got.rejected.items()},
+        )
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -250,32 +237,7 @@ class PopulationStrategy(Strategy):
             )
         return messages
 
-    def split(self, replies: Iterable[Message]) -> tuple[dict[int, RecordDict], dict[int, str]]:
-        """Successful replies by partition id (in order), and the failures with reasons.
-
-        Members are known by the node the roster has for them; a reply from any other node
-        is ignored. Every failure is logged once.
-        """
-        answered: dict[int, RecordDict] = {}
-        failed: dict[int, str] = {}
-        for reply in replies:
-            partition = self.roster.partition_of(reply.metadata.src_node_id)
-            if partition is None:
-                continue
-            if reply.has_error():
-                failed[partition] = wire.error_reason(reply)
-            else:
-                answered[partition] = reply.content
-        for partition in self.roster.nodes:
-            if partition not in answered and partition not in failed:
-                failed[partition] = "no reply before the round timeout"
-        for partition, reason in sorted(failed.items()):
-            log(
-                WARNING,
-                "member %d (node %d) failed: %s",
-                partition,
-                self.roster.nodes[partition],
-                reason,
-            )
-        self.missing = (self.missing | set(failed)) - set(answered)
-        return dict(sorted(answered.items())), failed
+    def _note_missing(self, got: Replies) -> None:
+        """Members that failed are missing (looked for under a new node id) until they
+        answer again."""
+        self.missing = (self.missing | set(got.failed)) - set(got.answered())

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.fedavg import FedAvgRounds
+from server.replies import Replies
 from server.roster import Roster
 from server.strategies import PopulationStrategy, RoundReport
 from wash_fed import wire
@@ -151,11 +152,12 @@ def test_fedavg_reports_each_round_with_its_own_members_metrics() -> None:
     rounds = FedAvgRounds(cfg(strategy="fedavg", eval_every=0), lambda _: 0.0, reports.append)
     assert rounds.close(0, ArrayRecord()) is None and reports == []  # FedAvg's initial check
     rounds.close(1, ArrayRecord())  # no train metrics: every reply failed
-    metrics = MetricRecord({"partition-id": 2, "loss": 0.3, "num-examples": 8})
-    rounds.train_metrics([RecordDict({Record.METRICS: metrics})], "num-examples")
+    metrics = {"partition-id": 2, "loss": 0.3, "num-examples": 8}
+    rounds.note(Replies(accepted={2: wire.ReplyParts({}, metrics, {})}, failed={1: "gone"}))
     rounds.close(2, ArrayRecord())
     assert [r.round for r in reports] == [1, 2]
     assert reports[0].metrics == {} and reports[1].metrics[2]["loss"] == 0.3
+    assert reports[1].failed == {1: "gone"}
 
 
 def test_a_failure_is_reported_by_its_reason_in_one_line() -> None:

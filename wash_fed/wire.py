@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from torch import Tensor
 
@@ -35,6 +36,7 @@ __all__ = [
     "config_value",
     "delivery_from_content",
     "delivery_records",
+    "is_member_error",
     "message",
     "message_bytes",
     "metric",
@@ -240,6 +242,22 @@ def error_reason(reply: Message) -> str:
     if "Message: " in reason:
         reason = reason.split("Message: ", 1)[1]
     return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 1] + "…"
+
+
+_MEMBER_ERRORS = frozenset(
+    {
+        ErrorCode.LOAD_CLIENT_APP_EXCEPTION,
+        ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+        ErrorCode.CLIENT_APP_CRASHED,
+    }
+)
+
+
+def is_member_error(reply: Message) -> bool:
+    """Whether an error reply is the member's own doing (its ClientApp raised, crashed or
+    could not load), not its node being unreachable (which a restarted node recovers
+    from under a new node id)."""
+    return reply.has_error() and reply.error.code in _MEMBER_ERRORS
 
 
 def message_bytes(content: Message | RecordDict) -> int:

@@ -1,0 +1,112 @@
+"""The members' replies to one exchange, gathered and checked for form: the first stage of
+the reply gate for every message the server sends (training rounds, the final collection,
+BatchNorm statistics, evaluations, FedAvg's rounds).
+
+A reply is known by the member the server's roster has for the node that sent it, never by
+what the reply says: one from a node that holds no member is ignored, and one whose
+``partition-id`` metric names another member is rejected. What passes here still has its
+values judged by the caller (shapes against the model, magnitude against the others).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import WARNING
+
+from flwr.app import Message
+from flwr.common.logger import log
+
+from wash_fed import wire
+from wash_fed.gate import check_metrics
+from wash_fed.keys import Metric
+
+__all__ = ["Replies", "gather", "log_rejections"]
+
+
+@dataclass
+class Replies:
+    """One exchange's replies, by partition id (in order)."""
+
+    accepted: dict[int, wire.ReplyParts] = field(default_factory=dict)
+    """Replies of the right form, with metrics the protocol knows, in range."""
+    rejected: dict[int, str] = field(default_factory=dict)
+    """Replies that are not: why."""
+    failed: dict[int, str] = field(default_factory=dict)
+    """Members that sent no reply, or an error: why."""
+    errored: set[int] = field(default_factory=set)
+    """The failures that were the member's own errors (:func:`wire.is_member_error`)."""
+    messages: dict[int, Message] = field(default_factory=dict)
+    """The accepted replies themselves (FedAvg hands them to Flower's aggregation)."""
+
+    def answered(self) -> list[int]:
+        """Members that sent a reply that was not an error (accepted or rejected)."""
+        return sorted(self.accepted.keys() | self.rejected.keys())
+
+    def reject(self, rejected: Mapping[int, str]) -> None:
+        """Move members the caller's own checks rejected out of :attr:`accepted`."""
+        for partition, reason in rejected.items():
+            self.accepted.pop(partition, None)
+            self.messages.pop(partition, None)
+            self.rejected.setdefault(partition, reason)
+
+
+def gather(
+    replies: Iterable[Message],
+    members: Mapping[int, int],
+    arrays: str | None,
+    what: str,
+) -> Replies:
+    """Sort ``replies`` by member (``members``: partition id -> node id) and check each
+    one's form: exactly a metrics record and, when ``arrays`` names one, that array record;
+    metrics known, finite and in range, and its ``partition-id`` (if any) its own. Members
+    that did not answer are failed. Each failure is logged once, naming ``what`` was asked.
+    """
+    partition_of = {node: partition for partition, node in members.items()}
+    got = Replies()
+    for reply in replies:
+        partition = partition_of.get(reply.metadata.src_node_id)
+        if partition is None:
+            continue
+        if reply.has_error():
+            got.failed[partition] = wire.error_reason(reply)
+            if wire.is_member_error(reply):
+                got.errored.add(partition)
+            continue
+        try:
+            parts = wire.reply_parts(reply.content, arrays)
+            problem = check_metrics(parts.metrics) or _identity_problem(parts, partition)
+        except wire.MalformedReplyError as err:
+            problem = str(err)
+        if problem is None:
+            got.accepted[partition], got.messages[partition] = parts, reply
+        else:
+            got.rejected[partition] = problem
+    answered = got.accepted.keys() | got.rejected.keys() | got.failed.keys()
+    for partition in members:
+        if partition not in answered:
+            got.failed[partition] = "no reply before the timeout"
+    for partition, reason in sorted(got.failed.items()):
+        log(
+            WARNING,
+            "member %d (node %d) failed %s: %s",
+            partition,
+            members[partition],
+            what,
+            reason,
+        )
+    got.accepted = dict(sorted(got.accepted.items()))
+    return got
+
+
+def _identity_problem(parts: wire.ReplyParts, partition: int) -> str | None:
+    claimed = parts.metrics.get(Metric.PARTITION_ID, partition)
+    if claimed != partition:
+        return f"it reports partition-id {claimed}, but its node holds member {partition}"
+    return None
+
+
+def log_rejections(rejected: Mapping[int, str], what: str) -> None:
+    """One log line per rejected reply: ``member <p> rejected (<what>): <reason>``."""
+    for partition, reason in sorted(rejected.items()):
+        log(WARNING, "member %d rejected (%s): %s", partition, what, reason)
