@@ -10,13 +10,13 @@ resumed run always finds the round it resumes from, even when the server stopped
 (after ``flwr stop``) while rounds went on.
 
 A checkpoint holds the member (model, optimizer, schedule, data position, newest delivery
-applied), torch's RNG state, the partition id and the run configuration it belongs to.
+applied), torch's RNG state, the partition id, the run configuration it belongs to, and the
+credential the server issued the member (:mod:`server.roster`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from wash_fed.config import WashFedConfig
+from wash_fed.files import save_torch
 from wash_fed.training import Member
 
 __all__ = ["MemberCheckpoints"]
@@ -53,33 +54,37 @@ class MemberCheckpoints:
         return sorted(int(m.group(1)) for m in found if m)
 
     def save(
-        self, member: Member, cfg: WashFedConfig, server_round: int, keep_from: int | None
+        self,
+        member: Member,
+        cfg: WashFedConfig,
+        server_round: int,
+        keep_from: int | None,
+        credential: str,
     ) -> None:
-        """Write ``member`` as of ``server_round``; keep the checkpoints of rounds
-        ``keep_from`` and later (None: this one only)."""
+        """Write ``member`` (holding ``credential``) as of ``server_round``; keep the
+        checkpoints of rounds ``keep_from`` and later (None: this one only)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.directory / f"member-r{server_round}.pt"
-        tmp = path.with_suffix(".tmp")
         saved = {
             "partition": member.index,
             "config": cfg.to_mapping(),
             "member": member.state_dict(),
             "rng": torch.get_rng_state(),
+            "credential": credential,
         }
-        with open(tmp, "wb") as f:
-            torch.save(saved, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        save_torch(path, saved, mode=0o600)
         oldest = server_round if keep_from is None else min(keep_from, server_round)
         for old in self.rounds():
             if old < oldest:
                 (self.directory / f"member-r{old}.pt").unlink(missing_ok=True)
 
-    def restore(self, member: Member, cfg: WashFedConfig, at_most: int | None = None) -> int | None:
+    def restore(
+        self, member: Member, cfg: WashFedConfig, at_most: int | None = None
+    ) -> tuple[int, str] | None:
         """Load the newest checkpoint (of a round ``<= at_most``, when given) into
-        ``member``; its round, or None when there is none. Raises ValueError when the
-        checkpoint is another member's or of another training configuration."""
+        ``member``; its round and the member's credential, or None when there is none.
+        Raises ValueError when the checkpoint is another member's or of another training
+        configuration."""
         rounds = [r for r in self.rounds() if at_most is None or r <= at_most]
         if not rounds:
             return None
@@ -95,7 +100,7 @@ class MemberCheckpoints:
             )
         member.load_state_dict(saved["member"])
         torch.set_rng_state(saved["rng"])
-        return rounds[-1]
+        return rounds[-1], str(saved["credential"])
 
     def remove(self) -> None:
         """Delete the checkpoints (and the folder, when nothing else is in it)."""

@@ -112,6 +112,8 @@ class MemberTask:
         )
         self.member = Member(cfg, partition_id, self.data.train, device)
         self.checkpoints = checkpoints
+        self.credential = ""
+        """What the server issued this member at its first hello of the run ("": none yet)."""
         self.resumed = False
         self.startup_seconds = 0.0
         self._handlers: dict[str, Callable[[RecordDict], tuple[dict[str, Any], RecordDict]]] = {
@@ -143,6 +145,7 @@ class MemberTask:
                 self.cfg,
                 server_round,
                 None if keep_from is None else int(cast(int, keep_from)),
+                self.credential,
             )
             metrics[Metric.CHECKPOINT_SECONDS] = time.perf_counter() - saving
         metrics |= {
@@ -158,7 +161,8 @@ class MemberTask:
 
     def hello(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
         """Check configuration and data before training; report identity and first mask.
-        In a resumed run, a member not yet restored continues from its checkpoint."""
+        In a resumed run, a member not yet restored continues from its checkpoint. A member
+        without a credential adopts the one the server issues; every hello shows it."""
         config = content.config_records[Record.CONFIG]
         resumed_round = 0
         if Config.RESUME_RUN in config and not self.resumed:
@@ -166,6 +170,8 @@ class MemberTask:
                 int(cast(int, config[Config.RESUME_RUN])),
                 int(cast(int, config[Config.RESUME_ROUND])),
             )
+        if not self.credential:
+            self.credential = str(config.get(Config.CREDENTIAL, ""))
         mask = self.member.shuffle_mask(1)
         info = ConfigRecord(
             {
@@ -173,6 +179,7 @@ class MemberTask:
                 Info.DEVICE: str(self.member.device),
                 Info.TORCH: torch.__version__,
                 Info.RESUMED: self.resumed,
+                Info.CREDENTIAL: self.credential,
             }
         )
         metrics = {
@@ -263,7 +270,8 @@ class MemberTask:
         saved = self.checkpoints.restore(self.member, self.cfg)
         if saved is not None:
             self.resumed = True
-            print(f"member {self.member.index} resumed at round {saved}", flush=True)
+            saved_round, self.credential = saved
+            print(f"member {self.member.index} resumed at round {saved_round}", flush=True)
 
     def _continue(self, run_id: int, at_most: int) -> int:
         """Load the newest checkpoint of run ``run_id`` of a round ``<= at_most``."""
@@ -280,7 +288,8 @@ class MemberTask:
                 f"round {at_most} in {earlier.directory}"
             )
         self.resumed = True
-        return saved
+        saved_round, self.credential = saved
+        return saved_round
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -323,12 +332,15 @@ def handle_in_process(message_type: str, content: RecordDict, context: Context) 
     )
     task = MemberTask(cfg, partition, context.node_config, checkpoints)
     if _STATE_KEY in context.state:
-        blob = context.state.config_records[_STATE_KEY]["state"]
-        task.load_state_bytes(cast(bytes, blob))
-        task.resumed = bool(context.state.config_records[_STATE_KEY]["resumed"])
+        kept = context.state.config_records[_STATE_KEY]
+        task.load_state_bytes(cast(bytes, kept["state"]))
+        task.resumed = bool(kept["resumed"])
+        task.credential = str(kept["credential"])
     else:
         task.restore_own()
     task.startup_seconds = time.perf_counter() - started
     reply = task.handle(message_type, content)
-    context.state[_STATE_KEY] = ConfigRecord({"state": task.state_bytes(), "resumed": task.resumed})
+    context.state[_STATE_KEY] = ConfigRecord(
+        {"state": task.state_bytes(), "resumed": task.resumed, "credential": task.credential}
+    )
     return reply

@@ -72,9 +72,10 @@ def main(grid: Grid, context: Context) -> None:
             log(INFO, "Prometheus metrics on port %d", cfg.metrics_port)
         parameters = dict(new_model(cfg).named_parameters())
         numels = [p.numel() for p in parameters.values()]
-        roster = Roster(cfg, wash_mask(cfg, numels, 1).digest())
+        roster = Roster(cfg, wash_mask(cfg, numels, 1).digest(), on_bind=ledger_grid.bind)
         if resumed is not None:
             roster.continues = (resumed.run_id, resumed.round)
+            roster.credentials = dict(resumed.credentials)
         roster.connect(ledger_grid)
         output.write(members={str(p): n for p, n in roster.nodes.items()})
         final, fedavg_bytes = run_strategy(
@@ -142,7 +143,7 @@ def run_strategy(
         if test is not None
         else OnMembers(grid, roster, cfg, Split.TEST, {})
     )
-    return run_fedavg(grid, cfg, evaluator.accuracy, output, metrics), None
+    return run_fedavg(grid, cfg, roster, evaluator.accuracy, output, metrics), None
 
 
 def run_population(
@@ -173,6 +174,7 @@ def run_population(
             quarantine=strategy.quarantine,
             ledger=grid.ledger.entries,
             rows=output.results["rounds"],
+            credentials=roster.credentials,
         )
         if output.save_checkpoint(checkpoint):
             strategy.checkpointed = report.round

@@ -4,7 +4,8 @@ was stopped (``resume-from``).
 Written after every round to ``checkpoint.pt`` in the run's folder, atomically (aside,
 flushed, renamed), after the round's row in ``results.json``: the round, the strategy's
 state (deliveries still due, history, members missing, quarantine), the ledger, the
-results' rows, and which runs hold the members' matching checkpoints. The shuffle's
+results' rows, the members' credentials, and which runs hold the members' matching
+checkpoints. The shuffle's
 randomness is derived from (seed, round) and needs no state. The file is a pickle: load
 only checkpoints of your own runs.
 """
@@ -12,7 +13,6 @@ only checkpoints of your own runs.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import torch
 
 from server.strategies import RoundReport
 from wash_fed.config import ConfigError, WashFedConfig
+from wash_fed.files import save_torch
 from wash_fed.gate import Quarantine
 from wash_fed.ledger import LedgerEntry
 from wash_fed.protocol import Deliveries
@@ -47,6 +48,8 @@ class ServerCheckpoint:
     ledger: list[LedgerEntry]
     rows: list[dict[str, Any]]
     """The rounds of ``results.json``."""
+    credentials: dict[int, str]
+    """Partition id -> the credential its member holds (:mod:`server.roster`)."""
 
     @property
     def chain(self) -> list[int]:
@@ -54,13 +57,7 @@ class ServerCheckpoint:
         return [*self.earlier_runs, self.run_id]
 
     def save(self, directory: Path) -> None:
-        path = directory / CHECKPOINT
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(self, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        save_torch(directory / CHECKPOINT, self)
 
     @classmethod
     def load(cls, directory: Path, cfg: WashFedConfig) -> ServerCheckpoint:

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from wash_fed import wire
-from wash_fed.keys import Config, MessageType, Metric
+from wash_fed.keys import Config, MessageType
 from wash_fed.ledger import Direction, Ledger
 
 __all__ = ["LedgerGrid", "phase_of"]
@@ -49,10 +49,11 @@ def _round_of(content: RecordDict) -> int:
 class LedgerGrid(Grid):
     """Delegates to ``grid`` and records each message in ``ledger``.
 
-    ``members`` maps node ids to partition ids; it learns them from the ``partition-id``
-    metric every wash-fed reply carries. Replies are polled every ``poll_interval``
-    seconds. ``on_exchange(round, phase)`` is called after every recorded exchange (the
-    metrics exporter listens there).
+    ``members`` maps node ids to partition ids, as the server's roster binds them
+    (:meth:`bind`), never as a reply claims; a message to a node not (yet) bound is recorded
+    for member -1 until it is. Replies are polled every ``poll_interval`` seconds.
+    ``on_exchange(round, phase)`` is called after every recorded exchange (the metrics
+    exporter listens there).
     """
 
     def __init__(
@@ -66,6 +67,8 @@ class LedgerGrid(Grid):
         self.poll_interval = poll_interval
         self.ledger = ledger
         self.members: dict[int, int] = {}
+        self._unbound: dict[int, list[int]] = {}
+        """Node id -> the ledger entries recorded for it before it was bound."""
         self._on_exchange = on_exchange
         self._pushed: dict[str, tuple[Message, float]] = {}
         """Message id -> the message and when it was pushed, until its reply arrives."""
@@ -147,7 +150,6 @@ class LedgerGrid(Grid):
             if pushed is None or reply.metadata.src_node_id == SUPERLINK_NODE_ID:
                 continue
             msg, pushed_at = pushed
-            self._learn(reply)
             node = msg.metadata.dst_node_id
             round_ = _round_of(msg.content)
             self._record(msg, "down", node, round_)
@@ -161,18 +163,19 @@ class LedgerGrid(Grid):
         (push to reply), forgotten once taken."""
         return self.in_flight.pop(round_, {})
 
-    def _learn(self, reply: Message) -> None:
-        if reply.has_error():
-            return
-        for record in reply.content.metric_records.values():
-            if Metric.PARTITION_ID in record:
-                partition = record[Metric.PARTITION_ID]
-                self.members[reply.metadata.src_node_id] = int(partition)  # type: ignore[arg-type]
+    def bind(self, node: int, partition: int) -> None:
+        """Node ``node`` holds member ``partition``: its messages are that member's from now
+        on, and so are those recorded for it before (its hello)."""
+        self.members[node] = partition
+        self.ledger.attribute(self._unbound.pop(node, []), partition)
 
     def _record(self, msg: Message, direction: Direction, node_id: int, round_: int) -> None:
+        member = self.members.get(node_id)
+        if member is None:
+            self._unbound.setdefault(node_id, []).append(len(self.ledger.entries))
         self.ledger.record(
             round_,
-            self.members.get(node_id, -1),
+            -1 if member is None else member,
             direction,
             phase_of(msg.metadata.message_type),
             wire.message_bytes(msg),

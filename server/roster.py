@@ -4,12 +4,20 @@ The server knows a member by its partition id, never by the node id Flower gives
 SuperNode: a SuperNode that restarts comes back under a new node id. Every member answers a
 ``query.hello`` -- its partition id, its data, the digest of its first shuffle mask -- before
 it trains (:meth:`Roster.connect`) and again when it comes back (:meth:`Roster.readmit`).
+
+A member's place is its own. Each hello carries a fresh secret; a member that holds no
+credential for the run adopts it, keeps it with its checkpoints and shows it at every hello.
+The server binds each partition id to the credential of the member that first held it, and
+a node that later claims the partition must show that credential: the member itself,
+restarted from its checkpoint, is re-admitted; any other node is refused. (Under SuperNode
+authentication a node's id is its registered key's, and a restarted node keeps it.)
 """
 
 from __future__ import annotations
 
+import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
@@ -47,6 +55,7 @@ class MemberInfo:
     steps_done: int
     resumed_round: int
     """The round of the earlier run's checkpoint it continues from (0: none)."""
+    credential: str
 
 
 def _member_info(reply: Message) -> MemberInfo:
@@ -63,6 +72,7 @@ def _member_info(reply: Message) -> MemberInfo:
         resumed=bool(wire.config_value(content, Info.RESUMED, Record.INFO)),
         steps_done=int(wire.metric(content, Metric.STEPS_DONE)),
         resumed_round=int(wire.metric(content, Metric.RESUMED_ROUND)),
+        credential=str(wire.config_value(content, Info.CREDENTIAL, Record.INFO)),
     )
 
 
@@ -70,14 +80,24 @@ class Roster:
     """The node id of every member (partition id), as the run goes on.
 
     ``mask_digest`` is the digest of shuffle event 1's mask as the server derives it; a
-    member that derives another cannot take part.
+    member that derives another cannot take part. ``on_bind(node, partition)`` is called
+    whenever a node is bound to a member (the ledger attributes its bytes from then on).
     """
 
-    def __init__(self, cfg: WashFedConfig, mask_digest: str) -> None:
+    def __init__(
+        self,
+        cfg: WashFedConfig,
+        mask_digest: str,
+        on_bind: Callable[[int, int], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.mask_digest = mask_digest
+        self.on_bind = on_bind
         self.nodes: dict[int, int] = {}
         """Partition id -> node id, of the members taking part."""
+        self.credentials: dict[int, str] = {}
+        """Partition id -> the credential of the member that first held it (a resumed run
+        takes them from the server's checkpoint)."""
         self.quarantined: dict[int, int] = {}
         """Partition id -> node id of members the reply gate rejected too often: asked
         nothing more (but told when the run ends)."""
@@ -122,9 +142,19 @@ class Roster:
                 f"expected one member per partition id 0..{cfg.num_members - 1}, "
                 f"got partition ids {partitions} from {len(nodes)} nodes"
             )
+        strangers = [
+            f"member {m.partition} on node {m.node}"
+            for m in members
+            if self.credentials.get(m.partition, m.credential) != m.credential
+        ]
+        if strangers:
+            raise RuntimeError(
+                "the run continued holds other members than "
+                + ", ".join(strangers)
+                + ": they lack the credential their checkpoints would carry"
+            )
         for member in sorted(members, key=lambda m: m.partition):
-            self.nodes[member.partition] = member.node
-            self.info[member.partition] = member
+            self._bind(member)
             log(
                 INFO,
                 "member %d on node %d: %d training images, %s%s",
@@ -152,17 +182,29 @@ class Roster:
         self._refused |= new - {m.node for m in members}
         back = []
         for member in members:
-            if member.partition not in missing:
+            holder = self.nodes.get(member.partition)
+            if member.partition not in missing or holder is None:
                 log(
                     WARNING,
-                    "node %d claims member %d, which is not missing; refused",
+                    "node %d claims member %d, which is not missing (node %s holds it); refused",
                     member.node,
                     member.partition,
+                    holder,
                 )
                 self._refused.add(member.node)
                 continue
-            self.nodes[member.partition] = member.node
-            self.info[member.partition] = member
+            if member.credential != self.credentials[member.partition]:
+                log(
+                    WARNING,
+                    "node %d claims member %d, held by node %d, without the member's "
+                    "credential; refused",
+                    member.node,
+                    member.partition,
+                    holder,
+                )
+                self._refused.add(member.node)
+                continue
+            self._bind(member)
             missing.discard(member.partition)
             back.append(member.partition)
             log(
@@ -175,6 +217,14 @@ class Roster:
             )
         return back
 
+    def _bind(self, member: MemberInfo) -> None:
+        """``member``'s node holds its partition from now on."""
+        self.nodes[member.partition] = member.node
+        self.info[member.partition] = member
+        self.credentials.setdefault(member.partition, member.credential)
+        if self.on_bind is not None:
+            self.on_bind(member.node, member.partition)
+
     def end(self, grid: Grid, *, completed: bool, earlier_runs: Iterable[int] = ()) -> None:
         """Tell every member that the run is over (their workers exit); waits briefly. The
         members of a run that did not complete keep their checkpoints, for ``resume-from``;
@@ -183,12 +233,14 @@ class Roster:
         if not nodes:
             return
         timeout = min(self.cfg.round_timeout, END_TIMEOUT)
-        round_ = self.cfg.num_server_rounds + 1
         config: dict[str, wire.ConfigValue] = {
             Config.KEEP_CHECKPOINTS: not completed,
             Config.EARLIER_RUNS: list(earlier_runs),
         }
-        messages = [wire.message(n, MessageType.END, round_, config, ttl=timeout) for n in nodes]
+        messages = [
+            wire.message(n, MessageType.END, self.cfg.final_round, config, ttl=timeout)
+            for n in nodes
+        ]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         told = sum(not r.has_error() for r in replies)
         if told < len(messages):
@@ -202,7 +254,16 @@ class Roster:
         config: dict[str, wire.ConfigValue] = {}
         if self.continues is not None:
             config = {Config.RESUME_RUN: self.continues[0], Config.RESUME_ROUND: self.continues[1]}
-        messages = [wire.message(n, MessageType.HELLO, 0, config, ttl=timeout) for n in nodes]
+        messages = [
+            wire.message(
+                n,
+                MessageType.HELLO,
+                0,
+                {**config, Config.CREDENTIAL: secrets.token_hex(16)},
+                ttl=timeout,
+            )
+            for n in nodes
+        ]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         answered = {asked[r.metadata.reply_to_message_id] for r in replies}

@@ -35,13 +35,15 @@ def test_checkpoints_are_pruned_to_what_the_server_may_resume_from(
 ) -> None:
     cfg, trained = WashFedConfig.from_mapping(SMALL), member(data)
     store = MemberCheckpoints.of_run(tmp_path / "member-0", 7)
-    store.save(trained, cfg, 1, keep_from=0)
-    store.save(trained, cfg, 2, keep_from=1)
-    store.save(trained, cfg, 3, keep_from=1)  # the server stopped saving after round 1
+    store.save(trained, cfg, 1, keep_from=0, credential="c")
+    store.save(trained, cfg, 2, keep_from=1, credential="c")
+    # The server stopped saving after round 1:
+    store.save(trained, cfg, 3, keep_from=1, credential="c")
     assert store.rounds() == [1, 2, 3]
-    store.save(trained, cfg, 4, keep_from=3)
+    store.save(trained, cfg, 4, keep_from=3, credential="c")
     assert store.rounds() == [3, 4]
-    store.save(trained, cfg, 5, keep_from=None)  # no server checkpoint: the newest only
+    # No server checkpoint: the newest only.
+    store.save(trained, cfg, 5, keep_from=None, credential="c")
     assert store.rounds() == [5]
     assert store.sibling(8).directory == tmp_path / "member-0" / "run-8"
     store.remove()
@@ -54,15 +56,15 @@ def test_a_member_is_restored_bit_for_bit_from_the_round_asked(
     cfg, trained = WashFedConfig.from_mapping(SMALL), member(data)
     store = MemberCheckpoints(tmp_path)
     trained.train_steps(3)
-    store.save(trained, cfg, 1, keep_from=0)
+    store.save(trained, cfg, 1, keep_from=0, credential="c")
     at_round_1 = {k: v.clone() for k, v in trained.model.state_dict().items()}
     trained.train_steps(3)
-    store.save(trained, cfg, 2, keep_from=1)
+    store.save(trained, cfg, 2, keep_from=1, credential="c")
     fresh = member(data)
-    assert store.restore(fresh, cfg, at_most=1) == 1
+    assert store.restore(fresh, cfg, at_most=1) == (1, "c")
     assert all(torch.equal(v, at_round_1[k]) for k, v in fresh.model.state_dict().items())
     assert fresh.steps_done == 3
-    assert store.restore(fresh, cfg) == 2 and fresh.steps_done == 6
+    assert store.restore(fresh, cfg) == (2, "c") and fresh.steps_done == 6
     assert store.restore(fresh, cfg, at_most=0) is None
     # The same steps from the restored state give the same weights.
     again = member(data)
@@ -78,7 +80,7 @@ def test_another_members_or_configurations_checkpoint_is_refused(
 ) -> None:
     cfg = WashFedConfig.from_mapping(SMALL)
     store = MemberCheckpoints(tmp_path)
-    store.save(member(data, 0), cfg, 1, keep_from=0)
+    store.save(member(data, 0), cfg, 1, keep_from=0, credential="c")
     with pytest.raises(ValueError, match="is of member 0; this is member 1"):
         store.restore(member(data, 1), cfg)
     other = WashFedConfig.from_mapping({**SMALL, "lr": 0.1})
@@ -86,7 +88,7 @@ def test_another_members_or_configurations_checkpoint_is_refused(
         store.restore(member(data, 0, lr=0.1), other)
     # Where things go, timeouts and the device may change on resume.
     moved = WashFedConfig.from_mapping({**SMALL, "output-dir": "elsewhere", "round-timeout": 9})
-    assert store.restore(member(data, 0), moved) == 1
+    assert store.restore(member(data, 0), moved) == (1, "c")
 
 
 def test_only_population_runs_resume() -> None:
@@ -106,6 +108,7 @@ def server_checkpoint(cfg: WashFedConfig) -> ServerCheckpoint:
         quarantine=Quarantine(3),
         ledger=[],
         rows=[],
+        credentials={0: "c0", 1: "c1"},
     )
 
 
@@ -115,7 +118,7 @@ def test_the_server_checkpoint_names_what_stands_in_the_way_of_resuming(tmp_path
         ServerCheckpoint.load(tmp_path, cfg)
     server_checkpoint(cfg).save(tmp_path)
     loaded = ServerCheckpoint.load(tmp_path, cfg)
-    assert (loaded.round, loaded.chain) == (2, [5, 7])
+    assert (loaded.round, loaded.chain, loaded.credentials) == (2, [5, 7], {0: "c0", 1: "c1"})
     with pytest.raises(ConfigError, match=r"other seed \(0\); resume it with the same values"):
         ServerCheckpoint.load(tmp_path, WashFedConfig.from_mapping({**SMALL, "seed": 1}))
     (tmp_path / "results.json").write_text(json.dumps({"status": "completed"}))

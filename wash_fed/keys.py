@@ -76,6 +76,9 @@ class Config:
     CHECKPOINTED_ROUND: Final = "checkpointed-round"
     """``train`` and ``query.collect``: the newest round of the server's own checkpoint; a
     member keeps its checkpoints of that round and later (absent: its newest only)."""
+    CREDENTIAL: Final = "credential"
+    """``query.hello``: a secret the server issues; a member without a credential for the
+    run adopts it, keeps it with its checkpoints and shows it at every hello."""
     RESUME_RUN: Final = "resume-run"
     """``query.hello`` of a resumed run: the run whose member checkpoints to continue."""
     RESUME_ROUND: Final = "resume-round"
@@ -147,6 +150,8 @@ class Info:
     TORCH: Final = "torch"
     RESUMED: Final = "resumed"
     """True when the member was restored from a checkpoint of this run."""
+    CREDENTIAL: Final = "credential"
+    """The credential the member holds (see :attr:`Config.CREDENTIAL`)."""
 
 
 class NodeConfig:
