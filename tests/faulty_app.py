@@ -6,10 +6,16 @@ through ``flwr run``. Every member trains honestly; member ``MEMBER`` then corru
 sends according to ``FAULT``:
 
 * ``crash-shaped``: round replies with a missing, an extra, a renamed or a mistyped record;
-* ``nan``, ``scaled``: its shuffled values are NaN or x1000;
+* ``nan``, ``scaled``, ``sign-flip``, ``zeros``: the values of its round replies (WASH's
+  shuffled values, FedAvg's model) are NaN, x1000, negated or zero;
+* ``drift``: they are scaled by 1.05 more every round (a slowly growing copy);
+* ``false-id``: its round replies report another member's partition id;
 * ``final-step``: its BatchNorm statistics of the soup are shifted and claim 10^9 batches,
   and its evaluations report an accuracy of 1.5;
-* ``none``: nothing (the honest reference run).
+* ``absent``: it never answers a round (its train handler raises): the reference for the
+  round faults;
+* ``absent-final``: it trains honestly but never answers for BatchNorm statistics or an
+  evaluation: the reference for ``final-step``.
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ from client.app import member_app
 from client.task import handle_in_process
 
 
-def _map_values(content: RecordDict, change: Callable[[np.ndarray], np.ndarray]) -> None:
-    record = content.array_records["values"]
-    content["values"] = ArrayRecord(
-        {kind: Array(change(array.numpy())) for kind, array in record.items()}
-    )
+def _map_values(content: RecordDict, name: str, change: Callable[[np.ndarray], np.ndarray]) -> None:
+    """``change`` applied to the floating-point arrays of record ``name``."""
+
+    def changed(a: np.ndarray) -> np.ndarray:
+        return change(a).astype(a.dtype) if np.issubdtype(a.dtype, np.floating) else a
+
+    record = content.array_records[name]
+    content[name] = ArrayRecord({k: Array(changed(array.numpy())) for k, array in record.items()})
 
 
 def _crash_shaped(content: RecordDict, server_round: int) -> None:
@@ -45,15 +54,21 @@ def _crash_shaped(content: RecordDict, server_round: int) -> None:
 
 
 def _corrupt(message_type: str, server_round: int, content: RecordDict) -> None:
-    if message_type == "train" and "values" in content:
+    if message_type == "train":
         changes: dict[str, Callable[[np.ndarray], np.ndarray]] = {
             "nan": lambda a: np.full_like(a, np.nan),
             "scaled": lambda a: a * 1000,
+            "sign-flip": lambda a: -a,
+            "zeros": np.zeros_like,
+            "drift": lambda a: a * 1.05**server_round,
         }
-        if FAULT in changes:
-            _map_values(content, changes[FAULT])
-        elif FAULT == "crash-shaped":
+        values = next((r for r in ("values", "arrays") if r in content), None)
+        if FAULT in changes and values is not None:
+            _map_values(content, values, changes[FAULT])
+        elif FAULT == "crash-shaped" and values == "values":
             _crash_shaped(content, server_round)
+        elif FAULT == "false-id":
+            content.metric_records["metrics"]["partition-id"] = (MEMBER + 1) % 4
     elif message_type == "query.bn_statistics" and FAULT == "final-step":
         record = content.array_records["stats"]
         content["stats"] = ArrayRecord(
@@ -69,10 +84,19 @@ def _corrupt(message_type: str, server_round: int, content: RecordDict) -> None:
             metrics["accuracy"] = 1.5
 
 
+ABSENT = {
+    "absent": {"train"},
+    "absent-final": {"query.bn_statistics", "evaluate"},
+}
+
+
 def _respond(msg: Message, context: Context) -> Message:
     message_type = msg.metadata.message_type
+    faulty = int(context.node_config["partition-id"]) == MEMBER
+    if faulty and message_type in ABSENT.get(FAULT, ()):
+        raise RuntimeError(f"member {MEMBER} does not answer {message_type}")
     content = handle_in_process(message_type, msg.content, context)
-    if int(context.node_config["partition-id"]) == MEMBER:
+    if faulty:
         server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
         _corrupt(message_type, server_round, content)
     return Message(content, reply_to=msg)
