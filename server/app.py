@@ -37,17 +37,18 @@ from server.checkpoint import ServerCheckpoint
 from server.fedavg import fedavg_equivalent_bytes, run_fedavg
 from server.final import OnMembers, final_step
 from server.ledger_grid import LedgerGrid
+from server.metrics import RunMetrics
 from server.report import RunOutput, record_round
 from server.roster import Roster
-from server.strategies import PopulationStrategy, RoundReport
+from server.state import RoundReport
+from server.strategies import PopulationStrategy
 from wash_fed.config import WashFedConfig
 from wash_fed.data import ImageData, load_local
 from wash_fed.evaluation import Evaluator, OnData
 from wash_fed.keys import RESULTS_IN, Split
 from wash_fed.ledger import Ledger
-from wash_fed.metrics import RunMetrics
 from wash_fed.protocol import server_protocol
-from wash_fed.training import load_test_data, new_model, wash_mask
+from wash_fed.training import load_test_data, new_model
 
 app = ServerApp()
 
@@ -72,7 +73,7 @@ def main(grid: Grid, context: Context) -> None:
             log(INFO, "Prometheus metrics on port %d", cfg.metrics_port)
         parameters = dict(new_model(cfg).named_parameters())
         numels = [p.numel() for p in parameters.values()]
-        roster = Roster(cfg, wash_mask(cfg, numels, 1).digest(), on_bind=ledger_grid.bind)
+        roster = Roster(cfg, cfg.shuffle_mask(numels, 1).digest(), on_bind=ledger_grid.bind)
         if resumed is not None:
             roster.continues = (resumed.run_id, resumed.round)
             roster.credentials = dict(resumed.credentials)
@@ -168,38 +169,28 @@ def run_population(
             run_id=output.results["run_id"],
             earlier_runs=resumed.chain if resumed else [],
             round=report.round,
-            deliveries=strategy.deliveries,
-            history=strategy.history,
-            missing=strategy.missing,
-            quarantine=strategy.quarantine,
+            state=strategy.state,
             ledger=grid.ledger.entries,
             rows=output.results["rounds"],
             credentials=roster.credentials,
         )
         if output.save_checkpoint(checkpoint):
-            strategy.checkpointed = report.round
+            strategy.state.checkpointed = report.round
 
     protocol = server_protocol(cfg, roster.nodes, parameters)
     strategy = PopulationStrategy(cfg, roster, protocol, on_round)
     if resumed is not None:
-        strategy.continue_from(resumed)
-    if strategy.rounds_done < cfg.num_server_rounds:
+        strategy.continue_from(resumed.state.resumed_at(resumed.round))
+    done = strategy.state.rounds_done
+    if done < cfg.num_server_rounds:
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(),
-            num_rounds=cfg.num_server_rounds - strategy.rounds_done,
+            num_rounds=cfg.num_server_rounds - done,
             timeout=cfg.round_timeout,
         )
-    if not any(report.metrics for report in strategy.history):
-        # The latest round with reasons: after quarantines, later rounds ask nobody.
-        why = next(
-            (
-                {**r.failed, **r.rejected}
-                for r in reversed(strategy.history)
-                if r.failed or r.rejected
-            ),
-            {},
-        )
+    if not any(report.metrics for report in strategy.state.history):
+        why = strategy.state.reasons()
         reasons = "; ".join(f"member {p}: {reason}" for p, reason in sorted(why.items()))
         raise RuntimeError(f"no member completed a single round ({reasons or 'no round ran'})")
     validation = load_local(cfg.validation_path, cfg.dataset) if cfg.validation_path else None

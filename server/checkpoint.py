@@ -19,12 +19,10 @@ from typing import Any
 
 import torch
 
-from server.strategies import RoundReport
+from server.state import StrategyState
 from wash_fed.config import ConfigError, WashFedConfig
 from wash_fed.files import save_torch
-from wash_fed.gate import Quarantine
 from wash_fed.ledger import LedgerEntry
-from wash_fed.protocol import Deliveries
 
 __all__ = ["CHECKPOINT", "ServerCheckpoint"]
 
@@ -41,10 +39,8 @@ class ServerCheckpoint:
     earlier_runs: list[int]
     """The runs this one continued, oldest first."""
     round: int
-    deliveries: Deliveries
-    history: list[RoundReport]
-    missing: set[int]
-    quarantine: Quarantine
+    state: StrategyState
+    """The population strategy's state (deliveries due, history, missing, quarantine)."""
     ledger: list[LedgerEntry]
     rows: list[dict[str, Any]]
     """The rounds of ``results.json``."""

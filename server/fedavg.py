@@ -14,15 +14,15 @@ from flwr.serverapp.strategy import FedAvg
 from torch import Tensor, nn
 
 from server.ledger_grid import LedgerGrid
+from server.metrics import RunMetrics
 from server.replies import Replies, gather, log_rejections
 from server.report import RunOutput, record_round
 from server.roster import Roster
-from server.strategies import RoundReport
+from server.state import RoundReport
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.gate import check_tensors, magnitude_outliers, require_finite
 from wash_fed.keys import Config, MessageType, Metric, Record, Reply
-from wash_fed.metrics import RunMetrics
 from wash_fed.protocol import to_wire, wire_dtype
 from wash_fed.training import initial_model, new_model
 

@@ -21,11 +21,11 @@ from torch import Tensor
 
 from server.checkpoint import ServerCheckpoint
 from server.ledger_grid import LedgerGrid
-from server.strategies import RoundReport
+from server.metrics import RunMetrics
+from server.state import RoundReport
 from wash_fed.config import WashFedConfig
 from wash_fed.files import save_torch, write_json
 from wash_fed.ledger import Ledger
-from wash_fed.metrics import RunMetrics
 from wash_fed.timing import RoundTime, split_round
 
 __all__ = ["RunOutput", "ledger_table", "record_round", "round_row"]

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
@@ -23,46 +22,14 @@ from torch import Tensor
 
 from server.replies import Replies, gather, log_rejections
 from server.roster import Roster
+from server.state import RoundReport, StrategyState
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.gate import Quarantine, check_tensors, magnitude_outliers
 from wash_fed.keys import Config, MessageType, Record
-from wash_fed.protocol import Deliveries, Exchange, ServerProtocol
+from wash_fed.protocol import Exchange, ServerProtocol
 
-if TYPE_CHECKING:
-    from server.checkpoint import ServerCheckpoint
-
-__all__ = ["PopulationStrategy", "RoundReport"]
-
-
-@dataclass
-class RoundReport:
-    """One round as the server saw it."""
-
-    round: int
-    metrics: dict[int, dict[str, Any]]
-    """Per partition id of a member whose reply was accepted: the metrics it reported."""
-    failed: dict[int, str]
-    """Per partition id of a member that did not answer properly: why."""
-    seconds: float
-    exchange: dict[str, int]
-    """What the strategy moved (WASH: ``selected``, ``moved``, ``participants``)."""
-    exchange_digest: str = ""
-    """Fingerprint of the round's deliveries (:attr:`wash_fed.protocol.Exchange.digest`)."""
-    rejected: dict[int, str] = field(default_factory=dict)
-    """Per partition id of a member whose reply the gate rejected: why."""
-
-    def member_means(self) -> dict[str, float]:
-        """Each numeric metric averaged over the members that reported it (partition ids
-        left out)."""
-        rows = list(self.metrics.values())
-        keys = {k for row in rows for k, v in row.items() if isinstance(v, (int, float))}
-        keys.discard("partition-id")
-        means = {}
-        for key in sorted(keys):
-            values = [float(r[key]) for r in rows if key in r]
-            means[key] = sum(values) / len(values)
-        return means
+__all__ = ["PopulationStrategy"]
 
 
 class PopulationStrategy(Strategy):
@@ -80,27 +47,15 @@ class PopulationStrategy(Strategy):
         self.cfg = cfg
         self.roster = roster
         self.protocol = protocol
-        self.deliveries = Deliveries()
-        self.history: list[RoundReport] = []
-        self.missing: set[int] = set()
-        """Partition ids whose last message failed."""
-        self.quarantine = Quarantine(cfg.quarantine_after)
-        self.rounds_done = 0
-        """Rounds of an earlier run this one continues; Flower's round r is round
-        ``rounds_done + r`` of the run."""
-        self.checkpointed = 0
-        """The newest round of the server's checkpoint (members keep theirs from it on)."""
+        self.state = StrategyState(Quarantine(cfg.quarantine_after))
         self._on_round = on_round
         self._round_started = 0.0
 
-    def continue_from(self, checkpoint: ServerCheckpoint) -> None:
-        """Take up a run where ``checkpoint`` left it (its members continue from theirs)."""
-        self.rounds_done = self.checkpointed = checkpoint.round
-        self.deliveries = checkpoint.deliveries
-        self.history = list(checkpoint.history)
-        self.missing = set(checkpoint.missing)
-        self.quarantine = checkpoint.quarantine
-        for partition in sorted(self.quarantine.quarantined):
+    def continue_from(self, state: StrategyState) -> None:
+        """Take up a run where ``state`` (from the server's checkpoint) left it; its members
+        continue from their own checkpoints."""
+        self.state = state
+        for partition in sorted(state.quarantine.quarantined):
             self.roster.quarantine(partition)
 
     # --- Flower's Strategy interface ----------------------------------------------------
@@ -112,21 +67,21 @@ class PopulationStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        server_round += self.rounds_done
+        server_round += self.state.rounds_done
         self._round_started = time.perf_counter()
-        self.missing -= set(self.roster.readmit(grid, self.missing))
+        self.state.missing -= set(self.roster.readmit(grid, self.state.missing))
         base = {
             **config,
             Config.REPLY: self.protocol.reply_for(server_round),
             Config.EVALUATE: self.cfg.evaluates_at(server_round),
-            Config.CHECKPOINTED_ROUND: self.checkpointed,
+            Config.CHECKPOINTED_ROUND: self.state.checkpointed,
         }
         return self.messages(MessageType.TRAIN, server_round, base)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        server_round += self.rounds_done
+        server_round += self.state.rounds_done
         record = wire.payload_record(self.protocol.reply_for(server_round))
         got = gather(replies, self.roster.nodes, record, f"round {server_round}")
         answered = got.answered()
@@ -134,7 +89,7 @@ class PopulationStrategy(Strategy):
         payloads = {p: parts.tensors for p, parts in got.accepted.items()}
         exchange = self.protocol.exchange(server_round, payloads)
         got.reject(exchange.rejected)
-        self.deliveries.settle(answered, exchange)
+        self.state.deliveries.settle(answered, exchange)
         self._judge(server_round, got)
         report = RoundReport(
             server_round,
@@ -145,7 +100,7 @@ class PopulationStrategy(Strategy):
             exchange.digest,
             got.rejected,
         )
-        self.history.append(report)
+        self.state.history.append(report)
         if self._on_round is not None:
             self._on_round(report)
         return None, MetricRecord(dict(report.member_means()))
@@ -157,11 +112,11 @@ class PopulationStrategy(Strategy):
         is not judged: it may come back under a new node id."""
         log_rejections(got.rejected, f"round {server_round}, left out of its exchange")
         for partition in got.accepted:
-            self.quarantine.accepted(partition)
+            self.state.quarantine.accepted(partition)
         for partition in sorted({*got.rejected, *got.errored}):
-            if self.quarantine.rejected(partition):
+            if self.state.quarantine.rejected(partition):
                 self.roster.quarantine(partition)
-                self.missing.discard(partition)
+                self.state.missing.discard(partition)
                 log(
                     WARNING,
                     "member %d quarantined after %d rejected or failed replies in a row",
@@ -190,16 +145,16 @@ class PopulationStrategy(Strategy):
         entries ``reference``, finite, not far from the others'), by partition id, and why
         every other member is left out (logged, one line each).
         """
-        self.missing -= set(self.roster.readmit(grid, self.missing))
+        self.state.missing -= set(self.roster.readmit(grid, self.state.missing))
         messages = self.messages(
             MessageType.COLLECT,
             self.cfg.final_round,
-            {Config.CHECKPOINTED_ROUND: self.checkpointed},
+            {Config.CHECKPOINTED_ROUND: self.state.checkpointed},
         )
         replies = grid.send_and_receive(messages, timeout=timeout)
         got = gather(replies, self.roster.nodes, Record.ARRAYS, "the final collection")
         self._note_missing(got)
-        self.deliveries.settle(got.answered(), Exchange({}))
+        self.state.deliveries.settle(got.answered(), Exchange({}))
         got.reject(
             {
                 p: problem
@@ -224,7 +179,7 @@ class PopulationStrategy(Strategy):
         """One message per member, each with what is due to it."""
         messages = []
         for partition, node in sorted(self.roster.nodes.items()):
-            records, entries = wire.delivery_records(self.deliveries.due(partition))
+            records, entries = wire.delivery_records(self.state.deliveries.due(partition))
             messages.append(
                 wire.message(
                     node,
@@ -240,4 +195,4 @@ class PopulationStrategy(Strategy):
     def _note_missing(self, got: Replies) -> None:
         """Members that failed are missing (looked for under a new node id) until they
         answer again."""
-        self.missing = (self.missing | set(got.failed)) - set(got.answered())
+        self.state.missing = (self.state.missing | set(got.failed)) - set(got.answered())

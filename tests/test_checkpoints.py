@@ -12,9 +12,9 @@ import torch
 
 from client.checkpoints import MemberCheckpoints
 from server.checkpoint import ServerCheckpoint
+from server.state import StrategyState
 from wash_fed.config import ConfigError, WashFedConfig
 from wash_fed.gate import Quarantine
-from wash_fed.protocol import Deliveries
 from wash_fed.training import Member, TrainingData, load_training_data
 
 SMALL = {"train-subset": 1000, "holdout-size": 100, "num-members": 2, "local-steps": 3}
@@ -102,10 +102,7 @@ def server_checkpoint(cfg: WashFedConfig) -> ServerCheckpoint:
         run_id=7,
         earlier_runs=[5],
         round=2,
-        deliveries=Deliveries(),
-        history=[],
-        missing=set(),
-        quarantine=Quarantine(3),
+        state=StrategyState(Quarantine(3)),
         ledger=[],
         rows=[],
         credentials={0: "c0", 1: "c1"},

@@ -25,7 +25,7 @@ from wash_fed.config import WashFedConfig
 from wash_fed.ledger import Ledger
 from wash_fed.population import run_population
 from wash_fed.shuffle import layer_probs
-from wash_fed.training import new_model, wash_mask
+from wash_fed.training import new_model
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,7 @@ def test_wash_run_sends_only_the_masked_values(
         if event == 0:
             assert e.bytes < FRAMING  # round 1 down: config only
             continue
-        selected = wash_mask(cfg, numels, event).num_selected
+        selected = cfg.shuffle_mask(numels, event).num_selected
         assert abs(selected - expected) < 0.05 * expected  # the mask is p_l of each tensor
         framing.append(e.bytes - 4 * selected)
     assert all(0 < f < FRAMING + FRAMING_PER_ARRAY for f in framing), framing

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
-from server.strategies import RoundReport
+from server.metrics import RunMetrics
+from server.state import RoundReport
 from simulations.local_flower import TINY_RUN, FlowerHarness, Prometheus, free_port
 from wash_fed.ledger import Ledger
-from wash_fed.metrics import RunMetrics
 from wash_fed.timing import RoundTime
 
 MEMBERS = 3

@@ -18,7 +18,7 @@ from wash_fed.protocol import (
     apply_delivery,
     member_payload,
 )
-from wash_fed.training import Member, TrainingData, load_training_data, wash_mask
+from wash_fed.training import Member, TrainingData, load_training_data
 
 MEMBERS = [0, 1, 2]
 PARAMETERS = {"w": torch.zeros(40), "b": torch.zeros(12)}
@@ -31,7 +31,7 @@ def cfg(**overrides: object) -> WashFedConfig:
 
 def owned_values(member: int, event: int, config: WashFedConfig) -> dict[str, torch.Tensor]:
     """A member's payload in which every value names its owner (member * 1000 + index)."""
-    m = wash_mask(config, NUMELS, event).num_selected
+    m = config.shuffle_mask(NUMELS, event).num_selected
     return {"weights": member * 1000 + torch.arange(m, dtype=torch.float32)}
 
 
@@ -73,7 +73,7 @@ def test_a_member_that_fails_keeps_its_delivery_and_takes_nobodys_values() -> No
 def test_bad_payloads_are_left_out_with_a_reason_and_the_rest_shuffle() -> None:
     config = cfg()
     server = WashServer(config, MEMBERS, PARAMETERS)
-    m = wash_mask(config, NUMELS, 1).num_selected
+    m = config.shuffle_mask(NUMELS, 1).num_selected
     nan = torch.zeros(m)
     nan[0] = math.nan
     exchange = server.exchange(

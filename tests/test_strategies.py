@@ -14,12 +14,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from server.fedavg import FedAvgRounds
 from server.replies import Replies
 from server.roster import Roster
-from server.strategies import PopulationStrategy, RoundReport
+from server.state import RoundReport
+from server.strategies import PopulationStrategy
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Config, MessageType, Record
 from wash_fed.protocol import PapaServer, WashServer
-from wash_fed.training import wash_mask
 
 NODES = {0: 101, 1: 102, 2: 103}  # partition id -> node id
 PARAMETERS = {"w": torch.zeros(40), "b": torch.zeros(12)}
@@ -56,7 +56,7 @@ def answer(msg: Message, **arrays: ArrayRecord) -> Message:
 
 
 def values_for(partition: int, event: int, config: WashFedConfig) -> ArrayRecord:
-    m = wash_mask(config, NUMELS, event).num_selected
+    m = config.shuffle_mask(NUMELS, event).num_selected
     return wire.tensors_to_record(
         {"weights": partition * 1000 + torch.arange(m, dtype=torch.float32)}
     )
@@ -76,7 +76,7 @@ def test_deliveries_follow_members_through_a_failure() -> None:
         1,
         [answer(round1[n], **{Record.VALUES: values_for(p, 1, config)}) for p, n in NODES.items()],
     )
-    due = strategy.deliveries.due(1)
+    due = strategy.state.deliveries.due(1)
     assert due is not None and due.event == 1
 
     round2 = by_node(strategy.messages(MessageType.TRAIN, 2, {}))
@@ -91,10 +91,10 @@ def test_deliveries_follow_members_through_a_failure() -> None:
             answer(round2[103], **{Record.VALUES: values_for(2, 2, config)}),
         ],
     )
-    report = strategy.history[-1]
+    report = strategy.state.history[-1]
     assert report.failed == {1: "ClientApp raised"} and report.exchange["participants"] == 2
-    assert strategy.missing == {1}
-    assert strategy.deliveries.due(1) is due  # kept for member 1, by partition id
+    assert strategy.state.missing == {1}
+    assert strategy.state.deliveries.due(1) is due  # kept for member 1, by partition id
     round3 = by_node(strategy.messages(MessageType.TRAIN, 3, {}))
     assert wire.config_value(round3[102].content, Config.DELIVERY_EVENT) == 1
     assert wire.config_value(round3[101].content, Config.DELIVERY_EVENT) == 2
@@ -118,11 +118,11 @@ def test_a_reply_without_its_payload_or_from_a_stranger_is_left_out() -> None:
             answer(stranger, **{Record.VALUES: values_for(1, 1, config)}),
         ],
     )
-    report = strategy.history[-1]
+    report = strategy.state.history[-1]
     assert set(report.metrics) == {0, 2} and report.failed == {}
     assert "expected ['metrics', 'values']" in report.rejected[1]
     assert report.exchange["participants"] == 2
-    assert strategy.deliveries.due(1) is None and strategy.deliveries.due(0) is not None
+    assert strategy.state.deliveries.due(1) is None and strategy.state.deliveries.due(0) is not None
 
 
 def test_papa_asks_for_weights_on_its_rounds_and_delivers_the_mean_to_all() -> None:
@@ -142,7 +142,7 @@ def test_papa_asks_for_weights_on_its_rounds_and_delivers_the_mean_to_all() -> N
         delivery = wire.delivery_from_content(message.content)
         assert delivery is not None and delivery.kind == "mean" and delivery.event == 2
         assert torch.equal(delivery.tensors["w"], torch.ones(40))
-    assert strategy.history[-1].exchange == {"averaged": 3}
+    assert strategy.state.history[-1].exchange == {"averaged": 3}
 
 
 def test_fedavg_reports_each_round_with_its_own_members_metrics() -> None:

@@ -11,7 +11,6 @@ from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Record
 from wash_fed.protocol import WashServer, to_wire
-from wash_fed.training import wash_mask
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -53,7 +52,7 @@ def test_wash_takes_values_only_in_the_runs_wire_dtype() -> None:
     cfg = WashFedConfig(num_members=3, shuffle_prob=0.5, wire_dtype="bfloat16")
     parameters = {"w": torch.zeros(64)}
     server = WashServer(cfg, [0, 1, 2], parameters)
-    selected = wash_mask(cfg, [64], 1).num_selected
+    selected = cfg.shuffle_mask([64], 1).num_selected
     payloads = {m: to_wire({"weights": torch.randn(selected)}, torch.bfloat16) for m in (0, 1)}
     payloads[2] = {"weights": torch.randn(selected)}  # float32: not what the run sends
     exchange = server.exchange(1, payloads)

@@ -15,13 +15,13 @@ import json
 import math
 import sys
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from wash_fed.data import DATASETS, PARTITIONS
 from wash_fed.models import model_problem
-from wash_fed.shuffle import LAYER_SCHEDULES
+from wash_fed.shuffle import LAYER_SCHEDULES, ShuffleMask, wash_mask
 
 __all__ = ["STRATEGIES", "ConfigError", "WashFedConfig"]
 
@@ -313,6 +313,17 @@ class WashFedConfig:
         every ``eval-every`` rounds and at the last one (never with ``eval-every = 0``)."""
         every = self.eval_every
         return every > 0 and (server_round % every == 0 or server_round == self.num_server_rounds)
+
+    def shuffle_mask(self, numels: Sequence[int], event: int) -> ShuffleMask:
+        """This run's WASH mask of shuffle event ``event`` (:func:`wash_fed.shuffle.wash_mask`)
+        over parameter tensors of ``numels`` scalars."""
+        return wash_mask(
+            numels,
+            event,
+            shuffle_prob=self.shuffle_prob,
+            schedule=self.layer_schedule,
+            seed=self.seed,
+        )
 
     @property
     def total_steps(self) -> int:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -44,8 +44,7 @@ from wash_fed.config import WashFedConfig
 from wash_fed.gate import check_tensors, check_values, magnitude_outliers
 from wash_fed.keys import Reply, ReplyKind
 from wash_fed.papa import population_mean, pull_toward
-from wash_fed.shuffle import gather, scatter, shuffle_values
-from wash_fed.training import Member, wash_mask
+from wash_fed.shuffle import ShuffleMask, gather, scatter, shuffle_values
 
 __all__ = [
     "Deliveries",
@@ -54,6 +53,7 @@ __all__ = [
     "EnsembleServer",
     "Exchange",
     "FedAvgServer",
+    "Member",
     "PapaServer",
     "ServerProtocol",
     "WashServer",
@@ -69,6 +69,21 @@ __all__ = [
 
 DeliveryKind = Literal["values", "mean", "state"]
 Payload = Mapping[str, Tensor]
+
+
+class Member(Protocol):
+    """What the protocol needs of a member (:class:`wash_fed.training.Member` is one): its
+    run's configuration, its model and device, its masks and the tensors they select, and
+    the newest delivery it applied. The server's side needs none of it."""
+
+    cfg: WashFedConfig
+    device: torch.device
+    model: torch.nn.Module
+    applied_event: int
+
+    def parameters(self) -> list[Tensor]: ...
+    def shuffle_mask(self, event: int) -> ShuffleMask: ...
+    def shuffle_groups(self, with_optimizer_state: bool) -> dict[str, list[Tensor]]: ...
 
 
 @dataclass(frozen=True)
@@ -236,7 +251,7 @@ class WashServer(ServerProtocol):
         return ["weights", "momentum_buffer"] if self.cfg.shuffle_optimizer_state else ["weights"]
 
     def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
-        selected = wash_mask(self.cfg, self.numels, server_round).num_selected
+        selected = self.cfg.shuffle_mask(self.numels, server_round).num_selected
         accepted, rejected = _admit(
             payloads,
             lambda p: check_values(p, self.expected_kinds(), selected, self.dtype),

@@ -55,6 +55,7 @@ __all__ = [
     "scatter",
     "shuffle_population",
     "shuffle_values",
+    "wash_mask",
 ]
 
 LayerSchedule = Literal["linear", "constant"]
@@ -166,6 +167,19 @@ def event_mask(
         rng = _generator(seed, event, _MASK_STREAM, l)
         indices.append(torch.from_numpy(_bernoulli_indices(rng, n, p)))
     return ShuffleMask(tuple(indices))
+
+
+def wash_mask(
+    numels: Sequence[int], event: int, *, shuffle_prob: float, schedule: str, seed: int
+) -> ShuffleMask:
+    """The mask of WASH's shuffle event ``event`` over parameter tensors of ``numels``
+    scalars (in registration order): :func:`layer_probs` of ``shuffle_prob`` under the
+    layer ``schedule``, drawn by :func:`event_mask` from ``(seed, event)``. Every process
+    that knows the run's configuration derives the same mask, so masks never travel."""
+    if schedule not in LAYER_SCHEDULES:
+        raise ValueError(f"layer schedule must be one of {LAYER_SCHEDULES}, got {schedule!r}")
+    probs = layer_probs(shuffle_prob, len(numels), schedule)  # type: ignore[arg-type]
+    return event_mask(numels, probs, seed=seed, event=event)
 
 
 def _check_aligned(tensors: Sequence[Tensor], mask: ShuffleMask) -> None:

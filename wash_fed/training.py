@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from wash_fed.data import (
     partition_indices,
 )
 from wash_fed.models import build_model
-from wash_fed.shuffle import ShuffleMask, event_mask, layer_probs
+from wash_fed.shuffle import ShuffleMask
 
 __all__ = [
     "Member",
@@ -47,7 +47,6 @@ __all__ = [
     "new_model",
     "resolve_device",
     "shared_member_data",
-    "wash_mask",
 ]
 
 # Stream tags for derive_seed, so that the seeds of different uses never collide.
@@ -57,13 +56,6 @@ _INIT, _DATA_ORDER, _HOLDOUT, _PARTITION = 1, 2, 3, 4
 def derive_seed(*key: int) -> int:
     """A 63-bit seed determined by ``key`` (e.g. ``(run seed, purpose, member)``)."""
     return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-def wash_mask(cfg: WashFedConfig, numels: Sequence[int], event: int) -> ShuffleMask:
-    """The mask of shuffle event ``event`` for parameter tensors of ``numels`` scalars, with
-    the configured shuffle probability, layer schedule and run seed."""
-    probs = layer_probs(cfg.shuffle_prob, len(numels), cfg.layer_schedule)  # type: ignore[arg-type]
-    return event_mask(numels, probs, seed=cfg.seed, event=event)
 
 
 def configure_torch(cfg: WashFedConfig) -> None:
@@ -258,6 +250,7 @@ class Member:
         self.stream = BatchStream(
             np.arange(len(data)), cfg.batch_size, seed=derive_seed(cfg.seed, _DATA_ORDER, index)
         )
+        self._mask: tuple[int, ShuffleMask] | None = None
         self.steps_done = 0
         self.applied_event = 0
         """The newest delivery (the round whose exchange produced it) written into the member."""
@@ -288,8 +281,13 @@ class Member:
         return buffer
 
     def shuffle_mask(self, event: int) -> ShuffleMask:
-        """The WASH mask of shuffle event ``event`` over this member's parameters."""
-        return wash_mask(self.cfg, [p.numel() for p in self.parameters()], event)
+        """The WASH mask of shuffle event ``event`` over this member's parameters. The
+        latest one is kept: a round sends its values at mask ``r`` and the next writes the
+        shuffled ones back at the same mask."""
+        if self._mask is None or self._mask[0] != event:
+            numels = [p.numel() for p in self.parameters()]
+            self._mask = (event, self.cfg.shuffle_mask(numels, event))
+        return self._mask[1]
 
     def bn_statistics(self, state_dict: Mapping[str, Tensor]) -> BNStatistics:
         """BatchNorm statistics of the model ``state_dict`` (a soup) on the first

@@ -1,4 +1,5 @@
-"""Prometheus metrics of a run, fed from the byte ledger and the round reports.
+"""Prometheus metrics of a run, fed from the byte ledger and the round reports (the
+ServerApp's only boundary with ``prometheus_client``).
 
 Names follow Prometheus conventions (``_total`` counters, ``_seconds`` histograms, base
 units). Labels stay low-cardinality: ``strategy`` (a handful), ``direction`` (up, down),
@@ -14,27 +15,15 @@ never disagree.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway
 from prometheus_client.exposition import start_http_server
 
+from server.state import RoundReport
 from wash_fed.ledger import Ledger
 from wash_fed.timing import RoundTime
 
-__all__ = ["RoundFigures", "RunMetrics"]
-
-
-class RoundFigures(Protocol):
-    """What a round reports (``server.strategies.RoundReport`` has these)."""
-
-    @property
-    def seconds(self) -> float: ...
-    @property
-    def metrics(self) -> Mapping[int, Mapping[str, Any]]: ...
-    @property
-    def exchange(self) -> Mapping[str, int]: ...
-    def member_means(self) -> Mapping[str, float]: ...
+__all__ = ["RunMetrics"]
 
 
 ROUND_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -112,7 +101,7 @@ class RunMetrics:
             self.bytes.labels(self.strategy, entry.direction, entry.phase).inc(entry.bytes)
         self._synced = len(ledger.entries)
 
-    def observe_round(self, report: RoundFigures, fedavg_round_bytes: int, time: RoundTime) -> None:
+    def observe_round(self, report: RoundReport, fedavg_round_bytes: int, time: RoundTime) -> None:
         """One finished training round: its duration and its parts, members' figures, what
         moved."""
         self.rounds.labels(self.strategy).inc()
