@@ -34,7 +34,7 @@ from flwr.supercore.exit import add_exit_handler
 from torch import Tensor
 
 from server.checkpoint import ServerCheckpoint
-from server.fedavg import fedavg_equivalent_bytes, run_fedavg
+from server.fedavg import fedavg_bytes_through_flower, run_fedavg
 from server.final import OnMembers, final_step
 from server.ledger_grid import LedgerGrid
 from server.metrics import RunMetrics
@@ -104,7 +104,7 @@ def open_output(
 ) -> RunOutput:
     """The run's folder and results (carrying over a resumed run's rows), announced in the
     log; recorded ``stopped`` when Flower ends the ServerApp early."""
-    output = RunOutput.create(cfg, run_id, ledger)
+    output = RunOutput.open(cfg, run_id, ledger)
     log(
         INFO,
         "wash-fed %s: %d members, %d rounds x %d local steps; " + RESULTS_IN + "%s",
@@ -138,7 +138,9 @@ def run_strategy(
     sent (None for FedAvg itself)."""
     test = load_test_data(cfg) if cfg.test_on_server else None
     if cfg.strategy != "fedavg":
-        return run_population(grid, cfg, roster, parameters, test, output, metrics, resumed)
+        return run_population_strategy(
+            grid, cfg, roster, parameters, test, output, metrics, resumed
+        )
     evaluator: Evaluator = (
         OnData(test, cfg.eval_batch_size)
         if test is not None
@@ -147,7 +149,7 @@ def run_strategy(
     return run_fedavg(grid, cfg, roster, evaluator.accuracy, output, metrics), None
 
 
-def run_population(
+def run_population_strategy(
     grid: LedgerGrid,
     cfg: WashFedConfig,
     roster: Roster,
@@ -160,7 +162,7 @@ def run_population(
     """WASH, PAPA or independent members through Flower (from where ``resumed`` left the
     run, when given), then the final step. Returns the final figures and what FedAvg would
     have sent."""
-    fedavg_bytes = fedavg_equivalent_bytes(cfg, roster.nodes.values())
+    fedavg_bytes = fedavg_bytes_through_flower(cfg, roster.nodes.values())
 
     def on_round(report: RoundReport) -> None:
         record_round(output, grid, metrics, report, fedavg_bytes)

@@ -24,9 +24,10 @@ from wash_fed.config import WashFedConfig
 from wash_fed.gate import check_tensors, magnitude_outliers, require_finite
 from wash_fed.keys import Config, MessageType, Metric, Record, Reply
 from wash_fed.protocol import to_wire, wire_dtype
+from wash_fed.results import fedavg_equivalent_bytes
 from wash_fed.training import initial_model, new_model
 
-__all__ = ["FedAvgRounds", "GatedFedAvg", "fedavg_equivalent_bytes", "run_fedavg"]
+__all__ = ["FedAvgRounds", "GatedFedAvg", "fedavg_bytes_through_flower", "run_fedavg"]
 
 
 class FedAvgRounds:
@@ -159,7 +160,7 @@ def run_fedavg(
     return {"global_model": final_accuracy, "final_accuracy": final_accuracy}
 
 
-def fedavg_equivalent_bytes(cfg: WashFedConfig, nodes: Collection[int]) -> int:
+def fedavg_bytes_through_flower(cfg: WashFedConfig, nodes: Collection[int]) -> int:
     """What FedAvg would send over the same rounds: each round the full model (in
     ``wire-dtype``) to every member and back, measured as Flower serializes those messages."""
     state = wire.tensors_to_record(to_wire(new_model(cfg).state_dict(), wire_dtype(cfg)))
@@ -182,5 +183,6 @@ def fedavg_equivalent_bytes(cfg: WashFedConfig, nodes: Collection[int]) -> int:
         dst_node_id=node,
         message_type=MessageType.TRAIN,
     )
-    per_round = wire.message_bytes(down) + wire.message_bytes(up)
-    return cfg.num_server_rounds * len(nodes) * per_round
+    return fedavg_equivalent_bytes(
+        cfg.num_server_rounds, len(nodes), wire.message_bytes(down), wire.message_bytes(up)
+    )

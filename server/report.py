@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from flwr.common.logger import log
-from torch import Tensor
 
 from server.checkpoint import ServerCheckpoint
 from server.ledger_grid import LedgerGrid
 from server.metrics import RunMetrics
 from server.state import RoundReport
 from wash_fed.config import WashFedConfig
-from wash_fed.files import save_torch, write_json
 from wash_fed.ledger import Ledger
+from wash_fed.results import RunResults
 from wash_fed.timing import RoundTime, split_round
 
 __all__ = ["RunOutput", "ledger_table", "record_round", "round_row"]
@@ -57,32 +56,21 @@ def ledger_table(ledger: Ledger, fedavg_bytes: int | None, rounds: int) -> str:
 
 
 @dataclass
-class RunOutput:
-    """The directory of one run and the results written into it."""
+class RunOutput(RunResults):
+    """The results of one run through Flower (:class:`wash_fed.results.RunResults`),
+    written from the round loop and from Flower's exit handlers alike: nothing is written
+    once the run was recorded ``stopped``."""
 
-    directory: Path
-    cfg: WashFedConfig
-    ledger: Ledger
-    results: dict[str, Any] = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _stopped: bool = False
 
     @classmethod
-    def create(cls, cfg: WashFedConfig, run_id: int, ledger: Ledger) -> RunOutput:
+    def open(cls, cfg: WashFedConfig, run_id: int, ledger: Ledger) -> RunOutput:
+        """``<output-dir>/<time>-<label>-<run id>``, with its ``results.json``."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         directory = (Path(cfg.output_dir) / f"{stamp}-{cfg.label}-{run_id}").resolve()
-        directory.mkdir(parents=True, exist_ok=True)
-        out = cls(directory, cfg, ledger)
-        out.results = {
-            "run_id": run_id,
-            "label": cfg.label,
-            "strategy": cfg.strategy,
-            "config": cfg.to_mapping(),
-            "status": "running",
-            "rounds": [],
-        }
-        out.write()
+        out = cls.create(directory, cfg, ledger, "flower", run_id=run_id)
+        assert isinstance(out, RunOutput)
         return out
 
     def add_round(self, row: Mapping[str, Any]) -> None:
@@ -96,14 +84,7 @@ class RunOutput:
         nothing more once the run was stopped."""
         with self._lock:
             if not self._stopped:
-                self._write(fields)
-
-    def _write(self, fields: Mapping[str, Any]) -> None:
-        self.results.update(fields)
-        self.results["bytes"] = self.ledger.summary()
-        self.results["wall_seconds"] = time.perf_counter() - self.started
-        write_json(self.directory / "results.json", self.results)
-        self.ledger.write_csv(self.directory / "ledger.csv")
+                super().write(**fields)
 
     def save_checkpoint(self, checkpoint: ServerCheckpoint) -> bool:
         """Write the server's checkpoint beside the results; whether it was written (not
@@ -113,16 +94,6 @@ class RunOutput:
                 return False
             checkpoint.save(self.directory)
             return True
-
-    def save_model(self, state_dict: Mapping[str, Tensor], name: str = "final_model.pt") -> Path:
-        path = self.directory / name
-        saved = {
-            "model": self.cfg.model,
-            "dataset": self.cfg.dataset,
-            "state_dict": dict(state_dict),
-        }
-        save_torch(path, saved)
-        return path
 
     def finish(self, final: Mapping[str, Any], fedavg_bytes: int | None) -> None:
         self.write(status="completed", final=dict(final), fedavg_bytes=fedavg_bytes)
@@ -144,7 +115,7 @@ class RunOutput:
                 return
             self._stopped = True
             try:
-                self._write({"status": "stopped"})
+                super().write(status="stopped")
             except OSError as err:
                 log(ERROR, "Run stopped; could not record it in %s: %s", self.directory, err)
                 return

@@ -35,7 +35,6 @@ from wash_fed.batchnorm import BNStatistics, merge_bn_statistics
 from wash_fed.config import ConfigError, WashFedConfig
 from wash_fed.data import DatasetNotFoundError, ImageData
 from wash_fed.evaluation import OnData, accuracy, predict
-from wash_fed.files import save_torch, write_json
 from wash_fed.ledger import Ledger
 from wash_fed.merge import merge_population
 from wash_fed.protocol import (
@@ -50,6 +49,7 @@ from wash_fed.protocol import (
     to_wire,
     wire_dtype,
 )
+from wash_fed.results import RunResults, fedavg_equivalent_bytes
 from wash_fed.soup import uniform_soup
 from wash_fed.training import (
     Member,
@@ -170,22 +170,30 @@ def run_population(
         final, final_state = _merge(members, deliveries, data, test, ledger)
     model_bytes = payload_bytes(to_wire(members[0].model.state_dict(), wire_dtype(cfg)))
     results = {
+        "runner": "population",
         "label": label,
+        "strategy": cfg.strategy,
         "config": cfg.to_mapping(),
+        "status": "completed",
         "device": str(device),
         "threads": torch.get_num_threads(),  # another count sums in another order
         "train_seconds": train_seconds,
-        "total_seconds": time.perf_counter() - start,
+        "wall_seconds": time.perf_counter() - start,
         "epochs": epochs,
         "rounds": rounds,
         "final": final,
         "bytes": ledger.summary(),
-        "fedavg_bytes": 2 * cfg.num_server_rounds * cfg.num_members * model_bytes,
+        "fedavg_bytes": fedavg_equivalent_bytes(
+            cfg.num_server_rounds, cfg.num_members, model_bytes, model_bytes
+        ),
         "model_bytes": model_bytes,
     }
     log(_final_line(results))
     if output_dir is not None:
-        _save(output_dir, cfg, results, ledger, final_state)
+        saved = RunResults.create(output_dir, cfg, ledger, "population")
+        saved.started = start
+        saved.write(**results)
+        saved.save_model(final_state)
         log(f"[{label}] results, ledger and final model in {output_dir}")
     members_final = [
         {k: v.detach().clone() for k, v in m.model.state_dict().items()} for m in members
@@ -235,21 +243,6 @@ def _train(
             log(_progress_line(cfg, row))
             next_epoch = math.floor(stats[0].epochs) + 1
     return rounds, epochs
-
-
-def _save(
-    output_dir: Path,
-    cfg: WashFedConfig,
-    results: Mapping[str, Any],
-    ledger: Ledger,
-    final_state: Mapping[str, Any],
-) -> None:
-    """``results.json``, ``ledger.csv`` and ``final_model.pt`` in ``output_dir``."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_json(output_dir / "results.json", results)
-    ledger.write_csv(output_dir / "ledger.csv")
-    saved = {"model": cfg.model, "dataset": cfg.dataset, "state_dict": final_state}
-    save_torch(output_dir / "final_model.pt", saved)
 
 
 def _server(cfg: WashFedConfig, members: list[Member], ledger: Ledger) -> ServerProtocol:
