@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make run    -- the main job: a WASH simulation through `flwr run` on its defaults
 #                  (4 SuperNodes, CPU is fine, Fashion-MNIST)
-#   make test   -- the test suite
+#   make test   -- the test suite, both lanes (make test-fast: the unit lane alone)
 # Both create the virtual environment, install the project and prepare the data as needed.
 
 PYTHON ?= python3
@@ -25,7 +25,7 @@ export FLWR_DISABLE_UPDATE_CHECK = 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION = 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install data federation run stop population test lint bench compare clean
+.PHONY: install data federation run stop population test test-fast lint docs bench compare clean
 
 install: $(VENV)/.installed
 
@@ -84,9 +84,18 @@ population: data
 compare: data federation
 	$(PY) -m simulations.compare
 
+# Two lanes: tests/unit needs no Flower process (minutes), tests/e2e runs real Flower,
+# Prometheus, nginx and containers; `make test` runs both.
 test: data
 	$(call apt_install,$(APT_TEST))
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+test-fast: data
+	$(PY) -m pytest $(PYTEST_ARGS) tests/unit
+
+# The docs site (MkDocs, offline): every page, link and anchor checked (--strict).
+docs: install
+	$(VENV)/bin/mkdocs build --strict --quiet
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -97,4 +106,4 @@ bench: install
 	$(PY) benchmarks/shuffle_throughput.py
 
 clean: stop
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site

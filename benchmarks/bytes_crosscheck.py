@@ -85,7 +85,6 @@ def main() -> None:
         metrics_port = free_port()
         prometheus = Prometheus(home / "prometheus-data", metrics_port)
         harness = FlowerHarness(home / "flower")
-        harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"
         try:
             harness.start_superlink(simulation=False, certificates=certificates)
             harness.start_supernodes(MEMBERS)

@@ -80,7 +80,6 @@ def measure(runtime: str, workload: Workload, rounds: int, supernodes: int) -> d
     with tempfile.TemporaryDirectory(prefix="wf-") as tmp:
         home = Path(tmp)
         harness = FlowerHarness(home)
-        harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"
         harness.env["OMP_NUM_THREADS"] = "1"
         config: dict[str, Any] = {
             **TINY_RUN,

@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
 'devices', torch.cuda.device_count(), '| flwr', flwr.__version__)" || exit 1
 
 step "1. CUDA-marked tests"
-timeout 120 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py -rs || failed=1
+timeout 120 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/e2e/test_cuda.py -rs || failed=1
 
 step "2. flwr run simulation, four members on one GPU"
 if "$PY" -c "import ray" 2>/dev/null; then

@@ -139,6 +139,27 @@ def copy_app(target: Path) -> Path:
     return target
 
 
+FAULTY_APP = PROJECT / "tests" / "e2e" / "faulty_app.py"
+"""A ClientApp in which one member corrupts its replies (its docstring lists the faults)."""
+
+
+def faulty_app_copy(target: Path, fault: str, member: int) -> Path:
+    """A copy of this app in ``target`` whose member ``member`` commits ``fault``
+    (:data:`FAULTY_APP`); every other member is honest."""
+    app = copy_app(target)
+    (app / "faulty").mkdir()
+    (app / "faulty" / "__init__.py").write_text("")
+    shutil.copy(FAULTY_APP, app / "faulty" / "app.py")
+    (app / "faulty" / "fault.py").write_text(f"FAULT = {fault!r}\nMEMBER = {member}\n")
+    pyproject = app / "pyproject.toml"
+    pyproject.write_text(
+        pyproject.read_text().replace(
+            'clientapp = "client.app:app"', 'clientapp = "faulty.app:app"'
+        )
+    )
+    return app
+
+
 def results_of(run_dir: Path) -> dict[str, Any]:
     results: dict[str, Any] = json.loads((run_dir / "results.json").read_text())
     return results
@@ -159,7 +180,8 @@ def wait_for_rounds(submission: Submission, runs: Path, rounds: int, timeout: fl
 
 
 class FlowerHarness:
-    """Owns a temporary Flower home, a SuperLink and (for deployments) SuperNodes."""
+    """Owns a temporary Flower home, a SuperLink and (for deployments) SuperNodes. As a
+    context manager it closes itself: every process it started is gone after the block."""
 
     def __init__(self, home: Path) -> None:
         self.home = home
@@ -173,6 +195,8 @@ class FlowerHarness:
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            # SuperExec looks for work every 0.1 s instead of every 1 s (Flower's floor: 0.01).
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
             MARKER: self.marker,
         }
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -184,6 +208,12 @@ class FlowerHarness:
         self.fleet_port = self.api_port
         """Where SuperNodes connect: the SuperLink's port, or the proxy's fleet port."""
         self.certificates: Path | None = None
+
+    def __enter__(self) -> FlowerHarness:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     # --- processes ----------------------------------------------------------------------
 
@@ -533,3 +563,9 @@ class Prometheus:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=15)
+
+    def __enter__(self) -> Prometheus:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

@@ -1,5 +1,5 @@
 """One faulty member among four cannot sink a run: real `flwr run` simulations of an app
-copy in which member 3 corrupts its replies (tests/faulty_app.py). Every run ends
+copy in which member 3 corrupts its replies (tests/e2e/faulty_app.py). Every run ends
 completed and names the member in its log and results; and, with deterministic training,
 it ends exactly as the run in which that member never answered: the same exchanges, the
 same members, the same soup (or FedAvg's global model), bit for bit.
@@ -7,8 +7,7 @@ same members, the same soup (or FedAvg's global model), bit for bit.
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from simulations.local_flower import PROJECT, TINY_RUN, FlowerHarness, copy_app, results_of
+from simulations.local_flower import TINY_RUN, FlowerHarness, faulty_app_copy, results_of
 from wash_fed.ledger import Ledger
 
 pytestmark = pytest.mark.slow
@@ -35,27 +34,11 @@ CONFIG: dict[str, Any] = {
 """Three rounds: a member rejected in each of them is quarantined (quarantine-after 3)."""
 ROUND_FAULTS = ["crash-shaped", "nan", "scaled", "sign-flip", "zeros", "false-id"]
 """Through Flower; huge (1e30) and float64 values take the same gate paths as scaled and
-NaN ones and are tested on the gate itself (tests/test_gate.py)."""
+NaN ones and are tested on the gate itself (tests/unit/test_gate.py)."""
 ABSENT = dict.fromkeys(ROUND_FAULTS, "absent") | {"final-step": "absent-final"}
 """The run each fault must equal: member 3 never answers what it corrupts."""
 SAME = ("members", "member_mean", "ensemble", "soups", "final_accuracy", "collected")
 """Final figures of a population run that a faulty run shares with its reference."""
-
-
-def app_copy(root: Path, fault: str) -> Path:
-    """This app with tests/faulty_app.py as its ClientApp and ``fault`` for member 3."""
-    app = copy_app(root / f"app-{fault}")
-    (app / "faulty").mkdir()
-    (app / "faulty" / "__init__.py").write_text("")
-    shutil.copy(PROJECT / "tests" / "faulty_app.py", app / "faulty" / "app.py")
-    (app / "faulty" / "fault.py").write_text(f"FAULT = {fault!r}\nMEMBER = {FAULTY}\n")
-    pyproject = app / "pyproject.toml"
-    pyproject.write_text(
-        pyproject.read_text().replace(
-            'clientapp = "client.app:app"', 'clientapp = "faulty.app:app"'
-        )
-    )
-    return app
 
 
 @dataclass
@@ -73,17 +56,18 @@ RunWith = Callable[[str, str], Run]
 
 
 @pytest.fixture(scope="module")
-def run_with(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunWith]:
+def run_with(
+    simulation_harness: FlowerHarness, tmp_path_factory: pytest.TempPathFactory
+) -> RunWith:
     """Runs of a strategy with a given fault (once each), on one simulation SuperLink."""
-    harness = FlowerHarness(tmp_path_factory.mktemp("flwr-home"))
     root = tmp_path_factory.mktemp("faulty")
     done: dict[tuple[str, str], Run] = {}
 
     def run(fault: str, strategy: str) -> Run:
         if (fault, strategy) not in done:
             config = {**CONFIG, "strategy": strategy, "output-dir": str(root / "runs")}
-            app = app_copy(root / strategy, fault)
-            result = harness.run(config, federation_config=FEDERATION, app=app)
+            app = faulty_app_copy(root / strategy / f"app-{fault}", fault, FAULTY)
+            result = simulation_harness.run(config, federation_config=FEDERATION, app=app)
             assert result.status == "finished:completed", (
                 f"{fault}: {result.details}\n{result.output[-3000:]}"
             )
@@ -91,11 +75,7 @@ def run_with(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunWith]:
             done[fault, strategy] = Run(result.output, results_of(run_dir), run_dir)
         return done[fault, strategy]
 
-    try:
-        harness.start_superlink(simulation=True)
-        yield run
-    finally:
-        harness.close()
+    return run
 
 
 def rejected(run: Run) -> set[int]:

@@ -6,9 +6,7 @@ uninterrupted run on the same seed, bit for bit under deterministic settings."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -125,15 +123,13 @@ def serverapp_processes(harness: FlowerHarness) -> list[int]:
 
 
 def test_a_deployment_whose_serverapp_died_resumes_to_the_uninterrupted_final_model(
-    tmp_path: Path,
+    tmp_path: Path, short_tmp: Path
 ) -> None:
-    home = Path(tempfile.mkdtemp(prefix="wf-"))  # a Unix socket's path is short
-    harness = FlowerHarness(tmp_path / "flwr-home")
-    harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"
+    home = short_tmp  # a Unix socket's path is short
     runs = tmp_path / "runs"
     members = 2  # one fewer than in simulation: each deployed member is two processes
     config = {**CONFIG, "num-members": members, "num-server-rounds": 3, "output-dir": str(runs)}
-    try:
+    with FlowerHarness(tmp_path / "flwr-home") as harness:
         harness.start_superlink(simulation=False)
         harness.start_supernodes(members, worker_dir=home)
         reference = harness.run(config, timeout=900)
@@ -158,7 +154,3 @@ def test_a_deployment_whose_serverapp_died_resumes_to_the_uninterrupted_final_mo
             results_of(resumed_dir), results_of(interrupted_dir), results_of(reference_dir)
         )
         assert_same_model(final_model(resumed_dir), final_model(reference_dir))
-    finally:
-        harness.close()
-        shutil.rmtree(home, ignore_errors=True)
-    assert harness.descendants() == [], "processes survived the deployment"

@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client import worker_link
 from simulations.local_flower import PROJECT
-from wash_fed.keys import Config, MessageType, Metric, Record
+from wash_fed.keys import Config, MessageType, Metric
 
 RUN_ID = 7
 RUN_CONFIG: dict[str, Any] = {
@@ -104,27 +102,6 @@ def wait_gone(pid: int, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.2)
     return False
-
-
-def test_request_envelope_round_trips() -> None:
-    content = RecordDict(
-        {
-            Record.CONFIG: ConfigRecord({Config.SERVER_ROUND: 3, Config.REPLY: "values"}),
-            Record.VALUES: ArrayRecord({"weights": torch.arange(5, dtype=torch.float32)}),
-            Record.METRICS: MetricRecord({"loss": 0.5}),
-        }
-    )
-    request = worker_link.WorkerRequest(
-        MessageType.TRAIN, 2**63 + 5, {"lr": 0.1, "model": "cnn"}, NODE_CONFIG, content
-    )
-    decoded = worker_link.decode_request(worker_link.encode_request(request))
-    assert (decoded.message_type, decoded.run_id) == (MessageType.TRAIN, 2**63 + 5)
-    assert decoded.run_config == {"lr": 0.1, "model": "cnn"} and decoded.node_config == NODE_CONFIG
-    assert set(decoded.content) == set(content)
-    values = decoded.content.array_records[Record.VALUES]["weights"].numpy()
-    assert values.tolist() == [0, 1, 2, 3, 4]
-    reply = worker_link.decode_reply(worker_link.encode_reply(content))
-    assert dict(reply.config_records[Record.CONFIG]) == dict(content.config_records[Record.CONFIG])
 
 
 @pytest.mark.slow

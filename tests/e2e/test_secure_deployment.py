@@ -34,17 +34,12 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerHarness]
     certs = PROJECT / "deploy" / "certs"
     subprocess.run(["bash", str(certs / "generate.sh"), str(home / "certs")], check=True, env=env)
     subprocess.run(["bash", str(certs / "node-keys.sh"), str(home / "nodes"), "3"], env=env)
-    harness = FlowerHarness(home)
-    harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"
-    try:
+    with FlowerHarness(home) as harness:
         harness.start_superlink(simulation=False, certificates=home / "certs", supernode_auth=True)
         harness.start_proxy()
         for i in range(MEMBERS):
             harness.register(home / "nodes" / f"node-{i}.key.pub")
         yield harness
-    finally:
-        harness.close()
-    assert harness.descendants() == [], "processes survived the deployment"
 
 
 def supernodes(harness: FlowerHarness) -> list[dict[str, Any]]:

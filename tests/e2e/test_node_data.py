@@ -5,8 +5,6 @@ the members' held-out images and evaluating on the members' own test data."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -91,14 +89,12 @@ def node_files(tmp_path: Path, fashion_train: ImageData) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_two_nodes_train_on_their_own_files_and_the_server_needs_no_data(
-    tmp_path: Path, node_files: dict[str, Path]
+    tmp_path: Path, short_tmp: Path, node_files: dict[str, Path]
 ) -> None:
-    harness = FlowerHarness(tmp_path / "home")
-    harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"
-    workers = Path(tempfile.mkdtemp(prefix="wf-"))  # a Unix socket's path is short
+    workers = short_tmp  # a Unix socket's path is short
     empty = tmp_path / "no-data"  # the run's data root holds nothing: neither side may need it
     empty.mkdir()
-    try:
+    with FlowerHarness(tmp_path / "home") as harness:
         harness.start_superlink(simulation=False)
         for i in range(2):
             harness.start_supernode(
@@ -124,9 +120,6 @@ def test_two_nodes_train_on_their_own_files_and_the_server_needs_no_data(
         }
         result = harness.run(config, timeout=900)
         assert result.status == "finished:completed", f"{result.details}\n{harness.describe()}"
-    finally:
-        harness.close()
-        shutil.rmtree(workers, ignore_errors=True)
     (run_dir,) = (tmp_path / "runs").glob(f"*-{result.run_id}")
     results = json.loads((run_dir / "results.json").read_text())
     assert "member 0 on node" in result.output and ": 1400 training images" in result.output

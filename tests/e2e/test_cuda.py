@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_worker import HELLO, proxy, train
+from tests.e2e.test_worker import HELLO, proxy, train
 from wash_fed.config import WashFedConfig
 from wash_fed.data import write_synthetic
 from wash_fed.keys import Metric

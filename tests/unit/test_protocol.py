@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from tests.unit.small_configs import three_members
 from wash_fed.config import WashFedConfig
 from wash_fed.protocol import (
     Deliveries,
@@ -25,10 +26,6 @@ PARAMETERS = {"w": torch.zeros(40), "b": torch.zeros(12)}
 NUMELS = [40, 12]
 
 
-def cfg(**overrides: object) -> WashFedConfig:
-    return WashFedConfig(num_members=3, shuffle_prob=0.5, layer_schedule="constant", **overrides)  # type: ignore[arg-type]
-
-
 def owned_values(member: int, event: int, config: WashFedConfig) -> dict[str, torch.Tensor]:
     """A member's payload in which every value names its owner (member * 1000 + index)."""
     m = config.shuffle_mask(NUMELS, event).num_selected
@@ -36,7 +33,7 @@ def owned_values(member: int, event: int, config: WashFedConfig) -> dict[str, to
 
 
 def test_wash_delivers_a_permutation_of_what_the_participants_sent() -> None:
-    config = cfg()
+    config = three_members()
     server = WashServer(config, MEMBERS, PARAMETERS)
     assert server.reply_for(1) == "values"
     exchange = server.exchange(1, {p: owned_values(p, 1, config) for p in MEMBERS})
@@ -52,7 +49,7 @@ def test_wash_delivers_a_permutation_of_what_the_participants_sent() -> None:
 
 
 def test_a_member_that_fails_keeps_its_delivery_and_takes_nobodys_values() -> None:
-    config = cfg()
+    config = three_members()
     server = WashServer(config, MEMBERS, PARAMETERS)
     deliveries = Deliveries()
     first = server.exchange(1, {p: owned_values(p, 1, config) for p in MEMBERS})
@@ -71,7 +68,7 @@ def test_a_member_that_fails_keeps_its_delivery_and_takes_nobodys_values() -> No
 
 
 def test_bad_payloads_are_left_out_with_a_reason_and_the_rest_shuffle() -> None:
-    config = cfg()
+    config = three_members()
     server = WashServer(config, MEMBERS, PARAMETERS)
     m = config.shuffle_mask(NUMELS, 1).num_selected
     nan = torch.zeros(m)
@@ -97,7 +94,7 @@ def weights(value: float) -> dict[str, torch.Tensor]:
 
 
 def test_papa_delivers_the_mean_on_its_rounds_and_a_newer_mean_replaces_an_older() -> None:
-    config = cfg(strategy="papa", papa_every=2)
+    config = three_members(strategy="papa", papa_every=2)
     server = PapaServer(config, MEMBERS, PARAMETERS)
     assert server.reply_for(1) == "metrics" and server.reply_for(2) == "weights"
     assert server.exchange(1, {p: weights(0.0) for p in MEMBERS}).deliveries == {}
@@ -114,7 +111,7 @@ def test_papa_delivers_the_mean_on_its_rounds_and_a_newer_mean_replaces_an_older
 
 
 def test_papa_leaves_out_what_the_gate_rejects() -> None:
-    server = PapaServer(cfg(strategy="papa"), range(5), PARAMETERS)
+    server = PapaServer(three_members(strategy="papa"), range(5), PARAMETERS)
     payloads = {p: weights(1.0 + 0.01 * p) for p in range(5)}
     payloads[1] = {**weights(1.0), "w": torch.full((40,), math.nan)}
     payloads[2] = weights(1000.0)  # judged against members 0 and 4, the other well-formed ones

@@ -16,6 +16,7 @@ from server.replies import Replies
 from server.roster import Roster
 from server.state import RoundReport
 from server.strategies import PopulationStrategy
+from tests.unit.small_configs import three_members
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Config, MessageType, Record
@@ -33,10 +34,6 @@ def task_identity() -> Iterator[None]:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-def cfg(**overrides: object) -> WashFedConfig:
-    return WashFedConfig(num_members=3, shuffle_prob=0.5, layer_schedule="constant", **overrides)  # type: ignore[arg-type]
 
 
 def strategy_for(config: WashFedConfig) -> PopulationStrategy:
@@ -67,7 +64,7 @@ def by_node(messages: list[Message]) -> dict[int, Message]:
 
 
 def test_deliveries_follow_members_through_a_failure() -> None:
-    config = cfg()
+    config = three_members()
     strategy = strategy_for(config)
     round1 = by_node(strategy.messages(MessageType.TRAIN, 1, {}))
     assert set(round1) == set(NODES.values())
@@ -101,7 +98,7 @@ def test_deliveries_follow_members_through_a_failure() -> None:
 
 
 def test_a_reply_without_its_payload_or_from_a_stranger_is_left_out() -> None:
-    config = cfg()
+    config = three_members()
     strategy = strategy_for(config)
     round1 = by_node(strategy.messages(MessageType.TRAIN, 1, {}))
     stranger = Message(
@@ -126,7 +123,7 @@ def test_a_reply_without_its_payload_or_from_a_stranger_is_left_out() -> None:
 
 
 def test_papa_asks_for_weights_on_its_rounds_and_delivers_the_mean_to_all() -> None:
-    config = cfg(strategy="papa", papa_every=2)
+    config = three_members(strategy="papa", papa_every=2)
     strategy = strategy_for(config)
     messages = by_node(strategy.messages(MessageType.TRAIN, 2, {}))
     weights = {p: {n: torch.full_like(t, float(p)) for n, t in PARAMETERS.items()} for p in NODES}
@@ -149,7 +146,9 @@ def test_fedavg_reports_each_round_with_its_own_members_metrics() -> None:
     """A round in which every reply failed reports no members; it does not shift the
     figures of the rounds after it."""
     reports: list[RoundReport] = []
-    rounds = FedAvgRounds(cfg(strategy="fedavg", eval_every=0), lambda _: 0.0, reports.append)
+    rounds = FedAvgRounds(
+        three_members(strategy="fedavg", eval_every=0), lambda _: 0.0, reports.append
+    )
     assert rounds.close(0, ArrayRecord()) is None and reports == []  # FedAvg's initial check
     rounds.close(1, ArrayRecord())  # no train metrics: every reply failed
     metrics = {"partition-id": 2, "loss": 0.3, "num-examples": 8}
@@ -163,7 +162,7 @@ def test_fedavg_reports_each_round_with_its_own_members_metrics() -> None:
 def test_a_failure_is_reported_by_its_reason_in_one_line() -> None:
     """Flower's reason for a ClientApp that raised carries the traceback (and, in simulation,
     Ray's wrapping, in colour); a member's failure is its exception's message."""
-    strategy = strategy_for(cfg())
+    strategy = strategy_for(three_members())
     (msg, *_) = strategy.messages(MessageType.TRAIN, 1, {})
     wrapped = (
         "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor"

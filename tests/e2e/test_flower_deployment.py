@@ -46,15 +46,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerHarne
         check=True,
         capture_output=True,
     )
-    harness = FlowerHarness(home)
-    harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"
-    try:
+    with FlowerHarness(home) as harness:
         harness.start_superlink(simulation=False, certificates=certificates)
         harness.start_supernodes(MEMBERS, worker_dir=home / "workers")
         yield harness
-    finally:
-        harness.close()
-    assert harness.descendants() == [], "processes survived the deployment"
 
 
 def assert_ledger_within_flowers_traffic(
@@ -128,10 +123,8 @@ def test_a_member_killed_mid_run_comes_back_from_its_checkpoint(
     credential. The real SuperNode, restarted, comes back under a new node id from its
     checkpoint, and the run ends with every member in the soup."""
     members, victim = 3, 1
-    harness = FlowerHarness(tmp_path / "home")
-    harness.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"
     workers = short_tmp
-    try:
+    with FlowerHarness(tmp_path / "home") as harness:
         harness.start_superlink(simulation=False)
         harness.start_supernodes(members, worker_dir=workers)
         config = {
@@ -176,6 +169,3 @@ def test_a_member_killed_mid_run_comes_back_from_its_checkpoint(
         assert restored, result.output[-3000:]
         assert int(restored.group(1)) in (10, 15)  # after round 2 (or 3, if it got that far)
         assert_ledger_within_flowers_traffic(run_dir, result.listing, refused=True)
-    finally:
-        harness.close()
-    assert harness.descendants() == [], "processes survived the deployment"

@@ -17,7 +17,7 @@ from flwr.cli.supernode.register import try_load_public_key
 
 from simulations.local_flower import render_proxy_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SUPERNODES = [f"supernode-{i}" for i in range(4)]
 SERVICES = {"superlink", "proxy", *SUPERNODES, "prometheus", "grafana", "pushgateway"}
 

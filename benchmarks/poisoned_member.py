@@ -1,0 +1,81 @@
+"""What one well-formed but hostile member of four does to a run, through real `flwr run`
+simulations: honest runs over several seeds give the spread a soup may fall in; each fault
+(tests/e2e/faulty_app.py: drift, sign-flip, zeros, ...) then runs on seed 0, and the table
+says when the gate named the member, whether it was quarantined, and where the soup ended.
+
+    python benchmarks/poisoned_member.py                       # 10 rounds, seeds 0,1,2
+    python benchmarks/poisoned_member.py --faults drift --rounds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from simulations.local_flower import FlowerHarness, faulty_app_copy, results_of
+
+MEMBERS, FAULTY = 4, 3
+FEDERATION = f"num-supernodes={MEMBERS} client-resources-num-cpus=1"
+
+
+def run(
+    harness: FlowerHarness, root: Path, fault: str, seed: int, rounds: int
+) -> dict[str, Any]:
+    """One run of the app copy with ``fault`` (``none``: everyone honest); its results."""
+    app = faulty_app_copy(root / f"app-{fault}-{seed}", fault, FAULTY)
+    config = {
+        "num-members": MEMBERS,
+        "num-server-rounds": rounds,
+        "seed": seed,
+        "eval-every": 0,
+        "output-dir": str(root / "runs"),
+    }
+    result = harness.run(config, federation_config=FEDERATION, app=app, timeout=3600)
+    if result.status != "finished:completed":
+        raise RuntimeError(f"{fault}, seed {seed}: {result.status} {result.details}")
+    (run_dir,) = (root / "runs").glob(f"*-{result.run_id}")
+    return results_of(run_dir)
+
+
+def named_at(results: dict[str, Any]) -> str:
+    """The first round in which the faulty member was rejected ("-": never)."""
+    rounds = [r["round"] for r in results["rounds"] if str(FAULTY) in r["rejected"]]
+    return str(rounds[0]) if rounds else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of the honest runs")
+    parser.add_argument("--faults", default="drift,sign-flip,zeros")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    with tempfile.TemporaryDirectory(prefix="poison-") as folder:
+        root = Path(folder)
+        with FlowerHarness(root / "flwr-home") as harness:
+            harness.start_superlink(simulation=True)
+            honest = [run(harness, root, "none", seed, args.rounds) for seed in seeds]
+            faulty = {f: run(harness, root, f, 0, args.rounds) for f in args.faults.split(",")}
+    soups = [r["final"]["final_accuracy"] for r in honest]
+    members = [r["final"]["member_mean"] for r in honest]
+    print(
+        f"honest, seeds {args.seeds}: soup {statistics.fmean(soups):.4f} "
+        f"(min {min(soups):.4f}, max {max(soups):.4f}), members' mean "
+        f"{statistics.fmean(members):.4f}; {args.rounds} rounds of 50 steps, 4 members"
+    )
+    print("| fault (seed 0) | first rejected in round | quarantined | soup | members' mean |")
+    print("|---|---|---|---|---|")
+    for fault, results in faulty.items():
+        final = results["final"]
+        print(
+            f"| {fault} | {named_at(results)} | {FAULTY in final['quarantined']} "
+            f"| {final['final_accuracy']:.4f} | {final['member_mean']:.4f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,11 @@
+"""Configurations the unit tests share."""
+
+from __future__ import annotations
+
+from wash_fed.config import WashFedConfig
+
+
+def three_members(**overrides: object) -> WashFedConfig:
+    """Three members, half of every tensor shuffled (the constant schedule): exchanges
+    large enough to see in a few values."""
+    return WashFedConfig(num_members=3, shuffle_prob=0.5, layer_schedule="constant", **overrides)  # type: ignore[arg-type]
