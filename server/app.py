@@ -35,7 +35,8 @@ from torch import Tensor
 
 from server.checkpoint import ServerCheckpoint
 from server.fedavg import fedavg_bytes_through_flower, run_fedavg
-from server.final import OnMembers, final_step
+from server.final import FinalExchanges, OnMembers, final_step
+from server.flower_log import STRATEGY_LOG, flower_strategy_log_to
 from server.ledger_grid import LedgerGrid
 from server.metrics import RunMetrics
 from server.report import RunOutput, record_round
@@ -48,7 +49,7 @@ from wash_fed.evaluation import Evaluator, OnData
 from wash_fed.keys import RESULTS_IN, Split
 from wash_fed.ledger import Ledger
 from wash_fed.protocol import server_protocol
-from wash_fed.training import load_test_data, new_model
+from wash_fed.training import configure_torch, load_test_data, new_model
 
 app = ServerApp()
 
@@ -56,6 +57,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = WashFedConfig.from_mapping(context.run_config)
+    configure_torch(cfg)  # deterministic: the server's evaluations and merges too
     resumed = ServerCheckpoint.load(Path(cfg.resume_from), cfg) if cfg.resume_from else None
     ledger = Ledger(resumed.ledger if resumed else ())
     output = open_output(cfg, grid.run.run_id, ledger, resumed)
@@ -79,9 +81,10 @@ def main(grid: Grid, context: Context) -> None:
             roster.credentials = dict(resumed.credentials)
         roster.connect(ledger_grid)
         output.write(members={str(p): n for p, n in roster.nodes.items()})
-        final, fedavg_bytes = run_strategy(
-            ledger_grid, cfg, roster, parameters, output, metrics, resumed
-        )
+        with flower_strategy_log_to(output.directory / STRATEGY_LOG):
+            final, fedavg_bytes = run_strategy(
+                ledger_grid, cfg, roster, parameters, output, metrics, resumed
+            )
         roster.end(ledger_grid, completed=True, earlier_runs=resumed.chain if resumed else [])
         output.finish(final, fedavg_bytes)
     except (SystemExit, KeyboardInterrupt):
@@ -144,7 +147,7 @@ def run_strategy(
     evaluator: Evaluator = (
         OnData(test, cfg.eval_batch_size)
         if test is not None
-        else OnMembers(grid, roster, cfg, Split.TEST, {})
+        else OnMembers(FinalExchanges(grid, roster, cfg), Split.TEST)
     )
     return run_fedavg(grid, cfg, roster, evaluator.accuracy, output, metrics), None
 
