@@ -34,7 +34,7 @@ from wash_fed.keys import (
     ReplyKind,
     Split,
 )
-from wash_fed.protocol import apply_delivery, member_payload
+from wash_fed.protocol import apply_delivery, final_dtype, member_payload, to_wire
 from wash_fed.training import (
     Member,
     MemberData,
@@ -112,6 +112,9 @@ class MemberTask:
         )
         self.member = Member(cfg, partition_id, self.data.train, device)
         self.checkpoints = checkpoints
+        self.kept: dict[str, torch.Tensor] | None = None
+        """The model the server last sent in the final step (a soup), which a patch
+        updates."""
         self.credential = ""
         """What the server issued this member at its first hello of the run ("": none yet)."""
         self.resumed = False
@@ -223,12 +226,12 @@ class MemberTask:
         metrics: dict[str, Any] = {Metric.STEPS_DONE: self.member.steps_done}
         if not self.cfg.test_on_server and self.data.test is not None:
             metrics[Metric.TEST_ACCURACY] = self._accuracy(self.data.test)
-        state = wire.tensors_to_record(self.member.model.state_dict())
-        return metrics, RecordDict({Record.ARRAYS: state})
+        state = to_wire(self.member.model.state_dict(), final_dtype(self.cfg))
+        return metrics, RecordDict({Record.ARRAYS: wire.tensors_to_record(state)})
 
     def bn_statistics(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
         """BatchNorm statistics of the soup in ``arrays`` on this member's own data."""
-        soup = wire.record_to_tensors(content.array_records[Record.ARRAYS])
+        soup = self._received_model(content)
         stats = self.member.bn_statistics(soup)
         record = wire.bn_statistics_to_record(stats)
         return {Metric.BATCHES: stats.batches}, RecordDict({Record.STATS: record})
@@ -240,10 +243,9 @@ class MemberTask:
         data = {Split.TEST: self.data.test, Split.HOLDOUT: self.data.holdout}.get(str(split))
         if data is None:
             return {Metric.NUM_EXAMPLES: 0}, RecordDict()
+        received = self._received_model(content)
         own = {k: v.clone() for k, v in self.member.model.state_dict().items()}
-        self.member.model.load_state_dict(
-            wire.record_to_tensors(content.array_records[Record.ARRAYS])
-        )
+        self.member.model.load_state_dict(received)
         try:
             acc = self._accuracy(data)
         finally:
@@ -302,19 +304,36 @@ class MemberTask:
             state = wire.record_to_tensors(content.array_records[Record.ARRAYS])
             self.member.model.load_state_dict(state)
 
+    def _received_model(self, content: RecordDict) -> dict[str, torch.Tensor]:
+        """The model a final-step message carries, whole or (``patch``) as the tensors that
+        differ from the one this member kept from the previous message; kept in turn."""
+        tensors = wire.record_to_tensors(content.array_records[Record.ARRAYS])
+        if content.config_records[Record.CONFIG].get(Config.PATCH, False):
+            if self.kept is None:
+                raise ValueError("a patch arrived, but this member kept no model to apply it to")
+            unknown = sorted(tensors.keys() - self.kept.keys())
+            if unknown:
+                raise ValueError(f"the patch names tensors the kept model lacks: {unknown[:3]}")
+            tensors = {**self.kept, **tensors}
+        self.kept = tensors
+        return tensors
+
     def _accuracy(self, data: ImageData) -> float:
         return accuracy(predict(self.member.model, data, self.cfg.eval_batch_size), data.labels)
 
     # --- state ---------------------------------------------------------------------------
 
     def state_bytes(self) -> bytes:
-        """The member's state (see :meth:`wash_fed.training.Member.state_dict`) as bytes."""
+        """The member's state (see :meth:`wash_fed.training.Member.state_dict`) and the
+        model it kept, as bytes."""
         buffer = io.BytesIO()
-        torch.save(self.member.state_dict(), buffer)
+        torch.save({"member": self.member.state_dict(), "kept": self.kept}, buffer)
         return buffer.getvalue()
 
     def load_state_bytes(self, blob: bytes) -> None:
-        self.member.load_state_dict(torch.load(io.BytesIO(blob), map_location=self.member.device))
+        saved = torch.load(io.BytesIO(blob), map_location=self.member.device)
+        self.member.load_state_dict(saved["member"])
+        self.kept = saved["kept"]
 
 
 def handle_in_process(message_type: str, content: RecordDict, context: Context) -> RecordDict:

@@ -5,15 +5,22 @@ Evaluation happens on the server's own test set when it has one (``test-on-serve
 otherwise the members evaluate on their own test data (:class:`OnMembers`), and the output
 ensemble is not evaluated. Greedy-soup ingredients are picked on a server-side validation
 set (``validation-path``) or on the members' held-out images.
+
+Each member keeps the last model the final step sent it, so a model travels down to a
+member once: a later message carries only the tensors that differ from it (after the
+BatchNorm recalibration, the merged BatchNorm buffers). The collection and the soup's trip
+down travel in ``final-dtype``; the soup is rounded to it before it is used, so the model
+the members evaluate is the model saved, bit for bit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO
 from typing import Any
 
+import torch
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from torch import Tensor, nn
@@ -35,9 +42,128 @@ from wash_fed.gate import (
 )
 from wash_fed.keys import Config, MessageType, Metric, Record, Split
 from wash_fed.merge import merge_population
+from wash_fed.protocol import final_dtype, through, to_wire
 from wash_fed.training import new_model
 
-__all__ = ["OnMembers", "bn_statistics_from_members", "evaluate_on_members", "final_step"]
+__all__ = ["FinalExchanges", "OnMembers", "final_step"]
+
+
+@dataclass
+class FinalExchanges:
+    """The final step's messages to the members: each sends a model (whole, or as a patch
+    over the one the member kept from the previous message) and gathers the replies by
+    member. Rejections are logged and recorded in :attr:`rejected`."""
+
+    grid: Grid
+    roster: Roster
+    cfg: WashFedConfig
+    rejected: dict[int, str] = field(default_factory=dict)
+    """Why members' replies were rejected, by partition id."""
+    held: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    """The model each member holds from the last message it answered."""
+
+    def ask(
+        self,
+        message_type: str,
+        state_dict: Mapping[str, Tensor],
+        *,
+        arrays: str | None,
+        what: str,
+        config: Mapping[str, str] | None = None,
+    ) -> dict[int, wire.ReplyParts]:
+        """Send ``state_dict`` to every member; the replies of the right form, by
+        partition id (:func:`server.replies.gather`)."""
+        model = {name: t.detach().clone() for name, t in state_dict.items()}
+        messages = []
+        for partition, node in self.roster.nodes.items():
+            tensors, patch = self._what_to_send(partition, model)
+            messages.append(
+                wire.message(
+                    node,
+                    message_type,
+                    self.cfg.final_round,
+                    {**(config or {}), Config.PATCH: patch},
+                    {Record.ARRAYS: wire.tensors_to_record(tensors)},
+                    ttl=self.cfg.round_timeout,
+                )
+            )
+        replies = self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
+        got = gather(replies, self.roster.nodes, arrays, what)
+        for partition in self.roster.nodes:
+            if partition in got.answered():
+                self.held[partition] = model
+            else:  # a member that failed may hold either model: send it whole next time
+                self.held.pop(partition, None)
+        for partition, reason in got.rejected.items():
+            self.reject(partition, what, reason)
+        return got.accepted
+
+    def _what_to_send(
+        self, partition: int, model: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], bool]:
+        """The tensors to send member ``partition`` and whether they are a patch over the
+        model it holds. Each floating-point tensor travels in ``final-dtype`` where that
+        loses nothing (a soup is rounded to it before it is sent), else in its own dtype
+        (the recalibrated BatchNorm buffers)."""
+        held = self.held.get(partition)
+        patch = held is not None and held.keys() == model.keys()
+        tensors = (
+            {n: t for n, t in model.items() if not torch.equal(t, held[n])}
+            if held is not None and patch
+            else dict(model)
+        )
+        dtype = final_dtype(self.cfg)
+        return {n: _narrowed(t, dtype) for n, t in tensors.items()}, patch
+
+    def reject(self, partition: int, what: str, reason: str) -> None:
+        """Log a rejected reply (one line) and record it for the results."""
+        log_rejections({partition: reason}, what)
+        self.rejected.setdefault(partition, f"{what}: {reason}")
+
+    def bn_statistics(self, soup: Mapping[str, Tensor], reference: BNStatistics) -> BNStatistics:
+        """Federated BN recalibration: each member computes the soup's statistics on its own
+        data; those that pass the gate (the model's layers, finite, variances not negative,
+        not far from the others') are merged by batch count, each member's count capped at
+        what its data can support: what one process would compute over all their batches."""
+        what = "BatchNorm statistics"
+        replies = self.ask(MessageType.BN_STATISTICS, soup, arrays=Record.STATS, what=what)
+        stats: dict[int, BNStatistics] = {}
+        for partition, parts in replies.items():
+            claimed = int(parts.metrics.get(Metric.BATCHES, 0))
+            examples = self.roster.info[partition].examples
+            batches = capped_batches(claimed, examples, self.cfg.batch_size, self.cfg.bn_batches)
+            try:
+                candidate = wire.tensors_to_bn_statistics(parts.tensors, batches)
+                problem = check_bn_statistics(candidate, reference)
+            except wire.MalformedReplyError as err:
+                problem = str(err)
+            if problem is None:
+                stats[partition] = candidate
+            else:
+                self.reject(partition, what, problem)
+        flat = {partition: s.named_tensors() for partition, s in stats.items()}
+        for partition, reason in magnitude_outliers(flat, self.cfg.outlier_factor).items():
+            self.reject(partition, what, reason)
+            del stats[partition]
+        return merge_bn_statistics(list(stats.values()))
+
+    def own_evaluations(self, state_dict: Mapping[str, Tensor]) -> dict[str, float]:
+        """Federated evaluation of the final model: each member tests it on its own test
+        data. Returns accuracy by partition id (members without test data are left out)."""
+        replies = self.ask(MessageType.EVALUATE, state_dict, arrays=None, what="evaluation")
+        return {
+            str(partition): float(parts.metrics[Metric.ACCURACY])
+            for partition, parts in replies.items()
+            if Metric.ACCURACY in parts.metrics
+        }
+
+
+def _narrowed(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` in ``dtype`` when it is floating and that rounds nothing, else as it is."""
+    if not tensor.is_floating_point():
+        return tensor
+    narrow = tensor.to(dtype)
+    return narrow if torch.equal(narrow.to(tensor.dtype), tensor) else tensor
 
 
 def final_step(
@@ -56,18 +182,24 @@ def final_step(
     roster = strategy.roster
     log(INFO, "final step: collecting %d members", len(roster.nodes))
     model = new_model(cfg)
-    states, reported, rejected = strategy.collect(grid, cfg.round_timeout, model.state_dict())
-    if not states:
+    dtype = final_dtype(cfg)
+    collected, reported, rejected = strategy.collect(
+        grid, cfg.round_timeout, to_wire(model.state_dict(), dtype)
+    )
+    if not collected:
         raise RuntimeError("no member could be collected; nothing to average")
+    own = model.state_dict()
+    states = {p: {k: v.to(own[k].dtype) for k, v in sd.items()} for p, sd in collected.items()}
+    exchanges = FinalExchanges(grid, roster, cfg, dict(rejected))
     reference = running_statistics(model)
-    exchanges = 0
+    bn_exchanges = 0
 
     def federated_bn_statistics(soup: Mapping[str, Tensor]) -> BNStatistics:
-        nonlocal exchanges
-        exchanges += 1
-        return bn_statistics_from_members(grid, roster, soup, reference, cfg, rejected)
+        nonlocal bn_exchanges
+        bn_exchanges += 1
+        return exchanges.bn_statistics(soup, reference)
 
-    evaluator, holdout = _evaluators(grid, cfg, roster, test, validation, rejected, reported)
+    evaluator, holdout = _evaluators(exchanges, test, validation, reported)
     merge = merge_population(
         list(states.values()),
         lambda: new_model(cfg),
@@ -75,13 +207,14 @@ def final_step(
         bn_statistics_of=federated_bn_statistics if cfg.bn_recalibration else None,
         holdout=holdout,
         final_soup=cfg.soup,
+        as_sent=lambda soup: through(soup, dtype),
     )
     require_finite(merge.final_state_dict, "the final model")
     output.save_model(merge.final_state_dict)
     if cfg.save_members:
         members = {f"{p}.{k}": v for p, sd in states.items() for k, v in sd.items()}
         output.save_model(members, "members.pt")
-    own_tests = evaluate_on_members(grid, roster, merge.final_state_dict, cfg, rejected)
+    own_tests = exchanges.own_evaluations(merge.final_state_dict)
     soups = ", ".join(f"{k} {v:.4f}" for k, v in merge.soups.items())
     ensemble = "-" if merge.ensemble is None else f"{merge.ensemble:.4f}"
     log(
@@ -97,35 +230,33 @@ def final_step(
     return merge.as_dict() | {
         "collected": sorted(states),
         "quarantined": sorted(roster.quarantined),
-        "rejected": {str(p): reason for p, reason in sorted(rejected.items())},
-        "bn_exchanges": exchanges,
+        "rejected": {str(p): reason for p, reason in sorted(exchanges.rejected.items())},
+        "bn_exchanges": bn_exchanges,
         "evaluated_on": "server" if test is not None else "members",
         "members_own_evaluation": own_tests,
     }
 
 
 def _evaluators(
-    grid: Grid,
-    cfg: WashFedConfig,
-    roster: Roster,
+    exchanges: FinalExchanges,
     test: ImageData | None,
     validation: ImageData | None,
-    rejected: dict[int, str],
     reported: Mapping[int, Mapping[str, Any]],
 ) -> tuple[Evaluator, Callable[[nn.Module], float] | None]:
     """Where the final step tests (the server's test set, else the members' own test data)
     and, for the greedy soup, where it picks ingredients (the server's validation set, else
     the members' held-out images; ``None`` for the other soups)."""
+    cfg = exchanges.cfg
     evaluator: Evaluator = (
         OnData(test, cfg.eval_batch_size)
         if test is not None
-        else OnMembers(grid, roster, cfg, Split.TEST, rejected, _own_accuracies(reported))
+        else OnMembers(exchanges, Split.TEST, _own_accuracies(reported))
     )
     if cfg.soup != "greedy":
         return evaluator, None
     if validation is not None:
         return evaluator, OnData(validation, cfg.eval_batch_size).accuracy
-    return evaluator, OnMembers(grid, roster, cfg, Split.HOLDOUT, rejected).accuracy
+    return evaluator, OnMembers(exchanges, Split.HOLDOUT).accuracy
 
 
 def _own_accuracies(reported: Mapping[int, Mapping[str, Any]]) -> list[float]:
@@ -146,12 +277,8 @@ class OnMembers:
     what it said it holds at hello); each member's own accuracy is what it reported
     (``own``); the ensemble is not evaluated."""
 
-    grid: Grid
-    roster: Roster
-    cfg: WashFedConfig
+    exchanges: FinalExchanges
     split: str
-    rejected: dict[int, str]
-    """Where rejections are recorded, by partition id."""
     own: list[float] | None = None
 
     def population(self, models: Sequence[nn.Module]) -> PopulationAccuracy:
@@ -160,20 +287,16 @@ class OnMembers:
         return PopulationAccuracy(self.own, None)
 
     def accuracy(self, model: nn.Module) -> float:
-        replies = _ask(
-            self.grid,
-            self.roster,
+        replies = self.exchanges.ask(
             MessageType.EVALUATE,
             model.state_dict(),
-            self.cfg,
             arrays=None,
             what=f"evaluation on {self.split}",
-            rejected=self.rejected,
             config={Config.SPLIT: self.split},
         )
         scored = []
         for partition, parts in replies.items():
-            info = self.roster.info[partition]
+            info = self.exchanges.roster.info[partition]
             held = info.test_examples if self.split == Split.TEST else info.holdout_examples
             examples = min(float(parts.metrics.get(Metric.NUM_EXAMPLES, 0)), held)
             if examples > 0 and Metric.ACCURACY in parts.metrics:
@@ -182,97 +305,3 @@ class OnMembers:
         if not total:
             raise RuntimeError(f"no member could evaluate on its {self.split} data")
         return sum(acc * n for acc, n in scored) / total
-
-
-def _ask(
-    grid: Grid,
-    roster: Roster,
-    message_type: str,
-    state_dict: Mapping[str, Tensor],
-    cfg: WashFedConfig,
-    *,
-    arrays: str | None,
-    what: str,
-    rejected: dict[int, str],
-    config: Mapping[str, str] | None = None,
-) -> dict[int, wire.ReplyParts]:
-    """Send one model to every member; the replies of the right form, by partition id
-    (:func:`server.replies.gather`). Failures are logged; rejections are logged and
-    recorded in ``rejected``."""
-    message_arrays = {Record.ARRAYS: wire.tensors_to_record(state_dict)}
-    messages = [
-        wire.message(
-            node, message_type, cfg.final_round, config, message_arrays, ttl=cfg.round_timeout
-        )
-        for node in roster.nodes.values()
-    ]
-    replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
-    got = gather(replies, roster.nodes, arrays, what)
-    for partition, reason in got.rejected.items():
-        _reject(rejected, partition, what, reason)
-    return got.accepted
-
-
-def _reject(rejected: dict[int, str], partition: int, what: str, reason: str) -> None:
-    """Log a rejected reply (one line) and record it for the results."""
-    log_rejections({partition: reason}, what)
-    rejected.setdefault(partition, f"{what}: {reason}")
-
-
-def bn_statistics_from_members(
-    grid: Grid,
-    roster: Roster,
-    soup: Mapping[str, Tensor],
-    reference: BNStatistics,
-    cfg: WashFedConfig,
-    rejected: dict[int, str],
-) -> BNStatistics:
-    """Federated BN recalibration: each member computes the soup's statistics on its own
-    data; those that pass the gate (the model's layers, finite, variances not negative, not
-    far from the others') are merged by batch count, each member's count capped at what its
-    data can support: what one process would compute over all their batches."""
-    what = "BatchNorm statistics"
-    replies = _ask(
-        grid, roster, MessageType.BN_STATISTICS, soup, cfg, arrays=Record.STATS, what=what,
-        rejected=rejected,
-    )  # fmt: skip
-    stats: dict[int, BNStatistics] = {}
-    for partition, parts in replies.items():
-        claimed = int(parts.metrics.get(Metric.BATCHES, 0))
-        batches = capped_batches(
-            claimed, roster.info[partition].examples, cfg.batch_size, cfg.bn_batches
-        )
-        try:
-            candidate = wire.tensors_to_bn_statistics(parts.tensors, batches)
-            problem = check_bn_statistics(candidate, reference)
-        except wire.MalformedReplyError as err:
-            problem = str(err)
-        if problem is None:
-            stats[partition] = candidate
-        else:
-            _reject(rejected, partition, what, problem)
-    flat = {partition: s.named_tensors() for partition, s in stats.items()}
-    for partition, reason in magnitude_outliers(flat, cfg.outlier_factor).items():
-        _reject(rejected, partition, what, reason)
-        del stats[partition]
-    return merge_bn_statistics(list(stats.values()))
-
-
-def evaluate_on_members(
-    grid: Grid,
-    roster: Roster,
-    state_dict: Mapping[str, Tensor],
-    cfg: WashFedConfig,
-    rejected: dict[int, str],
-) -> dict[str, float]:
-    """Federated evaluation of the final model: each member tests it on its own test data.
-    Returns accuracy by partition id (members without test data are left out)."""
-    replies = _ask(
-        grid, roster, MessageType.EVALUATE, state_dict, cfg, arrays=None, what="evaluation",
-        rejected=rejected,
-    )  # fmt: skip
-    return {
-        str(partition): float(parts.metrics[Metric.ACCURACY])
-        for partition, parts in replies.items()
-        if Metric.ACCURACY in parts.metrics
-    }

@@ -139,10 +139,17 @@ class WashFedConfig:
         default="float32",
         metadata=_doc(
             f"one of {_listed(WIRE_DTYPES)}: the values exchanged while training (WASH's shuffled "
-            "values, PAPA's weights and mean, FedAvg's models); the final step is float32"
+            "values, PAPA's weights and mean, FedAvg's models); the final step's is final-dtype"
         ),
     )
 
+    final_dtype: str = field(
+        default="float32",
+        metadata=_doc(
+            f"one of {_listed(WIRE_DTYPES)}: the final step's values (the members collected, "
+            "the soup sent down; the soup is rounded to it, so members evaluate the saved model)"
+        ),
+    )
     outlier_factor: float = field(
         default=50.0,
         metadata=_doc(
@@ -253,6 +260,7 @@ class WashFedConfig:
         _at_least("papa-every", self.papa_every, 1)
         _in_range("papa-rate", self.papa_rate, 0.0, 1.0, closed_high=False)
         _one_of("wire-dtype", self.wire_dtype, WIRE_DTYPES)
+        _one_of("final-dtype", self.final_dtype, WIRE_DTYPES)
         if self.strategy == "fedavg" and self.wire_dtype == "bfloat16":
             raise ConfigError(
                 "wire-dtype='bfloat16' does not work with fedavg: Flower's FedAvg averages "

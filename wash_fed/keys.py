@@ -71,6 +71,9 @@ class Config:
     """True: the member also reports its test accuracy this round."""
     DELIVERY_EVENT: Final = "delivery-event"
     """The round whose exchange produced the delivery (``values`` or ``mean``) in the message."""
+    PATCH: Final = "patch"
+    """``query.bn_statistics`` and ``evaluate``: True when ``arrays`` holds only the tensors
+    that differ from the model the member kept from the final step's previous message."""
     SPLIT: Final = "split"
     """``evaluate``: on which of its data the member evaluates, one of :class:`Split`."""
     CHECKPOINTED_ROUND: Final = "checkpointed-round"

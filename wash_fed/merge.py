@@ -60,6 +60,7 @@ def merge_population(
     bn_statistics_of: Callable[[StateDict], BNStatistics] | None,
     holdout: Callable[[nn.Module], float] | None,
     final_soup: str,
+    as_sent: Callable[[StateDict], StateDict] = dict,
 ) -> MergeResult:
     """Evaluate and merge a trained population.
 
@@ -68,6 +69,8 @@ def merge_population(
     returns BatchNorm statistics of the soup on training data; ``None`` skips recalibration.
     ``holdout(model)`` (accuracy on held-out data) enables the greedy soup. ``final_soup`` is
     ``"uniform"`` or ``"greedy"``; the recalibrated variant is final when recalibration runs.
+    ``as_sent(soup)`` is a soup as it travels to the members (rounded to ``final-dtype``):
+    every soup is evaluated, recalibrated and saved as sent.
     """
     models = []
     for sd in state_dicts:
@@ -77,10 +80,11 @@ def merge_population(
     population = test.population(models)
     probe = new_model()
 
-    def load(sd: StateDict, recalibrate: bool) -> nn.Module:
-        probe.load_state_dict(sd)
+    def load(soup: StateDict, recalibrate: bool) -> nn.Module:
+        sent = as_sent(soup)
+        probe.load_state_dict(sent)
         if recalibrate and bn_statistics_of is not None:
-            load_bn_statistics(probe, bn_statistics_of(sd))
+            load_bn_statistics(probe, bn_statistics_of(sent))
         return probe
 
     variants = [False, True] if bn_statistics_of is not None else [False]

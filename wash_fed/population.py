@@ -43,9 +43,11 @@ from wash_fed.protocol import (
     FedAvgServer,
     ServerProtocol,
     apply_delivery,
+    final_dtype,
     member_payload,
     payload_bytes,
     server_protocol,
+    through,
     to_wire,
     wire_dtype,
 )
@@ -282,19 +284,20 @@ def _merge(
     """The population's final step: collect every member, build and evaluate the soups
     (recalibrating BatchNorm on the members' data), counting what travels."""
     cfg = members[0].cfg
-    final_round = cfg.final_round
+    final_round, dtype = cfg.final_round, final_dtype(cfg)
     for m in members:
         _deliver(m, deliveries, final_round, "collect", ledger)
-    state_dicts = [m.model.state_dict() for m in members]
+    state_dicts = [through(m.model.state_dict(), dtype) for m in members]
     for m, sd in zip(members, state_dicts, strict=True):
-        ledger.record(final_round, m.index, "up", "collect", payload_bytes(sd))
+        ledger.record(final_round, m.index, "up", "collect", payload_bytes(to_wire(sd, dtype)))
 
     def bn_statistics_of(soup: Mapping[str, Tensor]) -> BNStatistics:
         parts = []
         for m in members:
             stats = m.bn_statistics(soup)
             parts.append(stats)
-            ledger.record(final_round, m.index, "down", "bn", payload_bytes(soup))
+            sent = payload_bytes(to_wire(soup, dtype))
+            ledger.record(final_round, m.index, "down", "bn", sent)
             ledger.record(
                 final_round,
                 m.index,
@@ -312,6 +315,7 @@ def _merge(
         bn_statistics_of=bn_statistics_of if cfg.bn_recalibration else None,
         holdout=OnData(holdout, cfg.eval_batch_size).accuracy if holdout else None,
         final_soup=cfg.soup,
+        as_sent=lambda soup: through(soup, dtype),
     )
     return merge.as_dict(), merge.final_state_dict
 

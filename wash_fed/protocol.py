@@ -58,11 +58,13 @@ __all__ = [
     "ServerProtocol",
     "WashServer",
     "apply_delivery",
+    "final_dtype",
     "member_payload",
     "papa_rate",
     "payload_bytes",
     "server_protocol",
     "tensors_digest",
+    "through",
     "to_wire",
     "wire_dtype",
 ]
@@ -139,6 +141,21 @@ _WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 def wire_dtype(cfg: WashFedConfig) -> torch.dtype:
     """The dtype of the floating-point values exchanged while training."""
     return _WIRE_DTYPES[cfg.wire_dtype]
+
+
+def final_dtype(cfg: WashFedConfig) -> torch.dtype:
+    """The dtype of the final step's floating-point values: the collected members and the
+    soup on its way down."""
+    return _WIRE_DTYPES[cfg.final_dtype]
+
+
+def through(tensors: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """``tensors`` as they arrive after travelling in ``dtype``: every floating-point one
+    rounded to it once and cast back to its own dtype (identity for ``float32``)."""
+    return {
+        name: t.detach().to(dtype).to(t.dtype) if t.is_floating_point() else t.detach()
+        for name, t in tensors.items()
+    }
 
 
 def to_wire(tensors: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:

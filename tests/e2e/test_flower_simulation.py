@@ -24,6 +24,7 @@ from simulations.local_flower import (
 from wash_fed.config import WashFedConfig
 from wash_fed.ledger import Ledger
 from wash_fed.population import run_population
+from wash_fed.protocol import final_dtype, through
 from wash_fed.shuffle import layer_probs
 from wash_fed.training import new_model
 
@@ -100,6 +101,34 @@ def test_wash_run_sends_only_the_masked_values(
     assert results["fedavg_bytes"] > 10 * sum(e.bytes for e in train)
 
 
+def test_the_final_step_sends_each_member_the_soup_once(
+    simulation_harness: FlowerHarness, out: Path
+) -> None:
+    """The soup goes down once, for the BatchNorm statistics; the members then evaluate the
+    final model from the recalibrated BatchNorm buffers alone, and what they evaluate is
+    the saved model: their accuracy on the run's test set is the server's, exactly. Flower's
+    own per-round log stays out of the output, in the run's folder."""
+    result, results, run_dir = run(simulation_harness, out, strategy="wash", deterministic=True)
+    ledger = Ledger.read_csv(run_dir / "ledger.csv")
+    model_bytes = sum(4 * t.numel() for t in new_model(cfg_of(results)).state_dict().values())
+    for member in range(MEMBERS):
+        down = {
+            phase: sum(
+                e.bytes
+                for e in ledger.entries
+                if (e.member, e.direction, e.phase) == (member, "down", phase)
+            )
+            for phase in ("bn", "evaluate")
+        }
+        assert model_bytes < down["bn"] < model_bytes + FRAMING_PER_ARRAY * 30
+        assert down["evaluate"] < 0.05 * model_bytes, down
+    final = results["final"]
+    own = final["members_own_evaluation"]
+    assert own == dict.fromkeys(own, final["final_accuracy"]) and len(own) == MEMBERS
+    assert "Aggregated MetricRecord" not in result.output and "[ROUND" not in result.output
+    assert "[ROUND 2/2]" in (run_dir / "flower-strategy.log").read_text()
+
+
 def test_fedavg_run_sends_the_full_model_each_way_in_16_bits(
     simulation_harness: FlowerHarness, out: Path
 ) -> None:
@@ -164,22 +193,28 @@ def torch_settings() -> Iterator[None]:
             "shuffle-optimizer-state": True,
             "shuffle-prob": 0.3,
             "wire-dtype": "bfloat16",
+            "final-dtype": "float16",
         },
         {"strategy": "papa", "papa-every": 2},
     ],
-    ids=["wash+opt-bfloat16", "papa"],
+    ids=["wash+opt-bfloat16-final-float16", "papa"],
 )
 def test_a_federated_run_equals_the_population_trainer_bit_for_bit(
     simulation_harness: FlowerHarness, out: Path, overrides: dict[str, Any]
 ) -> None:
     """Same config, three rounds: the members collected through Flower are the population
-    trainer's members, bit for bit, and every exchange delivered the same values."""
+    trainer's members, bit for bit, every exchange delivered the same values, and the final
+    step built the same soup (as sent in final-dtype, recalibrated with the members'
+    statistics) and accuracies."""
     common = {"num-server-rounds": 3, "save-members": True, "deterministic": True}
     _, results, run_dir = run(simulation_harness, out, **common, **overrides)
     cfg = cfg_of(results)
     reference = run_population(cfg, log=lambda _: None, progress_eval=False)
     federated = _members(run_dir)
-    for i, (ours, theirs) in enumerate(zip(reference.member_state_dicts, federated, strict=True)):
+    for i, (members, theirs) in enumerate(
+        zip(reference.member_state_dicts, federated, strict=True)
+    ):
+        ours = through(members, final_dtype(cfg))  # as they were collected
         assert ours.keys() == theirs.keys()
         for key, value in ours.items():
             assert torch.equal(value, theirs[key]), f"member {i}: {key}"
@@ -191,6 +226,13 @@ def test_a_federated_run_equals_the_population_trainer_bit_for_bit(
     ]
     moved = [r["exchange"].get("moved", r["exchange"].get("averaged")) for r in results["rounds"]]
     assert any(moved), "nothing was exchanged: the comparison proves nothing"
+    final = torch.load(run_dir / "final_model.pt")["state_dict"]
+    assert final.keys() == reference.final_state_dict.keys()
+    assert all(torch.equal(final[k], reference.final_state_dict[k]) for k in final), "another soup"
+    same = ("members", "ensemble", "soups", "final_accuracy")
+    assert {k: results["final"][k] for k in same} == {
+        k: reference.results["final"][k] for k in same
+    }
 
 
 def _members(run_dir: Path) -> list[dict[str, torch.Tensor]]:
