@@ -21,9 +21,7 @@ MEMBERS, FAULTY = 4, 3
 FEDERATION = f"num-supernodes={MEMBERS} client-resources-num-cpus=1"
 
 
-def run(
-    harness: FlowerHarness, root: Path, fault: str, seed: int, rounds: int
-) -> dict[str, Any]:
+def run(harness: FlowerHarness, root: Path, fault: str, seed: int, rounds: int) -> dict[str, Any]:
     """One run of the app copy with ``fault`` (``none``: everyone honest); its results."""
     app = faulty_app_copy(root / f"app-{fault}-{seed}", fault, FAULTY)
     config = {
