@@ -40,7 +40,8 @@ $(VENV)/.installed: pyproject.toml
 # Fashion-MNIST's files (no internet needed beyond the package mirror; elsewhere torchvision
 # downloads them), and for the tests a real Prometheus, a compose implementation, nginx (the
 # compose stack's proxy), openssl and ssh-keygen (the key scripts). Packages are installed
-# without starting their services (policy-rc.d): the tests run their own instances.
+# without starting their services (policy-rc.d): the tests run their own instances. apt waits
+# for another package manager's lock (unattended upgrades) instead of failing.
 APT_RUN := dataset-fashion-mnist
 APT_TEST := prometheus docker-compose nginx-light openssl openssh-client
 
@@ -51,7 +52,8 @@ define apt_install
 	    if [ ! -e /usr/sbin/policy-rc.d ]; then \
 	      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d; \
 	      trap 'rm -f /usr/sbin/policy-rc.d' EXIT; fi; \
-	    apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	    apt-get -o DPkg::Lock::Timeout=600 update -q && \
+	      apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends $$missing; \
 	  else echo "note: missing Debian packages:$$missing"; fi; fi
 endef
 
