@@ -17,12 +17,22 @@ STRATEGY_LOG = "flower-strategy.log"
 _FLOWER_STRATEGIES = "/flwr/serverapp/strategy/"
 
 
+class _AppendEach(logging.FileHandler):
+    """Appends each record and closes the file again: like every file of the run's folder,
+    the log is not held open between writes (a folder with a file open for writing cannot
+    be remounted or unmounted, and a log that fails to write fails one line only)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        self.close()
+
+
 class _ToFile(logging.Filter):
     """Passes every record but those Flower's strategy modules log, which go to a file."""
 
     def __init__(self, path: Path) -> None:
         super().__init__()
-        self.handler = logging.FileHandler(path, delay=True)
+        self.handler = _AppendEach(path, delay=True)
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
 
     def filter(self, record: logging.LogRecord) -> bool:
