@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -34,6 +35,7 @@ from wash_fed.keys import (
     ReplyKind,
     Split,
 )
+from wash_fed.models import model_layout
 from wash_fed.protocol import apply_delivery, final_dtype, member_payload, to_wire
 from wash_fed.training import (
     Member,
@@ -183,6 +185,7 @@ class MemberTask:
                 Info.TORCH: torch.__version__,
                 Info.RESUMED: self.resumed,
                 Info.CREDENTIAL: self.credential,
+                Info.MODEL_LAYOUT: json.dumps(model_layout(self.member.model)),
             }
         )
         metrics = {

@@ -48,6 +48,7 @@ from wash_fed.data import ImageData, load_local
 from wash_fed.evaluation import Evaluator, OnData
 from wash_fed.keys import RESULTS_IN, Split
 from wash_fed.ledger import Ledger
+from wash_fed.models import model_layout
 from wash_fed.protocol import server_protocol
 from wash_fed.training import configure_torch, load_test_data, new_model
 
@@ -73,9 +74,11 @@ def main(grid: Grid, context: Context) -> None:
         if cfg.metrics_port:
             metrics.serve(cfg.metrics_port)
             log(INFO, "Prometheus metrics on port %d", cfg.metrics_port)
-        parameters = dict(new_model(cfg).named_parameters())
+        model = new_model(cfg)
+        parameters = dict(model.named_parameters())
         numels = [p.numel() for p in parameters.values()]
-        roster = Roster(cfg, cfg.shuffle_mask(numels, 1).digest(), on_bind=ledger_grid.bind)
+        digest = cfg.shuffle_mask(numels, 1).digest()
+        roster = Roster(cfg, digest, model_layout(model), on_bind=ledger_grid.bind)
         if resumed is not None:
             roster.continues = (resumed.run_id, resumed.round)
             roster.credentials = dict(resumed.credentials)
@@ -198,7 +201,7 @@ def run_population_strategy(
         why = strategy.state.reasons()
         reasons = "; ".join(f"member {p}: {reason}" for p, reason in sorted(why.items()))
         raise RuntimeError(f"no member completed a single round ({reasons or 'no round ran'})")
-    validation = load_local(cfg.validation_path, cfg.dataset) if cfg.validation_path else None
+    validation = load_local(cfg.validation_path, cfg.task) if cfg.validation_path else None
     final = final_step(grid, cfg, strategy, test, validation, output)
     observed = {"member_mean": final["member_mean"], "soup": final["final_accuracy"]}
     if final["ensemble"] is not None:

@@ -15,6 +15,7 @@ authentication a node's id is its registered key's, and a restarted node keeps i
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -56,6 +57,8 @@ class MemberInfo:
     resumed_round: int
     """The round of the earlier run's checkpoint it continues from (0: none)."""
     credential: str
+    layout: list[str]
+    """Its model's state entries, ``name:shape`` each (:func:`wash_fed.models.model_layout`)."""
 
 
 def _member_info(reply: Message) -> MemberInfo:
@@ -73,25 +76,40 @@ def _member_info(reply: Message) -> MemberInfo:
         steps_done=int(wire.metric(content, Metric.STEPS_DONE)),
         resumed_round=int(wire.metric(content, Metric.RESUMED_ROUND)),
         credential=str(wire.config_value(content, Info.CREDENTIAL, Record.INFO)),
+        layout=list(json.loads(str(wire.config_value(content, Info.MODEL_LAYOUT, Record.INFO)))),
     )
+
+
+def _first_difference(member: list[str], server: list[str]) -> str | None:
+    """Where a member's model layout first departs from the server's (``None``: nowhere)."""
+    for i, (mine, theirs) in enumerate(zip(member, server, strict=False)):
+        if mine != theirs:
+            return f"state entry {i} is {mine}, the server's is {theirs}"
+    if len(member) != len(server):
+        return f"{len(member)} state entries, the server's model has {len(server)}"
+    return None
 
 
 class Roster:
     """The node id of every member (partition id), as the run goes on.
 
-    ``mask_digest`` is the digest of shuffle event 1's mask as the server derives it; a
-    member that derives another cannot take part. ``on_bind(node, partition)`` is called
-    whenever a node is bound to a member (the ledger attributes its bytes from then on).
+    ``mask_digest`` is the digest of shuffle event 1's mask as the server derives it, and
+    ``layout`` its model's state entries (:func:`wash_fed.models.model_layout`); a member
+    that derives another mask or builds another model cannot take part.
+    ``on_bind(node, partition)`` is called whenever a node is bound to a member (the ledger
+    attributes its bytes from then on).
     """
 
     def __init__(
         self,
         cfg: WashFedConfig,
         mask_digest: str,
+        layout: list[str],
         on_bind: Callable[[int, int], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.mask_digest = mask_digest
+        self.layout = layout
         self.on_bind = on_bind
         self.nodes: dict[int, int] = {}
         """Partition id -> node id, of the members taking part."""
@@ -278,6 +296,12 @@ class Roster:
                 member = _member_info(reply)
             except (KeyError, TypeError, ValueError) as err:
                 problems.append(f"node {node}: malformed hello reply ({err!r})")
+                continue
+            if (difference := _first_difference(member.layout, self.layout)) is not None:
+                problems.append(
+                    f"member {member.partition} on node {node} builds another model than the "
+                    f"server: {difference}"
+                )
                 continue
             if member.mask_digest != self.mask_digest:
                 problems.append(

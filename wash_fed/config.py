@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from wash_fed.data import DATASETS, PARTITIONS
+from wash_fed.data import DATASETS, IMAGES, PARTITIONS, DatasetSpec
 from wash_fed.models import model_problem
 from wash_fed.shuffle import LAYER_SCHEDULES, ShuffleMask, wash_mask
 
@@ -83,7 +83,38 @@ class WashFedConfig:
     seed: int = field(default=0, metadata=_doc("run seed: initialisations, data order, masks"))
 
     dataset: str = field(
-        default="fashion-mnist", metadata=_doc(f"one of {_listed(sorted(DATASETS))}")
+        default="fashion-mnist",
+        metadata=_doc(
+            f"one of {_listed(sorted(DATASETS))}, or 'images': a task the keys below describe"
+        ),
+    )
+    num_classes: int = field(default=0, metadata=_doc("dataset='images': the classes, >= 2"))
+    channels: int = field(default=0, metadata=_doc("dataset='images': image channels, >= 1"))
+    image_size: str = field(
+        default="", metadata=_doc("dataset='images': 'HxW' (or 'N' for N x N) in pixels")
+    )
+    image_mean: str = field(
+        default="",
+        metadata=_doc(
+            "dataset='images': per-channel mean on the [0, 1] scale, comma-separated; empty: "
+            "each image set's own"
+        ),
+    )
+    image_std: str = field(
+        default="",
+        metadata=_doc("dataset='images': per-channel standard deviation, as image-mean"),
+    )
+    train_path: str = field(
+        default="",
+        metadata=_doc(
+            "dataset='images': training images (a tensor file or a class-folder tree) shared "
+            "by the members that name no data-path of their own (simulation, the population "
+            "trainer)"
+        ),
+    )
+    test_path: str = field(
+        default="",
+        metadata=_doc("dataset='images': test images, for the server and for such members"),
     )
     data_root: str = field(
         default="", metadata=_doc("data directory; empty: $WASH_FED_DATA or ~/.cache/wash-fed/data")
@@ -241,7 +272,8 @@ class WashFedConfig:
         _at_least("num-server-rounds", self.num_server_rounds, 1)
         _at_least("local-steps", self.local_steps, 1)
         _at_least("seed", self.seed, 0)
-        _one_of("dataset", self.dataset, tuple(sorted(DATASETS)))
+        _one_of("dataset", self.dataset, (*sorted(DATASETS), IMAGES))
+        self._check_task()
         _one_of("partition", self.partition, PARTITIONS)
         _greater("dirichlet-alpha", self.dirichlet_alpha, 0.0)
         _at_least("train-subset", self.train_subset, 0)
@@ -294,6 +326,52 @@ class WashFedConfig:
             )
         if self.shuffle_optimizer_state and self.momentum == 0.0:
             raise ConfigError("shuffle-optimizer-state needs optimizer state: set momentum > 0")
+
+    def _check_task(self) -> None:
+        """The keys of a task described by configuration: all set for ``images``, none for
+        a named data set."""
+        task_keys = (
+            "num-classes", "channels", "image-size", "image-mean", "image-std", "train-path",
+            "test-path",
+        )  # fmt: skip
+        if self.dataset != IMAGES:
+            given = [k for k in task_keys if getattr(self, k.replace("-", "_"))]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)} describe dataset='images'; {self.dataset} has its own"
+                )
+            return
+        _at_least("num-classes", self.num_classes, 2)
+        _at_least("channels", self.channels, 1)
+        _pixels(self.image_size)
+        mean, std = (
+            _per_channel("image-mean", self.image_mean),
+            _per_channel("image-std", self.image_std),
+        )
+        if bool(mean) != bool(std):
+            raise ConfigError("image-mean and image-std go together: give both or neither")
+        for key, values in (("image-mean", mean), ("image-std", std)):
+            if values and len(values) != self.channels:
+                raise ConfigError(f"{key} has {len(values)} values for channels={self.channels}")
+        if any(s <= 0 for s in std):
+            raise ConfigError(f"image-std must be > 0 for every channel, got {self.image_std}")
+
+    @property
+    def task(self) -> DatasetSpec:
+        """What the run trains on: the named data set's description, or the one the task's
+        keys give (``dataset='images'``)."""
+        if self.dataset != IMAGES:
+            return DATASETS[self.dataset]
+        return DatasetSpec(
+            IMAGES,
+            "",
+            self.num_classes,
+            self.channels,
+            _pixels(self.image_size),
+            _per_channel("image-mean", self.image_mean),
+            _per_channel("image-std", self.image_std),
+            "give train-path (or each node its data-path) and test-path",
+        )
 
     def training_changes(self, other: WashFedConfig) -> list[str]:
         """The keys whose values differ between two configurations, leaving out those a
@@ -384,6 +462,33 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         except (KeyError, ValueError):
             pass
     raise ConfigError(f"{key} must be {kind.__name__}, got {value!r}")
+
+
+def _pixels(text: str) -> tuple[int, int]:
+    """``"HxW"`` or ``"N"`` as (height, width); ConfigError unless both are >= 1."""
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) == 1:
+        sizes *= 2
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise ConfigError(f"image-size must be 'HxW' or 'N' with sizes >= 1, got {text!r}")
+    return sizes[0], sizes[1]
+
+
+def _per_channel(key: str, text: str) -> tuple[float, ...]:
+    """Comma-separated finite numbers (empty text: none)."""
+    if not text.strip():
+        return ()
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{key} must be comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"{key} must be finite, got {text!r}")
+    return values
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:

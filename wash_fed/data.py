@@ -29,11 +29,13 @@ from wash_fed.files import save_torch
 
 __all__ = [
     "DATASETS",
+    "IMAGES",
     "BatchStream",
     "DatasetNotFoundError",
     "DatasetSpec",
     "ImageData",
     "Partition",
+    "channel_statistics",
     "default_root",
     "load_local",
     "load_split",
@@ -54,9 +56,16 @@ FASHION_MNIST_FILES = (
 )
 
 
+IMAGES = "images"
+"""The ``dataset`` of a task described by configuration (classes, channels, image size),
+whose images come from files (``train-path``, ``test-path``, a node's ``data-path``)."""
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What the project knows about one supported data set."""
+    """What a run knows about its task: one of the supported data sets, or ``images``.
+
+    An empty ``mean`` or ``std`` means: computed from the images being loaded."""
 
     name: str
     torchvision_class: str
@@ -259,16 +268,17 @@ def _fetch(spec: DatasetSpec, root: Path) -> str:
     return f"downloaded by torchvision into {root}"
 
 
-def load_local(path: Path | str, dataset: str) -> ImageData:
-    """A node's own labelled images for data set ``dataset``'s task.
+def load_local(path: Path | str, spec: DatasetSpec) -> ImageData:
+    """Labelled images from a file or folder, for the task ``spec``.
 
     ``path`` is either a tensor file as :func:`prepare` writes it (``{"images": uint8
     (n, C, H, W), "labels": int64 (n,)}``, saved with ``torch.save``) or an image folder with
     one sub-folder per class, named by its label (``0``, ``1``, ...), of PNG or JPEG files.
-    The images must have the data set's channels and size and the labels its classes; the
-    data set's normalisation applies. Every problem is an error naming the path.
+    The images must have the task's channels and size and the labels its classes; the
+    task's normalisation applies (where it gives none: the images' own per-channel mean and
+    standard deviation). Every problem is an error naming the path.
     """
-    spec = _spec(dataset)
+    dataset = spec.name
     path = Path(path).expanduser()
     if path.is_dir():
         images, labels = _image_folder(path, spec)
@@ -294,7 +304,17 @@ def load_local(path: Path | str, dataset: str) -> ImageData:
     labels = labels.long()
     if int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes:
         raise ValueError(f"{path}: labels must be in 0..{spec.num_classes - 1} for {dataset}")
-    return ImageData(images.contiguous(), labels, spec.mean, spec.std, spec.num_classes)
+    mean, std = (spec.mean, spec.std) if spec.mean and spec.std else channel_statistics(images)
+    return ImageData(images.contiguous(), labels, mean, std, spec.num_classes)
+
+
+def channel_statistics(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 ``images`` ``(n, C, H, W)``, on the
+    [0, 1] scale (a channel that never varies gets 1, not 0)."""
+    x = images.double().div(255.0).transpose(0, 1).reshape(images.shape[1], -1)
+    std = x.std(dim=1)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return tuple(x.mean(dim=1).tolist()), tuple(std.tolist())
 
 
 def _image_folder(path: Path, spec: DatasetSpec) -> tuple[Tensor, Tensor]:

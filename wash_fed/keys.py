@@ -155,6 +155,9 @@ class Info:
     """True when the member was restored from a checkpoint of this run."""
     CREDENTIAL: Final = "credential"
     """The credential the member holds (see :attr:`Config.CREDENTIAL`)."""
+    MODEL_LAYOUT: Final = "model-layout"
+    """Its model's state entries, ``name:shape`` each, as a JSON list: every member must
+    build the server's."""
 
 
 class NodeConfig:

@@ -1,14 +1,19 @@
-"""Models by name: ``cnn`` (small, for Fashion-MNIST), ``resnet18`` (CIFAR form), or any
+"""Models by name: ``cnn`` (small, for Fashion-MNIST), ``resnet18`` (CIFAR form), any
 torchvision classification model as ``torchvision:<name>`` (randomly initialised; no weights
-are ever downloaded)."""
+are ever downloaded), or a model of the user's own by import path, ``package.module:factory``,
+called as ``factory(num_classes=..., channels=..., image_size=(height, width))``."""
 
 from __future__ import annotations
 
+import importlib
+import re
+
 from torch import Tensor, nn
 
-__all__ = ["SmallCNN", "build_model", "resnet18_cifar"]
+__all__ = ["SmallCNN", "build_model", "model_layout", "model_problem", "resnet18_cifar"]
 
 TORCHVISION_PREFIX = "torchvision:"
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
 class SmallCNN(nn.Module):
@@ -76,7 +81,39 @@ def model_problem(name: str) -> str | None:
                 f"some that are: {', '.join(classification[:8])}, ..."
             )
         return None
-    return f"unknown model {name!r}; choose 'cnn', 'resnet18' or 'torchvision:<name>'"
+    if _IMPORT_PATH.fullmatch(name):
+        return None  # imported where the model is built: the ServerApp and every member
+    return (
+        f"unknown model {name!r}; choose 'cnn', 'resnet18', 'torchvision:<name>' or an import "
+        "path 'package.module:factory'"
+    )
+
+
+def _from_import_path(
+    path: str, num_classes: int, in_channels: int, image_size: tuple[int, int]
+) -> nn.Module:
+    """``factory(num_classes=..., channels=..., image_size=...)`` of ``module:factory``.
+    Raises ValueError naming the path and what went wrong."""
+    module_name, _, factory_name = path.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"model {path!r}: cannot import it ({type(err).__name__}: {err})") from err
+    try:
+        model = factory(num_classes=num_classes, channels=in_channels, image_size=image_size)
+    except Exception as err:
+        raise ValueError(f"model {path!r}: its factory raised {type(err).__name__}: {err}") from err
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"model {path!r}: its factory returned a {type(model).__name__}, not a module"
+        )
+    return model
+
+
+def model_layout(model: nn.Module) -> list[str]:
+    """The model's state as WASH sees it: ``name:shape`` of every entry, in order. Members
+    must agree on it to exchange values at the same coordinates."""
+    return [f"{name}:{tuple(t.shape)}" for name, t in model.state_dict().items()]
 
 
 def build_model(
@@ -89,6 +126,8 @@ def build_model(
         return SmallCNN(num_classes, in_channels, image_size)
     if name == "resnet18":
         return resnet18_cifar(num_classes, in_channels)
+    if not name.startswith(TORCHVISION_PREFIX):
+        return _from_import_path(name, num_classes, in_channels, image_size)
     import torchvision.models as tvm
 
     model: nn.Module = tvm.get_model(

@@ -23,8 +23,9 @@ from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LRScheduler,
 from wash_fed.batchnorm import BNStatistics, bn_statistics
 from wash_fed.config import WashFedConfig
 from wash_fed.data import (
-    DATASETS,
+    IMAGES,
     BatchStream,
+    DatasetNotFoundError,
     ImageData,
     load_local,
     load_split,
@@ -107,8 +108,22 @@ class TrainingData:
         return self.holdout.subset(np.arange(index, len(self.holdout), shares))
 
 
+def _task_images(cfg: WashFedConfig, path: str, key: str) -> ImageData:
+    """``dataset='images'``: the images at ``path`` (the value of ``key``)."""
+    if not path:
+        raise DatasetNotFoundError(
+            f"dataset='images' needs {key}: the images to load here (or each node's own "
+            "data-path and test-data-path, with test-on-server=false)"
+        )
+    return load_local(path, cfg.task)
+
+
 def load_training_data(cfg: WashFedConfig) -> TrainingData:
-    full = load_split(cfg.dataset, cfg.data_root or None, train=True)
+    full = (
+        _task_images(cfg, cfg.train_path, "train-path")
+        if cfg.dataset == IMAGES
+        else load_split(cfg.dataset, cfg.data_root or None, train=True)
+    )
     if cfg.train_subset:
         full = full.subset(np.arange(min(cfg.train_subset, len(full))))
     if cfg.holdout_size >= len(full):
@@ -141,7 +156,11 @@ def _check_enough(who: str, examples: int, cfg: WashFedConfig) -> None:
 
 
 def load_test_data(cfg: WashFedConfig) -> ImageData:
-    test = load_split(cfg.dataset, cfg.data_root or None, train=False)
+    test = (
+        _task_images(cfg, cfg.test_path, "test-path")
+        if cfg.dataset == IMAGES
+        else load_split(cfg.dataset, cfg.data_root or None, train=False)
+    )
     if cfg.test_subset:
         test = test.subset(np.arange(min(cfg.test_subset, len(test))))
     return test
@@ -160,7 +179,9 @@ class MemberData:
 
 def shared_member_data(cfg: WashFedConfig, index: int, data: TrainingData) -> MemberData:
     """Member ``index``'s part of the shared data set (``partition``), and its test set."""
-    return MemberData(data.member(index), data.member_holdout(index), load_test_data(cfg))
+    has_test = cfg.dataset != IMAGES or bool(cfg.test_path)
+    test = load_test_data(cfg) if has_test else None
+    return MemberData(data.member(index), data.member_holdout(index), test)
 
 
 def local_member_data(
@@ -168,7 +189,7 @@ def local_member_data(
 ) -> MemberData:
     """A node's own data (:func:`wash_fed.data.load_local`): ``train-subset`` applies, and
     ``holdout-size / num-members`` of its images are held out for the greedy soup."""
-    own = load_local(data_path, cfg.dataset)
+    own = load_local(data_path, cfg.task)
     if cfg.train_subset:
         own = own.subset(np.arange(min(cfg.train_subset, len(own))))
     share = -(-cfg.holdout_size // cfg.num_members)  # ceil
@@ -177,13 +198,13 @@ def local_member_data(
     holdout = own.subset(np.sort(order[:share])) if share else None
     train = own.subset(np.sort(order[share:]))
     _check_enough(f"the node's data {data_path} leaves", len(train), cfg)
-    test = load_local(test_path, cfg.dataset) if test_path else None
+    test = load_local(test_path, cfg.task) if test_path else None
     return MemberData(train, holdout, test)
 
 
 def new_model(cfg: WashFedConfig) -> nn.Module:
     """A model of the configured architecture for the data set's images and classes."""
-    spec = DATASETS[cfg.dataset]
+    spec = cfg.task
     return build_model(cfg.model, spec.num_classes, spec.channels, spec.image_size)
 
 

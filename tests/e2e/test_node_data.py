@@ -14,7 +14,7 @@ from PIL import Image
 
 from simulations.local_flower import TINY_RUN, FlowerHarness
 from wash_fed.config import WashFedConfig
-from wash_fed.data import DatasetNotFoundError, ImageData, load_local, load_split
+from wash_fed.data import DATASETS, DatasetNotFoundError, ImageData, load_local, load_split
 from wash_fed.training import local_member_data
 
 
@@ -39,8 +39,10 @@ def test_a_tensor_file_and_an_image_folder_hold_the_same_images(
     tmp_path: Path, fashion_train: ImageData
 ) -> None:
     part = first(fashion_train, 0, 60)
-    from_file = load_local(save_tensor_file(tmp_path / "part.pt", part), "fashion-mnist")
-    from_folder = load_local(save_image_folder(tmp_path / "folder", part), "fashion-mnist")
+    from_file = load_local(save_tensor_file(tmp_path / "part.pt", part), DATASETS["fashion-mnist"])
+    from_folder = load_local(
+        save_image_folder(tmp_path / "folder", part), DATASETS["fashion-mnist"]
+    )
     order = torch.argsort(part.labels, stable=True)  # the folder is read class by class
     assert torch.equal(from_file.images, part.images)
     assert torch.equal(from_folder.images, part.images[order])
@@ -50,18 +52,18 @@ def test_a_tensor_file_and_an_image_folder_hold_the_same_images(
 
 def test_bad_node_data_is_named_with_its_path(tmp_path: Path, fashion_train: ImageData) -> None:
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
-        load_local(tmp_path / "missing.pt", "fashion-mnist")
+        load_local(tmp_path / "missing.pt", DATASETS["fashion-mnist"])
     part = save_tensor_file(tmp_path / "part.pt", first(fashion_train, 0, 10))
     with pytest.raises(ValueError, match=r"shape \(1, 28, 28\); cifar10 needs \(3, 32, 32\)"):
-        load_local(part, "cifar10")
+        load_local(part, DATASETS["cifar10"])
     bad = ImageData(
         fashion_train.images[:4], torch.tensor([0, 1, 2, 10]), (0.0,), (1.0,), num_classes=10
     )
     with pytest.raises(ValueError, match=r"labels must be in 0\.\.9"):
-        load_local(save_tensor_file(tmp_path / "bad.pt", bad), "fashion-mnist")
+        load_local(save_tensor_file(tmp_path / "bad.pt", bad), DATASETS["fashion-mnist"])
     (tmp_path / "folder" / "shirts").mkdir(parents=True)
     with pytest.raises(ValueError, match="named by their label"):
-        load_local(tmp_path / "folder", "fashion-mnist")
+        load_local(tmp_path / "folder", DATASETS["fashion-mnist"])
 
 
 def test_a_member_holds_out_its_share_of_its_own_data(

@@ -37,7 +37,7 @@ def task_identity() -> Iterator[None]:
 
 
 def strategy_for(config: WashFedConfig) -> PopulationStrategy:
-    roster = Roster(config, mask_digest="")
+    roster = Roster(config, mask_digest="", layout=[])
     roster.nodes = dict(NODES)
     protocol = (
         WashServer(config, NODES, PARAMETERS)
