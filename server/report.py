@@ -146,7 +146,10 @@ def record_round(
     """A finished round into the results and the metrics, with where its time went."""
     time = split_round(report.seconds, grid.take_in_flight(report.round), report.metrics)
     output.add_round(round_row(output.cfg, grid.ledger, report, fedavg_bytes, time))
-    per_round = fedavg_bytes // output.cfg.num_server_rounds if fedavg_bytes else 0
+    if fedavg_bytes is None:  # FedAvg itself: what it would have sent is what it sent
+        per_round = sum(grid.ledger.by_round().get(report.round, {}).values())
+    else:
+        per_round = fedavg_bytes // output.cfg.num_server_rounds
     metrics.observe_round(report, per_round, time)
 
 
