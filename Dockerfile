@@ -5,6 +5,11 @@
 FROM python:3.11-slim
 
 ARG TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
+# A package mirror for pip during the build only (not kept in the image), e.g. a company's
+# index or, in `make compose-up` with podman, the wheel folders this machine's pip uses.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     FLWR_TELEMETRY_ENABLED=0 \
@@ -24,3 +29,5 @@ RUN pip install . && useradd --uid 49999 --create-home app \
     && mkdir -p /data /app/runs /var/lib/wash-fed \
     && chown app /app/runs /var/lib/wash-fed
 USER app
+# make compose-up prunes earlier builds of this image by it once they are untagged.
+LABEL io.wash-fed.image="app"

@@ -25,7 +25,8 @@ export FLWR_DISABLE_UPDATE_CHECK = 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION = 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install data federation run stop population test test-fast lint docs bench compare clean
+.PHONY: install data federation run stop population test test-fast lint docs bench compare \
+	compose-up compose-down clean
 
 install: $(VENV)/.installed
 
@@ -85,6 +86,16 @@ population: data
 
 compare: data federation
 	$(PY) -m simulations.compare
+
+# The compose stack on this machine (docs/deployment.md): an engine (podman + docker-compose
+# installed when root and none runs), base images (local stand-ins only where no registry
+# answers), wash-fed:latest from the Dockerfile, certificates and node keys, the services,
+# the SuperNodes registered and online. `flwr run . wash-fed-compose --stream` then runs there.
+compose-up: data
+	$(PY) -m simulations.compose_stack up
+
+compose-down: install
+	$(PY) -m simulations.compose_stack down
 
 # Two lanes: tests/unit needs no Flower process (minutes), tests/e2e runs real Flower,
 # Prometheus, nginx and containers; `make test` runs both.

@@ -11,7 +11,13 @@ Runtimes:
 * ``worker``: the member lives in its node's member worker (``worker-dir``), the ClientApp
   only forwards the message to it;
 * ``simulation``: the same work through ``flwr run`` against a simulation SuperLink (Ray
-  actors), for reference.
+  actors), for reference;
+* ``compose``: the worker runtime in containers, ``docker-compose.yml`` brought up by
+  ``make compose-up``'s own code (simulations/compose_stack.py; TLS, SuperNode
+  authentication and the proxies included; the CNN only, on the stack's mounted data);
+* ``floor``: Flower's own floor, the same process deployment running
+  ``benchmarks/flower_floor`` (a ClientApp that replies at once, no torch), and
+  ``compose floor`` the same on the compose stack: what a round costs Flower alone.
 
 Every runtime polls as fast as this project lets it (server 0.2 s, SuperExec 0.1 s), reads
 the data set from the tensor file ``prepare`` writes, and gives each member one thread
@@ -21,12 +27,16 @@ on synthetic 32x32 images. It also times what Flower itself costs every message 
 the runtime: starting a ``flwr-clientapp`` process (its imports).
 
     python benchmarks/deployment_overhead.py [--rounds 8] [--supernodes 4] [--models cnn,resnet18]
+        [--runtimes "floor,process per message,worker,simulation,compose floor,compose"]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import re
 import statistics
 import subprocess
 import sys
@@ -36,11 +46,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from simulations.compose_stack import Stack, stack_up
 from simulations.local_flower import PROJECT, TINY_RUN, FlowerHarness
 from wash_fed.data import write_synthetic
 from wash_fed.keys import Metric
 
-RUNTIMES = ("process per message", "worker", "simulation")
+RUNTIMES = (
+    "floor",
+    "process per message",
+    "worker",
+    "simulation",
+    "compose floor",
+    "compose",
+)
+FLOORS = ("floor", "compose floor")
+"""Runtimes that measure Flower alone: one row each, whatever the models."""
+FLOOR_APP = PROJECT / "benchmarks" / "flower_floor"
+STACK_RUNS = "/app/runs"
+"""Where runs on the compose stack write (the SuperLink container's volume)."""
 ROUND_TIMEOUT = 120.0
 """Seconds a round waits for its members: a runtime that loses members shows it as fewer
 members answering, at a bounded cost."""
@@ -76,19 +99,28 @@ WORKLOADS = {
 }
 
 
+def run_config(workload: Workload, rounds: int, supernodes: int, output: str) -> dict[str, Any]:
+    return {
+        **TINY_RUN,
+        **workload.run_config,
+        "num-members": supernodes,
+        "num-server-rounds": rounds,
+        "round-timeout": ROUND_TIMEOUT,
+        "output-dir": output,
+    }
+
+
+def floor_config(supernodes: int, rounds: int) -> dict[str, Any]:
+    return {"num-members": supernodes, "num-server-rounds": rounds}
+
+
 def measure(runtime: str, workload: Workload, rounds: int, supernodes: int) -> dict[str, float]:
+    """One row of local processes: a SuperLink and SuperNodes (or a simulation) of our own."""
     with tempfile.TemporaryDirectory(prefix="wf-") as tmp:
         home = Path(tmp)
         harness = FlowerHarness(home)
         harness.env["OMP_NUM_THREADS"] = "1"
-        config: dict[str, Any] = {
-            **TINY_RUN,
-            **workload.run_config,
-            "num-members": supernodes,
-            "num-server-rounds": rounds,
-            "round-timeout": ROUND_TIMEOUT,
-            "output-dir": str(home / "runs"),
-        }
+        config = run_config(workload, rounds, supernodes, str(home / "runs"))
         if workload.synthetic:
             write_synthetic("cifar10", home / "data")
             config["data-root"] = str(home / "data")
@@ -103,9 +135,12 @@ def measure(runtime: str, workload: Workload, rounds: int, supernodes: int) -> d
                 harness.start_supernodes(
                     supernodes, worker_dir=workers if runtime == "worker" else None
                 )
+            if runtime == "floor":
+                floor = harness.run(floor_config(supernodes, rounds), app=FLOOR_APP)
+                check_completed(floor.status, floor.output, runtime)
+                return floor_summary(floor.output)
             result = harness.run(config, federation_config=federation, timeout=3600)
-            if result.status != "finished:completed":
-                raise RuntimeError(f"{runtime}: {result.details}")
+            check_completed(result.status, result.output, runtime)
             (run_dir,) = (home / "runs").glob(f"*-{result.run_id}")
             rows = json.loads((run_dir / "results.json").read_text())["rounds"]
         except BaseException:  # also Ctrl-C or `timeout -s INT`: say where it stood
@@ -114,6 +149,42 @@ def measure(runtime: str, workload: Workload, rounds: int, supernodes: int) -> d
         finally:
             harness.close()
     return summarize(rows, supernodes)
+
+
+def measure_on_stack(
+    stack: Stack, runtime: str, workload: Workload, rounds: int, supernodes: int
+) -> dict[str, float]:
+    """One row on the compose stack (its members live in workers in their containers)."""
+    if runtime == "compose floor":
+        floor = stack.run(floor_config(supernodes, rounds), app=FLOOR_APP)
+        check_completed(floor.status, floor.output, runtime)
+        return floor_summary(floor.output)
+    run = stack.run(run_config(workload, rounds, supernodes, STACK_RUNS))
+    check_completed(run.status, run.output, runtime)
+    results = stack.in_superlink(f"cat {STACK_RUNS}/*-{run.run_id}/results.json")
+    return summarize(json.loads(results)["rounds"], supernodes)
+
+
+def check_completed(status: str, output: str, runtime: str) -> None:
+    if status != "finished:completed":
+        raise RuntimeError(f"{runtime}: the run ended {status}:\n{output[-3000:]}")
+
+
+def floor_summary(output: str) -> dict[str, float]:
+    """The floor app's round times (its last log line) as a row: all of a round is Flower's."""
+    found = re.search(r"floor rounds: (\[.*?\])", output)
+    if found is None:
+        raise RuntimeError(f"the floor app printed no round times:\n{output[-3000:]}")
+    seconds = json.loads(found.group(1))
+    steady = seconds[1:] or seconds
+    nothing = dict.fromkeys(("train", "restore", "handler", "checkpoint"), math.nan)
+    return {
+        **nothing,
+        "answered": 1.0,
+        "round": statistics.median(steady),
+        "overhead": statistics.median(steady),
+        "first_round": seconds[0],
+    }
 
 
 def summarize(rows: list[dict[str, Any]], members: int) -> dict[str, float]:
@@ -168,6 +239,22 @@ COLUMNS = [
 ]
 
 
+def planned_rows(models: list[str], runtimes: list[str]) -> list[tuple[str, str]]:
+    """(model, runtime) rows in the order they run: Flower's floors (no model) first; the
+    compose stack trains the CNN only (it mounts the host's Fashion-MNIST)."""
+    floors = [("-", r) for r in runtimes if r in FLOORS]
+    return floors + [
+        (m, r)
+        for m in models
+        for r in runtimes
+        if r not in FLOORS and not (r == "compose" and WORKLOADS[m].synthetic)
+    ]
+
+
+def cell(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -177,17 +264,23 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(WORKLOADS))
     parser.add_argument("--runtimes", default=",".join(RUNTIMES))
     args = parser.parse_args()
+    rows = planned_rows(args.models.split(","), args.runtimes.split(","))
+    on_stack = any(runtime.startswith("compose") for _, runtime in rows)
     results: dict[tuple[str, str], dict[str, float]] = {}
-    for model in args.models.split(","):
-        for runtime in args.runtimes.split(","):
+    with stack_up("wash-fed-bench") if on_stack else contextlib.nullcontext() as stack:
+        for model, runtime in rows:
             print(f"--- {model}, {runtime}", flush=True)
-            results[model, runtime] = measure(
-                runtime, WORKLOADS[model], args.rounds, args.supernodes
-            )
-            print(json.dumps(results[model, runtime]), flush=True)
+            workload = WORKLOADS.get(model, WORKLOADS["cnn"])
+            if runtime.startswith("compose"):
+                assert isinstance(stack, Stack)
+                row = measure_on_stack(stack, runtime, workload, args.rounds, args.supernodes)
+            else:
+                row = measure(runtime, workload, args.rounds, args.supernodes)
+            results[model, runtime] = row
+            print(json.dumps(row), flush=True)
     print(
-        f"\n{args.supernodes} members on loopback, WASH, {args.rounds} rounds; seconds, "
-        f"medians over rounds 2..{args.rounds} (slowest member per round)"
+        f"\n{args.supernodes} members, WASH, {args.rounds} rounds; seconds, medians over "
+        f"rounds 2..{args.rounds} (slowest member per round); floor: Flower alone"
     )
     print(
         "| model | runtime | members answering | round | training | restore | handler "
@@ -195,12 +288,19 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for (model, runtime), r in results.items():
-        print(f"| {model} | {runtime} | " + " | ".join(f"{r[c]:.2f}" for c in COLUMNS) + " |")
+        print(f"| {model} | {runtime} | " + " | ".join(cell(r[c]) for c in COLUMNS) + " |")
     print(
         f"\nFlower's own cost per message, any runtime: starting flwr-clientapp (imports) "
         f"{clientapp_start_seconds():.2f} s; the SuperNode waits a fixed 3 s between checks "
         "for new messages (flwr 1.42, supernode/start_client_internal.py)"
     )
+    for floor, ours in (("floor", "worker"), ("compose floor", "compose")):
+        alone, with_us = results.get(("-", floor)), results.get(("cnn", ours))
+        if alone and with_us:
+            print(
+                f"cnn, {ours}: Flower's floor is {alone['round'] / with_us['round']:.2f} of a "
+                f"round ({alone['round']:.2f} of {with_us['round']:.2f} s)"
+            )
     for model in args.models.split(","):
         old, new = results.get((model, "process per message")), results.get((model, "worker"))
         if old and new:

@@ -19,7 +19,7 @@ from simulations.local_flower import render_proxy_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SUPERNODES = [f"supernode-{i}" for i in range(4)]
-SERVICES = {"superlink", "proxy", *SUPERNODES, "prometheus", "grafana", "pushgateway"}
+SERVICES = {"superlink", "proxy", "control", *SUPERNODES, "prometheus", "grafana", "pushgateway"}
 
 
 def compose_command() -> list[str]:
@@ -65,11 +65,20 @@ def test_compose_file_is_valid_and_has_the_whole_topology() -> None:
         assert "--superlink=proxy:9093" in command and "--host=0.0.0.0" in command
         assert f"num-partitions={num_members}" in command
         partitions.append(int(service["environment"]["PARTITION_ID"]))
+        assert "deploy" not in service  # runs anywhere; GPUs come from the override file
+    assert sorted(partitions) == list(range(num_members))
+
+
+def test_the_gpu_override_gives_each_supernode_one_gpu_and_nothing_else() -> None:
+    services = compose_config("docker-compose.yml", "deploy/docker-compose.gpu.yml")["services"]
+    for name, service in services.items():
+        if name not in SUPERNODES:
+            assert "deploy" not in service, name  # the ServerApp needs no GPU
+            continue
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
         assert device["count"] == 1
-    assert sorted(partitions) == list(range(num_members))
-    assert "deploy" not in services["superlink"]  # the ServerApp needs no GPU
+        assert "--superlink=proxy:9093" in " ".join(service["command"])  # merged, not replaced
 
 
 def published(service: dict[str, Any]) -> set[tuple[str, int]]:
@@ -95,23 +104,30 @@ def test_only_the_fleet_api_is_published_beyond_the_host() -> None:
         if host != "127.0.0.1"
     }
     assert beyond_host == {("proxy", 9093)}
-    assert published(services["proxy"]) == {("0.0.0.0", 9093), ("127.0.0.1", 9095)}
+    assert published(services["proxy"]) == {("0.0.0.0", 9093)}
+    assert published(services["control"]) == {("127.0.0.1", 9095)}
     for name in ("superlink", "pushgateway", *SUPERNODES):  # metrics, Control, Runtime APIs
         assert published(services[name]) == set(), name
     template = (ROOT / "deploy/nginx/superlink.conf.template").read_text()
-    environment = services["proxy"]["environment"]
-    assert (environment["FLEET_LISTEN"], environment["CONTROL_LISTEN"]) == ("9093", "9095")
+    listens = {
+        name: (
+            services[name]["environment"]["FLEET_LISTEN"],
+            services[name]["environment"]["CONTROL_LISTEN"],
+        )
+        for name in ("proxy", "control")
+    }  # each proxy keeps the listener it does not serve on its own loopback
+    assert listens == {"proxy": ("9093", "127.0.0.1:9095"), "control": ("127.0.0.1:9093", "9095")}
     assert (
         template.count("location /v1/") == 2 and "/v1/runtime" not in template.split("\n\n", 1)[1]
     )
     assert "location /v1/fleet/" in template and "location /v1/control/" in template
 
 
-def test_supernodes_share_a_network_with_the_proxy_alone() -> None:
+def test_supernodes_share_a_network_with_the_fleet_proxy_alone() -> None:
     services = compose_config("docker-compose.yml")["services"]
     on = {name: set(service["networks"]) for name, service in services.items()}
     assert all(on[n] == {"fleet"} for n in SUPERNODES)
-    assert on["proxy"] == {"fleet", "control"}
+    assert on["proxy"] == {"fleet", "control"} and on["control"] == {"control"}
     assert all("fleet" not in on[n] for n in SERVICES - {"proxy", *SUPERNODES})
 
 
@@ -135,7 +151,11 @@ def test_every_private_key_is_mounted_only_where_it_is_used() -> None:
         for name, service in services.items()
     }
     server_key = str(certs / "server.key")
-    assert {n for n, found in keys.items() if server_key in found} == {"superlink", "proxy"}
+    assert {n for n, found in keys.items() if server_key in found} == {
+        "superlink",
+        "proxy",
+        "control",
+    }
     for i, name in enumerate(SUPERNODES):
         assert keys[name] == {str(certs / "nodes" / f"node-{i}.key")}
         assert "--auth-supernode-private-key=/certs/node.key" in " ".join(services[name]["command"])
@@ -169,17 +189,6 @@ def test_grafana_asks_for_a_login_with_a_password_from_the_environment() -> None
         env={k: v for k, v in os.environ.items() if k != "GRAFANA_ADMIN_PASSWORD"},
     )
     assert without.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in without.stderr
-
-
-def test_cpu_override_drops_every_gpu_reservation() -> None:
-    class ResetLoader(yaml.SafeLoader):
-        pass
-
-    ResetLoader.add_constructor("!reset", lambda loader, node: "RESET")
-    override = yaml.load((ROOT / "deploy/docker-compose.cpu.yml").read_text(), Loader=ResetLoader)
-    assert {name: s["deploy"] for name, s in override["services"].items()} == dict.fromkeys(
-        SUPERNODES, "RESET"
-    )
 
 
 def test_prometheus_config_is_valid_and_scrapes_the_serverapp() -> None:

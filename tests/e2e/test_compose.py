@@ -1,0 +1,210 @@
+"""The compose deployment for real: the images built from the real Dockerfile (stand-ins for
+base images only where no registry answers), `docker-compose.yml` brought up by the same
+command a user runs (`make compose-up`: simulations/compose_stack.py), and through it:
+
+- WASH, then FedAvg, `flwr run . wash-fed-compose` to `finished:completed` with finite
+  final models; the stack's own Prometheus holds both strategies' byte counters (pushed
+  through its Pushgateway) and the docs' PromQL ratio equals the ledger's;
+- a SuperNode container killed mid-run (SIGKILL) and started again: its member resumes
+  from the checkpoint on its volume and the soup has every member;
+- what is closed, probed from a container of the test's own on the fleet network (where a
+  stranger would sit): the Control and Runtime APIs answer 404 on the fleet port, nothing
+  answers on the control port or Prometheus, the SuperLink does not resolve, an
+  unregistered SuperNode is refused; private keys are mode 600, owned by the image's user.
+
+One test, since one stack serves every step (the test processes share no stack); the
+project is taken down (containers, networks, volumes) whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from simulations.compose_stack import (
+    APP_IMAGE,
+    CERTS,
+    PROMETHEUS_URL,
+    Stack,
+    StackError,
+    stack_up,
+)
+from simulations.local_flower import PROJECT, TINY_RUN, results_of
+from wash_fed.ledger import Ledger
+
+pytestmark = [pytest.mark.slow, pytest.mark.compose]
+
+PROJECT_NAME = "wash-fed-test"
+RUNS = "/app/runs"
+RUN: dict[str, Any] = {
+    **TINY_RUN,
+    "output-dir": RUNS,
+    "round-timeout": 120,
+    "metrics-pushgateway": "pushgateway:9091",
+}
+IMAGE_UID = 49999
+"""The Dockerfile's user, who owns the private keys mounted into the containers."""
+PROMQL_RATIO = (
+    'sum by (strategy) (wash_fed_bytes_total{phase="train"})\n'
+    "  / sum by (strategy) (wash_fed_fedavg_equivalent_bytes_total)"
+)
+"""The ratio docs/metrics.md gives (checked against it below)."""
+
+
+def engine_can_be_had() -> str | None:
+    """Why no container engine can run this test here (None: one can)."""
+    if sys.platform != "linux":
+        return "containers are tested on Linux"
+    if shutil.which("docker") or shutil.which("podman") or os.geteuid() == 0:
+        return None
+    return "no docker or podman, and not root to install podman"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    why = engine_can_be_had()
+    if why is not None:
+        pytest.skip(why)
+    with stack_up(PROJECT_NAME, flwr_home=tmp_path_factory.mktemp("flwr-home")) as up:
+        yield up
+
+
+def finished(stack: Stack, process: subprocess.Popen[str], out: Path) -> dict[str, Any]:
+    """A submitted run, waited for: completed, its folder copied to ``out``; its results."""
+    run = stack.finish(process, timeout=1200)
+    assert run.status == "finished:completed", f"{run.status}\n{run.output[-4000:]}"
+    return results_of(stack.fetch_run(RUNS, run.run_id, out))
+
+
+def wait_for_round(stack: Stack, rounds_done: int, timeout: float) -> None:
+    """Until a run in progress has ``rounds_done`` rounds in its results.json."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for folder in stack.in_superlink(f"ls -d {RUNS}/*/ 2>/dev/null || true").split():
+            with contextlib.suppress(json.JSONDecodeError, StackError):
+                results = json.loads(stack.in_superlink(f"cat {folder}results.json"))
+                if results["status"] == "running" and len(results["rounds"]) >= rounds_done:
+                    return
+        time.sleep(2)
+    raise AssertionError(f"no run reached round {rounds_done} within {timeout:g} s")
+
+
+def prometheus(query: str) -> dict[str, float]:
+    """An instant query of the stack's Prometheus, by strategy."""
+    reply = httpx.get(f"{PROMETHEUS_URL}/api/v1/query", params={"query": query}, timeout=10)
+    reply.raise_for_status()
+    rows = reply.json()["data"]["result"]
+    return {row["metric"].get("strategy", ""): float(row["value"][1]) for row in rows}
+
+
+def assert_finite_final(results: dict[str, Any]) -> None:
+    final = results["final"]
+    assert results["status"] == "completed" and math.isfinite(final["final_accuracy"])
+    assert 0.0 < final["final_accuracy"] <= 1.0, final
+
+
+def check_wash_then_fedavg(stack: Stack, out: Path) -> None:
+    ratios = {}
+    for strategy in ("wash", "fedavg"):
+        results = finished(stack, stack.submit({**RUN, "strategy": strategy}), out / strategy)
+        assert_finite_final(results)
+        ledger = Ledger.read_csv(out / strategy / "ledger.csv")
+        sent = ledger.total(phase="train")  # FedAvg's equivalent is FedAvg's own traffic
+        ratios[strategy] = sent / (results["fedavg_bytes"] or sent)
+    docs = (PROJECT / "docs" / "metrics.md").read_text()
+    assert PROMQL_RATIO in docs, "the docs' ratio query changed: update this test"
+    deadline = time.monotonic() + 60  # a scrape interval or two after the push
+    while (scraped := prometheus(PROMQL_RATIO)).keys() != ratios.keys():
+        assert time.monotonic() < deadline, f"Prometheus has {scraped}, not both strategies"
+        time.sleep(2)
+    assert scraped == pytest.approx(ratios, rel=1e-12)
+    assert ratios["wash"] < 0.1 and ratios["fedavg"] == 1.0
+
+
+def check_a_killed_supernode_resumes(stack: Stack, out: Path) -> None:
+    """SuperNode 1's container is killed (SIGKILL) after round 2 and started again: its
+    member comes back from the checkpoint on its volume and the run completes with every
+    member in the soup."""
+    process = stack.submit({**RUN, "num-server-rounds": 5})
+    wait_for_round(stack, 2, timeout=600)
+    stack.compose("kill", "-s", "KILL", "supernode-1", timeout=120)
+    stack.compose("start", "supernode-1", timeout=120)
+    results = finished(stack, process, out / "killed")
+    assert_finite_final(results)
+    assert results["final"]["collected"] == [0, 1, 2, 3], results["final"]
+    worker_logs = "cat /var/lib/wash-fed/member/run-*/worker.log"
+    worker_log = stack.compose("exec", "-T", "supernode-1", "sh", "-c", worker_logs).stdout
+    resumed = re.findall(r"member 1 resumed at round (\d+)", worker_log)
+    assert resumed and int(resumed[-1]) >= 2, worker_log[-3000:]
+
+
+def fleet_network(stack: Stack) -> str:
+    names = stack.engine.run(
+        "network", "ls", "--format", "{{.Name}}",
+        "--filter", f"label=com.docker.compose.project={stack.project}",
+    ).stdout.split()  # fmt: skip
+    (fleet,) = [n for n in names if n.endswith("_fleet")]
+    return fleet
+
+
+def stranger(stack: Stack, *args: str, mounts: dict[Path, str]) -> subprocess.CompletedProcess[str]:
+    """A container of the test's own on the fleet network: the app image, ``args`` run."""
+    volumes = [f"--volume={host}:{inside}:ro" for host, inside in mounts.items()]
+    return stack.engine.run(
+        "run", "--rm", f"--network={fleet_network(stack)}", *volumes, APP_IMAGE, *args,
+        check=False, timeout=180,
+    )  # fmt: skip
+
+
+def check_what_is_closed(stack: Stack, tmp_path: Path) -> None:
+    ca = {CERTS / "ca.crt": "/certs/ca.crt"}
+    probe = Path(__file__).with_name("fleet_stranger.py")
+    seen = stranger(stack, "python", "/probe.py", mounts={**ca, probe: "/probe.py"})
+    assert seen.returncode == 0, seen.stdout + seen.stderr
+    reach = json.loads(seen.stdout)
+    assert reach["fleet"] not in (404, "URLError"), reach  # the Fleet API is served ...
+    assert reach["control_on_fleet_port"] == reach["runtime_on_fleet_port"] == 404, reach
+    assert reach["proxy_control_port_open"] is False, reach  # ... and nothing else
+    resolved = {name for name, ip in reach["resolves"].items() if ip is not None}
+    assert resolved == {"proxy"}, reach
+    assert not any(reach["host_loopback_ports_open"].values()), reach
+
+    key = tmp_path / "stranger.key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(key)],
+                   check=True)  # fmt: skip
+    os.chown(key, IMAGE_UID, -1)
+    refused = stranger(
+        stack,
+        "flower-supernode", "--root-certificates=/certs/ca.crt",
+        "--auth-supernode-private-key=/certs/node.key", "--superlink=proxy:9093",
+        "--node-config", "partition-id=1 num-partitions=4",
+        mounts={**ca, key: "/certs/node.key"},
+    )  # fmt: skip
+    assert refused.returncode != 0, refused.stdout[-2000:]
+    assert "Failed to activate SuperNode" in refused.stdout + refused.stderr
+
+    for service, key_path in [
+        ("supernode-0", "/certs/node.key"),
+        ("superlink", "/certs/server.key"),
+    ]:
+        mode = stack.compose("exec", "-T", service, "stat", "-c", "%a %u", key_path).stdout
+        assert mode.split() == ["600", str(IMAGE_UID)], (service, mode)
+
+
+def test_the_compose_stack_runs_resumes_and_stays_closed(stack: Stack, tmp_path: Path) -> None:
+    check_wash_then_fedavg(stack, tmp_path)
+    check_a_killed_supernode_resumes(stack, tmp_path)
+    check_what_is_closed(stack, tmp_path)
