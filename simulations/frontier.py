@@ -66,7 +66,9 @@ def default_points(total_steps: int) -> list[Point]:
     """FedAvg with 1, 3, 10 and 30 rounds; WASH at three shuffle probabilities with 30
     rounds and one with 10; PAPA every round and every 5 of 30; WASH (p = 0.05, 30 rounds)
     with bfloat16 and float16 values and FedAvg (30 rounds) with float16 models on the wire;
-    independent members. Every point takes ``total_steps`` local steps per member."""
+    WASH with the constant layer schedule (p = 0.05 and 0.2, 30 rounds), in float32 and with
+    float16 in training and in the final step; independent members. Every point takes
+    ``total_steps`` local steps per member."""
 
     def rounds(count: int) -> dict[str, int]:
         return {"num-server-rounds": count, "local-steps": max(1, total_steps // count)}
@@ -85,8 +87,18 @@ def default_points(total_steps: int) -> list[Point]:
         for short, dtype in (("bf16", "bfloat16"), ("fp16", "float16"))
     ]
     compact.append(Point("fedavg-r30-fp16", {**fedavg[3].overrides, "wire-dtype": "float16"}))
+    half = {"wire-dtype": "float16", "final-dtype": "float16"}
+    constant = [
+        Point(
+            f"wash-p{p:g}-r30-constant{suffix}",
+            {**rounds(30), "strategy": "wash", "shuffle-prob": p, "layer-schedule": "constant"}
+            | dtypes,
+        )
+        for p in (0.05, 0.2)
+        for suffix, dtypes in (("", {}), ("-fp16", half))
+    ]
     ensemble = Point("ensemble", {"strategy": "ensemble", **rounds(1)})
-    return [*fedavg, *wash, *papa, *compact, ensemble]
+    return [*fedavg, *wash, *papa, *compact, *constant, ensemble]
 
 
 def pick(points: Sequence[Point], names: str) -> list[Point]:
