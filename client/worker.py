@@ -73,7 +73,14 @@ class MemberWorker:
         if request.run_id != self.run_id:
             raise ValueError(f"this worker serves run {self.run_id}, not run {request.run_id}")
         task = self._task(request)
+        started = time.perf_counter()
         reply = task.handle(request.message_type, request.content)
+        # One line per message: where a member stood when a run stalls (the GPU check's
+        # logs, a SuperNode's worker.log).
+        print(
+            f"{request.message_type}: handled in {time.perf_counter() - started:.2f} s",
+            flush=True,
+        )
         metrics = reply.metric_records[Record.METRICS]
         metrics[Metric.WORKER_PID] = os.getpid()
         if request.message_type == MessageType.END:
@@ -95,6 +102,11 @@ class MemberWorker:
         task = MemberTask(cfg, partition, request.node_config, MemberCheckpoints(self.directory))
         task.restore_own()
         task.startup_seconds = time.perf_counter() - started
+        print(
+            f"member {partition} ready on {task.member.device} in {task.startup_seconds:.2f} s "
+            f"({len(task.data.train)} training images)",
+            flush=True,
+        )
         self.idle_timeout = cfg.worker_idle_timeout
         self.task = task
         return task
