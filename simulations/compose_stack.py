@@ -112,19 +112,19 @@ def _run(
     env: Mapping[str, str] | None = None,
     check: bool = True,
     timeout: float | None = None,
-    quiet: bool = True,
-    cwd: Path = PROJECT,
 ) -> subprocess.CompletedProcess[str]:
+    """``args`` run in the project's folder, output captured; StackError with the end of
+    what it printed if it fails (unless ``check`` is false)."""
     done = subprocess.run(
         list(args),
         env=dict(env) if env is not None else None,
-        cwd=cwd,
-        capture_output=quiet,
+        cwd=PROJECT,
+        capture_output=True,
         text=True,
         timeout=timeout,
     )
     if check and done.returncode != 0:
-        what = (done.stderr or done.stdout or "").strip()[-3000:] if quiet else ""
+        what = (done.stderr or done.stdout or "").strip()[-3000:]
         raise StackError(f"{' '.join(args[:4])} ... exited {done.returncode}: {what}")
     return done
 
@@ -159,7 +159,7 @@ def _works(args: Sequence[str]) -> bool:
         return False
 
 
-def _compose_for(env: Mapping[str, str]) -> list[str]:
+def _compose() -> list[str]:
     if shutil.which("docker") and _works(["docker", "compose", "version"]):
         return ["docker", "compose"]
     if shutil.which("docker-compose"):
@@ -226,7 +226,7 @@ def _api_answers(sock: Path) -> bool:
 def ensure_engine() -> Engine:
     """A Docker that runs, or podman (installed and configured when root on Debian)."""
     if shutil.which("docker") and _works(["docker", "info"]):
-        return Engine("docker", _compose_for(os.environ))
+        return Engine("docker", _compose())
     if not shutil.which("podman") or not shutil.which("docker-compose"):
         _apt_install(PODMAN_PACKAGES)
     if not PODMAN_CONF.exists():
@@ -235,7 +235,7 @@ def ensure_engine() -> Engine:
         PODMAN_CONF.write_text(PODMAN_SETTINGS)
     env = dict(os.environ)
     pid = _serve_podman(env)
-    return Engine("podman", _compose_for(env), env, pid)
+    return Engine("podman", _compose(), env, pid)
 
 
 def stop_service() -> None:
