@@ -96,6 +96,7 @@ def gather(
             reason,
         )
     got.accepted = dict(sorted(got.accepted.items()))
+    got.messages = dict(sorted(got.messages.items()))
     return got
 
 

@@ -42,6 +42,7 @@ from wash_fed.population import run_population
 from wash_fed.training import load_test_data, load_training_data
 
 __all__ = [
+    "UNNAMED_SETTINGS",
     "Point",
     "Summary",
     "default_points",
@@ -52,6 +53,16 @@ __all__ = [
     "summarise",
     "sweep",
 ]
+
+
+UNNAMED_SETTINGS: dict[str, Any] = {
+    "layer-schedule": "linear",
+    "wire-dtype": "float32",
+    "final-dtype": "float32",
+}
+"""What a point's name leaves unsaid: the linear layer schedule and float32 values, whatever
+the app's defaults are (a name says ``constant`` or ``fp16`` where a point differs), so
+rows measured under earlier defaults keep their meaning. ``--set`` overrides them."""
 
 
 @dataclass(frozen=True)
@@ -459,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         "partition": args.partition,
         "dirichlet-alpha": args.alpha,
         "num-members": 4,
+        **UNNAMED_SETTINGS,
         **(parse_config_args([args.set]) if args.set.strip() else {}),
     }
     try:

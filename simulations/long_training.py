@@ -24,7 +24,7 @@ from typing import Any
 
 from flwr.common.config import parse_config_args
 
-from simulations.frontier import Point, on_population, pick, read_rows, sweep
+from simulations.frontier import UNNAMED_SETTINGS, Point, on_population, pick, read_rows, sweep
 from wash_fed.config import ConfigError, WashFedConfig
 from wash_fed.data import DatasetNotFoundError
 from wash_fed.population import rounds_for_epochs
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     base: dict[str, Any] = {
         "local-steps": 1,
         "init": "different",
+        **UNNAMED_SETTINGS,
         **(parse_config_args([args.set]) if args.set.strip() else {}),
     }
     try:

@@ -157,7 +157,7 @@ class WashFedConfig:
 
     shuffle_prob: float = field(default=0.05, metadata=_doc("WASH shuffle probability p in [0, 1]"))
     layer_schedule: str = field(
-        default="linear", metadata=_doc(f"one of {_listed(LAYER_SCHEDULES)}")
+        default="constant", metadata=_doc(f"one of {_listed(LAYER_SCHEDULES)}")
     )
     shuffle_optimizer_state: bool = field(
         default=False, metadata=_doc("WASH+Opt: move momentum with weights")
@@ -167,7 +167,7 @@ class WashFedConfig:
         default=0.9, metadata=_doc("PAPA: theta <- rate*theta + (1-rate)*mean, in [0, 1)")
     )
     wire_dtype: str = field(
-        default="float32",
+        default="float16",
         metadata=_doc(
             f"one of {_listed(WIRE_DTYPES)}: the values exchanged while training (WASH's shuffled "
             "values, PAPA's weights and mean, FedAvg's models); the final step's is final-dtype"

@@ -6,7 +6,7 @@ import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -24,8 +24,8 @@ from simulations.local_flower import (
 from wash_fed.config import WashFedConfig
 from wash_fed.ledger import Ledger
 from wash_fed.population import run_population
-from wash_fed.protocol import final_dtype, through
-from wash_fed.shuffle import layer_probs
+from wash_fed.protocol import final_dtype, through, wire_dtype
+from wash_fed.shuffle import LayerSchedule, layer_probs
 from wash_fed.training import new_model
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,8 @@ def test_wash_run_sends_only_the_masked_values(
     assert "Final model:" in result.output and "FedAvg for the same 2 rounds" in result.output
 
     numels = [p.numel() for p in new_model(cfg).parameters()]
-    probs = layer_probs(cfg.shuffle_prob, len(numels), "linear")
+    probs = layer_probs(cfg.shuffle_prob, len(numels), cast(LayerSchedule, cfg.layer_schedule))
+    value_bytes = wire_dtype(cfg).itemsize
     expected = sum(p * n for p, n in zip(probs, numels, strict=True))
     ledger = Ledger.read_csv(run_dir / "ledger.csv")
     train = [e for e in ledger.entries if e.phase == "train"]
@@ -92,7 +93,7 @@ def test_wash_run_sends_only_the_masked_values(
             continue
         selected = cfg.shuffle_mask(numels, event).num_selected
         assert abs(selected - expected) < 0.05 * expected  # the mask is p_l of each tensor
-        framing.append(e.bytes - 4 * selected)
+        framing.append(e.bytes - value_bytes * selected)
     assert all(0 < f < FRAMING + FRAMING_PER_ARRAY for f in framing), framing
     assert max(framing) - min(framing) < 400, "framing should be a fixed overhead"
     assert results["bytes"]["up.train"] + results["bytes"]["down.train"] == sum(

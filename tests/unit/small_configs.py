@@ -7,5 +7,13 @@ from wash_fed.config import WashFedConfig
 
 def three_members(**overrides: object) -> WashFedConfig:
     """Three members, half of every tensor shuffled (the constant schedule): exchanges
-    large enough to see in a few values."""
-    return WashFedConfig(num_members=3, shuffle_prob=0.5, layer_schedule="constant", **overrides)  # type: ignore[arg-type]
+    large enough to see in a few values, in float32 so that every value a test makes up
+    travels exactly."""
+    settings: dict[str, object] = {
+        "num_members": 3,
+        "shuffle_prob": 0.5,
+        "layer_schedule": "constant",
+        "wire_dtype": "float32",
+        **overrides,
+    }
+    return WashFedConfig(**settings)  # type: ignore[arg-type]

@@ -101,7 +101,13 @@ def test_fedavg_starts_from_one_model_and_ends_with_the_members_average() -> Non
     full states up and the average down; the final model is the last average, and the
     ledger holds exactly 2 x rounds x members states."""
     cfg = WashFedConfig.from_mapping(
-        {**TINY, "strategy": "fedavg", "num-server-rounds": 3, "local-steps": 4}
+        {
+            **TINY,
+            "strategy": "fedavg",
+            "num-server-rounds": 3,
+            "local-steps": 4,
+            "wire-dtype": "float32",
+        }
     )
     run = run_population(cfg, log=lambda _: None, progress_eval=False)
     state_bytes = run.results["model_bytes"]

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.fedavg import FedAvgRounds
-from server.replies import Replies
+from server.replies import Replies, gather
 from server.roster import Roster
 from server.state import RoundReport
 from server.strategies import PopulationStrategy
@@ -20,7 +20,7 @@ from tests.unit.small_configs import three_members
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Config, MessageType, Record
-from wash_fed.protocol import PapaServer, WashServer
+from wash_fed.protocol import PapaServer, WashServer, wire_dtype
 
 NODES = {0: 101, 1: 102, 2: 103}  # partition id -> node id
 PARAMETERS = {"w": torch.zeros(40), "b": torch.zeros(12)}
@@ -55,7 +55,7 @@ def answer(msg: Message, **arrays: ArrayRecord) -> Message:
 def values_for(partition: int, event: int, config: WashFedConfig) -> ArrayRecord:
     m = config.shuffle_mask(NUMELS, event).num_selected
     return wire.tensors_to_record(
-        {"weights": partition * 1000 + torch.arange(m, dtype=torch.float32)}
+        {"weights": partition * 1000 + torch.arange(m, dtype=wire_dtype(config))}
     )
 
 
@@ -122,11 +122,31 @@ def test_a_reply_without_its_payload_or_from_a_stranger_is_left_out() -> None:
     assert strategy.state.deliveries.due(1) is None and strategy.state.deliveries.due(0) is not None
 
 
+def test_replies_are_in_member_order_whatever_order_they_arrived_in() -> None:
+    """FedAvg averages the messages in the order it gets them; floating-point sums depend
+    on that order, so it must not be the network's."""
+    asked = [
+        Message(
+            RecordDict({Record.CONFIG: ConfigRecord({Config.SERVER_ROUND: 1})}),
+            dst_node_id=node,
+            message_type=MessageType.TRAIN,
+        )
+        for node in NODES.values()
+    ]
+    got = gather(reversed([answer(m) for m in asked]), NODES, None, "round 1")
+    assert list(got.accepted) == list(got.messages) == sorted(NODES)
+    assert [m.metadata.src_node_id for m in got.messages.values()] == list(NODES.values())
+
+
 def test_papa_asks_for_weights_on_its_rounds_and_delivers_the_mean_to_all() -> None:
     config = three_members(strategy="papa", papa_every=2)
     strategy = strategy_for(config)
     messages = by_node(strategy.messages(MessageType.TRAIN, 2, {}))
-    weights = {p: {n: torch.full_like(t, float(p)) for n, t in PARAMETERS.items()} for p in NODES}
+    dtype = wire_dtype(config)
+    weights = {
+        p: {n: torch.full_like(t, float(p), dtype=dtype) for n, t in PARAMETERS.items()}
+        for p in NODES
+    }
     strategy.aggregate_train(
         2,
         [
