@@ -353,7 +353,9 @@ def test_comparison_command_runs_strategies_and_writes_table_and_plots(
     assert code == 0
     table = (target / "comparison.md").read_text().splitlines()
     assert len(table) == 4 and table[2].startswith("| wash |") and table[3].startswith("| fedavg |")
-    wash_ratio = float(table[2].split("|")[8])
-    assert 0 < wash_ratio < 1  # WASH sends less than FedAvg, final step included
+    # Columns: ..., sent while training (MB), sent in all (MB), all / FedAvg's all, ...
+    wash, fedavg = ([float(cell) for cell in row.split("|")[6:9]] for row in table[2:4])
+    assert 0 < wash[0] < 0.2 * fedavg[0]  # while training WASH sends a fraction of the models
+    assert fedavg[2] == 1.0 and wash[2] == pytest.approx(wash[1] / fedavg[1], abs=1e-3)
     for name in ("accuracy_vs_bytes.png", "accuracy_vs_round.png"):
         assert (target / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
