@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -50,7 +49,7 @@ from typing import Any
 import httpx
 import yaml
 
-from simulations.launch import BIN, run_id_in, run_status
+from simulations.launch import BIN, flwr_answer, run_id_in, run_status
 from simulations.local_flower import PROJECT, run_config_arg
 
 COMPOSE_FILE = PROJECT / "docker-compose.yml"
@@ -413,6 +412,7 @@ class Stack:
 
     def up(self) -> None:
         """Everything but the SuperNodes, then their keys registered, then the SuperNodes."""
+        started = time.monotonic()
         services = [s for s in [*CORE_SERVICES, "grafana"] if s not in self.without]
         log(f"starting {', '.join(services)}")
         self.compose("up", "-d", "--no-build", *services, timeout=600)
@@ -423,39 +423,47 @@ class Stack:
         log(f"starting {', '.join(SUPERNODES)}")
         self.compose("up", "-d", "--no-build", *SUPERNODES, timeout=600)
         self.wait_online(len(SUPERNODES))
+        log(f"stack up in {time.monotonic() - started:.0f} s")
 
     def wait_for_control(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while True:
             done = self.flwr("ls", CONNECTION, "--format", "json", timeout=30)
-            if done.returncode == 0:
+            if flwr_answer(done) is not None:
                 return
             if time.monotonic() > deadline:
+                logs = self.logs("superlink", "control")
                 raise StackError(
                     f"the SuperLink did not answer through the control proxy: "
-                    f"{done.stdout[-500:]}{done.stderr[-500:]}"
+                    f"{done.stdout[-500:]}{done.stderr[-500:]}\n{logs}"
                 )
             time.sleep(2)
+
+    def logs(self, *services: str, lines: int = 20) -> str:
+        """The last ``lines`` of each service's log, for an error message."""
+        done = self.compose("logs", "--tail", str(lines), *services, check=False)
+        return (done.stdout + done.stderr)[-4000:]
 
     def register(self, public_key: Path) -> None:
         done = self.flwr("supernode", "register", str(public_key), CONNECTION)
         text = done.stdout + done.stderr
         if done.returncode != 0 and "already" not in text.lower():
-            raise StackError(f"could not register {public_key}: {text[-800:]}")
+            logs = self.logs("superlink", "control")
+            raise StackError(f"could not register {public_key}: {text[-800:]}\n{logs}")
 
     def online(self) -> int:
-        done = self.flwr("supernode", "list", CONNECTION, "--format", "json", timeout=60)
-        if done.returncode != 0:
-            return 0
-        nodes = json.loads(done.stdout).get("nodes", [])
+        listing = self.flwr("supernode", "list", CONNECTION, "--format", "json", timeout=60)
+        answer = flwr_answer(listing)
+        nodes = [] if answer is None else answer.get("nodes", [])
         return sum(n.get("status") == "online" for n in nodes)
 
     def wait_online(self, count: int, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while self.online() < count:
             if time.monotonic() > deadline:
-                logs = self.compose("logs", "--tail", "20", *SUPERNODES, check=False).stdout
-                raise StackError(f"{count} SuperNodes did not come online:\n{logs[-4000:]}")
+                raise StackError(
+                    f"{count} SuperNodes did not come online:\n{self.logs(*SUPERNODES)}"
+                )
             time.sleep(2)
         log(f"{count} SuperNodes online; run: flwr run . {CONNECTION} --stream")
 
@@ -525,9 +533,11 @@ def _grafana_password() -> str:
 
 @contextlib.contextmanager
 def stack_up(project: str = "wash-fed", flwr_home: Path | None = None) -> Iterator[Stack]:
-    """The whole bring-up (:func:`bring_up`), and the project taken down afterwards."""
-    stack = bring_up(project, flwr_home)
+    """The whole bring-up (:func:`bring_up`), and the project taken down afterwards, or
+    as soon as the bring-up fails."""
+    stack = prepare(project, flwr_home)
     try:
+        stack.up()
         yield stack
     finally:
         stack.down()
@@ -537,7 +547,13 @@ def stack_up(project: str = "wash-fed", flwr_home: Path | None = None) -> Iterat
 
 def bring_up(project: str = "wash-fed", flwr_home: Path | None = None) -> Stack:
     """Everything :mod:`simulations.compose_stack` says, in order; the stack, up."""
-    started = time.monotonic()
+    stack = prepare(project, flwr_home)
+    stack.up()
+    return stack
+
+
+def prepare(project: str, flwr_home: Path | None) -> Stack:
+    """The engine, base images, the app's image and certificates; no container started."""
     engine = ensure_engine()
     unavailable = ensure_base_images(engine)
     build_app_image(engine)
@@ -549,9 +565,6 @@ def bring_up(project: str = "wash-fed", flwr_home: Path | None = None) -> Stack:
     stack = Stack(engine, project, without=without, gpu=gpus_present())
     if flwr_home is not None:
         stack.flwr_home = flwr_home
-    up = time.monotonic()
-    stack.up()
-    log(f"stack up in {time.monotonic() - up:.0f} s ({time.monotonic() - started:.0f} s in all)")
     return stack
 
 

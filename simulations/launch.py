@@ -33,6 +33,7 @@ from wash_fed.keys import RESULTS_IN
 __all__ = [
     "Launched",
     "check_run_config",
+    "flwr_answer",
     "launch",
     "main",
     "results_file_in",
@@ -97,15 +98,35 @@ def settle_results(path: Path, status: str, details: str) -> bool:
     return True
 
 
+def flwr_answer(done: subprocess.CompletedProcess[str]) -> dict[str, Any] | None:
+    """What a ``flwr ... --format json`` command answered, or None where it failed.
+
+    Flower's CLI exits 0 with ``{"success": false, "error-message": ...}`` where the
+    SuperLink could not be reached (a proxy's 502 included), so the exit code alone
+    does not say the command worked."""
+    if done.returncode != 0:
+        return None
+    try:
+        answer = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(answer, dict) or answer.get("success") is False:
+        return None
+    return answer
+
+
 def run_status(
     flwr: Path, run_id: str, connection: str | None, env: Mapping[str, str]
 ) -> dict[str, Any]:
     """The run's entry in ``flwr ls --format json``."""
     args = [str(flwr), "ls", *([connection] if connection else []), "--run-id", run_id]
     done = subprocess.run(
-        [*args, "--format", "json"], env=dict(env), capture_output=True, text=True, check=True
+        [*args, "--format", "json"], env=dict(env), capture_output=True, text=True
     )
-    runs: list[dict[str, Any]] = json.loads(done.stdout)["runs"]
+    answer = flwr_answer(done)
+    if answer is None:
+        raise RuntimeError(f"flwr ls could not list run {run_id}: {done.stdout}{done.stderr}")
+    runs: list[dict[str, Any]] = answer["runs"]
     return next(r for r in runs if r["run-id"] == run_id)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from simulations.launch import BIN, run_id_in, run_status
+from simulations.launch import BIN, flwr_answer, run_id_in, run_status
 
 PROJECT = Path(__file__).resolve().parents[1]
 MARKER = "WASH_FED_TEST_HARNESS"
@@ -366,11 +366,10 @@ class FlowerHarness:
         """Wait until the SuperLink lists ``count`` SuperNodes online."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            done = self.flwr("supernode", "list", "test", "--format", "json")
-            if done.returncode == 0:
-                nodes = json.loads(done.stdout).get("nodes", [])
-                if sum(n.get("status") == "online" for n in nodes) >= count:
-                    return
+            answer = flwr_answer(self.flwr("supernode", "list", "test", "--format", "json"))
+            nodes = [] if answer is None else answer.get("nodes", [])
+            if sum(n.get("status") == "online" for n in nodes) >= count:
+                return
             time.sleep(1.0)
         raise RuntimeError(f"{count} SuperNodes did not come online:\n{self.describe()}")
 

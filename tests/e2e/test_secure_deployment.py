@@ -5,18 +5,19 @@ registered is refused; the Control API answers on the control address only."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import ssl
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from simulations.local_flower import PROJECT, TINY_RUN, FlowerHarness
+from simulations.launch import BIN, flwr_answer
+from simulations.local_flower import PROJECT, TINY_RUN, FlowerHarness, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +45,9 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerHarness]
 
 def supernodes(harness: FlowerHarness) -> list[dict[str, Any]]:
     done = harness.flwr("supernode", "list", "test", "--format", "json")
-    assert done.returncode == 0, done.stdout + done.stderr
-    nodes: list[dict[str, Any]] = json.loads(done.stdout).get("nodes", [])
+    answer = flwr_answer(done)
+    assert answer is not None, done.stdout + done.stderr
+    nodes: list[dict[str, Any]] = answer.get("nodes", [])
     return nodes
 
 
@@ -87,3 +89,24 @@ def test_the_control_api_is_not_served_on_the_fleet_address(secured: FlowerHarne
     )
     assert secured.flwr("ls", "fleet").returncode != 0
     assert secured.flwr("ls", "test").returncode == 0
+
+
+def test_a_superlink_that_cannot_be_reached_is_a_failed_answer_though_flwr_exits_0(
+    tmp_path: Path,
+) -> None:
+    """The stack waits for its Control API by asking ``flwr ls``; Flower's CLI in JSON mode
+    exits 0 when nothing answers, so only the answer itself can say it failed."""
+    (tmp_path / "config.toml").write_text(
+        f'[superlink]\ndefault = "nowhere"\n\n'
+        f'[superlink.nowhere]\naddress = "127.0.0.1:{free_port()}"\ninsecure = true\n'
+    )
+    env = {**os.environ, "FLWR_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [str(BIN / "flwr"), "ls", "nowhere", "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert flwr_answer(done) is None, done.stdout
