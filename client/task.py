@@ -256,14 +256,19 @@ class MemberTask:
         return {Metric.ACCURACY: acc, Metric.NUM_EXAMPLES: len(data)}, RecordDict()
 
     def end(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
-        """The run is over. Unless it can be resumed (it did not complete), its checkpoints
-        and those of the runs it continued are removed."""
+        """The run is over. A final model in ``arrays`` is evaluated first (as by
+        :meth:`evaluate`). Unless the run can be resumed (it did not complete), its
+        checkpoints and those of the runs it continued are removed, whether or not the
+        evaluation worked."""
         config = content.config_records[Record.CONFIG]
-        if self.checkpoints is not None and not config.get(Config.KEEP_CHECKPOINTS, False):
-            self.checkpoints.remove()
-            for run in cast(list[int], config.get(Config.EARLIER_RUNS, [])):
-                self.checkpoints.sibling(int(run)).remove()
-        return {Metric.STEPS_DONE: self.member.steps_done}, RecordDict()
+        try:
+            metrics = self.evaluate(content)[0] if Record.ARRAYS in content.array_records else {}
+        finally:
+            if self.checkpoints is not None and not config.get(Config.KEEP_CHECKPOINTS, False):
+                self.checkpoints.remove()
+                for run in cast(list[int], config.get(Config.EARLIER_RUNS, [])):
+                    self.checkpoints.sibling(int(run)).remove()
+        return metrics | {Metric.STEPS_DONE: self.member.steps_done}, RecordDict()
 
     # --- checkpoints ---------------------------------------------------------------------
 

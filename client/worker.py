@@ -74,7 +74,11 @@ class MemberWorker:
             raise ValueError(f"this worker serves run {self.run_id}, not run {request.run_id}")
         task = self._task(request)
         started = time.perf_counter()
-        reply = task.handle(request.message_type, request.content)
+        try:
+            reply = task.handle(request.message_type, request.content)
+        finally:  # the run is over for this member even if its last evaluation failed
+            if request.message_type == MessageType.END:
+                self.finished.set()
         # One line per message: where a member stood when a run stalls (the GPU check's
         # logs, a SuperNode's worker.log).
         print(
@@ -83,8 +87,6 @@ class MemberWorker:
         )
         metrics = reply.metric_records[Record.METRICS]
         metrics[Metric.WORKER_PID] = os.getpid()
-        if request.message_type == MessageType.END:
-            self.finished.set()
         return reply
 
     def _task(self, request: WorkerRequest) -> MemberTask:

@@ -9,7 +9,8 @@ Reads the run configuration once (every problem is an error before any training)
 * ``fedavg``: Flower's own ``FedAvg``, unchanged, on the same model, data and rounds.
 
 Whatever happens, the members are told that the run ended (``query.end``), so that their
-workers exit.
+workers exit: in the final step's last message (which also carries the final model for
+their evaluation), or after the run.
 
 Every message goes through a :class:`server.ledger_grid.LedgerGrid`, so every strategy's
 bytes are counted the same way. Results land in ``<output-dir>/<time>-<strategy>-<run id>``.
@@ -202,7 +203,8 @@ def run_population_strategy(
         reasons = "; ".join(f"member {p}: {reason}" for p, reason in sorted(why.items()))
         raise RuntimeError(f"no member completed a single round ({reasons or 'no round ran'})")
     validation = load_local(cfg.validation_path, cfg.task) if cfg.validation_path else None
-    final = final_step(grid, cfg, strategy, test, validation, output)
+    earlier_runs = resumed.chain if resumed else []
+    final = final_step(grid, cfg, strategy, test, validation, output, earlier_runs)
     observed = {"member_mean": final["member_mean"], "soup": final["final_accuracy"]}
     if final["ensemble"] is not None:
         observed["ensemble"] = final["ensemble"]

@@ -11,6 +11,10 @@ member once: a later message carries only the tensors that differ from it (after
 BatchNorm recalibration, the merged BatchNorm buffers). The collection and the soup's trip
 down travel in ``final-dtype``; the soup is rounded to it before it is used, so the model
 the members evaluate is the model saved, bit for bit.
+
+Once the final model is saved, one message both asks the members to evaluate it and ends
+the run for them (``query.end``): the final step is three message rounds (collect, BatchNorm
+statistics, evaluate and end) where no soup is chosen on the members' data.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ class FinalExchanges:
         *,
         arrays: str | None,
         what: str,
-        config: Mapping[str, str] | None = None,
+        config: Mapping[str, wire.ConfigValue] | None = None,
     ) -> dict[int, wire.ReplyParts]:
         """Send ``state_dict`` to every member; the replies of the right form, by
         partition id (:func:`server.replies.gather`)."""
@@ -147,10 +151,19 @@ class FinalExchanges:
             del stats[partition]
         return merge_bn_statistics(list(stats.values()))
 
-    def own_evaluations(self, state_dict: Mapping[str, Tensor]) -> dict[str, float]:
-        """Federated evaluation of the final model: each member tests it on its own test
-        data. Returns accuracy by partition id (members without test data are left out)."""
-        replies = self.ask(MessageType.EVALUATE, state_dict, arrays=None, what="evaluation")
+    def evaluate_and_end(
+        self, state_dict: Mapping[str, Tensor], earlier_runs: Sequence[int]
+    ) -> dict[str, float]:
+        """Federated evaluation of the final model in the message that ends the run (one
+        message round for both): each member tests it on its own test data, then removes
+        its checkpoints (and those of the ``earlier_runs`` this run continued) and its
+        worker exits. Returns accuracy by partition id (members without test data are left
+        out). Call it once the final model is saved: the run can no longer be resumed."""
+        config = self.roster.end_config(completed=True, earlier_runs=earlier_runs)
+        replies = self.ask(
+            MessageType.END, state_dict, arrays=None, what="evaluation", config=config
+        )
+        self.roster.told_end.update(self.roster.nodes.values())
         return {
             str(partition): float(parts.metrics[Metric.ACCURACY])
             for partition, parts in replies.items()
@@ -173,11 +186,15 @@ def final_step(
     test: ImageData | None,
     validation: ImageData | None,
     output: RunOutput,
+    earlier_runs: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Collect, merge and evaluate; returns the final figures for ``results.json``.
+    """Collect, merge, save and evaluate, the last message ending the run for the members;
+    returns the final figures for ``results.json``.
 
     ``test``: the server's test set (``None``: the members evaluate). ``validation``: the
     server's held-out data for the greedy soup (``None``: the members' held-out images).
+    ``earlier_runs``: the runs a resumed run continued (their member checkpoints go with
+    this run's).
     """
     roster = strategy.roster
     log(INFO, "final step: collecting %d members", len(roster.nodes))
@@ -214,7 +231,7 @@ def final_step(
     if cfg.save_members:
         members = {f"{p}.{k}": v for p, sd in states.items() for k, v in sd.items()}
         output.save_model(members, "members.pt")
-    own_tests = exchanges.own_evaluations(merge.final_state_dict)
+    own_tests = exchanges.evaluate_and_end(merge.final_state_dict, earlier_runs)
     soups = ", ".join(f"{k} {v:.4f}" for k, v in merge.soups.items())
     ensemble = "-" if merge.ensemble is None else f"{merge.ensemble:.4f}"
     log(

@@ -123,6 +123,9 @@ class Roster:
         """What each member said at its latest hello, by partition id."""
         self.continues: tuple[int, int] | None = None
         """A resumed run: (the run whose member checkpoints it continues, its last round)."""
+        self.told_end: set[int] = set()
+        """Nodes already sent the end of the run (the final step's last message ends it for
+        the members it evaluates with); :meth:`end` tells the others."""
         self._refused: set[int] = set()
 
     def quarantine(self, partition: int) -> None:
@@ -243,18 +246,26 @@ class Roster:
         if self.on_bind is not None:
             self.on_bind(member.node, member.partition)
 
+    @staticmethod
+    def end_config(
+        *, completed: bool, earlier_runs: Iterable[int] = ()
+    ) -> dict[str, wire.ConfigValue]:
+        """What a ``query.end`` message says: the members of a run that did not complete
+        keep their checkpoints, for ``resume-from``; otherwise they remove them, and those
+        of the ``earlier_runs`` it continued."""
+        return {Config.KEEP_CHECKPOINTS: not completed, Config.EARLIER_RUNS: list(earlier_runs)}
+
     def end(self, grid: Grid, *, completed: bool, earlier_runs: Iterable[int] = ()) -> None:
-        """Tell every member that the run is over (their workers exit); waits briefly. The
-        members of a run that did not complete keep their checkpoints, for ``resume-from``;
-        otherwise they remove them, and those of the ``earlier_runs`` it continued."""
-        nodes = [*self.nodes.values(), *self.quarantined.values()]
+        """Tell every member not yet told that the run is over (their workers exit); waits
+        briefly. See :meth:`end_config`."""
+        nodes = [
+            n for n in [*self.nodes.values(), *self.quarantined.values()] if n not in self.told_end
+        ]
         if not nodes:
             return
+        self.told_end.update(nodes)
         timeout = min(self.cfg.round_timeout, END_TIMEOUT)
-        config: dict[str, wire.ConfigValue] = {
-            Config.KEEP_CHECKPOINTS: not completed,
-            Config.EARLIER_RUNS: list(earlier_runs),
-        }
+        config = self.end_config(completed=completed, earlier_runs=earlier_runs)
         messages = [
             wire.message(n, MessageType.END, self.cfg.final_round, config, ttl=timeout)
             for n in nodes

@@ -78,7 +78,7 @@ def _corrupt(message_type: str, server_round: int, content: RecordDict) -> None:
             }
         )
         content.metric_records["metrics"]["batches"] = 10**9
-    elif message_type == "evaluate" and FAULT == "final-step":
+    elif message_type in ("evaluate", "query.end") and FAULT == "final-step":
         metrics: MetricRecord = content.metric_records["metrics"]
         if "accuracy" in metrics:
             metrics["accuracy"] = 1.5
@@ -86,7 +86,7 @@ def _corrupt(message_type: str, server_round: int, content: RecordDict) -> None:
 
 ABSENT = {
     "absent": {"train"},
-    "absent-final": {"query.bn_statistics", "evaluate"},
+    "absent-final": {"query.bn_statistics", "evaluate", "query.end"},
 }
 
 

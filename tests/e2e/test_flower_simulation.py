@@ -106,9 +106,10 @@ def test_the_final_step_sends_each_member_the_soup_once(
     simulation_harness: FlowerHarness, out: Path
 ) -> None:
     """The soup goes down once, for the BatchNorm statistics; the members then evaluate the
-    final model from the recalibrated BatchNorm buffers alone, and what they evaluate is
-    the saved model: their accuracy on the run's test set is the server's, exactly. Flower's
-    own per-round log stays out of the output, in the run's folder."""
+    final model from the recalibrated BatchNorm buffers alone, in the message that ends the
+    run (no separate evaluation round), and what they evaluate is the saved model: their
+    accuracy on the run's test set is the server's, exactly. Flower's own per-round log
+    stays out of the output, in the run's folder."""
     result, results, run_dir = run(simulation_harness, out, strategy="wash", deterministic=True)
     ledger = Ledger.read_csv(run_dir / "ledger.csv")
     model_bytes = sum(4 * t.numel() for t in new_model(cfg_of(results)).state_dict().values())
@@ -119,10 +120,10 @@ def test_the_final_step_sends_each_member_the_soup_once(
                 for e in ledger.entries
                 if (e.member, e.direction, e.phase) == (member, "down", phase)
             )
-            for phase in ("bn", "evaluate")
+            for phase in ("bn", "evaluate", "end")
         }
         assert model_bytes < down["bn"] < model_bytes + FRAMING_PER_ARRAY * 30
-        assert down["evaluate"] < 0.05 * model_bytes, down
+        assert down["evaluate"] == 0 and 0 < down["end"] < 0.05 * model_bytes, down
     final = results["final"]
     own = final["members_own_evaluation"]
     assert own == dict.fromkeys(own, final["final_accuracy"]) and len(own) == MEMBERS

@@ -37,14 +37,16 @@ NODE_CONFIG = {"partition-id": 0, "num-partitions": 1}
 PROXY = textwrap.dedent(
     """
     import json, sys
-    from flwr.app import ConfigRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
     import client.app  # the ClientApp module itself
     from client import worker_link
 
     worker_dir, run_id, run_config, node_config, steps = json.loads(sys.argv[1])
     out = []
-    for message_type, config in steps:
+    for message_type, config, *arrays in steps:  # arrays: an empty "arrays" record
         content = RecordDict({"config": ConfigRecord(config)})
+        if arrays:
+            content["arrays"] = ArrayRecord()
         try:
             reply = worker_link.forward(
                 worker_dir, message_type, content, run_id, run_config, node_config
@@ -60,7 +62,7 @@ PROXY = textwrap.dedent(
 
 def proxy(
     worker_dir: Path,
-    steps: list[tuple[str, dict[str, Any]]],
+    steps: list[tuple[Any, ...]],
     *,
     run_config: dict[str, Any] | None = None,
     node_config: dict[str, Any] | None = None,
@@ -154,3 +156,19 @@ def test_worker_refuses_another_member_and_idles_out(tmp_path: Path, fashion_tra
     assert wait_gone(pid, timeout=30), "an idle worker did not exit"
     log = (worker_link.run_directory(tmp_path, RUN_ID) / "worker.log").read_text()
     assert "stopped: no message for 3 s" in log
+
+
+@pytest.mark.slow
+def test_a_member_whose_last_evaluation_fails_still_ends_with_the_run(
+    tmp_path: Path, fashion_train: object
+) -> None:
+    """The run's last message carries the final model to evaluate: a member that cannot
+    (here: a patch over a model it never kept) answers with the error, and still removes
+    its checkpoints and exits, as the run is over."""
+    bad_end = (MessageType.END, {Config.SERVER_ROUND: 5, Config.PATCH: True}, "arrays")
+    result = proxy(tmp_path, [HELLO, train(1), bad_end])
+    hello, _, ended = result["replies"]
+    assert "kept no model" in ended["error"]
+    assert wait_gone(int(hello["metrics"][Metric.WORKER_PID])), "the worker outlived its run"
+    run_dir = worker_link.run_directory(tmp_path, RUN_ID)
+    assert not list(run_dir.glob("member-r*.pt")) and not (run_dir / "worker.sock").exists()
