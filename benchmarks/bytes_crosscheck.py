@@ -47,7 +47,10 @@ def render_dashboard(prometheus: Prometheus, start: float, end: float, path: Pat
     fig, axes = plt.subplots(
         (len(panels) + 1) // 2, 2, figsize=(13, 3.2 * ((len(panels) + 1) // 2))
     )
+    tab20 = matplotlib.colormaps["tab20"]
+    colours = [tab20(i) for i in range(tab20.N)]  # 20 distinct: a panel's series never share one
     for ax, panel in zip(axes.flat, panels, strict=False):
+        ax.set_prop_cycle(color=colours)
         for target in panel["targets"]:
             for series in prometheus.query_range(target["expr"], start, end, step=2):
                 legend = _legend(target["legendFormat"], series["metric"])
@@ -59,6 +62,8 @@ def render_dashboard(prometheus: Prometheus, start: float, end: float, path: Pat
             ax.set_yscale("log")
         ax.legend(fontsize=6, loc="best")
         ax.grid(True, alpha=0.3)
+    for unused in axes.flat[len(panels) :]:
+        unused.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"dashboard panels rendered to {path}")
