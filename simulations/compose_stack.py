@@ -49,7 +49,7 @@ from typing import Any
 import httpx
 import yaml
 
-from simulations.launch import BIN, flwr_answer, run_id_in, run_status
+from simulations.launch import BIN, flwr_answer, online_supernodes, run_id_in, run_status
 from simulations.local_flower import PROJECT, run_config_arg
 
 COMPOSE_FILE = PROJECT / "docker-compose.yml"
@@ -453,9 +453,7 @@ class Stack:
 
     def online(self) -> int:
         listing = self.flwr("supernode", "list", CONNECTION, "--format", "json", timeout=60)
-        answer = flwr_answer(listing)
-        nodes = [] if answer is None else answer.get("nodes", [])
-        return sum(n.get("status") == "online" for n in nodes)
+        return online_supernodes(listing)
 
     def wait_online(self, count: int, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout

@@ -36,6 +36,7 @@ __all__ = [
     "flwr_answer",
     "launch",
     "main",
+    "online_supernodes",
     "results_file_in",
     "run_id_in",
     "run_status",
@@ -113,6 +114,14 @@ def flwr_answer(done: subprocess.CompletedProcess[str]) -> dict[str, Any] | None
     if not isinstance(answer, dict) or answer.get("success") is False:
         return None
     return answer
+
+
+def online_supernodes(done: subprocess.CompletedProcess[str]) -> int:
+    """How many SuperNodes a ``flwr supernode list --format json`` answer shows online (0
+    where the command failed: :func:`flwr_answer`)."""
+    answer = flwr_answer(done)
+    nodes: list[dict[str, Any]] = [] if answer is None else answer.get("nodes", [])
+    return sum(n.get("status") == "online" for n in nodes)
 
 
 def run_status(

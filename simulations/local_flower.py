@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from simulations.launch import BIN, flwr_answer, run_id_in, run_status
+from simulations.launch import BIN, online_supernodes, run_id_in, run_status
 
 PROJECT = Path(__file__).resolve().parents[1]
 MARKER = "WASH_FED_TEST_HARNESS"
@@ -366,9 +366,10 @@ class FlowerHarness:
         """Wait until the SuperLink lists ``count`` SuperNodes online."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            answer = flwr_answer(self.flwr("supernode", "list", "test", "--format", "json"))
-            nodes = [] if answer is None else answer.get("nodes", [])
-            if sum(n.get("status") == "online" for n in nodes) >= count:
+            if (
+                online_supernodes(self.flwr("supernode", "list", "test", "--format", "json"))
+                >= count
+            ):
                 return
             time.sleep(1.0)
         raise RuntimeError(f"{count} SuperNodes did not come online:\n{self.describe()}")
