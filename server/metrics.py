@@ -3,7 +3,7 @@ ServerApp's only boundary with ``prometheus_client``).
 
 Names follow Prometheus conventions (``_total`` counters, ``_seconds`` histograms, base
 units). Labels stay low-cardinality: ``strategy`` (a handful), ``direction`` (up, down),
-``phase`` (setup, train, collect, bn, evaluate), ``part`` (of a round's time: train,
+``phase`` (setup, train, collect, bn, evaluate, end), ``part`` (of a round's time: train,
 member, transfer, server; :mod:`wash_fed.timing`), ``model`` (member_mean, ensemble, soup,
 global), ``member`` (the partition id, one per member).
 
@@ -28,6 +28,29 @@ __all__ = ["RunMetrics"]
 
 ROUND_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
+_HELP: dict[str, str] = {
+    "wash_fed_bytes": "Payload bytes sent, as Flower serializes the messages (the run's ledger).",
+    "wash_fed_fedavg_equivalent_bytes": (
+        "Bytes FedAvg would have sent for the training rounds completed so far."
+    ),
+    "wash_fed_rounds": "Training rounds completed.",
+    "wash_fed_round_duration_seconds": (
+        "Wall time of a training round, from sending to the last reply."
+    ),
+    "wash_fed_round_part_seconds": (
+        "Rounds' wall time by part: the critical member's training, the rest of its handling, "
+        "transfer (link, Flower's queues and polling), and the server."
+    ),
+    "wash_fed_accuracy": (
+        "Test accuracy: member_mean and ensemble each evaluated round; soup and global "
+        "(FedAvg) for the final model."
+    ),
+    "wash_fed_member_loss": "A member's mean training loss over its last round.",
+    "wash_fed_member_accuracy": "A member's last reported test accuracy.",
+    "wash_fed_shuffled_values": "Values that changed member in WASH shuffle events.",
+}
+"""Every metric's name and help text; each is labelled by ``strategy`` first."""
+
 
 class RunMetrics:
     """The metrics of one run, in their own registry."""
@@ -35,61 +58,30 @@ class RunMetrics:
     def __init__(self, strategy: str, registry: CollectorRegistry | None = None) -> None:
         self.strategy = strategy
         self.registry = registry or CollectorRegistry()
-        self.bytes = Counter(
-            "wash_fed_bytes",
-            "Payload bytes sent, as Flower serializes the messages (the run's ledger).",
-            ["strategy", "direction", "phase"],
-            registry=self.registry,
-        )
-        self.fedavg_bytes = Counter(
-            "wash_fed_fedavg_equivalent_bytes",
-            "Bytes FedAvg would have sent for the training rounds completed so far.",
-            ["strategy"],
-            registry=self.registry,
-        )
-        self.rounds = Counter(
-            "wash_fed_rounds", "Training rounds completed.", ["strategy"], registry=self.registry
-        )
+        self.bytes = self._counter("wash_fed_bytes", "direction", "phase")
+        self.fedavg_bytes = self._counter("wash_fed_fedavg_equivalent_bytes")
+        self.rounds = self._counter("wash_fed_rounds")
         self.round_seconds = Histogram(
-            "wash_fed_round_duration_seconds",
-            "Wall time of a training round, from sending to the last reply.",
-            ["strategy"],
+            *self._declared("wash_fed_round_duration_seconds"),
             buckets=ROUND_SECONDS_BUCKETS,
             registry=self.registry,
         )
-        self.round_part_seconds = Counter(
-            "wash_fed_round_part_seconds",
-            "Rounds' wall time by part: the critical member's training, the rest of its "
-            "handling, transfer (link, Flower's queues and polling), and the server.",
-            ["strategy", "part"],
-            registry=self.registry,
-        )
-        self.accuracy = Gauge(
-            "wash_fed_accuracy",
-            "Test accuracy: member_mean and ensemble each evaluated round; soup and global "
-            "(FedAvg) for the final model.",
-            ["strategy", "model"],
-            registry=self.registry,
-        )
-        self.member_loss = Gauge(
-            "wash_fed_member_loss",
-            "A member's mean training loss over its last round.",
-            ["strategy", "member"],
-            registry=self.registry,
-        )
-        self.member_accuracy = Gauge(
-            "wash_fed_member_accuracy",
-            "A member's last reported test accuracy.",
-            ["strategy", "member"],
-            registry=self.registry,
-        )
-        self.moved_values = Counter(
-            "wash_fed_shuffled_values",
-            "Values that changed member in WASH shuffle events.",
-            ["strategy"],
-            registry=self.registry,
-        )
+        self.round_part_seconds = self._counter("wash_fed_round_part_seconds", "part")
+        self.accuracy = self._gauge("wash_fed_accuracy", "model")
+        self.member_loss = self._gauge("wash_fed_member_loss", "member")
+        self.member_accuracy = self._gauge("wash_fed_member_accuracy", "member")
+        self.moved_values = self._counter("wash_fed_shuffled_values")
         self._synced = 0
+
+    @staticmethod
+    def _declared(name: str, *labels: str) -> tuple[str, str, list[str]]:
+        return name, _HELP[name], ["strategy", *labels]
+
+    def _counter(self, name: str, *labels: str) -> Counter:
+        return Counter(*self._declared(name, *labels), registry=self.registry)
+
+    def _gauge(self, name: str, *labels: str) -> Gauge:
+        return Gauge(*self._declared(name, *labels), registry=self.registry)
 
     def serve(self, port: int, address: str = "0.0.0.0") -> None:
         """Expose ``/metrics`` on ``port`` (a daemon thread, for as long as the process lives)."""
