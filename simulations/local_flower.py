@@ -366,10 +366,8 @@ class FlowerHarness:
         """Wait until the SuperLink lists ``count`` SuperNodes online."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if (
-                online_supernodes(self.flwr("supernode", "list", "test", "--format", "json"))
-                >= count
-            ):
+            listing = self.flwr("supernode", "list", "test", "--format", "json")
+            if online_supernodes(listing) >= count:
                 return
             time.sleep(1.0)
         raise RuntimeError(f"{count} SuperNodes did not come online:\n{self.describe()}")
