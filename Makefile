@@ -92,10 +92,10 @@ compare: data federation
 # answers), wash-fed:latest from the Dockerfile, certificates and node keys, the services,
 # the SuperNodes registered and online. `flwr run . wash-fed-compose --stream` then runs there.
 compose-up: data
-	$(PY) -m simulations.compose_stack up
+	$(PY) -m deploy.compose up
 
 compose-down: install
-	$(PY) -m simulations.compose_stack down
+	$(PY) -m deploy.compose down
 
 # Two lanes: tests/unit needs no Flower process (minutes), tests/e2e runs real Flower,
 # Prometheus, nginx and containers; `make test` runs both.

@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations.local_flower import PROJECT, TINY_RUN, FlowerHarness, Prometheus, free_port
+from deploy.flwr_cli import PROJECT
+from deploy.processes import TINY_RUN, FlowerHarness, free_port
+from deploy.promql import LocalPrometheus
 from wash_fed.ledger import Ledger
 
 MEMBERS = 4
@@ -35,7 +37,7 @@ def _legend(template: str, labels: dict[str, str]) -> str:
     return LEGEND_FIELD.sub(lambda m: labels.get(m.group(1), ""), template)
 
 
-def render_dashboard(prometheus: Prometheus, start: float, end: float, path: Path) -> None:
+def render_dashboard(prometheus: LocalPrometheus, start: float, end: float, path: Path) -> None:
     """Each panel of deploy/grafana/dashboards/wash-fed.json, drawn from Prometheus."""
     import matplotlib
 
@@ -53,9 +55,9 @@ def render_dashboard(prometheus: Prometheus, start: float, end: float, path: Pat
         ax.set_prop_cycle(color=colours)
         for target in panel["targets"]:
             for series in prometheus.query_range(target["expr"], start, end, step=2):
-                legend = _legend(target["legendFormat"], series["metric"])
-                times = [(float(t) - start) / 60 for t, _ in series["values"]]
-                ax.plot(times, [float(v) for _, v in series["values"]], label=legend, linewidth=1.2)
+                legend = _legend(target["legendFormat"], series.labels)
+                times = [(t - start) / 60 for t, _ in series.points]
+                ax.plot(times, [v for _, v in series.points], label=legend, linewidth=1.2)
         ax.set_title(panel["title"], fontsize=10)
         ax.set_xlabel("minutes", fontsize=8)
         if panel["fieldConfig"]["defaults"]["unit"] == "decbytes":
@@ -88,7 +90,7 @@ def main() -> None:
             capture_output=True,
         )
         metrics_port = free_port()
-        prometheus = Prometheus(home / "prometheus-data", metrics_port)
+        prometheus = LocalPrometheus(home / "prometheus-data", metrics_port)
         harness = FlowerHarness(home / "flower")
         try:
             harness.start_superlink(simulation=False, certificates=certificates)
@@ -115,16 +117,15 @@ def main() -> None:
                     )
                     for d in ("up", "down")
                 }
-                traffic = result.listing["network-traffic"]
                 rows.append(
                     (
                         strategy,
                         ledger.total("up"),
-                        float(scraped["up"][0]["value"][1]) if scraped["up"] else float("nan"),
-                        traffic["inbound-bytes"],
+                        scraped["up"][0].value if scraped["up"] else float("nan"),
+                        result.inbound_bytes,
                         ledger.total("down"),
-                        float(scraped["down"][0]["value"][1]) if scraped["down"] else float("nan"),
-                        traffic["outbound-bytes"],
+                        scraped["down"][0].value if scraped["down"] else float("nan"),
+                        result.outbound_bytes,
                     )
                 )
             if args.plot:

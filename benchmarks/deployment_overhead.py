@@ -1,6 +1,6 @@
 """Per-round wall time of a real local deployment that is not spent training.
 
-Starts a SuperLink and N SuperNodes on loopback (simulations/local_flower.py, the topology
+Starts a SuperLink and N SuperNodes on loopback (deploy/processes.py, the topology
 of docker-compose.yml), runs a short WASH run under each runtime, and prints side by side
 the median round time, the members' training, restore, handler and checkpoint times (from
 their replies), and the overhead: round time minus the slowest member's training.
@@ -13,7 +13,7 @@ Runtimes:
 * ``simulation``: the same work through ``flwr run`` against a simulation SuperLink (Ray
   actors), for reference;
 * ``compose``: the worker runtime in containers, ``docker-compose.yml`` brought up by
-  ``make compose-up``'s own code (simulations/compose_stack.py; TLS, SuperNode
+  ``make compose-up``'s own code (deploy/compose.py; TLS, SuperNode
   authentication and the proxies included; the CNN only, on the stack's mounted data);
 * ``floor``: Flower's own floor, the same process deployment running
   ``benchmarks/flower_floor`` (a ClientApp that replies at once, no torch), and
@@ -42,14 +42,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from simulations.compose_stack import Stack, stack_up
-from simulations.local_flower import PROJECT, TINY_RUN, FlowerHarness
+from deploy.compose import Stack, stack_up
+from deploy.flwr_cli import PROJECT
+from deploy.processes import TINY_RUN, FlowerHarness
+from wash_fed.config import ConfigValue
 from wash_fed.data import write_synthetic
 from wash_fed.keys import Metric
+from wash_fed.results import RoundResult, read_results
 
 RUNTIMES = (
     "floor",
@@ -74,7 +77,7 @@ class Workload:
     """A model and the run configuration that trains it briefly."""
 
     name: str
-    run_config: dict[str, Any]
+    run_config: dict[str, ConfigValue]
     synthetic: bool = False
     """Write a synthetic CIFAR-10-shaped data set (32x32x3, 10 classes) to train on."""
 
@@ -99,7 +102,9 @@ WORKLOADS = {
 }
 
 
-def run_config(workload: Workload, rounds: int, supernodes: int, output: str) -> dict[str, Any]:
+def run_config(
+    workload: Workload, rounds: int, supernodes: int, output: str
+) -> dict[str, ConfigValue]:
     return {
         **TINY_RUN,
         **workload.run_config,
@@ -110,7 +115,7 @@ def run_config(workload: Workload, rounds: int, supernodes: int, output: str) ->
     }
 
 
-def floor_config(supernodes: int, rounds: int) -> dict[str, Any]:
+def floor_config(supernodes: int, rounds: int) -> dict[str, ConfigValue]:
     return {"num-members": supernodes, "num-server-rounds": rounds}
 
 
@@ -142,7 +147,7 @@ def measure(runtime: str, workload: Workload, rounds: int, supernodes: int) -> d
             result = harness.run(config, federation_config=federation, timeout=3600)
             check_completed(result.status, result.output, runtime)
             (run_dir,) = (home / "runs").glob(f"*-{result.run_id}")
-            rows = json.loads((run_dir / "results.json").read_text())["rounds"]
+            rows = read_results(run_dir).rounds
         except BaseException:  # also Ctrl-C or `timeout -s INT`: say where it stood
             print(f"{runtime} did not finish; its logs end:\n{harness.describe(workers)}")
             raise
@@ -161,8 +166,9 @@ def measure_on_stack(
         return floor_summary(floor.output)
     run = stack.run(run_config(workload, rounds, supernodes, STACK_RUNS))
     check_completed(run.status, run.output, runtime)
-    results = stack.in_superlink(f"cat {STACK_RUNS}/*-{run.run_id}/results.json")
-    return summarize(json.loads(results)["rounds"], supernodes)
+    with tempfile.TemporaryDirectory(prefix="wf-") as tmp:
+        rows = read_results(stack.fetch_run(STACK_RUNS, run.run_id, Path(tmp) / "run")).rounds
+    return summarize(rows, supernodes)
 
 
 def check_completed(status: str, output: str, runtime: str) -> None:
@@ -187,28 +193,26 @@ def floor_summary(output: str) -> dict[str, float]:
     }
 
 
-def summarize(rows: list[dict[str, Any]], members: int) -> dict[str, float]:
+def summarize(rows: Sequence[RoundResult], members: int) -> dict[str, float]:
     """The share of members answering a round, and medians over the rounds after the first
     (which also starts every member)."""
     steady = rows[1:] or rows
 
-    def slowest(row: dict[str, Any], key: str) -> float:
-        return max(float(m.get(key, 0.0)) for m in row["members"].values())
+    def slowest(row: RoundResult, key: str) -> float:
+        return max(m.get(key, 0.0) for m in row.members.values())
 
     def median_of(key: str) -> float:
         return statistics.median(slowest(r, key) for r in steady)
 
     return {
-        "answered": statistics.mean(r["answered"] for r in rows) / members,
-        "round": statistics.median(r["seconds"] for r in steady),
+        "answered": statistics.mean(r.answered for r in rows) / members,
+        "round": statistics.median(r.seconds for r in steady),
         "train": median_of(Metric.TRAIN_SECONDS),
         "restore": median_of(Metric.RESTORE_SECONDS),
         "handler": median_of(Metric.HANDLER_SECONDS),
         "checkpoint": median_of(Metric.CHECKPOINT_SECONDS),
-        "overhead": statistics.median(
-            r["seconds"] - slowest(r, Metric.TRAIN_SECONDS) for r in steady
-        ),
-        "first_round": rows[0]["seconds"],
+        "overhead": statistics.median(r.seconds - slowest(r, Metric.TRAIN_SECONDS) for r in steady),
+        "first_round": rows[0].seconds,
     }
 
 

@@ -1,6 +1,6 @@
 """Time to accuracy over edge links: WASH, PAPA and FedAvg on the same members, data and
 rounds, through a real deployment whose SuperNodes sit behind tbf-shaped links
-(:mod:`simulations.edge_links`), at several link rates and for two model sizes.
+(:mod:`deploy.namespaces`), at several link rates and for two model sizes.
 
 For every run it prints the mean round time in parts (:mod:`wash_fed.timing`: the critical
 member's training, the rest of its handling, transfer -- the link both ways plus Flower's
@@ -21,26 +21,23 @@ accuracy any strategy reached with that model, so it means the same for every st
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from flwr.common.config import parse_config_args
+from pydantic import TypeAdapter
 
-from simulations.edge_links import (
-    EdgeFederation,
-    EdgeTopology,
-    TopologyError,
-    unwind_on_sigterm,
-)
-from simulations.launch import results_file_in
-from wash_fed.timing import PARTS
+from deploy.flwr_cli import results_file_in
+from deploy.namespaces import EdgeFederation, EdgeTopology, TopologyError, unwind_on_sigterm
+from wash_fed.config import ConfigValue
+from wash_fed.results import RunResult, read_results
+from wash_fed.timing import PARTS, RoundTime
 
 STRATEGIES = ("wash", "papa", "fedavg")
-SHARED: dict[str, Any] = {
+SHARED: dict[str, ConfigValue] = {
     "num-server-rounds": 4,
     "batch-size": 64,
     "train-subset": 12000,
@@ -58,15 +55,40 @@ per step on a CPU."""
 DEFAULT_STEPS = 15
 
 
-def curve(results: Mapping[str, Any]) -> list[tuple[float, float]]:
+@dataclass(frozen=True)
+class EdgeRun:
+    """One run of the benchmark: its model, link rate and strategy, and its results."""
+
+    model: str
+    mbit: float
+    strategy: str
+    results: RunResult
+
+
+EDGE_RUNS = TypeAdapter(list[EdgeRun])
+"""How ``edge_time_<model>.json`` holds a model's runs."""
+
+
+@dataclass(frozen=True)
+class EdgeSummary:
+    """One run's row: seconds per round (in all and by part), bytes, accuracies, times."""
+
+    round: float
+    parts: RoundTime
+    megabytes: float
+    last_round: float | None
+    """The accuracy the last round evaluated (None: none evaluated)."""
+    final_accuracy: float
+    wall: float
+    to_target: float | None
+    """Seconds until a model of the target accuracy was there (None: never)."""
+
+
+def curve(results: RunResult) -> list[tuple[float, float]]:
     """(seconds since the run started, test accuracy) of every model the run evaluated: each
     round's (members' mean, or FedAvg's global model), then the final model."""
-    points = [
-        (float(r["elapsed"]), float(r["test_accuracy"]))
-        for r in results["rounds"]
-        if r["test_accuracy"] is not None
-    ]
-    points.append((float(results["wall_seconds"]), float(results["final"]["final_accuracy"])))
+    points = [(r.elapsed, r.test_accuracy) for r in results.rounds if r.test_accuracy is not None]
+    points.append((results.wall_seconds, results.final_figures().final_accuracy))
     return points
 
 
@@ -75,47 +97,46 @@ def time_to(points: Sequence[tuple[float, float]], target: float) -> float | Non
     return next((t for t, accuracy in points if accuracy >= target), None)
 
 
-def summary(results: Mapping[str, Any], target: float) -> dict[str, Any]:
+def summary(results: RunResult, target: float) -> EdgeSummary:
     """One run's row: mean seconds per round by part, bytes, accuracy, times."""
-    rounds = results["rounds"]
-    per_round = {p: sum(r["time"][p] for r in rounds) / len(rounds) for p in PARTS}
     points = curve(results)
-    return {
-        "round": sum(r["seconds"] for r in rounds) / len(rounds),
-        **per_round,
-        "megabytes": results["bytes"]["total"] / 1e6,
-        "last_round": points[-2][1] if len(points) > 1 else None,
-        "final_accuracy": results["final"]["final_accuracy"],
-        "wall": results["wall_seconds"],
-        "to_target": time_to(points, target),
-    }
+    return EdgeSummary(
+        round=results.mean_round_seconds(),
+        parts=results.mean_round_time(),
+        megabytes=results.sent() / 1e6,
+        last_round=points[-2][1] if len(points) > 1 else None,
+        final_accuracy=points[-1][1],
+        wall=results.wall_seconds,
+        to_target=time_to(points, target),
+    )
 
 
-def table(runs: Sequence[Mapping[str, Any]], target_fraction: float) -> str:
+def table(runs: Sequence[EdgeRun], target_fraction: float) -> str:
     """Markdown: one row per (model, rate, strategy)."""
     lines = [
         "| model | link (Mbit/s) | strategy | s/round | train | member | transfer | server "
         "| sent (MB) | last round | final model | wall (s) | to target (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for model in dict.fromkeys(r["model"] for r in runs):
-        of_model = [r for r in runs if r["model"] == model]
-        target = target_fraction * max(r["results"]["final"]["final_accuracy"] for r in of_model)
+    for model in dict.fromkeys(r.model for r in runs):
+        of_model = [r for r in runs if r.model == model]
+        best = max(r.results.final_figures().final_accuracy for r in of_model)
+        target = target_fraction * best
         for run in of_model:
-            row = summary(run["results"], target)
-            reached = "never" if row["to_target"] is None else f"{row['to_target']:.0f}"
-            last = "-" if row["last_round"] is None else f"{row['last_round']:.4f}"
-            parts = " | ".join(f"{row[p]:.1f}" for p in PARTS)
+            row = summary(run.results, target)
+            reached = "never" if row.to_target is None else f"{row.to_target:.0f}"
+            last = "-" if row.last_round is None else f"{row.last_round:.4f}"
+            parts = " | ".join(f"{getattr(row.parts, p):.1f}" for p in PARTS)
             lines.append(
-                f"| {model} | {run['mbit']:g} | {run['strategy']} | {row['round']:.1f} | "
-                f"{parts} | {row['megabytes']:.1f} | {last} | {row['final_accuracy']:.4f} | "
-                f"{row['wall']:.0f} | {reached} |"
+                f"| {model} | {run.mbit:g} | {run.strategy} | {row.round:.1f} | "
+                f"{parts} | {row.megabytes:.1f} | {last} | {row.final_accuracy:.4f} | "
+                f"{row.wall:.0f} | {reached} |"
             )
         lines.append(f"| {model}: target accuracy {target:.4f} |" + " |" * 12)
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
+def plot(runs: Sequence[EdgeRun], out: Path) -> list[Path]:
     """Accuracy against wall time: one figure per model, one panel per link rate."""
     import matplotlib
 
@@ -123,14 +144,14 @@ def plot(runs: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for model in dict.fromkeys(r["model"] for r in runs):
-        rates = list(dict.fromkeys(r["mbit"] for r in runs if r["model"] == model))
+    for model in dict.fromkeys(r.model for r in runs):
+        rates = list(dict.fromkeys(r.mbit for r in runs if r.model == model))
         fig, axes = plt.subplots(1, len(rates), figsize=(4.2 * len(rates), 3.8), squeeze=False)
         for ax, mbit in zip(axes[0], rates, strict=True):
             for run in runs:
-                if run["model"] != model or run["mbit"] != mbit:
+                if run.model != model or run.mbit != mbit:
                     continue
-                times, accuracies = zip(*curve(run["results"]), strict=True)
+                times, accuracies = zip(*curve(run.results), strict=True)
                 (line,) = ax.plot(times[:-1], accuracies[:-1], marker="o", markersize=3)
                 ax.plot(
                     times[-1:],
@@ -140,7 +161,7 @@ def plot(runs: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
                     color=line.get_color(),
                     linestyle="none",
                 )
-                line.set_label(run["strategy"])
+                line.set_label(run.strategy)
             ax.set_title(f"{model}, {mbit:g} Mbit/s links")
             ax.set_xlabel(
                 "wall time (s); dots: members (FedAvg: global) per round; star: final",
@@ -162,8 +183,8 @@ def run_all(
     models: Sequence[str],
     rates: Sequence[float],
     strategies: Sequence[str],
-    overrides: Mapping[str, Any],
-) -> list[dict[str, Any]]:
+    overrides: Mapping[str, ConfigValue],
+) -> list[EdgeRun]:
     """Every (model, rate, strategy), one after the other over the same SuperNodes; a run
     that does not complete is reported and left out."""
     runs = []
@@ -171,7 +192,7 @@ def run_all(
         for mbit in rates:
             federation.topology.shape(mbit)
             for strategy in strategies:
-                config = {
+                config: dict[str, ConfigValue] = {
                     **SHARED,
                     "model": model,
                     "local-steps": LOCAL_STEPS.get(model, DEFAULT_STEPS),
@@ -184,12 +205,10 @@ def run_all(
                 if not ended.completed or found is None:  # reported, left out, the rest go on
                     print(f"    {ended.status}: {ended.details}", file=sys.stderr, flush=True)
                     continue
-                results = json.loads(found.read_text())
-                runs.append(
-                    {"model": model, "mbit": mbit, "strategy": strategy, "results": results}
-                )
-                final = results["final"]["final_accuracy"]
-                print(f"    {results['wall_seconds']:.0f} s, accuracy {final:.4f}", flush=True)
+                results = read_results(found)
+                runs.append(EdgeRun(model, mbit, strategy, results))
+                final = results.final_figures().final_accuracy
+                print(f"    {results.wall_seconds:.0f} s, accuracy {final:.4f}", flush=True)
     return runs
 
 
@@ -215,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.render:
-        runs = [run for path in args.render for run in json.loads(path.read_text())]
+        runs = [run for path in args.render for run in EDGE_RUNS.validate_json(path.read_bytes())]
         return write_reports(runs, out, args.target)
     given = parse_config_args([args.run_config]) if args.run_config.strip() else {}
     overrides = {"output-dir": str(out / "runs"), **given}
@@ -238,13 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if len(runs) == planned else 1
 
 
-def write_reports(runs: Sequence[Mapping[str, Any]], out: Path, target: float) -> int:
+def write_reports(runs: Sequence[EdgeRun], out: Path, target: float) -> int:
     """Per model: its runs as JSON, its table (printed too) and its plot, into ``out``;
     returns 0."""
-    for model in dict.fromkeys(r["model"] for r in runs):
-        of_model = [r for r in runs if r["model"] == model]
+    for model in dict.fromkeys(r.model for r in runs):
+        of_model = [r for r in runs if r.model == model]
         name = f"edge_time_{model.replace(':', '_')}"
-        (out / f"{name}.json").write_text(json.dumps(of_model, indent=2))
+        (out / f"{name}.json").write_bytes(EDGE_RUNS.dump_json(of_model, indent=2))
         text = table(of_model, target)
         (out / f"{name}.md").write_text(text)
         print(f"\n{text}")

@@ -99,7 +99,7 @@ def measure(setting: str, rounds: int) -> tuple[Margins, float]:
         run = run_population(cfg, log=lambda _: None, progress_eval=False)
     finally:
         protocol.magnitude_outliers = judge  # type: ignore[attr-defined]
-    return margins, float(run.results["final"]["final_accuracy"])
+    return margins, run.results.final_figures().final_accuracy
 
 
 def main(argv: list[str] | None = None) -> int:

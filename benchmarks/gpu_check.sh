@@ -63,7 +63,7 @@ if "$PY" -c "import ray" 2>/dev/null; then
   sampled "the simulation" timeout 120 "$PY" - "$data" <<'PY' || failed=1
 import json, sys
 from pathlib import Path
-from simulations.local_flower import TINY_RUN, FlowerHarness
+from deploy.processes import TINY_RUN, FlowerHarness
 home = Path(sys.argv[1]) / "flwr"
 harness = FlowerHarness(home)
 try:

@@ -1,6 +1,6 @@
 """What one well-formed but hostile member of four does to a run, through real `flwr run`
 simulations: honest runs over several seeds give the spread a soup may fall in; each fault
-(tests/e2e/faulty_app.py: drift, sign-flip, zeros, ...) then runs on seed 0, and the table
+(deploy/faulty_app.py: drift, sign-flip, zeros, ...) then runs on seed 0, and the table
 says when the gate named the member, whether it was quarantined, and where the soup ended.
 
     python benchmarks/poisoned_member.py                       # 10 rounds, seeds 0,1,2
@@ -13,18 +13,20 @@ import argparse
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Any
 
-from simulations.local_flower import FlowerHarness, faulty_app_copy, results_of
+from deploy.app_copies import faulty_app_copy
+from deploy.processes import FlowerHarness
+from wash_fed.config import ConfigValue
+from wash_fed.results import RunResult, read_results
 
 MEMBERS, FAULTY = 4, 3
 FEDERATION = f"num-supernodes={MEMBERS} client-resources-num-cpus=1"
 
 
-def run(harness: FlowerHarness, root: Path, fault: str, seed: int, rounds: int) -> dict[str, Any]:
+def run(harness: FlowerHarness, root: Path, fault: str, seed: int, rounds: int) -> RunResult:
     """One run of the app copy with ``fault`` (``none``: everyone honest); its results."""
     app = faulty_app_copy(root / f"app-{fault}-{seed}", fault, FAULTY)
-    config = {
+    config: dict[str, ConfigValue] = {
         "num-members": MEMBERS,
         "num-server-rounds": rounds,
         "seed": seed,
@@ -35,12 +37,12 @@ def run(harness: FlowerHarness, root: Path, fault: str, seed: int, rounds: int) 
     if result.status != "finished:completed":
         raise RuntimeError(f"{fault}, seed {seed}: {result.status} {result.details}")
     (run_dir,) = (root / "runs").glob(f"*-{result.run_id}")
-    return results_of(run_dir)
+    return read_results(run_dir)
 
 
-def named_at(results: dict[str, Any]) -> str:
+def named_at(results: RunResult) -> str:
     """The first round in which the faulty member was rejected ("-": never)."""
-    rounds = [r["round"] for r in results["rounds"] if str(FAULTY) in r["rejected"]]
+    rounds = [r.round for r in results.rounds if str(FAULTY) in r.rejected]
     return str(rounds[0]) if rounds else "-"
 
 
@@ -57,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             harness.start_superlink(simulation=True)
             honest = [run(harness, root, "none", seed, args.rounds) for seed in seeds]
             faulty = {f: run(harness, root, f, 0, args.rounds) for f in args.faults.split(",")}
-    soups = [r["final"]["final_accuracy"] for r in honest]
-    members = [r["final"]["member_mean"] for r in honest]
+    soups = [r.final_figures().final_accuracy for r in honest]
+    members = [r.final_figures().member_mean or 0.0 for r in honest]
     print(
         f"honest, seeds {args.seeds}: soup {statistics.fmean(soups):.4f} "
         f"(min {min(soups):.4f}, max {max(soups):.4f}), members' mean "
@@ -67,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| fault (seed 0) | first rejected in round | quarantined | soup | members' mean |")
     print("|---|---|---|---|---|")
     for fault, results in faulty.items():
-        final = results["final"]
+        final = results.final_figures()
         print(
-            f"| {fault} | {named_at(results)} | {FAULTY in final['quarantined']} "
-            f"| {final['final_accuracy']:.4f} | {final['member_mean']:.4f} |"
+            f"| {fault} | {named_at(results)} | {FAULTY in final.quarantined} "
+            f"| {final.final_accuracy:.4f} | {final.member_mean or 0.0:.4f} |"
         )
     return 0
 

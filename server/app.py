@@ -23,7 +23,6 @@ import time
 from collections.abc import Mapping
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
 
 from flwr.app import (
     ArrayRecord,
@@ -51,6 +50,7 @@ from wash_fed.keys import RESULTS_IN, Split
 from wash_fed.ledger import Ledger
 from wash_fed.models import model_layout
 from wash_fed.protocol import server_protocol
+from wash_fed.results import FinalResult, ResumedFrom
 from wash_fed.training import configure_torch, load_test_data, new_model
 
 app = ServerApp()
@@ -84,7 +84,8 @@ def main(grid: Grid, context: Context) -> None:
             roster.continues = (resumed.run_id, resumed.round)
             roster.credentials = dict(resumed.credentials)
         roster.connect(ledger_grid)
-        output.write(members={str(p): n for p, n in roster.nodes.items()})
+        output.result.members = {str(p): n for p, n in roster.nodes.items()}
+        output.write()
         with flower_strategy_log_to(output.directory / STRATEGY_LOG):
             final, fedavg_bytes = run_strategy(
                 ledger_grid, cfg, roster, parameters, output, metrics, resumed
@@ -126,9 +127,9 @@ def open_output(
     add_exit_handler(output.stop, run_before_force_exit=True)
     if resumed is not None:
         log(INFO, "continuing %s after round %d", cfg.resume_from, resumed.round)
-        output.results["rounds"] = list(resumed.rows)
-        origin = {"folder": cfg.resume_from, "run_id": resumed.run_id, "round": resumed.round}
-        output.write(resumed_from=origin)
+        output.result.rounds = list(resumed.rows)
+        output.result.resumed_from = ResumedFrom(cfg.resume_from, resumed.run_id, resumed.round)
+        output.write()
     return output
 
 
@@ -140,7 +141,7 @@ def run_strategy(
     output: RunOutput,
     metrics: RunMetrics,
     resumed: ServerCheckpoint | None,
-) -> tuple[dict[str, Any], int | None]:
+) -> tuple[FinalResult, int | None]:
     """The configured strategy to its end: the final figures, and what FedAvg would have
     sent (None for FedAvg itself)."""
     test = load_test_data(cfg) if cfg.test_on_server else None
@@ -165,7 +166,7 @@ def run_population_strategy(
     output: RunOutput,
     metrics: RunMetrics,
     resumed: ServerCheckpoint | None,
-) -> tuple[dict[str, Any], int]:
+) -> tuple[FinalResult, int]:
     """WASH, PAPA or independent members through Flower (from where ``resumed`` left the
     run, when given), then the final step. Returns the final figures and what FedAvg would
     have sent."""
@@ -175,12 +176,12 @@ def run_population_strategy(
         record_round(output, grid, metrics, report, fedavg_bytes)
         checkpoint = ServerCheckpoint(
             config=cfg.to_mapping(),
-            run_id=output.results["run_id"],
+            run_id=grid.run.run_id,
             earlier_runs=resumed.chain if resumed else [],
             round=report.round,
             state=strategy.state,
             ledger=grid.ledger.entries,
-            rows=output.results["rounds"],
+            rows=output.result.rounds,
             credentials=roster.credentials,
         )
         if output.save_checkpoint(checkpoint):
@@ -205,9 +206,9 @@ def run_population_strategy(
     validation = load_local(cfg.validation_path, cfg.task) if cfg.validation_path else None
     earlier_runs = resumed.chain if resumed else []
     final = final_step(grid, cfg, strategy, test, validation, output, earlier_runs)
-    observed = {"member_mean": final["member_mean"], "soup": final["final_accuracy"]}
-    if final["ensemble"] is not None:
-        observed["ensemble"] = final["ensemble"]
+    observed = {"member_mean": final.member_mean or 0.0, "soup": final.final_accuracy}
+    if final.ensemble is not None:
+        observed["ensemble"] = final.ensemble
     metrics.observe_final(observed)
     return final, fedavg_bytes
 

@@ -12,17 +12,16 @@ only checkpoints of your own runs.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from server.state import StrategyState
-from wash_fed.config import ConfigError, WashFedConfig
+from wash_fed.config import ConfigError, ConfigValue, WashFedConfig
 from wash_fed.files import save_torch
 from wash_fed.ledger import LedgerEntry
+from wash_fed.results import RESULTS, RoundResult, read_results
 
 __all__ = ["CHECKPOINT", "ServerCheckpoint"]
 
@@ -33,7 +32,7 @@ CHECKPOINT = "checkpoint.pt"
 class ServerCheckpoint:
     """A run as of the end of ``round``."""
 
-    config: dict[str, Any]
+    config: dict[str, ConfigValue]
     run_id: int
     """The run whose members checkpointed this round."""
     earlier_runs: list[int]
@@ -42,7 +41,7 @@ class ServerCheckpoint:
     state: StrategyState
     """The population strategy's state (deliveries due, history, missing, quarantine)."""
     ledger: list[LedgerEntry]
-    rows: list[dict[str, Any]]
+    rows: list[RoundResult]
     """The rounds of ``results.json``."""
     credentials: dict[int, str]
     """Partition id -> the credential its member holds (:mod:`server.roster`)."""
@@ -65,8 +64,8 @@ class ServerCheckpoint:
                 f"resume-from={str(directory)!r}: no {CHECKPOINT} there (a run's folder under "
                 "output-dir; only wash, papa, papa-all and ensemble runs write one)"
             )
-        results = directory / "results.json"
-        if results.is_file() and json.loads(results.read_text()).get("status") == "completed":
+        results = directory / RESULTS
+        if results.is_file() and read_results(results).status == "completed":
             raise ConfigError(f"resume-from: the run in {directory} completed; nothing to resume")
         saved = torch.load(path, weights_only=False)
         if not isinstance(saved, cls):

@@ -24,7 +24,7 @@ from wash_fed.config import WashFedConfig
 from wash_fed.gate import check_tensors, magnitude_outliers, require_finite
 from wash_fed.keys import Config, MessageType, Metric, Record, Reply
 from wash_fed.protocol import to_wire, wire_dtype
-from wash_fed.results import fedavg_equivalent_bytes
+from wash_fed.results import GLOBAL_MODEL, FinalResult, fedavg_equivalent_bytes
 from wash_fed.training import initial_model, new_model
 
 __all__ = ["FedAvgRounds", "GatedFedAvg", "fedavg_bytes_through_flower", "run_fedavg"]
@@ -119,7 +119,7 @@ def run_fedavg(
     test_accuracy: Callable[[nn.Module], float],
     output: RunOutput,
     metrics: RunMetrics,
-) -> dict[str, Any]:
+) -> FinalResult:
     """Flower's FedAvg, unchanged, behind the reply gate: one global model that every
     member trains each round.
 
@@ -157,7 +157,7 @@ def run_fedavg(
     final_accuracy = test_accuracy(model)
     log(INFO, "[fedavg] test accuracy of the global model: %.4f", final_accuracy)
     metrics.observe_final({"global": final_accuracy})
-    return {"global_model": final_accuracy, "final_accuracy": final_accuracy}
+    return FinalResult(final_accuracy, GLOBAL_MODEL)
 
 
 def fedavg_bytes_through_flower(cfg: WashFedConfig, nodes: Collection[int]) -> int:

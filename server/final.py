@@ -19,10 +19,10 @@ statistics, evaluate and end) where no soup is chosen on the members' data.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO
-from typing import Any
 
 import torch
 from flwr.common.logger import log
@@ -44,9 +44,10 @@ from wash_fed.gate import (
     magnitude_outliers,
     require_finite,
 )
-from wash_fed.keys import Config, MessageType, Metric, Record, Split
+from wash_fed.keys import Config, MessageType, Metric, Metrics, Record, Split
 from wash_fed.merge import merge_population
 from wash_fed.protocol import final_dtype, through, to_wire
+from wash_fed.results import FinalResult
 from wash_fed.training import new_model
 
 __all__ = ["FinalExchanges", "OnMembers", "final_step"]
@@ -187,7 +188,7 @@ def final_step(
     validation: ImageData | None,
     output: RunOutput,
     earlier_runs: Sequence[int] = (),
-) -> dict[str, Any]:
+) -> FinalResult:
     """Collect, merge, save and evaluate, the last message ending the run for the members;
     returns the final figures for ``results.json``.
 
@@ -244,21 +245,22 @@ def final_step(
         soups,
         merge.final_soup,
     )
-    return merge.as_dict() | {
-        "collected": sorted(states),
-        "quarantined": sorted(roster.quarantined),
-        "rejected": {str(p): reason for p, reason in sorted(exchanges.rejected.items())},
-        "bn_exchanges": bn_exchanges,
-        "evaluated_on": "server" if test is not None else "members",
-        "members_own_evaluation": own_tests,
-    }
+    return dataclasses.replace(
+        merge.figures(),
+        collected=sorted(states),
+        quarantined=sorted(roster.quarantined),
+        rejected={str(p): reason for p, reason in sorted(exchanges.rejected.items())},
+        bn_exchanges=bn_exchanges,
+        evaluated_on="server" if test is not None else "members",
+        members_own_evaluation=own_tests,
+    )
 
 
 def _evaluators(
     exchanges: FinalExchanges,
     test: ImageData | None,
     validation: ImageData | None,
-    reported: Mapping[int, Mapping[str, Any]],
+    reported: Mapping[int, Metrics],
 ) -> tuple[Evaluator, Callable[[nn.Module], float] | None]:
     """Where the final step tests (the server's test set, else the members' own test data)
     and, for the greedy soup, where it picks ingredients (the server's validation set, else
@@ -276,7 +278,7 @@ def _evaluators(
     return evaluator, OnMembers(exchanges, Split.HOLDOUT).accuracy
 
 
-def _own_accuracies(reported: Mapping[int, Mapping[str, Any]]) -> list[float]:
+def _own_accuracies(reported: Mapping[int, Metrics]) -> list[float]:
     """The members' accuracies on their own test data, as their collect replies gave them."""
     own = [float(m[Metric.TEST_ACCURACY]) for m in reported.values() if Metric.TEST_ACCURACY in m]
     if not own:

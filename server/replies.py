@@ -18,7 +18,6 @@ from flwr.app import Message
 from flwr.common.logger import log
 
 from wash_fed import wire
-from wash_fed.gate import check_metrics
 from wash_fed.keys import Metric
 
 __all__ = ["Replies", "gather", "log_rejections"]
@@ -75,7 +74,7 @@ def gather(
             continue
         try:
             parts = wire.reply_parts(reply.content, arrays)
-            problem = check_metrics(parts.metrics) or _identity_problem(parts, partition)
+            problem = _identity_problem(parts, partition)
         except wire.MalformedReplyError as err:
             problem = str(err)
         if problem is None:

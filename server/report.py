@@ -8,13 +8,12 @@ keeps what it had), ``ledger.csv`` (every message), ``final_model.pt`` and, on r
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from logging import ERROR, INFO
 from pathlib import Path
-from typing import Any
 
 from flwr.common.logger import log
 
@@ -23,11 +22,12 @@ from server.ledger_grid import LedgerGrid
 from server.metrics import RunMetrics
 from server.state import RoundReport
 from wash_fed.config import WashFedConfig
+from wash_fed.keys import Metric
 from wash_fed.ledger import Ledger
-from wash_fed.results import RunResults
+from wash_fed.results import FinalResult, RoundResult, RunFolder, RunResult
 from wash_fed.timing import RoundTime, split_round
 
-__all__ = ["RunOutput", "ledger_table", "record_round", "round_row"]
+__all__ = ["RunOutput", "ledger_table", "progress_line", "record_round", "round_row"]
 
 
 def _mb(nbytes: float) -> str:
@@ -56,8 +56,8 @@ def ledger_table(ledger: Ledger, fedavg_bytes: int | None, rounds: int) -> str:
 
 
 @dataclass
-class RunOutput(RunResults):
-    """The results of one run through Flower (:class:`wash_fed.results.RunResults`),
+class RunOutput(RunFolder):
+    """The folder and results of one run through Flower (:class:`wash_fed.results.RunFolder`),
     written from the round loop and from Flower's exit handlers alike: nothing is written
     once the run was recorded ``stopped``."""
 
@@ -69,22 +69,24 @@ class RunOutput(RunResults):
         """``<output-dir>/<time>-<label>-<run id>``, with its ``results.json``."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         directory = (Path(cfg.output_dir) / f"{stamp}-{cfg.label}-{run_id}").resolve()
-        out = cls.create(directory, cfg, ledger, "flower", run_id=run_id)
+        result = RunResult("flower", cfg.label, cfg, run_id=run_id)
+        out = cls.create(directory, result, ledger)
         assert isinstance(out, RunOutput)
         return out
 
-    def add_round(self, row: Mapping[str, Any]) -> None:
+    def add_round(self, row: RoundResult) -> None:
         """A finished round's row, with ``elapsed``: seconds since this process started the
         run (a resumed run counts from its resumption)."""
-        self.results["rounds"].append({**row, "elapsed": time.perf_counter() - self.started})
+        elapsed = time.perf_counter() - self.started
+        self.result.rounds.append(dataclasses.replace(row, elapsed=elapsed))
         self.write()
 
-    def write(self, **fields: Any) -> None:
-        """Update the results with ``fields`` and rewrite ``results.json`` and ``ledger.csv``;
-        nothing more once the run was stopped."""
+    def write(self) -> None:
+        """Rewrite ``results.json`` and ``ledger.csv``; nothing more once the run was
+        stopped."""
         with self._lock:
             if not self._stopped:
-                super().write(**fields)
+                super().write()
 
     def save_checkpoint(self, checkpoint: ServerCheckpoint) -> bool:
         """Write the server's checkpoint beside the results; whether it was written (not
@@ -95,13 +97,14 @@ class RunOutput(RunResults):
             checkpoint.save(self.directory)
             return True
 
-    def finish(self, final: Mapping[str, Any], fedavg_bytes: int | None) -> None:
-        self.write(status="completed", final=dict(final), fedavg_bytes=fedavg_bytes)
+    def finish(self, final: FinalResult, fedavg_bytes: int | None) -> None:
+        self.result.status, self.result.final = "completed", final
+        self.result.fedavg_bytes = fedavg_bytes
+        self.write()
         log(INFO, "")
         log(INFO, "Bytes sent (payload as Flower serializes it):")
-        for line in ledger_table(
-            self.ledger, fedavg_bytes, self.cfg.num_server_rounds
-        ).splitlines():
+        rounds = self.result.config.num_server_rounds
+        for line in ledger_table(self.ledger, fedavg_bytes, rounds).splitlines():
             log(INFO, "  %s", line)
         log(INFO, "Final model: %s", self.directory / "final_model.pt")
         log(INFO, "Results:     %s", self.directory / "results.json")
@@ -111,11 +114,12 @@ class RunOutput(RunResults):
         ``stopped`` and nothing is written after that. Called from Flower's exit handlers,
         which also run at every normal exit, when it does nothing."""
         with self._lock:
-            if self._stopped or self.results.get("status") != "running":
+            if self._stopped or self.result.status != "running":
                 return
             self._stopped = True
+            self.result.status = "stopped"
             try:
-                super().write(status="stopped")
+                super().write()
             except OSError as err:
                 log(ERROR, "Run stopped; could not record it in %s: %s", self.directory, err)
                 return
@@ -126,8 +130,9 @@ class RunOutput(RunResults):
         disk that failed the run), the log says so and the error goes on unrecorded here:
         Flower's status for the run says ``failed`` with the same reason."""
         reason = f"{type(error).__name__}: {error}"
+        self.result.status, self.result.error = "failed", reason
         try:
-            self.write(status="failed", error=reason)
+            self.write()
         except OSError as err:
             log(
                 ERROR, "Run failed (%s); could not record it in %s: %s", reason, self.directory, err
@@ -145,11 +150,12 @@ def record_round(
 ) -> None:
     """A finished round into the results and the metrics, with where its time went."""
     time = split_round(report.seconds, grid.take_in_flight(report.round), report.metrics)
-    output.add_round(round_row(output.cfg, grid.ledger, report, fedavg_bytes, time))
+    cfg = output.result.config
+    output.add_round(round_row(cfg, grid.ledger, report, fedavg_bytes, time))
     if fedavg_bytes is None:  # FedAvg itself: what it would have sent is what it sent
         per_round = sum(grid.ledger.by_round().get(report.round, {}).values())
     else:
-        per_round = fedavg_bytes // output.cfg.num_server_rounds
+        per_round = fedavg_bytes // cfg.num_server_rounds
     metrics.observe_round(report, per_round, time)
 
 
@@ -159,45 +165,45 @@ def round_row(
     report: RoundReport,
     fedavg_bytes: int | None,
     time: RoundTime,
-) -> dict[str, Any]:
+) -> RoundResult:
     """One round's figures for ``results.json`` (with where its time went); logs the
     progress line."""
     this_round = ledger.by_round().get(report.round, {"up": 0, "down": 0})
     means = report.member_means()
-    row = {
-        "round": report.round,
-        "seconds": report.seconds,
-        "time": time.as_dict(),
-        "answered": len(report.metrics),
-        "failed": {str(k): v for k, v in report.failed.items()},
-        "loss": means.get("loss"),
-        "train_accuracy": means.get("train-accuracy"),
-        "test_accuracy": means.get("test-accuracy"),
-        "members": {str(k): v for k, v in sorted(report.metrics.items())},
-        "exchange": report.exchange,
-        "exchange_digest": report.exchange_digest,
-        "rejected": {str(k): v for k, v in report.rejected.items()},
-        "bytes_up": this_round["up"],
-        "bytes_down": this_round["down"],
-        "bytes_total": ledger.total(),
-    }
-    text = f"[{cfg.label}] round {report.round}/{cfg.num_server_rounds}: "
-    text += f"{len(report.metrics)}/{cfg.num_members} members"
-    if row["loss"] is not None:
-        text += f", loss {row['loss']:.4f}, train acc {row['train_accuracy']:.4f}"
-    if row["test_accuracy"] is not None:
-        text += f", test acc {row['test_accuracy']:.4f}"
-    sent = (this_round["up"] + this_round["down"]) / 1e6
-    text += f" | sent {sent:.3f} MB, {ledger.total() / 1e6:.3f} MB so far"
-    if fedavg_bytes:
-        so_far = fedavg_bytes * report.round / cfg.num_server_rounds
-        text += f" (FedAvg: {so_far / 1e6:.3f} MB)"
-    log(
-        INFO,
-        "%s | %.2f s (train %.2f, transfer %.2f)",
-        text,
-        report.seconds,
-        time.train,
-        time.transfer,
+    row = RoundResult(
+        round=report.round,
+        seconds=report.seconds,
+        bytes_up=this_round["up"],
+        bytes_down=this_round["down"],
+        bytes_total=ledger.total(),
+        members={str(k): dict(v) for k, v in sorted(report.metrics.items())},
+        loss=means.get(Metric.LOSS),
+        train_accuracy=means.get(Metric.TRAIN_ACCURACY),
+        test_accuracy=means.get(Metric.TEST_ACCURACY),
+        failed={str(k): v for k, v in report.failed.items()},
+        rejected={str(k): v for k, v in report.rejected.items()},
+        exchange=report.exchange,
+        exchange_digest=report.exchange_digest,
+        time=time,
     )
+    log(INFO, "%s", progress_line(cfg, row, fedavg_bytes))
     return row
+
+
+def progress_line(cfg: WashFedConfig, row: RoundResult, fedavg_bytes: int | None) -> str:
+    """A round's line in the run's log: members, their figures, bytes, and time."""
+    text = f"[{cfg.label}] round {row.round}/{cfg.num_server_rounds}: "
+    text += f"{row.answered}/{cfg.num_members} members"
+    if row.loss is not None and row.train_accuracy is not None:
+        text += f", loss {row.loss:.4f}, train acc {row.train_accuracy:.4f}"
+    if row.test_accuracy is not None:
+        text += f", test acc {row.test_accuracy:.4f}"
+    sent = (row.bytes_up + row.bytes_down) / 1e6
+    text += f" | sent {sent:.3f} MB, {row.bytes_total / 1e6:.3f} MB so far"
+    if fedavg_bytes:
+        so_far = fedavg_bytes * row.round / cfg.num_server_rounds
+        text += f" (FedAvg: {so_far / 1e6:.3f} MB)"
+    if row.time is not None:
+        text += f" | {row.seconds:.2f} s (train {row.time.train:.2f}, "
+        text += f"transfer {row.time.transfer:.2f})"
+    return text

@@ -8,9 +8,9 @@ saves it whole and a resumed run continues from it. Nothing here imports Flower.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from wash_fed.gate import Quarantine
+from wash_fed.keys import Metric, Metrics
 from wash_fed.protocol import Deliveries
 
 __all__ = ["RoundReport", "StrategyState"]
@@ -21,7 +21,7 @@ class RoundReport:
     """One round as the server saw it."""
 
     round: int
-    metrics: dict[int, dict[str, Any]]
+    metrics: dict[int, Metrics]
     """Per partition id of a member whose reply was accepted: the metrics it reported."""
     failed: dict[int, str]
     """Per partition id of a member that did not answer properly: why."""
@@ -38,7 +38,7 @@ class RoundReport:
         left out)."""
         rows = list(self.metrics.values())
         keys = {k for row in rows for k, v in row.items() if isinstance(v, (int, float))}
-        keys.discard("partition-id")
+        keys.discard(Metric.PARTITION_ID)
         means = {}
         for key in sorted(keys):
             values = [float(r[key]) for r in rows if key in r]

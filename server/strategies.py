@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
-from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
@@ -26,7 +25,7 @@ from server.state import RoundReport, StrategyState
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.gate import Quarantine, check_tensors, magnitude_outliers
-from wash_fed.keys import Config, MessageType, Record
+from wash_fed.keys import Config, MessageType, Metrics, Record
 from wash_fed.protocol import Exchange, ServerProtocol
 
 __all__ = ["PopulationStrategy"]
@@ -138,7 +137,7 @@ class PopulationStrategy(Strategy):
 
     def collect(
         self, grid: Grid, timeout: float, reference: Mapping[str, Tensor]
-    ) -> tuple[dict[int, dict[str, Tensor]], dict[int, dict[str, Any]], dict[int, str]]:
+    ) -> tuple[dict[int, dict[str, Tensor]], dict[int, Metrics], dict[int, str]]:
         """Deliver what is still due and collect every member's full state dict.
 
         Returns the state dicts and metrics of the replies that pass the gate (the model's
@@ -174,7 +173,7 @@ class PopulationStrategy(Strategy):
     # --- helpers ------------------------------------------------------------------------
 
     def messages(
-        self, message_type: str, server_round: int, config: Mapping[str, Any]
+        self, message_type: str, server_round: int, config: Mapping[str, wire.ConfigValue]
     ) -> list[Message]:
         """One message per member, each with what is due to it."""
         messages = []

@@ -20,19 +20,28 @@ run's total bytes, final step included.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from simulations.launch import check_run_config, launch
+from deploy.flwr_cli import FlwrError, check_run_config
+from simulations.launch import launch
 from wash_fed.config import ConfigError
+from wash_fed.results import RESULTS, RunResult, read_results
 
 
 class RunFailedError(RuntimeError):
     """A compared run did not finish completed."""
+
+
+@dataclass(frozen=True)
+class ComparedRun:
+    """One strategy's run: its results, and how long ``flwr run`` took end to end."""
+
+    result: RunResult
+    flwr_run_seconds: float
 
 
 def run_strategy(
@@ -42,75 +51,77 @@ def run_strategy(
     federation_config: str,
     superlink: str | None,
     output_dir: Path,
-) -> dict[str, Any]:
-    """One ``flwr run`` to the end; its results.json (with the wall time added). Raises
-    RunFailedError when the run did not finish completed."""
+) -> ComparedRun:
+    """One ``flwr run`` to the end; its results. Raises RunFailedError when the run did not
+    finish completed."""
     overrides = f'strategy="{strategy}" output-dir="{output_dir}" {run_config}'.strip()
     print(f"\n=== {strategy}: --run-config {overrides}", flush=True)
     started = time.perf_counter()
-    ended = launch(connection=superlink, run_config=overrides, federation_config=federation_config)
+    try:
+        ended = launch(
+            connection=superlink, run_config=overrides, federation_config=federation_config
+        )
+    except FlwrError as err:
+        raise RunFailedError(f"{strategy}: {err}") from None
     wall = time.perf_counter() - started
     if not ended.completed:
         raise RunFailedError(f"run {ended.run_id} ({strategy}) {ended.status}: {ended.details}")
-    matches = list(output_dir.glob(f"*-{ended.run_id}/results.json"))
+    matches = list(output_dir.glob(f"*-{ended.run_id}/{RESULTS}"))
     if not matches:
         raise RunFailedError(f"run {ended.run_id} ({strategy}) left no results in {output_dir}")
-    results: dict[str, Any] = json.loads(matches[0].read_text())
-    results["wall_seconds_flwr_run"] = wall
-    return results
+    return ComparedRun(read_results(matches[0]), wall)
 
 
-def comparison_table(runs: Sequence[Mapping[str, Any]]) -> str:
+def comparison_table(runs: Sequence[ComparedRun]) -> str:
     """Markdown: one row per run, bytes next to FedAvg's for the same rounds."""
-    fedavg = next((r for r in runs if r["strategy"] == "fedavg"), None)
-    reference = fedavg["bytes"]["total"] if fedavg else None
+    fedavg = next((r.result for r in runs if r.result.strategy == "fedavg"), None)
+    reference = fedavg.sent() if fedavg else None
     lines = [
         "| strategy | final model | accuracy | members (mean) | ensemble | sent, training (MB) "
         "| sent, total (MB) | total / FedAvg's | wall time (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in runs:
-        final, b = r["final"], r["bytes"]
-        train = b.get("up.train", 0) + b.get("down.train", 0)
-        ratio = f"{b['total'] / reference:.3f}" if reference else "-"
-        member_mean = f"{final['member_mean']:.4f}" if "member_mean" in final else "-"
-        ensemble = f"{final['ensemble']:.4f}" if final.get("ensemble") is not None else "-"
+    for run in runs:
+        r, final = run.result, run.result.final_figures()
+        ratio = f"{r.sent() / reference:.3f}" if reference else "-"
+        member_mean = "-" if final.member_mean is None else f"{final.member_mean:.4f}"
+        ensemble = "-" if final.ensemble is None else f"{final.ensemble:.4f}"
         lines.append(
-            f"| {r['label']} | {final.get('final_soup', 'global model')} | "
-            f"{final['final_accuracy']:.4f} | {member_mean} | {ensemble} | {train / 1e6:.3f} | "
-            f"{b['total'] / 1e6:.3f} | {ratio} | {r['wall_seconds_flwr_run']:.0f} |"
+            f"| {r.label} | {final.final_model} | {final.final_accuracy:.4f} | {member_mean} "
+            f"| {ensemble} | {r.sent(phase='train') / 1e6:.3f} | {r.sent() / 1e6:.3f} | {ratio} "
+            f"| {run.flwr_run_seconds:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
+def plot(runs: Sequence[RunResult], out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    for name, x_of in (("accuracy_vs_bytes", "bytes_total"), ("accuracy_vs_round", "round")):
+    for name, by_bytes in (("accuracy_vs_bytes", True), ("accuracy_vs_round", False)):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in runs:
             points = [
-                (row[x_of], row["test_accuracy"])
-                for row in r["rounds"]
-                if row["test_accuracy"] is not None
+                (row.bytes_total if by_bytes else row.round, row.test_accuracy)
+                for row in r.rounds
+                if row.test_accuracy is not None
             ]
             if not points:
                 continue
             xs, ys = zip(*points, strict=True)
-            (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=r["label"])
-            final_x = r["bytes"]["total"] if x_of == "bytes_total" else xs[-1]
+            (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=r.label)
+            final_x = r.sent() if by_bytes else xs[-1]
             ax.plot(
                 [final_x],
-                [r["final"]["final_accuracy"]],
+                [r.final_figures().final_accuracy],
                 marker="*",
                 markersize=12,
                 color=line.get_color(),
             )
-        if x_of == "bytes_total":
+        if by_bytes:
             ax.set_xscale("log")
             ax.set_xlabel("bytes sent, cumulative (log scale; star: final model, all phases)")
         else:
@@ -168,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     table = comparison_table(runs)
     (out / "comparison.md").write_text(table)
-    (out / "runs.json").write_text(json.dumps(runs, indent=2))
-    paths = plot(runs, out)
+    paths = plot([run.result for run in runs], out)
     print(f"\n{table}\nwritten: {out / 'comparison.md'}, " + ", ".join(str(p) for p in paths))
     return 0
 

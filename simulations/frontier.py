@@ -25,7 +25,6 @@ writes ``spot_checks.md``: each beside the population's run of the same point an
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -35,16 +34,19 @@ from pathlib import Path
 from typing import Any
 
 from flwr.common.config import parse_config_args
+from pydantic import TypeAdapter
 
-from wash_fed.config import ConfigError, WashFedConfig
+from wash_fed.config import ConfigError, ConfigValue, WashFedConfig
 from wash_fed.data import DatasetNotFoundError
 from wash_fed.population import run_population
+from wash_fed.results import EpochResult, FinalResult, RunResult, bytes_sent
 from wash_fed.training import load_test_data, load_training_data
 
 __all__ = [
     "UNNAMED_SETTINGS",
     "Point",
     "Summary",
+    "SweepRow",
     "default_points",
     "main",
     "pareto_front",
@@ -55,7 +57,10 @@ __all__ = [
 ]
 
 
-UNNAMED_SETTINGS: dict[str, Any] = {
+Overrides = Mapping[str, ConfigValue]
+"""Run configuration keys (kebab-case) and their values."""
+
+UNNAMED_SETTINGS: dict[str, ConfigValue] = {
     "layer-schedule": "linear",
     "wire-dtype": "float32",
     "final-dtype": "float32",
@@ -70,7 +75,7 @@ class Point:
     """One operating point: a name and the run configuration it overrides."""
 
     name: str
-    overrides: Mapping[str, Any]
+    overrides: Overrides
 
 
 def default_points(total_steps: int) -> list[Point]:
@@ -81,7 +86,7 @@ def default_points(total_steps: int) -> list[Point]:
     float16 in training and in the final step; independent members. Every point takes
     ``total_steps`` local steps per member."""
 
-    def rounds(count: int) -> dict[str, int]:
+    def rounds(count: int) -> dict[str, ConfigValue]:
         return {"num-server-rounds": count, "local-steps": max(1, total_steps // count)}
 
     fedavg = [Point(f"fedavg-r{r}", {"strategy": "fedavg", **rounds(r)}) for r in (1, 3, 10, 30)]
@@ -98,7 +103,7 @@ def default_points(total_steps: int) -> list[Point]:
         for short, dtype in (("bf16", "bfloat16"), ("fp16", "float16"))
     ]
     compact.append(Point("fedavg-r30-fp16", {**fedavg[3].overrides, "wire-dtype": "float16"}))
-    half = {"wire-dtype": "float16", "final-dtype": "float16"}
+    half: dict[str, ConfigValue] = {"wire-dtype": "float16", "final-dtype": "float16"}
     constant = [
         Point(
             f"wash-p{p:g}-r30-constant{suffix}",
@@ -124,15 +129,15 @@ def pick(points: Sequence[Point], names: str) -> list[Point]:
     return [p for p in points if p.name in wanted]
 
 
-Train = Callable[[Mapping[str, Any]], Mapping[str, Any]]
-"""Trains one run configuration (run-config keys) to the end; returns its results.json."""
+Train = Callable[[Overrides], RunResult]
+"""Trains one run configuration to the end; returns its results."""
 
 
 def on_population(progress_eval: bool = False, log: Callable[[str], None] = print) -> Train:
     """Runs on the population trainer. ``progress_eval``: evaluate members and their soup on
     the test set after every epoch (the results' ``epochs``) and log each epoch's line."""
 
-    def train(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    def train(values: Overrides) -> RunResult:
         cfg = WashFedConfig.from_mapping(values)
         data, test = load_training_data(cfg), load_test_data(cfg)
         quiet: Callable[[str], None] = lambda _: None  # noqa: E731
@@ -151,18 +156,18 @@ def on_flower(output_dir: Path, federation_config: str) -> Train:
     """Runs through ``flwr run`` on Flower's local simulation (``federation_config``: its
     options, e.g. ``num-supernodes=4``); run folders under ``output_dir``."""
 
+    from deploy.flwr_cli import run_config_arg
     from simulations.compare import run_strategy
-    from simulations.local_flower import run_config_arg
 
-    def train(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    def train(values: Overrides) -> RunResult:
         rest = {k: v for k, v in values.items() if k != "strategy"}
         return run_strategy(
-            values["strategy"],
+            str(values["strategy"]),
             run_config=run_config_arg(rest),
             federation_config=federation_config,
             superlink=None,
             output_dir=output_dir,
-        )
+        ).result
 
     return train
 
@@ -170,59 +175,86 @@ def on_flower(output_dir: Path, federation_config: str) -> Train:
 def sweep(
     points: Sequence[Point],
     seeds: Sequence[int],
-    base: Mapping[str, Any],
+    base: Overrides,
     store: Path,
     train: Train | None = None,
     log: Callable[[str], None] = print,
-) -> list[dict[str, Any]]:
+) -> list[SweepRow]:
     """Run every (point, seed) not yet in ``store`` (JSON lines) with ``train`` (default: the
     population trainer), appending each result as it finishes; returns every row the store
     then holds for these points and seeds."""
     train = train or on_population()
-    done = {(r["point"], r["seed"]) for r in read_rows(store)}
+    done = {(r.point, r.seed) for r in read_rows(store)}
     # Seed by seed: a sweep stopped early holds every point for its first seeds.
     todo = [(p, s) for s in seeds for p in points if (p.name, s) not in done]
     log(f"{len(done)} runs in {store}; {len(todo)} to go")
     for index, (point, seed) in enumerate(todo, 1):
         started = time.perf_counter()
         results = train({**base, **point.overrides, "seed": seed})
-        row = _row(point, seed, results, time.perf_counter() - started)
+        row = SweepRow.of(point, seed, results, time.perf_counter() - started)
         with store.open("a") as sink:
-            sink.write(json.dumps(row) + "\n")
+            sink.write(_ROW.dump_json(row).decode() + "\n")
         log(
-            f"[{index}/{len(todo)}] {point.name} seed {seed}: accuracy {row['accuracy']:.4f}, "
-            f"{row['bytes'] / 1e6:.2f} MB, {row['seconds']:.0f} s"
+            f"[{index}/{len(todo)}] {point.name} seed {seed}: accuracy {row.accuracy:.4f}, "
+            f"{row.megabytes():.2f} MB, {row.seconds:.0f} s"
         )
     wanted = {(p.name, s) for p in points for s in seeds}
-    return [r for r in read_rows(store) if (r["point"], r["seed"]) in wanted]
+    return [r for r in read_rows(store) if (r.point, r.seed) in wanted]
 
 
-def _row(point: Point, seed: int, results: Mapping[str, Any], seconds: float) -> dict[str, Any]:
-    final, sent = results["final"], results["bytes"]
-    return {
-        "point": point.name,
-        "seed": seed,
-        "strategy": results["config"]["strategy"],
-        "overrides": dict(point.overrides),
-        "accuracy": final["final_accuracy"],
-        "member_mean": final.get("member_mean"),
-        "ensemble": final.get("ensemble"),
-        "soups": final.get("soups", {}),
-        "epochs": results.get("epochs", []),
-        "bytes": sent["total"],
-        "bytes_train": sent.get("up.train", 0) + sent.get("down.train", 0),
-        "sent": dict(sent),
-        "seconds": seconds,
-        "device": results.get("device"),  # the population trainer's; a Flower run: None
-        "threads": results.get("threads"),  # likewise
-    }
+@dataclass(frozen=True)
+class SweepRow:
+    """One finished run of a sweep, as its store keeps it (a line of JSON)."""
+
+    point: str
+    seed: int
+    strategy: str
+    overrides: dict[str, ConfigValue]
+    """The point's overrides (the sweep's base and the seed aside)."""
+    final: FinalResult
+    epochs: list[EpochResult]
+    """The population trainer's progress by epoch (none for a Flower run)."""
+    sent: dict[str, int]
+    """The run's byte totals (:meth:`wash_fed.ledger.Ledger.summary`)."""
+    seconds: float
+    device: str = ""
+    """The population trainer's device and torch threads (a Flower run: none)."""
+    threads: int = 0
+
+    @classmethod
+    def of(cls, point: Point, seed: int, results: RunResult, seconds: float) -> SweepRow:
+        return cls(
+            point=point.name,
+            seed=seed,
+            strategy=results.strategy,
+            overrides=dict(point.overrides),
+            final=results.final_figures(),
+            epochs=results.epochs,
+            sent=results.bytes,
+            seconds=seconds,
+            device=results.device,
+            threads=results.threads,
+        )
+
+    @property
+    def accuracy(self) -> float:
+        """The final model's test accuracy."""
+        return self.final.final_accuracy
+
+    def megabytes(self, *phases: str) -> float:
+        """Megabytes sent both ways, in ``phases`` (all phases when none is given)."""
+        return bytes_sent(self.sent, None, *phases) / 1e6
 
 
-def read_rows(store: Path) -> list[dict[str, Any]]:
+_ROW = TypeAdapter(SweepRow)
+
+
+def read_rows(store: Path) -> list[SweepRow]:
     """The rows of a JSON-lines store (none if it does not exist yet)."""
     if not store.exists():
         return []
-    return [json.loads(line) for line in store.read_text().splitlines() if line.strip()]
+    lines = store.read_text().splitlines()
+    return [_ROW.validate_json(line) for line in lines if line.strip()]
 
 
 @dataclass(frozen=True)
@@ -242,29 +274,29 @@ class Summary:
     ensemble: float | None
 
 
-def summarise(rows: Iterable[Mapping[str, Any]]) -> list[Summary]:
+def summarise(rows: Iterable[SweepRow]) -> list[Summary]:
     """Each point's mean and spread over its seeds, in order of bytes."""
-    by_point: dict[str, list[Mapping[str, Any]]] = {}
+    by_point: dict[str, list[SweepRow]] = {}
     for row in rows:
-        by_point.setdefault(row["point"], []).append(row)
+        by_point.setdefault(row.point, []).append(row)
 
-    def mean_of(group: list[Mapping[str, Any]], key: str) -> float | None:
-        values = [r[key] for r in group if r.get(key) is not None]
-        return statistics.fmean(values) if values else None
+    def mean_of(values: Iterable[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.fmean(known) if known else None
 
     summaries = []
     for point, group in by_point.items():
-        accuracies = [r["accuracy"] for r in group]
+        accuracies = [r.accuracy for r in group]
         summaries.append(
             Summary(
                 point=point,
-                strategy=group[0]["strategy"],
+                strategy=group[0].strategy,
                 seeds=len(group),
                 accuracy=statistics.fmean(accuracies),
                 spread=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-                megabytes=statistics.fmean(r["bytes"] for r in group) / 1e6,
-                member_mean=mean_of(group, "member_mean"),
-                ensemble=mean_of(group, "ensemble"),
+                megabytes=statistics.fmean(r.megabytes() for r in group),
+                member_mean=mean_of(r.final.member_mean for r in group),
+                ensemble=mean_of(r.final.ensemble for r in group),
             )
         )
     return sorted(summaries, key=lambda s: (s.megabytes, -s.accuracy))
@@ -372,9 +404,7 @@ def _separate(labels: Sequence[Any]) -> None:
         placed.append(Text.get_window_extent(label))
 
 
-def spot_check(
-    points: Sequence[Point], seeds: Sequence[int], base: Mapping[str, Any], out: Path
-) -> int:
+def spot_check(points: Sequence[Point], seeds: Sequence[int], base: Overrides, out: Path) -> int:
     """Run ``points`` x ``seeds`` through Flower's simulation (one SuperNode per member) into
     ``out/flower.jsonl`` and write ``spot_checks.md`` beside the population's rows; 1 when
     a Flower run failed."""
@@ -394,48 +424,38 @@ def spot_check(
     return 0
 
 
-def _phases(row: Mapping[str, Any], *phases: str) -> float:
-    """Megabytes a row's run sent, both ways, in ``phases``."""
-    sent = row.get("sent", {})
-    total = sum(int(sent.get(f"{way}.{phase}", 0)) for way in ("up", "down") for phase in phases)
-    return total / 1e6
-
-
-def spot_check_table(
-    population: Iterable[Mapping[str, Any]], flower: Iterable[Mapping[str, Any]]
-) -> str:
+def spot_check_table(population: Iterable[SweepRow], flower: Iterable[SweepRow]) -> str:
     """Markdown: each Flower run beside the population trainer's run of the same point and
     seed (``-`` where the population has none yet): final accuracy, and megabytes while
     training and in the final step (collection, BatchNorm statistics), which both count;
     Flower's run also sends setup and end messages and the final model to every member for
     evaluation on its own data, which the population trainer does not."""
-    by_key = {(r["point"], r["seed"]): r for r in population}
+    by_key = {(r.point, r.seed): r for r in population}
     lines = [
         "| point | seed | accuracy: population, Flower | training (MB): population, Flower "
         "| final step (MB): population, Flower | Flower only: setup, evaluation, end (MB) |",
         "|---|---|---|---|---|---|",
     ]
     for f in flower:
-        p = by_key.get((f["point"], f["seed"]))
+        p = by_key.get((f.point, f.seed))
         # The population's ledger holds training and the final step only.
         population_cells = (
             (
-                f"{p['accuracy']:.4f}",
-                f"{p['bytes_train'] / 1e6:.3f}",
-                f"{(p['bytes'] - p['bytes_train']) / 1e6:.3f}",
+                f"{p.accuracy:.4f}",
+                f"{p.megabytes('train'):.3f}",
+                f"{p.megabytes() - p.megabytes('train'):.3f}",
             )
             if p
             else ("-", "-", "-")
         )
         flower_cells = (
-            f"{f['accuracy']:.4f}",
-            f"{_phases(f, 'train'):.3f}",
-            f"{_phases(f, 'collect', 'bn'):.3f}",
+            f"{f.accuracy:.4f}",
+            f"{f.megabytes('train'):.3f}",
+            f"{f.megabytes('collect', 'bn'):.3f}",
         )
         pairs = " | ".join(f"{a}, {b}" for a, b in zip(population_cells, flower_cells, strict=True))
         lines.append(
-            f"| {f['point']} | {f['seed']} | {pairs} "
-            f"| {_phases(f, 'setup', 'evaluate', 'end'):.3f} |"
+            f"| {f.point} | {f.seed} | {pairs} | {f.megabytes('setup', 'evaluate', 'end'):.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -466,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    base: dict[str, Any] = {
+    base: dict[str, ConfigValue] = {
         "partition": args.partition,
         "dirichlet-alpha": args.alpha,
         "num-members": 4,

@@ -18,14 +18,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from flwr.common.config import parse_config_args
 
-from simulations.frontier import UNNAMED_SETTINGS, Point, on_population, pick, read_rows, sweep
-from wash_fed.config import ConfigError, WashFedConfig
+from simulations.frontier import (
+    UNNAMED_SETTINGS,
+    Point,
+    SweepRow,
+    on_population,
+    pick,
+    read_rows,
+    sweep,
+)
+from wash_fed.config import ConfigError, ConfigValue, WashFedConfig
 from wash_fed.data import DatasetNotFoundError
 from wash_fed.population import rounds_for_epochs
 from wash_fed.training import load_training_data
@@ -52,7 +59,7 @@ VARIANTS: list[Point] = [
 ]
 
 
-def table(rows: Sequence[Mapping[str, Any]]) -> str:
+def table(rows: Sequence[SweepRow]) -> str:
     """Markdown: one row per variant, in the order given."""
 
     def cell(value: float | None) -> str:
@@ -64,16 +71,16 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        soups = row.get("soups", {})
+        final = row.final
         lines.append(
-            f"| {row['point']} | {cell(row['member_mean'])} | {cell(row['ensemble'])} "
-            f"| {cell(soups.get('uniform'))} | {cell(soups.get('uniform+bn'))} "
-            f"| {row['bytes_train'] / 1e6:.2f} | {row['bytes'] / 1e6:.2f} | {row['seconds']:.0f} |"
+            f"| {row.point} | {cell(final.member_mean)} | {cell(final.ensemble)} "
+            f"| {cell(final.soups.get('uniform'))} | {cell(final.soups.get('uniform+bn'))} "
+            f"| {row.megabytes('train'):.2f} | {row.megabytes():.2f} | {row.seconds:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
+def plot(rows: Sequence[SweepRow], path: Path, title: str) -> Path:
     """Members' mean test accuracy after every epoch (solid) and their uniform soup's
     (dashed, without BatchNorm recalibration), one colour per variant."""
     import matplotlib
@@ -85,15 +92,15 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
     lowest = 1.0
     for index, row in enumerate(rows):
         colour = f"C{index % 10}"
-        epochs = [e for e in row["epochs"] if "member_mean" in e]
-        x = [e["epoch"] for e in epochs]
-        members = [e["member_mean"] for e in epochs]
+        evaluated = [(e.epoch, e.member_mean, e.soup) for e in row.epochs]
+        points = [(x, m, s) for x, m, s in evaluated if m is not None and s is not None]
+        x, members, soups = (list(column) for column in zip(*points, strict=True))
         lowest = min([lowest, *members])
-        ax.plot(x, members, color=colour, marker=".", label=f"{row['point']}: members")
-        if row["strategy"] != "ensemble":  # independent members' soup collapses
-            ax.plot(x, [e["soup"] for e in epochs], color=colour, marker=".", linestyle="--")
-        if row.get("ensemble") is not None and row["strategy"] == "ensemble":
-            ax.axhline(row["ensemble"], color=colour, linestyle=":", label="ensemble (final)")
+        ax.plot(x, members, color=colour, marker=".", label=f"{row.point}: members")
+        if row.strategy != "ensemble":  # independent members' soup collapses
+            ax.plot(x, soups, color=colour, marker=".", linestyle="--")
+        if row.final.ensemble is not None and row.strategy == "ensemble":
+            ax.axhline(row.final.ensemble, color=colour, linestyle=":", label="ensemble (final)")
     ax.set_ylim(max(0.0, lowest - 0.05), None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (solid: members' mean, dashed: uniform soup)")
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", default="", help="more overrides for every run: 'k=v ...'")
     parser.add_argument("--out", type=Path, default=Path("runs/long-training"))
     args = parser.parse_args(argv)
-    base: dict[str, Any] = {
+    base: dict[str, ConfigValue] = {
         "local-steps": 1,
         "init": "different",
         **UNNAMED_SETTINGS,
@@ -138,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     order = {v.name: i for i, v in enumerate(VARIANTS)}
     rows = sorted(
-        (r for r in read_rows(store) if r["seed"] == args.seed and r["point"] in order),
-        key=lambda r: order[r["point"]],
+        (r for r in read_rows(store) if r.seed == args.seed and r.point in order),
+        key=lambda r: order[r.point],
     )
     text = table(rows)
     (args.out / "long_training.md").write_text(text)

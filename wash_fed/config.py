@@ -23,7 +23,10 @@ from wash_fed.data import DATASETS, IMAGES, PARTITIONS, DatasetSpec
 from wash_fed.models import model_problem
 from wash_fed.shuffle import LAYER_SCHEDULES, ShuffleMask, wash_mask
 
-__all__ = ["STRATEGIES", "ConfigError", "WashFedConfig"]
+__all__ = ["STRATEGIES", "ConfigError", "ConfigValue", "WashFedConfig", "toml_value"]
+
+ConfigValue = bool | int | float | str
+"""A configuration value, as TOML, Flower's records and ``results.json`` hold it."""
 
 Strategy = Literal["wash", "papa", "papa-all", "ensemble", "fedavg"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -540,16 +543,18 @@ def reference() -> str:
     ]
     for f in dataclasses.fields(WashFedConfig):
         key = f.name.replace("_", "-")
-        default = json.dumps(f.default) if isinstance(f.default, str) else _toml(f.default)
+        default = toml_value(typing.cast(ConfigValue, f.default))
         text = f.metadata["help"].replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
         lines.append(f"| `{key}` | {hints[f.name].__name__} | `{default}` | {text} |")
     return "\n".join(lines) + "\n"
 
 
-def _toml(value: object) -> str:
-    """A default as it is written in TOML."""
+def toml_value(value: ConfigValue) -> str:
+    """``value`` as TOML writes it (and ``flwr run --run-config`` reads it)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
     return repr(value)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,7 +71,7 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
 """Every metric a member may report, with its closed range; all must be finite."""
 
 
-def check_metrics(metrics: Mapping[str, Any]) -> str | None:
+def check_metrics(metrics: Mapping[str, object]) -> str | None:
     """Why a member's metrics are unacceptable (``None``: they are fine)."""
     for key, value in metrics.items():
         if key not in METRIC_RANGES:

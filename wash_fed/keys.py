@@ -16,6 +16,7 @@ __all__ = [
     "Info",
     "MessageType",
     "Metric",
+    "Metrics",
     "NodeConfig",
     "Record",
     "Reply",
@@ -143,6 +144,10 @@ class Metric:
     """``query.hello``: the round of the checkpoint the member continues from (0: none)."""
     WORKER_PID: Final = "worker-pid"
     """The member worker's process id (absent when the member runs in the ClientApp)."""
+
+
+Metrics = dict[str, float]
+"""A member's metrics record: figures by :class:`Metric` name (integers among them)."""
 
 
 class Info:

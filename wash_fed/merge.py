@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from wash_fed.batchnorm import BNStatistics, load_bn_statistics
 from wash_fed.evaluation import Evaluator
+from wash_fed.results import FinalResult
 from wash_fed.soup import greedy_soup, uniform_soup
 
 __all__ = ["MergeResult", "merge_population"]
@@ -40,16 +41,16 @@ class MergeResult:
     def member_mean(self) -> float:
         return sum(self.members) / len(self.members)
 
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "members": self.members,
-            "member_mean": self.member_mean,
-            "ensemble": self.ensemble,
-            "soups": self.soups,
-            "final_soup": self.final_soup,
-            "final_accuracy": self.soups[self.final_soup],
-            "greedy_ingredients": self.greedy_ingredients,
-        }
+    def figures(self) -> FinalResult:
+        """What ``results.json`` keeps of the merge (the final model's weights aside)."""
+        return FinalResult(
+            final_accuracy=self.soups[self.final_soup],
+            final_model=self.final_soup,
+            members=self.members,
+            ensemble=self.ensemble,
+            soups=self.soups,
+            greedy_ingredients=self.greedy_ingredients,
+        )
 
 
 def merge_population(

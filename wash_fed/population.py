@@ -35,6 +35,7 @@ from wash_fed.batchnorm import BNStatistics, merge_bn_statistics
 from wash_fed.config import ConfigError, WashFedConfig
 from wash_fed.data import DatasetNotFoundError, ImageData
 from wash_fed.evaluation import OnData, accuracy, predict
+from wash_fed.keys import Metric
 from wash_fed.ledger import Ledger
 from wash_fed.merge import merge_population
 from wash_fed.protocol import (
@@ -51,7 +52,15 @@ from wash_fed.protocol import (
     to_wire,
     wire_dtype,
 )
-from wash_fed.results import RunResults, fedavg_equivalent_bytes
+from wash_fed.results import (
+    GLOBAL_MODEL,
+    EpochResult,
+    FinalResult,
+    RoundResult,
+    RunFolder,
+    RunResult,
+    fedavg_equivalent_bytes,
+)
 from wash_fed.soup import uniform_soup
 from wash_fed.training import (
     Member,
@@ -80,10 +89,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class PopulationRun:
-    """What :func:`run_population` returns (also written to ``results.json``)."""
+    """What :func:`run_population` returns (``results`` is also written to
+    ``results.json``)."""
 
     config: WashFedConfig
-    results: dict[str, Any]
+    results: RunResult
     ledger: Ledger
     final_state_dict: dict[str, Tensor]
     member_state_dicts: list[dict[str, Tensor]]
@@ -121,13 +131,15 @@ def _deliver(m: Member, deliveries: Deliveries, round_: int, phase: str, ledger:
         ledger.record(round_, m.index, "down", phase, payload_bytes(due.tensors))
 
 
-def _evaluate_progress(members: list[Member], test: ImageData, batch_size: int) -> dict[str, float]:
+def _evaluate_progress(
+    members: list[Member], test: ImageData, batch_size: int
+) -> tuple[float, float]:
     """Mean member test accuracy and the plain uniform soup's (no recalibration)."""
     member_acc = [accuracy(predict(m.model, test, batch_size), test.labels) for m in members]
     probe = build_like(members[0])
     probe.load_state_dict(uniform_soup([m.model.state_dict() for m in members]))
     soup_acc = accuracy(predict(probe, test, batch_size), test.labels)
-    return {"member_mean": sum(member_acc) / len(member_acc), "soup": soup_acc}
+    return sum(member_acc) / len(member_acc), soup_acc
 
 
 def build_like(member: Member) -> nn.Module:
@@ -171,30 +183,29 @@ def run_population(
     else:
         final, final_state = _merge(members, deliveries, data, test, ledger)
     model_bytes = payload_bytes(to_wire(members[0].model.state_dict(), wire_dtype(cfg)))
-    results = {
-        "runner": "population",
-        "label": label,
-        "strategy": cfg.strategy,
-        "config": cfg.to_mapping(),
-        "status": "completed",
-        "device": str(device),
-        "threads": torch.get_num_threads(),  # another count sums in another order
-        "train_seconds": train_seconds,
-        "wall_seconds": time.perf_counter() - start,
-        "epochs": epochs,
-        "rounds": rounds,
-        "final": final,
-        "bytes": ledger.summary(),
-        "fedavg_bytes": fedavg_equivalent_bytes(
+    results = RunResult(
+        "population",
+        label,
+        cfg,
+        status="completed",
+        rounds=rounds,
+        epochs=epochs,
+        final=final,
+        bytes=ledger.summary(),
+        fedavg_bytes=fedavg_equivalent_bytes(
             cfg.num_server_rounds, cfg.num_members, model_bytes, model_bytes
         ),
-        "model_bytes": model_bytes,
-    }
+        wall_seconds=time.perf_counter() - start,
+        device=str(device),
+        threads=torch.get_num_threads(),
+        train_seconds=train_seconds,
+        model_bytes=model_bytes,
+    )
     log(_final_line(results))
     if output_dir is not None:
-        saved = RunResults.create(output_dir, cfg, ledger, "population")
-        saved.started = start
-        saved.write(**results)
+        saved = RunFolder(output_dir, results, ledger, started=start)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        saved.write()
         saved.save_model(final_state)
         log(f"[{label}] results, ledger and final model in {output_dir}")
     members_final = [
@@ -211,40 +222,63 @@ def _train(
     ledger: Ledger,
     test: ImageData | None,
     log: Callable[[str], None],
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[list[RoundResult], list[EpochResult]]:
     """Every round of the run; returns one row per round and one per epoch (and the last
     round), the members evaluated on ``test`` at each epoch unless it is ``None``."""
     start = time.perf_counter()
-    rounds: list[dict[str, Any]] = []
-    epochs: list[dict[str, Any]] = []
+    rounds: list[RoundResult] = []
+    epochs: list[EpochResult] = []
     next_epoch = 1
     for r in range(1, cfg.num_server_rounds + 1):
+        round_started = time.perf_counter()
         stats, exchange = _train_round(members, server, deliveries, r, ledger)
-        rounds.append(
-            {
-                "round": r,
-                "loss": [s.loss for s in stats],
-                "train_accuracy": [s.accuracy for s in stats],
-                "bytes": ledger.total(),
-                "exchange": exchange.counts,
-                "exchange_digest": exchange.digest,
-            }
-        )
+        rounds.append(_round_row(r, members, stats, exchange, ledger, round_started - start))
         if stats[0].epochs >= next_epoch or r == cfg.num_server_rounds:
-            row: dict[str, Any] = {
-                "epoch": round(stats[0].epochs, 3),
-                "round": r,
-                "loss": sum(s.loss for s in stats) / len(stats),
-                "train_accuracy": sum(s.accuracy for s in stats) / len(stats),
-                "bytes": ledger.total(),
-                "seconds": time.perf_counter() - start,
-            }
+            row = EpochResult(
+                epoch=round(stats[0].epochs, 3),
+                round=r,
+                loss=sum(s.loss for s in stats) / len(stats),
+                train_accuracy=sum(s.accuracy for s in stats) / len(stats),
+                bytes=ledger.total(),
+                seconds=time.perf_counter() - start,
+            )
             if test is not None:
-                row |= _evaluate_progress(members, test, cfg.eval_batch_size)
+                member_mean, soup = _evaluate_progress(members, test, cfg.eval_batch_size)
+                row = dataclasses.replace(row, member_mean=member_mean, soup=soup)
             epochs.append(row)
             log(_progress_line(cfg, row))
             next_epoch = math.floor(stats[0].epochs) + 1
     return rounds, epochs
+
+
+def _round_row(
+    round_: int,
+    members: Sequence[Member],
+    stats: Sequence[TrainStats],
+    exchange: Exchange,
+    ledger: Ledger,
+    started: float,
+) -> RoundResult:
+    """One round in memory as ``results.json`` keeps it (``started``: seconds into the
+    run when it began)."""
+    this_round = ledger.by_round().get(round_, {"up": 0, "down": 0})
+    seconds = time.perf_counter() - started
+    return RoundResult(
+        round=round_,
+        seconds=seconds,
+        bytes_up=this_round["up"],
+        bytes_down=this_round["down"],
+        bytes_total=ledger.total(),
+        members={
+            str(m.index): {Metric.LOSS: s.loss, Metric.TRAIN_ACCURACY: s.accuracy}
+            for m, s in zip(members, stats, strict=True)
+        },
+        loss=sum(s.loss for s in stats) / len(stats),
+        train_accuracy=sum(s.accuracy for s in stats) / len(stats),
+        exchange=exchange.counts,
+        exchange_digest=exchange.digest,
+        elapsed=started + seconds,
+    )
 
 
 def _server(cfg: WashFedConfig, members: list[Member], ledger: Ledger) -> ServerProtocol:
@@ -262,7 +296,7 @@ def _server(cfg: WashFedConfig, members: list[Member], ledger: Ledger) -> Server
 
 def _fedavg_final(
     members: list[Member], deliveries: Deliveries, test: ImageData, batch_size: int
-) -> tuple[dict[str, Any], dict[str, Tensor]]:
+) -> tuple[FinalResult, dict[str, Tensor]]:
     """FedAvg's final model: the average after the last round (no step of its own)."""
     due = deliveries.due(members[0].index)
     if due is None:
@@ -270,8 +304,7 @@ def _fedavg_final(
     model = build_like(members[0])
     model.load_state_dict(due.tensors)
     global_accuracy = accuracy(predict(model, test, batch_size), test.labels)
-    final = {"final_accuracy": global_accuracy, "global_model": global_accuracy}
-    return final, dict(due.tensors)
+    return FinalResult(global_accuracy, GLOBAL_MODEL), dict(due.tensors)
 
 
 def _merge(
@@ -280,7 +313,7 @@ def _merge(
     data: TrainingData,
     test: ImageData,
     ledger: Ledger,
-) -> tuple[dict[str, Any], dict[str, Tensor]]:
+) -> tuple[FinalResult, dict[str, Tensor]]:
     """The population's final step: collect every member, build and evaluate the soups
     (recalibrating BatchNorm on the members' data), counting what travels."""
     cfg = members[0].cfg
@@ -317,43 +350,46 @@ def _merge(
         final_soup=cfg.soup,
         as_sent=lambda soup: through(soup, dtype),
     )
-    return merge.as_dict(), merge.final_state_dict
+    return merge.figures(), merge.final_state_dict
 
 
 def _mb(nbytes: float) -> str:
     return f"{nbytes / 1e6:.2f} MB"
 
 
-def _progress_line(cfg: WashFedConfig, row: Mapping[str, Any]) -> str:
+def _progress_line(cfg: WashFedConfig, row: EpochResult) -> str:
     line = (
-        f"[{cfg.label}] epoch {row['epoch']:.2f} | round {row['round']}/{cfg.num_server_rounds} | "
-        f"loss {row['loss']:.4f} | train acc {row['train_accuracy']:.4f}"
+        f"[{cfg.label}] epoch {row.epoch:.2f} | round {row.round}/{cfg.num_server_rounds} | "
+        f"loss {row.loss:.4f} | train acc {row.train_accuracy:.4f}"
     )
-    if "soup" in row:
-        line += f" | test: members {row['member_mean']:.4f}, uniform soup {row['soup']:.4f}"
-    return line + f" | sent {_mb(row['bytes'])} | {row['seconds']:.1f} s"
+    if row.member_mean is not None and row.soup is not None:
+        line += f" | test: members {row.member_mean:.4f}, uniform soup {row.soup:.4f}"
+    return line + f" | sent {_mb(row.bytes)} | {row.seconds:.1f} s"
 
 
-def _final_line(results: Mapping[str, Any]) -> str:
-    label = results["label"]
-    final = results["final"]
-    sent = f"sent {_mb(results['bytes']['total'])}"
-    if "soups" not in final:
-        return (
-            f"[{label}] test accuracy of the global model: {final['final_accuracy']:.4f} | {sent}"
-        )
-    soups = ", ".join(f"{k} {v:.4f}" for k, v in final["soups"].items())
+def _final_line(results: RunResult) -> str:
+    final = results.final_figures()
+    sent = f"sent {_mb(results.sent())}"
+    if final.member_mean is None:
+        accuracy = final.final_accuracy
+        return f"[{results.label}] test accuracy of the global model: {accuracy:.4f} | {sent}"
+    soups = ", ".join(f"{k} {v:.4f}" for k, v in final.soups.items())
+    ensemble = "-" if final.ensemble is None else f"{final.ensemble:.4f}"
     return (
-        f"[{label}] test accuracy: members {final['member_mean']:.4f} "
-        f"(min {min(final['members']):.4f}), ensemble {final['ensemble']:.4f}, {soups} | "
-        f"{sent} (FedAvg, same rounds: {_mb(results['fedavg_bytes'])})"
+        f"[{results.label}] test accuracy: members {final.member_mean:.4f} "
+        f"(min {min(final.members):.4f}), ensemble {ensemble}, {soups} | "
+        f"{sent} (FedAvg, same rounds: {_mb(results.fedavg_bytes or 0)})"
     )
 
 
 SOUP_COLUMNS = ("uniform", "uniform+bn", "greedy+bn")
 
 
-def comparison_table(results: Sequence[Mapping[str, Any]]) -> str:
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def comparison_table(results: Sequence[RunResult]) -> str:
     """A markdown table of several runs' final figures."""
     header = (
         "| variant | members (mean) | ensemble | uniform soup | uniform soup + BN "
@@ -362,16 +398,16 @@ def comparison_table(results: Sequence[Mapping[str, Any]]) -> str:
     )
     rows = []
     for r in results:
-        f, b = r["final"], r["bytes"]
+        f = r.final_figures()
         # FedAvg's global model is its members' uniform average after the last round.
-        soups = f.get("soups", {"uniform": f["final_accuracy"]})
-        train_bytes = b.get("up.train", 0) + b.get("down.train", 0)
+        soups = f.soups or {"uniform": f.final_accuracy}
         built = [f"{soups[k]:.4f}" if k in soups else "-" for k in SOUP_COLUMNS]
-        members = f"{f['member_mean']:.4f} | {f['ensemble']:.4f}" if "ensemble" in f else "- | -"
+        members = " | ".join(_cell(v) for v in (f.member_mean, f.ensemble))
         rows.append(
-            f"| {r['label']} | {members} | "
+            f"| {r.label} | {members} | "
             + " | ".join(built)
-            + f" | {train_bytes / 1e6:.2f} | {b['total'] / 1e6:.2f} | {r['train_seconds']:.0f} |"
+            + f" | {r.sent(phase='train') / 1e6:.2f} | {r.sent() / 1e6:.2f} "
+            + f"| {r.train_seconds:.0f} |"
         )
     return header + "\n".join(rows) + "\n"
 

@@ -16,16 +16,25 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    ConfigRecordValues,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.constant import ErrorCode
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from torch import Tensor
 
 from wash_fed.batchnorm import BNStatistics
-from wash_fed.keys import Config, Record, Reply, ReplyKind
+from wash_fed.gate import check_metrics
+from wash_fed.keys import Config, Metrics, Record, Reply, ReplyKind
 from wash_fed.protocol import Delivery
 
 __all__ = [
@@ -48,7 +57,8 @@ __all__ = [
     "tensors_to_record",
 ]
 
-ConfigValue = int | float | str | bytes | bool | list[int]
+ConfigValue = ConfigRecordValues
+"""An entry of a message's config record."""
 
 _PAYLOAD_RECORD: dict[str, str] = {
     Reply.VALUES: Record.VALUES,
@@ -174,8 +184,8 @@ class ReplyParts:
     metrics and its config record (if any)."""
 
     tensors: dict[str, Tensor]
-    metrics: dict[str, Any]
-    config: dict[str, Any]
+    metrics: Metrics
+    config: dict[str, ConfigValue]
 
 
 def reply_parts(
@@ -183,8 +193,9 @@ def reply_parts(
 ) -> ReplyParts:
     """Split a reply into its parts, insisting on exactly the records the protocol names:
     ``metrics`` (a MetricRecord), ``arrays`` (an ArrayRecord) and ``config`` (a
-    ConfigRecord) when given, nothing else. Raises :class:`MalformedReplyError` saying what is
-    wrong."""
+    ConfigRecord) when given, nothing else, and metrics the protocol knows, finite and in
+    range (:func:`wash_fed.gate.check_metrics`). Raises :class:`MalformedReplyError` saying
+    what is wrong."""
     expected: dict[str, type] = {Record.METRICS: MetricRecord}
     if arrays is not None:
         expected[arrays] = ArrayRecord
@@ -201,9 +212,13 @@ def reply_parts(
         tensors = record_to_tensors(content.array_records[arrays]) if arrays else {}
     except (TypeError, ValueError) as err:
         raise MalformedReplyError(f"record {arrays!r} holds unreadable arrays ({err})") from None
+    metrics = dict(content.metric_records[Record.METRICS])
+    problem = check_metrics(metrics)
+    if problem is not None:
+        raise MalformedReplyError(problem)
     return ReplyParts(
         tensors,
-        dict(content.metric_records[Record.METRICS]),
+        cast(Metrics, metrics),  # numbers: check_metrics says so
         dict(content.config_records[config]) if config else {},
     )
 

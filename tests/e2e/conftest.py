@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from simulations.local_flower import FlowerHarness
+from deploy.processes import FlowerHarness
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The compose deployment for real: the images built from the real Dockerfile (stand-ins for
 base images only where no registry answers), `docker-compose.yml` brought up by the same
-command a user runs (`make compose-up`: simulations/compose_stack.py), and through it:
+command a user runs (`make compose-up`: deploy/compose.py), and through it:
 
 - WASH, then FedAvg, `flwr run . wash-fed-compose` to `finished:completed` with finite
   final models; the stack's own Prometheus holds both strategies' byte counters (pushed
@@ -29,27 +29,22 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
-from simulations.compose_stack import (
-    APP_IMAGE,
-    CERTS,
-    PROMETHEUS_URL,
-    Stack,
-    StackError,
-    stack_up,
-)
-from simulations.local_flower import PROJECT, TINY_RUN, results_of
+from deploy.compose import APP_IMAGE, CERTS, PROMETHEUS_URL, Stack, StackError, stack_up
+from deploy.flwr_cli import PROJECT, Submission
+from deploy.processes import TINY_RUN
+from deploy.promql import PrometheusApi
+from wash_fed.config import ConfigValue
 from wash_fed.ledger import Ledger
+from wash_fed.results import RunResult, read_results
 
 pytestmark = [pytest.mark.slow, pytest.mark.compose]
 
 PROJECT_NAME = "wash-fed-test"
 RUNS = "/app/runs"
-RUN: dict[str, Any] = {
+RUN: dict[str, ConfigValue] = {
     **TINY_RUN,
     "output-dir": RUNS,
     "round-timeout": 120,
@@ -82,11 +77,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield up
 
 
-def finished(stack: Stack, process: subprocess.Popen[str], out: Path) -> dict[str, Any]:
+def finished(stack: Stack, submission: Submission, out: Path) -> RunResult:
     """A submitted run, waited for: completed, its folder copied to ``out``; its results."""
-    run = stack.finish(process, timeout=1200)
+    run = stack.finish(submission, timeout=1200)
     assert run.status == "finished:completed", f"{run.status}\n{run.output[-4000:]}"
-    return results_of(stack.fetch_run(RUNS, run.run_id, out))
+    return read_results(stack.fetch_run(RUNS, run.run_id, out))
 
 
 def wait_for_round(stack: Stack, rounds_done: int, timeout: float) -> None:
@@ -104,16 +99,14 @@ def wait_for_round(stack: Stack, rounds_done: int, timeout: float) -> None:
 
 def prometheus(query: str) -> dict[str, float]:
     """An instant query of the stack's Prometheus, by strategy."""
-    reply = httpx.get(f"{PROMETHEUS_URL}/api/v1/query", params={"query": query}, timeout=10)
-    reply.raise_for_status()
-    rows = reply.json()["data"]["result"]
-    return {row["metric"].get("strategy", ""): float(row["value"][1]) for row in rows}
+    samples = PrometheusApi(PROMETHEUS_URL).query(query)
+    return {sample.labels.get("strategy", ""): sample.value for sample in samples}
 
 
-def assert_finite_final(results: dict[str, Any]) -> None:
-    final = results["final"]
-    assert results["status"] == "completed" and math.isfinite(final["final_accuracy"])
-    assert 0.0 < final["final_accuracy"] <= 1.0, final
+def assert_finite_final(results: RunResult) -> None:
+    final = results.final_figures()
+    assert results.status == "completed" and math.isfinite(final.final_accuracy)
+    assert 0.0 < final.final_accuracy <= 1.0, final
 
 
 def check_wash_then_fedavg(stack: Stack, out: Path) -> None:
@@ -123,7 +116,7 @@ def check_wash_then_fedavg(stack: Stack, out: Path) -> None:
         assert_finite_final(results)
         ledger = Ledger.read_csv(out / strategy / "ledger.csv")
         sent = ledger.total(phase="train")  # FedAvg's equivalent is FedAvg's own traffic
-        ratios[strategy] = sent / (results["fedavg_bytes"] or sent)
+        ratios[strategy] = sent / (results.fedavg_bytes or sent)
     docs = (PROJECT / "docs" / "metrics.md").read_text()
     assert PROMQL_RATIO in docs, "the docs' ratio query changed: update this test"
     deadline = time.monotonic() + 60  # a scrape interval or two after the push
@@ -144,7 +137,7 @@ def check_a_killed_supernode_resumes(stack: Stack, out: Path) -> None:
     stack.compose("start", "supernode-1", timeout=120)
     results = finished(stack, process, out / "killed")
     assert_finite_final(results)
-    assert results["final"]["collected"] == [0, 1, 2, 3], results["final"]
+    assert results.final_figures().collected == [0, 1, 2, 3], results.final_figures()
     worker_logs = "cat /var/lib/wash-fed/member/run-*/worker.log"
     worker_log = stack.compose("exec", "-T", "supernode-1", "sh", "-c", worker_logs).stdout
     resumed = re.findall(r"member 1 resumed at round (\d+)", worker_log)

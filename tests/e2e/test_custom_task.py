@@ -8,19 +8,23 @@ otherwise than the server, fails the run before any training, naming why."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from deploy.app_copies import copy_app
+from deploy.flwr_cli import PROJECT, FlwrRun
+from deploy.processes import TINY_RUN, FlowerHarness
 from examples.custom_task.make_images import main as make_images
-from simulations.local_flower import PROJECT, TINY_RUN, FlowerHarness, copy_app, results_of
+from wash_fed.config import ConfigValue
+from wash_fed.results import RunResult, read_results
 
 pytestmark = pytest.mark.slow
 
 MEMBERS = 3
 FEDERATION = f"num-supernodes={MEMBERS} client-resources-num-cpus=1"
-TASK: dict[str, Any] = {
+TASK: dict[str, ConfigValue] = {
     **TINY_RUN,
     "num-members": MEMBERS,
     "dataset": "images",
@@ -45,16 +49,14 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run(
-    harness: FlowerHarness, out: Path, config: dict[str, Any], app: Path = PROJECT
-) -> dict[str, Any]:
+    harness: FlowerHarness, out: Path, config: Mapping[str, ConfigValue], app: Path = PROJECT
+) -> tuple[FlwrRun, RunResult]:
+    """A simulation of ``app``: how Flower says it ended, and its results."""
     result = harness.run(
         {**TASK, "output-dir": str(out), **config}, federation_config=FEDERATION, app=app
     )
     (run_dir,) = out.glob(f"*-{result.run_id}")
-    results = results_of(run_dir)
-    results["flower"] = result.status
-    results["output"] = result.output
-    return results
+    return result, read_results(run_dir)
 
 
 def files(images: Path) -> dict[str, str]:
@@ -62,19 +64,19 @@ def files(images: Path) -> dict[str, str]:
     return {"train-path": str(images / "train.pt"), "test-path": str(images / "test.pt")}
 
 
-def assert_learned(results: dict[str, Any]) -> None:
-    final = results["final"]
-    assert results["flower"] == "finished:completed" and results["status"] == "completed"
-    assert final["final_accuracy"] > CHANCE + 0.3, final
-    assert min(final["members"]) > CHANCE + 0.3, final
+def assert_learned(flower: FlwrRun, results: RunResult) -> None:
+    final = results.final_figures()
+    assert flower.completed and results.status == "completed"
+    assert final.final_accuracy > CHANCE + 0.3, final
+    assert min(final.members) > CHANCE + 0.3, final
 
 
 def test_a_custom_model_on_a_custom_task_through_a_simulation(
     simulation_harness: FlowerHarness, images: Path, tmp_path: Path
 ) -> None:
-    results = run(simulation_harness, tmp_path, files(images))
-    assert_learned(results)
-    assert results["config"]["model"] == "examples.custom_task.tinynet:build"
+    flower, results = run(simulation_harness, tmp_path, files(images))
+    assert_learned(flower, results)
+    assert results.config.model == "examples.custom_task.tinynet:build"
 
 
 @pytest.mark.parametrize(
@@ -88,9 +90,9 @@ def test_a_custom_model_on_a_custom_task_through_a_simulation(
 def test_a_model_that_cannot_be_built_fails_the_run_before_training(
     simulation_harness: FlowerHarness, images: Path, tmp_path: Path, model: str, why: str
 ) -> None:
-    results = run(simulation_harness, tmp_path, {**files(images), "model": model})
-    assert results["flower"] == "finished:failed" and results["status"] == "failed"
-    assert results["rounds"] == [] and why in results["error"] and model in results["error"]
+    flower, results = run(simulation_harness, tmp_path, {**files(images), "model": model})
+    assert flower.status == "finished:failed" and results.status == "failed"
+    assert results.rounds == [] and why in results.error and model in results.error
 
 
 def test_members_that_build_another_model_fail_the_pre_flight_check(
@@ -100,12 +102,12 @@ def test_members_that_build_another_model_fail_the_pre_flight_check(
     shutil.copytree(PROJECT / "examples", app / "examples")
     shutil.copy(PROJECT / "tests" / "e2e" / "odd_models.py", app / "odd_models.py")
     config = {**files(images), "model": "odd_models:build"}
-    results = run(simulation_harness, tmp_path / "runs", config, app)
-    assert results["flower"] == "finished:failed" and results["rounds"] == []
-    assert "builds another model than the server: state entry 0 is " in results["error"]
+    flower, results = run(simulation_harness, tmp_path / "runs", config, app)
+    assert flower.status == "finished:failed" and results.rounds == []
+    assert "builds another model than the server: state entry 0 is " in results.error
     assert (
         "features.0.weight:(24, 3, 3, 3), the server's is features.0.weight:(16, 3, 3, 3)"
-        in results["error"]
+        in results.error
     )
 
 
@@ -136,8 +138,7 @@ def test_a_custom_task_in_a_deployment_on_node_local_files_with_a_server_holding
         result = harness.run(config, timeout=900)
         assert result.status == "finished:completed", f"{result.details}\n{harness.describe()}"
     (run_dir,) = (tmp_path / "runs").glob(f"*-{result.run_id}")
-    results = results_of(run_dir)
-    results["flower"] = result.status
-    assert_learned(results)
-    assert results["final"]["evaluated_on"] == "members"
+    results = read_results(run_dir)
+    assert_learned(result, results)
+    assert results.final_figures().evaluated_on == "members"
     assert "member 0 on node" in result.output and ": 370 training images" in result.output

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from flwr.cli.supernode.register import try_load_public_key
 
-from simulations.local_flower import render_proxy_config
+from deploy.proxy import render_proxy_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SUPERNODES = [f"supernode-{i}" for i in range(4)]

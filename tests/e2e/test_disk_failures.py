@@ -21,8 +21,10 @@ from typing import Any
 import pytest
 import torch
 
-from simulations.local_flower import PROJECT, TINY_RUN, FlowerHarness, run_config_arg
+from deploy.flwr_cli import PROJECT, run_config_arg
+from deploy.processes import TINY_RUN, FlowerHarness
 from wash_fed.files import write_json, write_text
+from wash_fed.results import read_results
 
 MEMBERS = 3
 FEDERATION = f"num-supernodes={MEMBERS} client-resources-num-cpus=1"
@@ -129,10 +131,10 @@ def test_a_disk_that_fills_mid_run_fails_the_run_with_the_reason(
         err = ended(launch(simulation_harness, disk, tmp_path / "run.log"))
         assert "finished:failed" in err and "No space left on device" in err
         folder = run_folder(disk)
-        results = json.loads((folder / "results.json").read_text())
-        assert results["status"] == "failed" and len(results["rounds"]) == 3
-        assert "No space left on device" in results["error"]
-        assert "final_model.pt" in results["error"]
+        results = read_results(folder)
+        assert results.status == "failed" and len(results.rounds) == 3
+        assert "No space left on device" in results.error
+        assert "final_model.pt" in results.error
         assert not (folder / "final_model.pt").exists()
         assert leftovers(disk) == []
 
@@ -156,8 +158,8 @@ def test_a_folder_turned_read_only_mid_run_fails_the_run_with_the_reason(
         assert "finished:failed" in err and "Read-only file system" in err
         assert "Read-only file system" in log.read_text()
         folder = run_folder(disk)
-        results = json.loads((folder / "results.json").read_text())  # whole: a round's state
-        assert results["status"] == "running" and 1 <= len(results["rounds"]) < rounds
+        results = read_results(folder)  # whole: a round's state
+        assert results.status == "running" and 1 <= len(results.rounds) < rounds
         model = folder / "final_model.pt"
         assert not model.exists() or torch.load(model)["state_dict"]
         assert leftovers(disk) == []

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from simulations.edge_links import EdgeFederation, EdgeTopology, TopologyError, main
-from simulations.launch import results_file_in
-from simulations.local_flower import TINY_RUN, results_of
+from deploy.flwr_cli import results_file_in
+from deploy.namespaces import EdgeFederation, EdgeTopology, TopologyError, main
+from deploy.processes import TINY_RUN
 from wash_fed.ledger import Ledger
+from wash_fed.results import read_results
 
 MBIT = 5
 
@@ -69,7 +70,7 @@ def test_wash_runs_over_shaped_links_and_nothing_is_left(tmp_path: Path, short_t
     assert ended.completed, ended.output[-3000:]
     results = results_file_in(ended.output)
     assert results is not None
-    assert results_of(results.parent)["status"] == "completed"
+    assert read_results(results).status == "completed"
     # Every member's messages went through its shaped link: each end sent at least the
     # payload the ledger counts for that direction (plus HTTP and TCP framing).
     ledger = Ledger.read_csv(results.parent / "ledger.csv")

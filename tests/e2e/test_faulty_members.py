@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 import torch
 
-from simulations.local_flower import TINY_RUN, FlowerHarness, faulty_app_copy, results_of
+from deploy.app_copies import faulty_app_copy
+from deploy.processes import TINY_RUN, FlowerHarness
 from wash_fed.ledger import Ledger
+from wash_fed.results import RunResult, read_results
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +46,7 @@ SAME = ("members", "member_mean", "ensemble", "soups", "final_accuracy", "collec
 @dataclass
 class Run:
     output: str
-    results: dict[str, Any]
+    results: RunResult
     directory: Path
 
     def saved(self, name: str) -> dict[str, torch.Tensor]:
@@ -72,7 +74,7 @@ def run_with(
                 f"{fault}: {result.details}\n{result.output[-3000:]}"
             )
             (run_dir,) = (root / "runs").glob(f"*-{result.run_id}")
-            done[fault, strategy] = Run(result.output, results_of(run_dir), run_dir)
+            done[fault, strategy] = Run(result.output, read_results(run_dir), run_dir)
         return done[fault, strategy]
 
     return run
@@ -80,8 +82,8 @@ def run_with(
 
 def rejected(run: Run) -> set[int]:
     """The members whose replies the results name as rejected, anywhere in the run."""
-    found = {int(k) for row in run.results["rounds"] for k in row["rejected"]}
-    return found | {int(k) for k in run.results.get("final", {}).get("rejected", {})}
+    found = {int(k) for row in run.results.rounds for k in row.rejected}
+    return found | {int(k) for k in run.results.final_figures().rejected}
 
 
 def named(run: Run) -> bool:
@@ -90,8 +92,8 @@ def named(run: Run) -> bool:
 
 
 def assert_same_models(faulty: Run, absent: Run, names: tuple[str, ...]) -> None:
-    assert [r["exchange_digest"] for r in faulty.results["rounds"]] == [
-        r["exchange_digest"] for r in absent.results["rounds"]
+    assert [r.exchange_digest for r in faulty.results.rounds] == [
+        r.exchange_digest for r in absent.results.rounds
     ], "the honest members exchanged other values"
     for name in names:
         mine, theirs = faulty.saved(name), absent.saved(name)
@@ -104,18 +106,18 @@ def test_one_faulty_member_cannot_sink_the_run(run_with: RunWith, fault: str) ->
     faulty, absent = run_with(fault, "wash"), run_with(ABSENT[fault], "wash")
     assert rejected(absent) == set(), "the gate rejected an honest member"
     assert named(faulty), faulty.output[-3000:]
-    final, reference = faulty.results["final"], absent.results["final"]
+    final, reference = faulty.results.final_figures(), absent.results.final_figures()
     if fault in ROUND_FAULTS:  # rejected three rounds in a row: quarantined, out of the soup
-        assert final["quarantined"] == [FAULTY] == reference["quarantined"]
+        assert final.quarantined == [FAULTY] == reference.quarantined
         assert f"member {FAULTY} quarantined after 3 rejected or failed replies" in faulty.output
-        honest_values = faulty.results["rounds"][0]["exchange"]["participants"]
+        honest_values = faulty.results.rounds[0].exchange["participants"]
         assert honest_values == MEMBERS - 1  # nobody received anything from it
     else:  # its BatchNorm statistics and its evaluations are rejected
-        assert final["rejected"][str(FAULTY)].startswith("BatchNorm statistics")
+        assert final.rejected[str(FAULTY)].startswith("BatchNorm statistics")
         assert f"member {FAULTY} rejected (evaluation)" in faulty.output
-    assert str(FAULTY) not in final["members_own_evaluation"]
-    assert final["members_own_evaluation"] == reference["members_own_evaluation"]
-    assert {k: final[k] for k in SAME} == {k: reference[k] for k in SAME}
+    assert str(FAULTY) not in final.members_own_evaluation
+    assert final.members_own_evaluation == reference.members_own_evaluation
+    assert {k: getattr(final, k) for k in SAME} == {k: getattr(reference, k) for k in SAME}
     assert_same_models(faulty, absent, ("members.pt", "final_model.pt"))
 
 
@@ -136,6 +138,6 @@ def test_a_member_scaled_x1000_cannot_poison_fedavg(run_with: RunWith) -> None:
     faulty, absent = run_with("scaled", "fedavg"), run_with("absent", "fedavg")
     assert rejected(absent) == set(), "the gate rejected an honest member"
     assert named(faulty), faulty.output[-3000:]
-    assert all(str(FAULTY) in row["rejected"] for row in faulty.results["rounds"])
-    assert faulty.results["final"] == absent.results["final"]
+    assert all(str(FAULTY) in row.rejected for row in faulty.results.rounds)
+    assert faulty.results.final_figures() == absent.results.final_figures()
     assert_same_models(faulty, absent, ("final_model.pt",))

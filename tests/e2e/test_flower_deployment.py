@@ -17,16 +17,11 @@ from typing import Any
 
 import pytest
 
-from simulations.local_flower import (
-    PROJECT,
-    TINY_RUN,
-    FlowerHarness,
-    Submission,
-    results_of,
-    wait_for_rounds,
-)
+from deploy.flwr_cli import PROJECT, FlwrRun, Submission
+from deploy.processes import TINY_RUN, FlowerHarness, wait_for_rounds
 from wash_fed.keys import Metric
 from wash_fed.ledger import Ledger
+from wash_fed.results import RunResult, read_results
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +48,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerHarne
 
 
 def assert_ledger_within_flowers_traffic(
-    run_dir: Path, listing: dict[str, Any], *, refused: bool = False
+    run_dir: Path, run: FlwrRun, *, refused: bool = False
 ) -> None:
     """SuperLink inbound = what members sent up; outbound = what they pulled down. The
     ledger counts the objects of delivered messages, Flower also its own framing. Traffic
@@ -61,19 +56,18 @@ def assert_ledger_within_flowers_traffic(
     ledger = Ledger.read_csv(run_dir / "ledger.csv")
     strangers = {e.phase for e in ledger.entries if e.member < 0}
     assert strangers == ({"setup"} if refused else set()), strangers
-    traffic = listing["network-traffic"]
     for ours, flowers in (
-        (ledger.total("up"), traffic["inbound-bytes"]),
-        (ledger.total("down"), traffic["outbound-bytes"]),
+        (ledger.total("up"), run.inbound_bytes),
+        (ledger.total("down"), run.outbound_bytes),
     ):
         assert 0 < ours <= flowers <= ours * (1 + FRAMING_SHARE), (ours, flowers)
 
 
-def worker_pids(results: dict[str, Any]) -> dict[str, set[int]]:
+def worker_pids(results: RunResult) -> dict[str, set[int]]:
     """The worker process each member reported, per member, over all rounds."""
     pids: dict[str, set[int]] = {}
-    for row in results["rounds"]:
-        for member, metrics in row["members"].items():
+    for row in results.rounds:
+        for member, metrics in row.members.items():
             pids.setdefault(member, set()).add(int(metrics[Metric.WORKER_PID]))
     return pids
 
@@ -95,14 +89,14 @@ def test_deployment_over_tls_runs_in_member_workers_and_its_ledger_matches_flowe
     )
     assert result.status == "finished:completed", f"{result.details}\n{deployment.describe()}"
     (run_dir,) = tmp_path.glob(f"*-{result.run_id}")
-    results = results_of(run_dir)
-    assert results["status"] == "completed"
-    assert [r["answered"] for r in results["rounds"]] == [MEMBERS] * SMALL["num-server-rounds"]
+    results = read_results(run_dir)
+    assert results.status == "completed"
+    assert [r.answered for r in results.rounds] == [MEMBERS] * SMALL["num-server-rounds"]
     pids = worker_pids(results)
     assert all(len(p) == 1 for p in pids.values()), f"a member changed process: {pids}"
     time.sleep(2.0)  # the workers acknowledged the end of the run; let them exit
     assert all(gone(pid) for (pid,) in pids.values()), "a member worker outlived its run"
-    assert_ledger_within_flowers_traffic(run_dir, result.listing)
+    assert_ledger_within_flowers_traffic(run_dir, result)
 
 
 def wait_for_line(submission: Submission, pattern: str, timeout: float) -> re.Match[str]:
@@ -153,19 +147,19 @@ def test_a_member_killed_mid_run_comes_back_from_its_checkpoint(
         harness.start_supernode(victim, members, worker_dir=workers)
         result = harness.finish(submission, timeout=900)
         assert result.status == "finished:completed", f"{result.details}\n{harness.describe()}"
-        results = results_of(run_dir)
-        final = results["final"]
-        assert final["collected"] == list(range(members)), "a member is missing from the soup"
-        rows = results["rounds"]
-        assert len(rows) == 6 and rows[-1]["answered"] == members
-        missed = [r["round"] for r in rows if str(victim) in r["failed"]]
+        results = read_results(run_dir)
+        final = results.final_figures()
+        assert final.collected == list(range(members)), "a member is missing from the soup"
+        rows = results.rounds
+        assert len(rows) == 6 and rows[-1].answered == members
+        missed = [r.round for r in rows if str(victim) in r.failed]
         assert 3 in missed, missed  # killed after round 2
-        back = [r for r in rows if r["round"] > max(missed)]
-        assert back and all(str(victim) in r["members"] for r in back)
+        back = [r for r in rows if r.round > max(missed)]
+        assert back and all(str(victim) in r.members for r in back)
         pattern = (
             rf"member {victim} is back on node \d+ \(restored from its checkpoint at step (\d+)\)"
         )
         restored = re.search(pattern, result.output)
         assert restored, result.output[-3000:]
         assert int(restored.group(1)) in (10, 15)  # after round 2 (or 3, if it got that far)
-        assert_ledger_within_flowers_traffic(run_dir, result.listing, refused=True)
+        assert_ledger_within_flowers_traffic(run_dir, result, refused=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,20 +10,14 @@ from typing import Any, cast
 import pytest
 import torch
 
+from deploy.app_copies import copy_app
+from deploy.flwr_cli import PROJECT, FlwrRun, run_config_arg
+from deploy.processes import TINY_RUN, FlowerHarness
 from simulations.launch import main as launch_main
-from simulations.local_flower import (
-    PROJECT,
-    TINY_RUN,
-    FlowerHarness,
-    RunResult,
-    copy_app,
-    results_of,
-    run_config_arg,
-)
-from wash_fed.config import WashFedConfig
 from wash_fed.ledger import Ledger
 from wash_fed.population import run_population
 from wash_fed.protocol import final_dtype, through, wire_dtype
+from wash_fed.results import RunResult, read_results
 from wash_fed.shuffle import LayerSchedule, layer_probs
 from wash_fed.training import new_model
 
@@ -50,31 +43,27 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run(
     simulation_harness: FlowerHarness, out: Path, **overrides: Any
-) -> tuple[RunResult, dict[str, Any], Path]:
+) -> tuple[FlwrRun, RunResult, Path]:
     config = {**SMALL, "output-dir": str(out), **overrides}
     result = simulation_harness.run(config, federation_config=FEDERATION)
     assert result.status == "finished:completed", f"{result.details}\n{result.output[-4000:]}"
     (run_dir,) = out.glob(f"*-{result.run_id}")
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["status"] == "completed"
+    results = read_results(run_dir)
+    assert results.status == "completed"
     assert (run_dir / "final_model.pt").is_file()
     return result, results, run_dir
-
-
-def cfg_of(results: dict[str, Any]) -> WashFedConfig:
-    return WashFedConfig.from_mapping(results["config"])
 
 
 def test_wash_run_sends_only_the_masked_values(
     simulation_harness: FlowerHarness, out: Path
 ) -> None:
     result, results, run_dir = run(simulation_harness, out, strategy="wash")
-    cfg = cfg_of(results)
-    assert [r["round"] for r in results["rounds"]] == [1, 2]
-    assert all(r["answered"] == MEMBERS for r in results["rounds"])
-    final = results["final"]
-    assert set(final["soups"]) == {"uniform", "uniform+bn"} and final["final_soup"] == "uniform+bn"
-    assert len(final["members"]) == MEMBERS and 0.0 <= final["ensemble"] <= 1.0
+    cfg = results.config
+    assert [r.round for r in results.rounds] == [1, 2]
+    assert all(r.answered == MEMBERS for r in results.rounds)
+    final = results.final_figures()
+    assert set(final.soups) == {"uniform", "uniform+bn"} and final.final_model == "uniform+bn"
+    assert len(final.members) == MEMBERS and 0.0 <= (final.ensemble or -1.0) <= 1.0
     assert "Final model:" in result.output and "FedAvg for the same 2 rounds" in result.output
 
     numels = [p.numel() for p in new_model(cfg).parameters()]
@@ -96,10 +85,8 @@ def test_wash_run_sends_only_the_masked_values(
         framing.append(e.bytes - value_bytes * selected)
     assert all(0 < f < FRAMING + FRAMING_PER_ARRAY for f in framing), framing
     assert max(framing) - min(framing) < 400, "framing should be a fixed overhead"
-    assert results["bytes"]["up.train"] + results["bytes"]["down.train"] == sum(
-        e.bytes for e in train
-    )
-    assert results["fedavg_bytes"] > 10 * sum(e.bytes for e in train)
+    assert results.sent(phase="train") == sum(e.bytes for e in train)
+    assert (results.fedavg_bytes or 0) > 10 * sum(e.bytes for e in train)
 
 
 def test_the_final_step_sends_each_member_the_soup_once(
@@ -112,7 +99,7 @@ def test_the_final_step_sends_each_member_the_soup_once(
     stays out of the output, in the run's folder."""
     result, results, run_dir = run(simulation_harness, out, strategy="wash", deterministic=True)
     ledger = Ledger.read_csv(run_dir / "ledger.csv")
-    model_bytes = sum(4 * t.numel() for t in new_model(cfg_of(results)).state_dict().values())
+    model_bytes = sum(4 * t.numel() for t in new_model(results.config).state_dict().values())
     for member in range(MEMBERS):
         down = {
             phase: sum(
@@ -124,9 +111,9 @@ def test_the_final_step_sends_each_member_the_soup_once(
         }
         assert model_bytes < down["bn"] < model_bytes + FRAMING_PER_ARRAY * 30
         assert down["evaluate"] == 0 and 0 < down["end"] < 0.05 * model_bytes, down
-    final = results["final"]
-    own = final["members_own_evaluation"]
-    assert own == dict.fromkeys(own, final["final_accuracy"]) and len(own) == MEMBERS
+    final = results.final_figures()
+    own = final.members_own_evaluation
+    assert own == dict.fromkeys(own, final.final_accuracy) and len(own) == MEMBERS
     assert "Aggregated MetricRecord" not in result.output and "[ROUND" not in result.output
     assert "[ROUND 2/2]" in (run_dir / "flower-strategy.log").read_text()
 
@@ -144,7 +131,7 @@ def test_fedavg_run_sends_the_full_model_each_way_in_16_bits(
         **{"member-checkpoints": str(members), "wire-dtype": "float16"},
     )
     assert not members.exists(), "FedAvg does not resume: its members write no checkpoints"
-    cfg = cfg_of(results)
+    cfg = results.config
     state = new_model(cfg).state_dict()
     model_bytes = sum(
         t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in state.values()
@@ -154,8 +141,9 @@ def test_fedavg_run_sends_the_full_model_each_way_in_16_bits(
     assert len(train) == 2 * 2 * MEMBERS  # rounds x directions x members
     for e in train:
         assert 0 < e.bytes - model_bytes < FRAMING + FRAMING_PER_ARRAY * len(state), e
-    assert [r["test_accuracy"] is not None for r in results["rounds"]] == [True, True]
-    assert 0.0 < results["final"]["global_model"] <= 1.0
+    assert [r.test_accuracy is not None for r in results.rounds] == [True, True]
+    final = results.final_figures()
+    assert final.final_model == "global" and 0.0 < final.final_accuracy <= 1.0
 
 
 def test_papa_run_averages_every_round_in_bfloat16(
@@ -165,7 +153,7 @@ def test_papa_run_averages_every_round_in_bfloat16(
     _, results, run_dir = run(
         simulation_harness, out, strategy="papa", **{"papa-every": 1, "wire-dtype": "bfloat16"}
     )
-    cfg = cfg_of(results)
+    cfg = results.config
     tensors = list(new_model(cfg).parameters())
     params = sum(p.numel() for p in tensors)
     ledger = Ledger.read_csv(run_dir / "ledger.csv")
@@ -173,7 +161,7 @@ def test_papa_run_averages_every_round_in_bfloat16(
     limit = FRAMING + FRAMING_PER_ARRAY * len(tensors)
     assert len(train) == 2 * MEMBERS  # round 2: each member's weights up and the mean down
     assert all(0 < e.bytes - 2 * params < limit for e in train), train
-    assert all(r["exchange"] == {"averaged": MEMBERS} for r in results["rounds"])
+    assert all(r.exchange == {"averaged": MEMBERS} for r in results.rounds)
 
 
 @pytest.fixture
@@ -210,7 +198,7 @@ def test_a_federated_run_equals_the_population_trainer_bit_for_bit(
     statistics) and accuracies."""
     common = {"num-server-rounds": 3, "save-members": True, "deterministic": True}
     _, results, run_dir = run(simulation_harness, out, **common, **overrides)
-    cfg = cfg_of(results)
+    cfg = results.config
     reference = run_population(cfg, log=lambda _: None, progress_eval=False)
     federated = _members(run_dir)
     for i, (members, theirs) in enumerate(
@@ -220,20 +208,18 @@ def test_a_federated_run_equals_the_population_trainer_bit_for_bit(
         assert ours.keys() == theirs.keys()
         for key, value in ours.items():
             assert torch.equal(value, theirs[key]), f"member {i}: {key}"
-    assert [r["exchange_digest"] for r in results["rounds"]] == [
-        r["exchange_digest"] for r in reference.results["rounds"]
+    assert [r.exchange_digest for r in results.rounds] == [
+        r.exchange_digest for r in reference.results.rounds
     ]
-    assert [r["exchange"] for r in results["rounds"]] == [
-        r["exchange"] for r in reference.results["rounds"]
-    ]
-    moved = [r["exchange"].get("moved", r["exchange"].get("averaged")) for r in results["rounds"]]
+    assert [r.exchange for r in results.rounds] == [r.exchange for r in reference.results.rounds]
+    moved = [r.exchange.get("moved", r.exchange.get("averaged")) for r in results.rounds]
     assert any(moved), "nothing was exchanged: the comparison proves nothing"
     final = torch.load(run_dir / "final_model.pt")["state_dict"]
     assert final.keys() == reference.final_state_dict.keys()
     assert all(torch.equal(final[k], reference.final_state_dict[k]) for k in final), "another soup"
     same = ("members", "ensemble", "soups", "final_accuracy")
-    assert {k: results["final"][k] for k in same} == {
-        k: reference.results["final"][k] for k in same
+    assert {k: getattr(results.final_figures(), k) for k in same} == {
+        k: getattr(reference.results.final_figures(), k) for k in same
     }
 
 
@@ -268,13 +254,13 @@ def test_a_run_that_diverges_ends_failed_and_says_why(
     )
     assert result.status == "finished:failed", result.output[-3000:]
     (run_dir,) = target.glob(f"*-{result.run_id}")
-    results = results_of(run_dir)
-    assert results["status"] == "failed"
-    assert "no member completed a single round" in results["error"]
-    assert "member 0: training loss became nan" in results["error"]
-    for row in results["rounds"]:  # each failure with its reason, in one line
-        assert len(row["failed"]) == MEMBERS and row["members"] == {}
-        assert all("\n" not in why and "became nan" in why for why in row["failed"].values())
+    results = read_results(run_dir)
+    assert results.status == "failed"
+    assert "no member completed a single round" in results.error
+    assert "member 0: training loss became nan" in results.error
+    for row in results.rounds:  # each failure with its reason, in one line
+        assert len(row.failed) == MEMBERS and row.members == {}
+        assert all("\n" not in why and "became nan" in why for why in row.failed.values())
 
 
 def test_a_busy_metrics_port_fails_the_run_and_says_so(
@@ -288,8 +274,8 @@ def test_a_busy_metrics_port_fails_the_run_and_says_so(
         result = simulation_harness.run(config, federation_config=FEDERATION)
     assert result.status == "finished:failed", result.output[-3000:]
     (run_dir,) = target.glob(f"*-{result.run_id}")
-    results = results_of(run_dir)
-    assert results["status"] == "failed" and "Address already in use" in results["error"]
+    results = read_results(run_dir)
+    assert results.status == "failed" and "Address already in use" in results.error
 
 
 def test_members_run_the_code_of_the_submitted_app(

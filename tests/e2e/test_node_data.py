@@ -4,7 +4,6 @@ the members' held-out images and evaluating on the members' own test data."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from simulations.local_flower import TINY_RUN, FlowerHarness
+from deploy.processes import TINY_RUN, FlowerHarness
 from wash_fed.config import WashFedConfig
 from wash_fed.data import DATASETS, DatasetNotFoundError, ImageData, load_local, load_split
+from wash_fed.results import read_results
 from wash_fed.training import local_member_data
 
 
@@ -123,12 +123,12 @@ def test_two_nodes_train_on_their_own_files_and_the_server_needs_no_data(
         result = harness.run(config, timeout=900)
         assert result.status == "finished:completed", f"{result.details}\n{harness.describe()}"
     (run_dir,) = (tmp_path / "runs").glob(f"*-{result.run_id}")
-    results = json.loads((run_dir / "results.json").read_text())
+    results = read_results(run_dir)
     assert "member 0 on node" in result.output and ": 1400 training images" in result.output
     assert ": 500 training images" in result.output  # 600 images, 100 of them held out
-    final = results["final"]
-    assert final["evaluated_on"] == "members" and final["ensemble"] is None
-    assert {"greedy", "greedy+bn"} <= set(final["soups"]) and final["final_soup"] == "greedy+bn"
-    assert set(final["members_own_evaluation"]) == {"0", "1"}
-    assert all(0.0 < a <= 1.0 for a in final["members"]) and len(final["members"]) == 2
-    assert all(r["test_accuracy"] is not None for r in results["rounds"])
+    final = results.final_figures()
+    assert final.evaluated_on == "members" and final.ensemble is None
+    assert {"greedy", "greedy+bn"} <= set(final.soups) and final.final_model == "greedy+bn"
+    assert set(final.members_own_evaluation) == {"0", "1"}
+    assert all(0.0 < a <= 1.0 for a in final.members) and len(final.members) == 2
+    assert all(r.test_accuracy is not None for r in results.rounds)

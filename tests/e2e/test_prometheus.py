@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
-from simulations.local_flower import TINY_RUN, FlowerHarness, Prometheus, free_port
+from deploy.processes import TINY_RUN, FlowerHarness, free_port
+from deploy.promql import LocalPrometheus
 from wash_fed.ledger import Ledger
+from wash_fed.results import RoundResult, read_results
 
 MEMBERS = 3
 SMALL: dict[str, Any] = {**TINY_RUN, "num-members": MEMBERS, "eval-every": 1}
@@ -21,9 +23,9 @@ SMALL: dict[str, Any] = {**TINY_RUN, "num-members": MEMBERS, "eval-every": 1}
 
 @dataclass
 class ScrapedRuns:
-    prometheus: Prometheus
+    prometheus: LocalPrometheus
     ledgers: dict[str, Ledger]
-    rounds: dict[str, list[dict[str, Any]]]
+    rounds: dict[str, list[RoundResult]]
     """Per strategy, the rounds in its results.json."""
 
 
@@ -38,7 +40,7 @@ def scraped_runs(
         )
     metrics_port = free_port()
     out = tmp_path_factory.mktemp("runs")
-    with Prometheus(tmp_path_factory.mktemp("prometheus"), metrics_port) as prom:
+    with LocalPrometheus(tmp_path_factory.mktemp("prometheus"), metrics_port) as prom:
         ledgers, rounds = {}, {}
         for strategy in ("wash", "fedavg"):
             config = {
@@ -53,7 +55,7 @@ def scraped_runs(
             assert result.status == "finished:completed", result.details + result.output[-3000:]
             (run_dir,) = out.glob(f"*-{result.run_id}")
             ledgers[strategy] = Ledger.read_csv(run_dir / "ledger.csv")
-            rounds[strategy] = json.loads((run_dir / "results.json").read_text())["rounds"]
+            rounds[strategy] = read_results(run_dir).rounds
         yield ScrapedRuns(prom, ledgers, rounds)
 
 
@@ -65,7 +67,7 @@ def test_prometheus_sees_the_ledgers_bytes_for_wash_and_fedavg(scraped_runs: Scr
         rows = prom.query(
             f'sum(max_over_time(wash_fed_bytes_total{{strategy="{strategy}",direction="{direction}"}}[30m]))'
         )
-        return float(rows[0]["value"][1]) if rows else -1.0
+        return rows[0].value if rows else -1.0
 
     for strategy, ledger in ledgers.items():
         for direction in ("up", "down"):
@@ -75,12 +77,12 @@ def test_prometheus_sees_the_ledgers_bytes_for_wash_and_fedavg(scraped_runs: Scr
         ' / sum(max_over_time(wash_fed_bytes_total{strategy="fedavg",phase="train"}[30m]))'
     )
     expected = ledgers["wash"].total(phase="train") / ledgers["fedavg"].total(phase="train")
-    assert float(ratio[0]["value"][1]) == pytest.approx(expected, rel=1e-12)
+    assert ratio[0].value == pytest.approx(expected, rel=1e-12)
     assert expected < 0.1  # WASH's training traffic is a small fraction of FedAvg's
     rounds = prom.query('max_over_time(wash_fed_rounds_total{strategy="wash"}[30m])')
-    assert float(rounds[0]["value"][1]) == SMALL["num-server-rounds"]
+    assert rounds[0].value == SMALL["num-server-rounds"]
     soup = prom.query('max_over_time(wash_fed_accuracy{strategy="wash",model="soup"}[30m])')
-    assert 0.0 < float(soup[0]["value"][1]) <= 1.0
+    assert 0.0 < soup[0].value <= 1.0
 
 
 @pytest.mark.slow
@@ -89,17 +91,20 @@ def test_prometheus_sees_where_each_rounds_time_went(scraped_runs: ScrapedRuns) 
     (simulated members train in the round), and Prometheus holds the same parts."""
     prom = scraped_runs.prometheus
     for strategy, rows in scraped_runs.rounds.items():
-        for row in rows:
-            assert sum(row["time"].values()) == pytest.approx(row["seconds"], abs=1e-9)
-            assert 0.0 < row["time"]["train"] < row["seconds"], (strategy, row["time"])
-            assert row["time"]["transfer"] > 0.0, (strategy, row["time"])
+        split = [row.time for row in rows]
+        assert all(split), f"{strategy}: a round without its time split"
+        for row, time in zip(rows, split, strict=True):
+            assert time is not None
+            assert sum(time.as_dict().values()) == pytest.approx(row.seconds, abs=1e-9)
+            assert 0.0 < time.train < row.seconds, (strategy, time)
+            assert time.transfer > 0.0, (strategy, time)
         for part in ("train", "member", "transfer", "server"):
             scraped = prom.query(
                 f'max_over_time(wash_fed_round_part_seconds_total{{strategy="{strategy}",'
                 f'part="{part}"}}[30m])'
             )
-            expected = sum(row["time"][part] for row in rows)
-            assert float(scraped[0]["value"][1]) == pytest.approx(expected, rel=1e-9), part
+            expected = sum(t.as_dict()[part] for t in split if t is not None)
+            assert scraped[0].value == pytest.approx(expected, rel=1e-9), part
 
 
 @pytest.mark.slow

@@ -14,12 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from simulations.local_flower import (
-    TINY_RUN,
-    FlowerHarness,
-    results_of,
-    wait_for_rounds,
-)
+from deploy.processes import TINY_RUN, FlowerHarness, wait_for_rounds
+from wash_fed.results import RunResult, read_results
 
 pytestmark = pytest.mark.slow
 
@@ -52,20 +48,19 @@ def run_dir_of(runs: Path, run_id: str) -> Path:
     return found
 
 
-def check_resumed(
-    resumed: dict[str, Any], interrupted: dict[str, Any], reference: dict[str, Any]
-) -> int:
+def check_resumed(resumed: RunResult, interrupted: RunResult, reference: RunResult) -> int:
     """The resumed run's results continue the interrupted one's; returns the round it
     continued after."""
-    after = resumed["resumed_from"]["round"]
-    assert 1 <= after < reference["config"]["num-server-rounds"], "nothing was left to resume"
-    assert resumed["rounds"][:after] == interrupted["rounds"][:after]
-    assert [r["round"] for r in resumed["rounds"]] == [r["round"] for r in reference["rounds"]]
-    digests = [r["exchange_digest"] for r in resumed["rounds"]]
-    assert digests == [r["exchange_digest"] for r in reference["rounds"]]
+    assert resumed.resumed_from is not None
+    after = resumed.resumed_from.round
+    assert 1 <= after < reference.config.num_server_rounds, "nothing was left to resume"
+    assert resumed.rounds[:after] == interrupted.rounds[:after]
+    assert [r.round for r in resumed.rounds] == [r.round for r in reference.rounds]
+    digests = [r.exchange_digest for r in resumed.rounds]
+    assert digests == [r.exchange_digest for r in reference.rounds]
     for key in ("up.train", "down.train"):  # the setup differs: members said hello twice
         # Node ids (random, in every message's metadata) vary in their encoded length.
-        assert resumed["bytes"][key] == pytest.approx(reference["bytes"][key], rel=1e-4), key
+        assert resumed.bytes[key] == pytest.approx(reference.bytes[key], rel=1e-4), key
     return int(after)
 
 
@@ -88,11 +83,11 @@ def test_a_stopped_simulation_resumes_to_the_uninterrupted_final_model(
     assert simulation_harness.flwr("stop", run_id, "test").returncode == 0
     submission.process.wait(timeout=120)
     deadline = time.monotonic() + 60
-    while results_of(interrupted_dir)["status"] == "running" and time.monotonic() < deadline:
+    while read_results(interrupted_dir).status == "running" and time.monotonic() < deadline:
         time.sleep(0.5)
-    stopped = results_of(interrupted_dir)
-    assert stopped["status"] == "stopped"
-    assert simulation_harness.listing(run_id)["status"] == "finished:stopped"
+    stopped = read_results(interrupted_dir)
+    assert stopped.status == "stopped"
+    assert simulation_harness.status(run_id).status == "finished:stopped"
 
     resumed = simulation_harness.run(
         {**config, "resume-from": str(interrupted_dir)}, federation_config=FEDERATION
@@ -101,11 +96,11 @@ def test_a_stopped_simulation_resumes_to_the_uninterrupted_final_model(
     resumed_dir = run_dir_of(tmp_path / "runs", resumed.run_id)
     reference_dir = run_dir_of(tmp_path / "runs", reference.run_id)
     after = check_resumed(
-        results_of(resumed_dir), results_of(interrupted_dir), results_of(reference_dir)
+        read_results(resumed_dir), read_results(interrupted_dir), read_results(reference_dir)
     )
     assert f"continuing {interrupted_dir} after round {after}" in resumed.output
     assert_same_model(final_model(resumed_dir), final_model(reference_dir))
-    assert results_of(interrupted_dir) == stopped, "written after the stop"
+    assert read_results(interrupted_dir) == stopped, "written after the stop"
     # Completed: the members removed their checkpoints, those of the stopped run too.
     assert not list((tmp_path / "members").rglob("member-r*.pt"))
 
@@ -144,13 +139,13 @@ def test_a_deployment_whose_serverapp_died_resumes_to_the_uninterrupted_final_mo
         assert run_id is not None
         assert harness.flwr("stop", run_id, "test").returncode == 0
         submission.process.wait(timeout=120)
-        assert results_of(interrupted_dir)["status"] == "running"  # it could not say
+        assert read_results(interrupted_dir).status == "running"  # it could not say
 
         resumed = harness.run({**config, "resume-from": str(interrupted_dir)}, timeout=900)
         assert resumed.status == "finished:completed", harness.describe()
         resumed_dir = run_dir_of(runs, resumed.run_id)
         reference_dir = run_dir_of(runs, reference.run_id)
         check_resumed(
-            results_of(resumed_dir), results_of(interrupted_dir), results_of(reference_dir)
+            read_results(resumed_dir), read_results(interrupted_dir), read_results(reference_dir)
         )
         assert_same_model(final_model(resumed_dir), final_model(reference_dir))

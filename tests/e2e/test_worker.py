@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from client import worker_link
-from simulations.local_flower import PROJECT
+from deploy.flwr_cli import PROJECT
 from wash_fed.keys import Config, MessageType, Metric
 
 RUN_ID = 7

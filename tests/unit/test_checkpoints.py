@@ -4,7 +4,6 @@ server's (loaded only for a run it can continue)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from server.checkpoint import ServerCheckpoint
 from server.state import StrategyState
 from wash_fed.config import ConfigError, WashFedConfig
 from wash_fed.gate import Quarantine
+from wash_fed.results import RunResult, write_results
 from wash_fed.training import Member, TrainingData, load_training_data
 
 SMALL = {"train-subset": 1000, "holdout-size": 100, "num-members": 2, "local-steps": 3}
@@ -118,6 +118,6 @@ def test_the_server_checkpoint_names_what_stands_in_the_way_of_resuming(tmp_path
     assert (loaded.round, loaded.chain, loaded.credentials) == (2, [5, 7], {0: "c0", 1: "c1"})
     with pytest.raises(ConfigError, match=r"other seed \(0\); resume it with the same values"):
         ServerCheckpoint.load(tmp_path, WashFedConfig.from_mapping({**SMALL, "seed": 1}))
-    (tmp_path / "results.json").write_text(json.dumps({"status": "completed"}))
+    write_results(tmp_path / "results.json", RunResult("flower", "wash", cfg, "completed"))
     with pytest.raises(ConfigError, match="completed; nothing to resume"):
         ServerCheckpoint.load(tmp_path, cfg)

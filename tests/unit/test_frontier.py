@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from simulations.frontier import Summary, main, pareto_front, summarise
+from simulations.frontier import Summary, SweepRow, main, pareto_front, summarise
+from wash_fed.results import FinalResult
 
 
 def summary(point: str, accuracy: float, megabytes: float) -> Summary:
@@ -26,8 +26,17 @@ def test_the_front_keeps_only_points_nothing_beats() -> None:
 
 
 def test_a_summary_is_the_mean_and_spread_over_seeds() -> None:
-    rows: list[dict[str, Any]] = [
-        {"point": "a", "strategy": "wash", "seed": s, "accuracy": acc, "bytes": 2e6}
+    rows = [
+        SweepRow(
+            "a",
+            s,
+            "wash",
+            {},
+            FinalResult(acc, "uniform+bn"),
+            [],
+            {"up": 1_500_000, "down": 500_000},
+            1.0,
+        )
         for s, acc in enumerate((0.80, 0.82, 0.84))
     ]
     (only,) = summarise(rows)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from wash_fed.config import WashFedConfig
 from wash_fed.population import main, run_population
+from wash_fed.results import read_results
 from wash_fed.training import load_test_data, load_training_data
 
 # Three members from different initialisations, 200 SGD steps each on 6,000 Fashion-MNIST
@@ -39,16 +39,17 @@ def test_wash_soup_stays_with_its_members_where_independent_soup_collapses() -> 
             test=test,
             log=lambda _: None,
             progress_eval=False,
-        ).results["final"]
+        ).results.final_figures()
         for strategy in ("ensemble", "wash")
     }
     independent, wash = runs["ensemble"], runs["wash"]
+    assert independent.member_mean is not None and wash.member_mean is not None
     # Independent members are fine on their own, and their weight average is not.
-    assert independent["member_mean"] > 0.75
-    assert independent["soups"]["uniform+bn"] < 0.5
+    assert independent.member_mean > 0.75
+    assert independent.soups["uniform+bn"] < 0.5
     # WASH's soup is as good as its members (within 3 points) and far above the collapse.
-    assert wash["soups"]["uniform+bn"] > wash["member_mean"] - 0.03
-    assert wash["soups"]["uniform+bn"] > independent["soups"]["uniform+bn"] + 0.25
+    assert wash.soups["uniform+bn"] > wash.member_mean - 0.03
+    assert wash.soups["uniform+bn"] > independent.soups["uniform+bn"] + 0.25
 
 
 @pytest.mark.slow
@@ -78,13 +79,13 @@ def test_cli_writes_results_ledger_and_a_loadable_final_model(tmp_path: Path) ->
     assert main(args) == 0
     (run_dir,) = tmp_path.iterdir()
     assert (run_dir / "comparison.md").read_text().count("\n") == 5  # header, rule, 3 rows
-    results = json.loads((run_dir / "wash" / "results.json").read_text())
-    assert results["config"]["num-server-rounds"] == 5  # 1 epoch of 1200 images = 18 steps / 4
-    assert set(results["final"]["soups"]) == {"uniform", "uniform+bn", "greedy", "greedy+bn"}
+    results = read_results(run_dir / "wash")
+    assert results.config.num_server_rounds == 5  # 1 epoch of 1200 images = 18 steps / 4
+    assert set(results.final_figures().soups) == {"uniform", "uniform+bn", "greedy", "greedy+bn"}
     ledger_rows = (run_dir / "wash" / "ledger.csv").read_text().splitlines()
     assert ledger_rows[0] == "round,member,direction,phase,bytes"
     train_bytes = sum(int(r.split(",")[4]) for r in ledger_rows[1:] if ",train," in r)
-    assert train_bytes == results["bytes"]["up.train"] + results["bytes"]["down.train"] > 0
+    assert train_bytes == results.sent(phase="train") > 0
     saved = torch.load(run_dir / "wash" / "final_model.pt")
     assert saved["model"] == "cnn" and "features.0.weight" in saved["state_dict"]
 
@@ -110,15 +111,15 @@ def test_fedavg_starts_from_one_model_and_ends_with_the_members_average() -> Non
         }
     )
     run = run_population(cfg, log=lambda _: None, progress_eval=False)
-    state_bytes = run.results["model_bytes"]
+    state_bytes = run.results.model_bytes
     assert run.ledger.total("down") == run.ledger.total("up") == 3 * 3 * state_bytes
-    assert run.results["bytes"]["total"] == run.results["fedavg_bytes"]
+    assert run.results.sent() == run.results.fedavg_bytes
     members = run.member_state_dicts  # after their last local steps, before the average
     for name, value in run.final_state_dict.items():
         if value.is_floating_point():
             mean = torch.stack([m[name].double() for m in members]).mean(0).to(value.dtype)
             assert torch.equal(value, mean), name
-    assert 0.1 < run.results["final"]["final_accuracy"] <= 1.0
+    assert 0.1 < run.results.final_figures().final_accuracy <= 1.0
 
 
 @pytest.mark.slow
@@ -139,8 +140,8 @@ def test_16_bit_values_halve_what_wash_sends_and_it_still_trains() -> None:
         ).results
         for dtype in ("float32", "bfloat16")
     }
-    sent = {d: r["bytes"]["up.train"] + r["bytes"]["down.train"] for d, r in runs.items()}
+    sent = {d: r.sent(phase="train") for d, r in runs.items()}
     assert 2 * sent["bfloat16"] == sent["float32"] > 0
-    accuracy = {d: r["final"]["final_accuracy"] for d, r in runs.items()}
+    accuracy = {d: r.final_figures().final_accuracy for d, r in runs.items()}
     assert accuracy["bfloat16"] > 0.3, accuracy  # ten classes: chance is 0.1
     assert abs(accuracy["bfloat16"] - accuracy["float32"]) < 0.1, accuracy

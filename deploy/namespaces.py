@@ -11,7 +11,7 @@ links have no added latency (``netem`` is not available on every kernel).
 Everything is torn down at the end -- processes, namespaces and with them the links -- also
 when the run fails or the launcher is interrupted. Requires root (``ip netns``).
 
-    sudo .venv/bin/python -m simulations.edge_links --members 4 --mbit 10 \\
+    sudo .venv/bin/python -m deploy.namespaces --members 4 --mbit 10 \\
         --run-config 'strategy="wash" num-server-rounds=5'
 
 Exits 0 when the run completed, 1 when it did not, 2 when the topology could not be built.
@@ -33,14 +33,14 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import click
 from flwr.common.config import parse_config_args
 
-from simulations.launch import Launched, check_run_config, launch, results_file_in
-from simulations.local_flower import FlowerHarness, run_config_arg
-from wash_fed.config import ConfigError
+from deploy.flwr_cli import FlwrError, FlwrRun, check_run_config, results_file_in, run_config_arg
+from deploy.processes import FlowerHarness
+from wash_fed.config import MAX_TIMEOUT, ConfigError, ConfigValue
+from wash_fed.results import RunResult, read_results
 from wash_fed.timing import PARTS
 
 __all__ = [
@@ -233,11 +233,11 @@ class EdgeFederation:
     def __exit__(self, *_: object) -> None:
         self._exit.close()
 
-    def run(self, run_config: Mapping[str, Any], *, echo: bool = True) -> Launched:
+    def run(self, run_config: Mapping[str, ConfigValue], *, echo: bool = True) -> FlwrRun:
         """``flwr run`` of this project over the topology's links, with ``run_config``
         (``num-members`` is the topology's)."""
-        overrides = run_config_arg({**run_config, "num-members": self.topology.nodes})
-        return launch(connection="test", run_config=overrides, env=self.harness.env, echo=echo)
+        overrides = {**run_config, "num-members": self.topology.nodes}
+        return self.harness.run(overrides, echo=echo, timeout=MAX_TIMEOUT)
 
 
 def unwind_on_sigterm() -> None:
@@ -246,22 +246,21 @@ def unwind_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
-def time_table(results: Mapping[str, Any]) -> str:
+def time_table(results: RunResult) -> str:
     """Mean seconds per round in each part (:mod:`wash_fed.timing`), and bytes per round."""
-    rounds = results["rounds"]
+    rounds, parts = results.rounds, results.mean_round_time()
     lines = [f"{'part':<10} {'s/round':>9}"]
-    for part in PARTS:
-        mean = sum(r["time"][part] for r in rounds) / max(len(rounds), 1)
-        lines.append(f"{part:<10} {mean:>9.2f}")
-    total = sum(r["seconds"] for r in rounds) / max(len(rounds), 1)
-    per_round = sum(r["bytes_up"] + r["bytes_down"] for r in rounds) / max(len(rounds), 1)
-    lines.append(f"{'round':<10} {total:>9.2f}   ({per_round / 1e6:.3f} MB per round)")
+    lines += [f"{part:<10} {getattr(parts, part):>9.2f}" for part in PARTS]
+    per_round = sum(r.bytes_up + r.bytes_down for r in rounds) / max(len(rounds), 1)
+    lines.append(
+        f"{'round':<10} {results.mean_round_seconds():>9.2f}   ({per_round / 1e6:.3f} MB per round)"
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulations.edge_links",
+        prog="python -m deploy.namespaces",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -283,9 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     except TopologyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FlwrError as err:
+        print(f"error: {err}; logs in {home}", file=sys.stderr)
+        return 1
     results = results_file_in(ended.output)
     if results is not None and results.exists():
-        print(f"\nover {args.mbit:g} Mbit/s links:\n{time_table(json.loads(results.read_text()))}")
+        print(f"\nover {args.mbit:g} Mbit/s links:\n{time_table(read_results(results))}")
     if not ended.completed:
         print(f"\nrun {ended.run_id}: {ended.status} ({ended.details}); logs in {home}")
         return 1

@@ -1,9 +1,10 @@
-"""A ClientApp in which one member corrupts its replies (tests only).
+"""A ClientApp in which one member corrupts its replies: what the tests and the
+poisoned-member benchmark hold the reply gate against.
 
-The test copies the app into a folder of its own, puts this module there as
-``faulty/app.py`` beside ``faulty/fault.py`` (``FAULT``, ``MEMBER``), and runs that copy
-through ``flwr run``. Every member trains honestly; member ``MEMBER`` then corrupts what it
-sends according to ``FAULT``:
+:func:`deploy.app_copies.faulty_app_copy` copies the app into a folder of its own, puts
+this module there as ``faulty/app.py`` beside ``faulty/fault.py`` (``FAULT``, ``MEMBER``),
+and that copy runs through ``flwr run``. Every member trains honestly; member ``MEMBER``
+then corrupts what it sends according to ``FAULT``:
 
 * ``crash-shaped``: round replies with a missing, an extra, a renamed or a mistyped record;
 * ``nan``, ``scaled``, ``sign-flip``, ``zeros``: the values of its round replies (WASH's
@@ -28,6 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from client.app import member_app
 from client.task import handle_in_process
+from wash_fed.keys import Config, MessageType, Metric, NodeConfig, Record
 
 
 def _map_values(content: RecordDict, name: str, change: Callable[[np.ndarray], np.ndarray]) -> None:
@@ -43,18 +45,18 @@ def _map_values(content: RecordDict, name: str, change: Callable[[np.ndarray], n
 def _crash_shaped(content: RecordDict, server_round: int) -> None:
     shape = server_round % 4
     if shape == 1:
-        del content["values"]
+        del content[Record.VALUES]
     elif shape == 2:
         content["bonus"] = ConfigRecord({"free": "lunch"})
     elif shape == 3:
-        record = content.array_records["values"]
-        content["values"] = ArrayRecord({f"{k}-renamed": v for k, v in record.items()})
+        record = content.array_records[Record.VALUES]
+        content[Record.VALUES] = ArrayRecord({f"{k}-renamed": v for k, v in record.items()})
     else:
-        content["values"] = ConfigRecord({"weights": "not an array"})
+        content[Record.VALUES] = ConfigRecord({"weights": "not an array"})
 
 
 def _corrupt(message_type: str, server_round: int, content: RecordDict) -> None:
-    if message_type == "train":
+    if message_type == MessageType.TRAIN:
         changes: dict[str, Callable[[np.ndarray], np.ndarray]] = {
             "nan": lambda a: np.full_like(a, np.nan),
             "scaled": lambda a: a * 1000,
@@ -62,42 +64,43 @@ def _corrupt(message_type: str, server_round: int, content: RecordDict) -> None:
             "zeros": np.zeros_like,
             "drift": lambda a: a * 1.05**server_round,
         }
-        values = next((r for r in ("values", "arrays") if r in content), None)
+        values = next((r for r in (Record.VALUES, Record.ARRAYS) if r in content), None)
         if FAULT in changes and values is not None:
             _map_values(content, values, changes[FAULT])
-        elif FAULT == "crash-shaped" and values == "values":
+        elif FAULT == "crash-shaped" and values == Record.VALUES:
             _crash_shaped(content, server_round)
         elif FAULT == "false-id":
-            content.metric_records["metrics"]["partition-id"] = (MEMBER + 1) % 4
-    elif message_type == "query.bn_statistics" and FAULT == "final-step":
-        record = content.array_records["stats"]
-        content["stats"] = ArrayRecord(
+            content.metric_records[Record.METRICS][Metric.PARTITION_ID] = (MEMBER + 1) % 4
+    elif message_type == MessageType.BN_STATISTICS and FAULT == "final-step":
+        record = content.array_records[Record.STATS]
+        content[Record.STATS] = ArrayRecord(
             {
                 k: Array(v.numpy() + (10.0 if k.endswith(".mean") else 0.0))
                 for k, v in record.items()
             }
         )
-        content.metric_records["metrics"]["batches"] = 10**9
-    elif message_type in ("evaluate", "query.end") and FAULT == "final-step":
-        metrics: MetricRecord = content.metric_records["metrics"]
-        if "accuracy" in metrics:
-            metrics["accuracy"] = 1.5
+        content.metric_records[Record.METRICS][Metric.BATCHES] = 10**9
+    elif message_type in (MessageType.EVALUATE, MessageType.END) and FAULT == "final-step":
+        metrics: MetricRecord = content.metric_records[Record.METRICS]
+        if Metric.ACCURACY in metrics:
+            metrics[Metric.ACCURACY] = 1.5
 
 
 ABSENT = {
-    "absent": {"train"},
-    "absent-final": {"query.bn_statistics", "evaluate", "query.end"},
+    "absent": {MessageType.TRAIN},
+    "absent-final": {MessageType.BN_STATISTICS, MessageType.EVALUATE, MessageType.END},
 }
 
 
 def _respond(msg: Message, context: Context) -> Message:
     message_type = msg.metadata.message_type
-    faulty = int(context.node_config["partition-id"]) == MEMBER
+    faulty = int(context.node_config[NodeConfig.PARTITION_ID]) == MEMBER
     if faulty and message_type in ABSENT.get(FAULT, ()):
         raise RuntimeError(f"member {MEMBER} does not answer {message_type}")
     content = handle_in_process(message_type, msg.content, context)
     if faulty:
-        server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
+        config = msg.content.config_records[Record.CONFIG]
+        server_round = int(config[Config.SERVER_ROUND])  # type: ignore[arg-type]
         _corrupt(message_type, server_round, content)
     return Message(content, reply_to=msg)
 

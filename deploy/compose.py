@@ -1,8 +1,8 @@
 """The compose deployment brought up for real on this machine: ``docker-compose.yml`` and the
 real ``Dockerfile``, run by whatever container engine is here.
 
-    python -m simulations.compose_stack up      # make compose-up
-    python -m simulations.compose_stack down    # make compose-down (containers, networks, volumes)
+    python -m deploy.compose up      # make compose-up
+    python -m deploy.compose down    # make compose-down (containers, networks, volumes)
 
 ``up`` does, in order, only what is missing:
 
@@ -25,8 +25,8 @@ real ``Dockerfile``, run by whatever container engine is here.
    (``deploy/docker-compose.gpu.yml``) are added when ``nvidia-smi`` lists a GPU.
 
 The ``flwr`` connection ``wash-fed-compose`` (control proxy, the stack's CA) is written to
-``$FLWR_HOME/config.toml`` if missing: ``flwr run . wash-fed-compose --stream`` then runs
-on the stack.
+``$FLWR_HOME/config.toml``: ``flwr run . wash-fed-compose --stream`` then runs on the
+stack.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,13 +48,13 @@ from typing import Any
 import httpx
 import yaml
 
-from simulations.launch import BIN, flwr_answer, online_supernodes, run_id_in, run_status
-from simulations.local_flower import PROJECT, run_config_arg
+from deploy.flwr_cli import BIN, PROJECT, FlowerCli, FlwrError
 
+DEPLOY = Path(__file__).resolve().parent
 COMPOSE_FILE = PROJECT / "docker-compose.yml"
-GPU_FILE = PROJECT / "deploy" / "docker-compose.gpu.yml"
-CERTS = PROJECT / "deploy" / "certs"
-STANDINS = PROJECT / "deploy" / "standins"
+GPU_FILE = DEPLOY / "docker-compose.gpu.yml"
+CERTS = DEPLOY / "certs"
+STANDINS = DEPLOY / "standins"
 APP_IMAGE = "wash-fed:latest"
 APP_LABEL = "io.wash-fed.image=app"
 """The Dockerfile's label: earlier builds of the app image, untagged, are pruned by it."""
@@ -81,7 +80,7 @@ PODMAN_PACKAGES = [
 ]  # fmt: skip
 PODMAN_CONF = Path("/etc/containers/containers.conf")
 PODMAN_SETTINGS = """\
-# Written by wash-fed's compose bring-up (simulations/compose_stack.py): runc, because crun
+# Written by wash-fed's compose bring-up (deploy/compose.py): runc, because crun
 # fails on hosts whose cgroups are in hybrid mode; container limits within what root may
 # set here (it cannot raise the open-files hard limit above 20000).
 [containers]
@@ -356,16 +355,26 @@ def gpus_present() -> bool:
     return bool(shutil.which("nvidia-smi")) and _works(["nvidia-smi", "-L"])
 
 
-@dataclass
-class Stack:
-    """One compose project of ``docker-compose.yml`` on this machine."""
+class Stack(FlowerCli):
+    """One compose project of ``docker-compose.yml`` on this machine, and the ``flwr`` CLI
+    of its ``wash-fed-compose`` connection (``flwr_home``: the CLI's Flower home; default
+    ``$FLWR_HOME`` or ``~/.flwr``)."""
 
-    engine: Engine
-    project: str = "wash-fed"
-    flwr_home: Path = field(default_factory=lambda: Path(os.environ.get("FLWR_HOME", "~/.flwr")))
-    gpu: bool = False
-    without: set[str] = field(default_factory=set)
-    """Services left out (their image is not to be had)."""
+    def __init__(
+        self,
+        engine: Engine,
+        project: str = "wash-fed",
+        flwr_home: Path | None = None,
+        *,
+        gpu: bool = False,
+        without: Sequence[str] = (),
+    ) -> None:
+        super().__init__(flwr_home, CONNECTION)
+        self.engine = engine
+        self.project = project
+        self.gpu = gpu
+        self.without = set(without)
+        """Services left out (their image is not to be had)."""
 
     def compose(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         files = ["-f", str(COMPOSE_FILE)] + (["-f", str(GPU_FILE)] if self.gpu else [])
@@ -378,37 +387,8 @@ class Stack:
             env["GRAFANA_ADMIN_PASSWORD"] = _grafana_password()
         return env
 
-    @property
-    def flwr_env(self) -> dict[str, str]:
-        return {
-            **os.environ,
-            "FLWR_HOME": str(self.flwr_home.expanduser()),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        }
-
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return _run([str(BIN / "flwr"), *args], env=self.flwr_env, check=False, timeout=timeout)
-
-    def write_connection(self) -> None:
-        """The ``wash-fed-compose`` connection in ``$FLWR_HOME/config.toml`` (kept if there)."""
-        home = self.flwr_home.expanduser()
-        home.mkdir(parents=True, exist_ok=True)
-        config = home / "config.toml"
-        text = config.read_text() if config.exists() else ""
-        if CONNECTION in tomllib.loads(text).get("superlink", {}):
-            return
-        if "[superlink]" not in text:
-            text = (
-                f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n{text}'
-            )
-        text += (
-            f'\n[superlink.{CONNECTION}]\naddress = "{CONTROL_ADDRESS}"\n'
-            f'root-certificates = "{CERTS / "ca.crt"}"\n'
-        )
-        config.write_text(text)
-        log(f"flwr connection {CONNECTION!r} written to {config}")
+    def describe(self) -> str:
+        return self.logs("superlink", "control", *SUPERNODES)
 
     def up(self) -> None:
         """Everything but the SuperNodes, then their keys registered, then the SuperNodes."""
@@ -416,26 +396,26 @@ class Stack:
         services = [s for s in [*CORE_SERVICES, "grafana"] if s not in self.without]
         log(f"starting {', '.join(services)}")
         self.compose("up", "-d", "--no-build", *services, timeout=600)
-        self.write_connection()
+        self.write_connection(CONTROL_ADDRESS, CERTS / "ca.crt")
+        log(f"flwr connection {CONNECTION!r} written to {self.home / 'config.toml'}")
         self.wait_for_control()
         for i in range(len(SUPERNODES)):
             self.register(CERTS / "nodes" / f"node-{i}.key.pub")
         log(f"starting {', '.join(SUPERNODES)}")
         self.compose("up", "-d", "--no-build", *SUPERNODES, timeout=600)
-        self.wait_online(len(SUPERNODES))
+        self.wait_online(len(SUPERNODES), timeout=180)
+        log(f"{len(SUPERNODES)} SuperNodes online; run: flwr run . {CONNECTION} --stream")
         log(f"stack up in {time.monotonic() - started:.0f} s")
 
     def wait_for_control(self, timeout: float = 120) -> None:
+        """Until the SuperLink answers through the control proxy (Flower's CLI answers
+        ``success: false`` while the proxy gets no SuperLink)."""
         deadline = time.monotonic() + timeout
-        while True:
-            done = self.flwr("ls", CONNECTION, "--format", "json", timeout=30)
-            if flwr_answer(done) is not None:
-                return
+        while not self.answers():
             if time.monotonic() > deadline:
-                logs = self.logs("superlink", "control")
                 raise StackError(
-                    f"the SuperLink did not answer through the control proxy: "
-                    f"{done.stdout[-500:]}{done.stderr[-500:]}\n{logs}"
+                    "the SuperLink did not answer through the control proxy:\n"
+                    + self.logs("superlink", "control")
                 )
             time.sleep(2)
 
@@ -443,56 +423,6 @@ class Stack:
         """The last ``lines`` of each service's log, for an error message."""
         done = self.compose("logs", "--tail", str(lines), *services, check=False)
         return (done.stdout + done.stderr)[-4000:]
-
-    def register(self, public_key: Path) -> None:
-        done = self.flwr("supernode", "register", str(public_key), CONNECTION)
-        text = done.stdout + done.stderr
-        if done.returncode != 0 and "already" not in text.lower():
-            logs = self.logs("superlink", "control")
-            raise StackError(f"could not register {public_key}: {text[-800:]}\n{logs}")
-
-    def online(self) -> int:
-        listing = self.flwr("supernode", "list", CONNECTION, "--format", "json", timeout=60)
-        return online_supernodes(listing)
-
-    def wait_online(self, count: int, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while self.online() < count:
-            if time.monotonic() > deadline:
-                raise StackError(
-                    f"{count} SuperNodes did not come online:\n{self.logs(*SUPERNODES)}"
-                )
-            time.sleep(2)
-        log(f"{count} SuperNodes online; run: flwr run . {CONNECTION} --stream")
-
-    # --- runs ---------------------------------------------------------------------------
-
-    def submit(self, run_config: Mapping[str, Any], app: Path = PROJECT) -> subprocess.Popen[str]:
-        """``flwr run <app> wash-fed-compose --stream``, started; see :meth:`finish`."""
-        args = [str(BIN / "flwr"), "run", str(app), CONNECTION, "--stream"]
-        return subprocess.Popen(
-            [*args, "--run-config", run_config_arg(run_config)],
-            env=self.flwr_env,
-            cwd=PROJECT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
-    def finish(self, process: subprocess.Popen[str], timeout: float) -> StackRun:
-        """Wait for a submitted run; its id, its status as the SuperLink lists it, and what
-        ``flwr run`` printed."""
-        output, _ = process.communicate(timeout=timeout)
-        run_id = run_id_in(output)
-        if run_id is None:
-            raise StackError(f"flwr run started no run:\n{output[-3000:]}")
-        status = run_status(BIN / "flwr", run_id, CONNECTION, self.flwr_env)["status"]
-        return StackRun(run_id, status, output)
-
-    def run(
-        self, run_config: Mapping[str, Any], app: Path = PROJECT, timeout: float = 1800
-    ) -> StackRun:
-        return self.finish(self.submit(run_config, app), timeout)
 
     def in_superlink(self, command: str) -> str:
         """What ``sh -c command`` prints in the SuperLink's container (where results are)."""
@@ -509,14 +439,6 @@ class Stack:
     def down(self) -> None:
         """Containers, networks and volumes of the project removed."""
         self.compose("down", "-v", "--remove-orphans", check=False, timeout=600)
-
-
-@dataclass(frozen=True)
-class StackRun:
-    run_id: str
-    status: str
-    """As ``flwr ls`` lists it: ``finished:completed`` for a run that completed."""
-    output: str
 
 
 def _grafana_password() -> str:
@@ -544,7 +466,7 @@ def stack_up(project: str = "wash-fed", flwr_home: Path | None = None) -> Iterat
 
 
 def bring_up(project: str = "wash-fed", flwr_home: Path | None = None) -> Stack:
-    """Everything :mod:`simulations.compose_stack` says, in order; the stack, up."""
+    """Everything :mod:`deploy.compose` says, in order; the stack, up."""
     stack = prepare(project, flwr_home)
     stack.up()
     return stack
@@ -560,10 +482,7 @@ def prepare(project: str, flwr_home: Path | None) -> Stack:
     without = {name for name, s in services.items() if s.get("image") in unavailable}
     if without:
         log(f"left out (no image to be had): {', '.join(sorted(without))}")
-    stack = Stack(engine, project, without=without, gpu=gpus_present())
-    if flwr_home is not None:
-        stack.flwr_home = flwr_home
-    return stack
+    return Stack(engine, project, flwr_home, gpu=gpus_present(), without=sorted(without))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -577,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             Stack(ensure_engine(), args.project).down()
             stop_service()
-    except StackError as err:
+    except (StackError, FlwrError) as err:
         log(f"failed: {err}")
         return 1
     return 0
