@@ -22,11 +22,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from deploy.flwr_cli import PROJECT
 from deploy.processes import TINY_RUN, FlowerHarness, free_port
 from deploy.promql import LocalPrometheus
+from wash_fed.config import ConfigValue
 from wash_fed.ledger import Ledger
 
 MEMBERS = 4
@@ -96,7 +96,7 @@ def main() -> None:
             harness.start_superlink(simulation=False, certificates=certificates)
             harness.start_supernodes(MEMBERS)
             for strategy in args.strategies.split(","):
-                config: dict[str, Any] = {
+                config: dict[str, ConfigValue] = {
                     **TINY_RUN,
                     "strategy": strategy,
                     "num-members": MEMBERS,

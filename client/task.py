@@ -104,7 +104,7 @@ class MemberTask:
         checkpoints: MemberCheckpoints | None = None,
     ) -> None:
         configure_torch(cfg)
-        device = resolve_device(cfg.device)
+        device = resolve_device(cfg.model.device)
         self.cfg = cfg
         self.data = _member_data(
             cfg,
@@ -208,7 +208,7 @@ class MemberTask:
             raise ValueError(f"{Config.REPLY}={reply!r}; expected one of {_REPLY_KINDS}")
         self._apply(content)
         started = time.perf_counter()
-        stats = self.member.train_steps(self.cfg.local_steps)
+        stats = self.member.train_steps(self.cfg.optim.local_steps)
         metrics: dict[str, Any] = {
             Metric.TRAIN_SECONDS: time.perf_counter() - started,
             Metric.LOSS: stats.loss,
@@ -227,7 +227,7 @@ class MemberTask:
         server has no test set, the member's accuracy on its own)."""
         self._apply(content)
         metrics: dict[str, Any] = {Metric.STEPS_DONE: self.member.steps_done}
-        if not self.cfg.test_on_server and self.data.test is not None:
+        if not self.cfg.data.test_on_server and self.data.test is not None:
             metrics[Metric.TEST_ACCURACY] = self._accuracy(self.data.test)
         state = to_wire(self.member.model.state_dict(), final_dtype(self.cfg))
         return metrics, RecordDict({Record.ARRAYS: wire.tensors_to_record(state)})
@@ -327,7 +327,9 @@ class MemberTask:
         return tensors
 
     def _accuracy(self, data: ImageData) -> float:
-        return accuracy(predict(self.member.model, data, self.cfg.eval_batch_size), data.labels)
+        return accuracy(
+            predict(self.member.model, data, self.cfg.final.eval_batch_size), data.labels
+        )
 
     # --- state ---------------------------------------------------------------------------
 
@@ -352,9 +354,9 @@ def handle_in_process(message_type: str, content: RecordDict, context: Context) 
     partition = member_identity(context.node_config, cfg)
     checkpoints = (
         MemberCheckpoints.of_run(
-            Path(cfg.member_checkpoints) / f"member-{partition}", context.run_id
+            Path(cfg.runtime.member_checkpoints) / f"member-{partition}", context.run_id
         )
-        if cfg.member_checkpoints and cfg.strategy != "fedavg"  # FedAvg does not resume
+        if cfg.runtime.member_checkpoints and cfg.strategy != "fedavg"  # FedAvg does not resume
         else None
     )
     task = MemberTask(cfg, partition, context.node_config, checkpoints)

@@ -109,7 +109,7 @@ class MemberWorker:
             f"({len(task.data.train)} training images)",
             flush=True,
         )
-        self.idle_timeout = cfg.worker_idle_timeout
+        self.idle_timeout = cfg.runtime.worker_idle_timeout
         self.task = task
         return task
 

@@ -60,7 +60,11 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = WashFedConfig.from_mapping(context.run_config)
     configure_torch(cfg)  # deterministic: the server's evaluations and merges too
-    resumed = ServerCheckpoint.load(Path(cfg.resume_from), cfg) if cfg.resume_from else None
+    resumed = (
+        ServerCheckpoint.load(Path(cfg.runtime.resume_from), cfg)
+        if cfg.runtime.resume_from
+        else None
+    )
     ledger = Ledger(resumed.ledger if resumed else ())
     output = open_output(cfg, grid.run.run_id, ledger, resumed)
     metrics = RunMetrics(cfg.label)
@@ -68,13 +72,13 @@ def main(grid: Grid, context: Context) -> None:
         grid,
         ledger,
         on_exchange=lambda *_: metrics.sync_ledger(ledger),
-        poll_interval=cfg.poll_interval,
+        poll_interval=cfg.runtime.poll_interval,
     )
     roster: Roster | None = None
     try:
-        if cfg.metrics_port:
-            metrics.serve(cfg.metrics_port)
-            log(INFO, "Prometheus metrics on port %d", cfg.metrics_port)
+        if cfg.output.metrics_port:
+            metrics.serve(cfg.output.metrics_port)
+            log(INFO, "Prometheus metrics on port %d", cfg.output.metrics_port)
         model = new_model(cfg)
         parameters = dict(model.named_parameters())
         numels = [p.numel() for p in parameters.values()]
@@ -119,16 +123,18 @@ def open_output(
         cfg.label,
         cfg.num_members,
         cfg.num_server_rounds,
-        cfg.local_steps,
+        cfg.optim.local_steps,
         output.directory,
     )
     # `flwr stop` (or a signal) ends the ServerApp through Flower's exit handlers: in a
     # deployment by exiting its main thread, in simulation by exiting the process around it.
     add_exit_handler(output.stop, run_before_force_exit=True)
     if resumed is not None:
-        log(INFO, "continuing %s after round %d", cfg.resume_from, resumed.round)
+        log(INFO, "continuing %s after round %d", cfg.runtime.resume_from, resumed.round)
         output.result.rounds = list(resumed.rows)
-        output.result.resumed_from = ResumedFrom(cfg.resume_from, resumed.run_id, resumed.round)
+        output.result.resumed_from = ResumedFrom(
+            cfg.runtime.resume_from, resumed.run_id, resumed.round
+        )
         output.write()
     return output
 
@@ -144,13 +150,13 @@ def run_strategy(
 ) -> tuple[FinalResult, int | None]:
     """The configured strategy to its end: the final figures, and what FedAvg would have
     sent (None for FedAvg itself)."""
-    test = load_test_data(cfg) if cfg.test_on_server else None
+    test = load_test_data(cfg) if cfg.data.test_on_server else None
     if cfg.strategy != "fedavg":
         return run_population_strategy(
             grid, cfg, roster, parameters, test, output, metrics, resumed
         )
     evaluator: Evaluator = (
-        OnData(test, cfg.eval_batch_size)
+        OnData(test, cfg.final.eval_batch_size)
         if test is not None
         else OnMembers(FinalExchanges(grid, roster, cfg), Split.TEST)
     )
@@ -197,13 +203,15 @@ def run_population_strategy(
             grid=grid,
             initial_arrays=ArrayRecord(),
             num_rounds=cfg.num_server_rounds - done,
-            timeout=cfg.round_timeout,
+            timeout=cfg.runtime.round_timeout,
         )
     if not any(report.metrics for report in strategy.state.history):
         why = strategy.state.reasons()
         reasons = "; ".join(f"member {p}: {reason}" for p, reason in sorted(why.items()))
         raise RuntimeError(f"no member completed a single round ({reasons or 'no round ran'})")
-    validation = load_local(cfg.validation_path, cfg.task) if cfg.validation_path else None
+    validation = (
+        load_local(cfg.data.validation_path, cfg.data.task) if cfg.data.validation_path else None
+    )
     earlier_runs = resumed.chain if resumed else []
     final = final_step(grid, cfg, strategy, test, validation, output, earlier_runs)
     observed = {"member_mean": final.member_mean or 0.0, "soup": final.final_accuracy}
@@ -217,11 +225,11 @@ def publish_metrics(cfg: WashFedConfig, metrics: RunMetrics, ledger: Ledger, run
     """Bring the metrics up to date with the ledger, push them if asked, and keep serving
     them for ``metrics-grace`` seconds so that the final values are scraped."""
     metrics.sync_ledger(ledger)
-    if cfg.metrics_pushgateway:
+    if cfg.output.metrics_pushgateway:
         try:
-            metrics.push(cfg.metrics_pushgateway, job=f"wash-fed-{cfg.label}-{run_id}")
+            metrics.push(cfg.output.metrics_pushgateway, job=f"wash-fed-{cfg.label}-{run_id}")
         except OSError as err:  # the run's results are on disk; say so and carry on
-            log(WARNING, "could not push metrics to %s: %s", cfg.metrics_pushgateway, err)
-    if cfg.metrics_port and cfg.metrics_grace:
-        log(INFO, "serving final metrics for %.0f s", cfg.metrics_grace)
-        time.sleep(cfg.metrics_grace)
+            log(WARNING, "could not push metrics to %s: %s", cfg.output.metrics_pushgateway, err)
+    if cfg.output.metrics_port and cfg.output.metrics_grace:
+        log(INFO, "serving final metrics for %.0f s", cfg.output.metrics_grace)
+        time.sleep(cfg.output.metrics_grace)

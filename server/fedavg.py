@@ -134,7 +134,7 @@ def run_fedavg(
     strategy = GatedFedAvg(
         roster=roster,
         reference=initial,
-        outlier_factor=cfg.outlier_factor,
+        outlier_factor=cfg.gate.outlier_factor,
         rounds=rounds,
         fraction_train=1.0,
         fraction_evaluate=0.0,
@@ -146,7 +146,7 @@ def run_fedavg(
         grid=grid,
         initial_arrays=wire.tensors_to_record(initial),
         num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout,
+        timeout=cfg.runtime.round_timeout,
         train_config=ConfigRecord({Config.REPLY: Reply.STATE}),
         evaluate_fn=rounds.close,
     )

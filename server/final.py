@@ -89,10 +89,10 @@ class FinalExchanges:
                     self.cfg.final_round,
                     {**(config or {}), Config.PATCH: patch},
                     {Record.ARRAYS: wire.tensors_to_record(tensors)},
-                    ttl=self.cfg.round_timeout,
+                    ttl=self.cfg.runtime.round_timeout,
                 )
             )
-        replies = self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
+        replies = self.grid.send_and_receive(messages, timeout=self.cfg.runtime.round_timeout)
         got = gather(replies, self.roster.nodes, arrays, what)
         for partition in self.roster.nodes:
             if partition in got.answered():
@@ -136,7 +136,9 @@ class FinalExchanges:
         for partition, parts in replies.items():
             claimed = int(parts.metrics.get(Metric.BATCHES, 0))
             examples = self.roster.info[partition].examples
-            batches = capped_batches(claimed, examples, self.cfg.batch_size, self.cfg.bn_batches)
+            batches = capped_batches(
+                claimed, examples, self.cfg.optim.batch_size, self.cfg.final.bn_batches
+            )
             try:
                 candidate = wire.tensors_to_bn_statistics(parts.tensors, batches)
                 problem = check_bn_statistics(candidate, reference)
@@ -147,7 +149,7 @@ class FinalExchanges:
             else:
                 self.reject(partition, what, problem)
         flat = {partition: s.named_tensors() for partition, s in stats.items()}
-        for partition, reason in magnitude_outliers(flat, self.cfg.outlier_factor).items():
+        for partition, reason in magnitude_outliers(flat, self.cfg.gate.outlier_factor).items():
             self.reject(partition, what, reason)
             del stats[partition]
         return merge_bn_statistics(list(stats.values()))
@@ -202,7 +204,7 @@ def final_step(
     model = new_model(cfg)
     dtype = final_dtype(cfg)
     collected, reported, rejected = strategy.collect(
-        grid, cfg.round_timeout, to_wire(model.state_dict(), dtype)
+        grid, cfg.runtime.round_timeout, to_wire(model.state_dict(), dtype)
     )
     if not collected:
         raise RuntimeError("no member could be collected; nothing to average")
@@ -222,14 +224,14 @@ def final_step(
         list(states.values()),
         lambda: new_model(cfg),
         evaluator,
-        bn_statistics_of=federated_bn_statistics if cfg.bn_recalibration else None,
+        bn_statistics_of=federated_bn_statistics if cfg.final.bn_recalibration else None,
         holdout=holdout,
-        final_soup=cfg.soup,
+        final_soup=cfg.final.soup,
         as_sent=lambda soup: through(soup, dtype),
     )
     require_finite(merge.final_state_dict, "the final model")
     output.save_model(merge.final_state_dict)
-    if cfg.save_members:
+    if cfg.output.save_members:
         members = {f"{p}.{k}": v for p, sd in states.items() for k, v in sd.items()}
         output.save_model(members, "members.pt")
     own_tests = exchanges.evaluate_and_end(merge.final_state_dict, earlier_runs)
@@ -267,14 +269,14 @@ def _evaluators(
     the members' held-out images; ``None`` for the other soups)."""
     cfg = exchanges.cfg
     evaluator: Evaluator = (
-        OnData(test, cfg.eval_batch_size)
+        OnData(test, cfg.final.eval_batch_size)
         if test is not None
         else OnMembers(exchanges, Split.TEST, _own_accuracies(reported))
     )
-    if cfg.soup != "greedy":
+    if cfg.final.soup != "greedy":
         return evaluator, None
     if validation is not None:
-        return evaluator, OnData(validation, cfg.eval_batch_size).accuracy
+        return evaluator, OnData(validation, cfg.final.eval_batch_size).accuracy
     return evaluator, OnMembers(exchanges, Split.HOLDOUT).accuracy
 
 

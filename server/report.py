@@ -68,7 +68,7 @@ class RunOutput(RunFolder):
     def open(cls, cfg: WashFedConfig, run_id: int, ledger: Ledger) -> RunOutput:
         """``<output-dir>/<time>-<label>-<run id>``, with its ``results.json``."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        directory = (Path(cfg.output_dir) / f"{stamp}-{cfg.label}-{run_id}").resolve()
+        directory = (Path(cfg.output.output_dir) / f"{stamp}-{cfg.label}-{run_id}").resolve()
         result = RunResult("flower", cfg.label, cfg, run_id=run_id)
         out = cls.create(directory, result, ledger)
         assert isinstance(out, RunOutput)

@@ -143,18 +143,18 @@ class Roster:
         Raises with the members' own words when a check fails.
         """
         cfg = self.cfg
-        deadline = time.monotonic() + cfg.node_wait_timeout
+        deadline = time.monotonic() + cfg.runtime.node_wait_timeout
         nodes = list(grid.get_node_ids())
         while len(nodes) < cfg.num_members:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"{len(nodes)} of num-members={cfg.num_members} SuperNodes connected within "
-                    f"node-wait-timeout={cfg.node_wait_timeout:g} s"
+                    f"node-wait-timeout={cfg.runtime.node_wait_timeout:g} s"
                 )
             log(INFO, "waiting for SuperNodes: %d of %d connected", len(nodes), cfg.num_members)
             time.sleep(2.0)
             nodes = list(grid.get_node_ids())
-        members, problems = self._hello(grid, nodes, max(cfg.round_timeout, HELLO_TIMEOUT))
+        members, problems = self._hello(grid, nodes, max(cfg.runtime.round_timeout, HELLO_TIMEOUT))
         if problems:
             raise RuntimeError("members failed their pre-flight check:\n  " + "\n  ".join(problems))
         partitions = sorted(m.partition for m in members)
@@ -264,7 +264,7 @@ class Roster:
         if not nodes:
             return
         self.told_end.update(nodes)
-        timeout = min(self.cfg.round_timeout, END_TIMEOUT)
+        timeout = min(self.cfg.runtime.round_timeout, END_TIMEOUT)
         config = self.end_config(completed=completed, earlier_runs=earlier_runs)
         messages = [
             wire.message(n, MessageType.END, self.cfg.final_round, config, ttl=timeout)

@@ -46,7 +46,7 @@ class PopulationStrategy(Strategy):
         self.cfg = cfg
         self.roster = roster
         self.protocol = protocol
-        self.state = StrategyState(Quarantine(cfg.quarantine_after))
+        self.state = StrategyState(Quarantine(cfg.gate.quarantine_after))
         self._on_round = on_round
         self._round_started = 0.0
 
@@ -61,7 +61,7 @@ class PopulationStrategy(Strategy):
 
     def summary(self) -> None:
         log(INFO, "\t├── %s over %d members", self.cfg.label, len(self.roster.nodes))
-        log(INFO, "\t└── %d local steps per round", self.cfg.local_steps)
+        log(INFO, "\t└── %d local steps per round", self.cfg.optim.local_steps)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -120,7 +120,7 @@ class PopulationStrategy(Strategy):
                     WARNING,
                     "member %d quarantined after %d rejected or failed replies in a row",
                     partition,
-                    self.cfg.quarantine_after,
+                    self.cfg.gate.quarantine_after,
                 )
 
     def configure_evaluate(
@@ -162,7 +162,7 @@ class PopulationStrategy(Strategy):
             }
         )
         states = {p: parts.tensors for p, parts in got.accepted.items()}
-        got.reject(magnitude_outliers(states, self.cfg.outlier_factor))
+        got.reject(magnitude_outliers(states, self.cfg.gate.outlier_factor))
         log_rejections(got.rejected, "the final collection, left out of the soup")
         return (
             {p: parts.tensors for p, parts in got.accepted.items()},
@@ -186,7 +186,7 @@ class PopulationStrategy(Strategy):
                     server_round,
                     {**config, **entries},
                     records,
-                    ttl=self.cfg.round_timeout,
+                    ttl=self.cfg.runtime.round_timeout,
                 )
             )
         return messages

@@ -507,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     text = table(summaries)
     (out / "frontier.md").write_text(text)
     alpha = f", alpha {args.alpha:g}" if args.partition == "dirichlet" else ""
-    title = f"{checked[0].dataset}, {args.partition}{alpha}, {args.total_steps} steps per member"
+    title = (
+        f"{checked[0].data.dataset}, {args.partition}{alpha}, {args.total_steps} steps per member"
+    )
     plot(summaries, out / "frontier.png", title)
     print(f"\n{text}\nwritten: {out / 'frontier.md'}, {out / 'frontier.png'}")
     return 0

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows)
     (args.out / "long_training.md").write_text(text)
     title = (
-        f"{cfg.dataset}, {args.epochs} epochs, {cfg.num_members} members from different "
+        f"{cfg.data.dataset}, {args.epochs} epochs, {cfg.num_members} members from different "
         "initialisations, a shuffle every step"
     )
     plot(rows, args.out / "long_training.png", title)

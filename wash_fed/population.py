@@ -26,13 +26,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from wash_fed.batchnorm import BNStatistics, merge_bn_statistics
-from wash_fed.config import ConfigError, WashFedConfig
+from wash_fed.config import ConfigError, ConfigValue, WashFedConfig
 from wash_fed.data import DatasetNotFoundError, ImageData
 from wash_fed.evaluation import OnData, accuracy, predict
 from wash_fed.keys import Metric
@@ -76,10 +75,10 @@ from wash_fed.training import (
 
 __all__ = ["VARIANTS", "PopulationRun", "rounds_for_epochs", "run_population"]
 
-VARIANTS: dict[str, dict[str, Any]] = {
+VARIANTS: dict[str, dict[str, ConfigValue]] = {
     "ensemble": {"strategy": "ensemble"},
-    "wash": {"strategy": "wash", "shuffle_optimizer_state": False},
-    "wash+opt": {"strategy": "wash", "shuffle_optimizer_state": True},
+    "wash": {"strategy": "wash", "shuffle-optimizer-state": False},
+    "wash+opt": {"strategy": "wash", "shuffle-optimizer-state": True},
     "papa": {"strategy": "papa"},
     "papa-all": {"strategy": "papa-all"},
     "fedavg": {"strategy": "fedavg"},
@@ -115,7 +114,7 @@ def _train_round(
     stats, payloads = [], {}
     for m in members:
         _deliver(m, deliveries, round_, "train", ledger)
-        stats.append(m.train_steps(m.cfg.local_steps))
+        stats.append(m.train_steps(m.cfg.optim.local_steps))
         payloads[m.index] = member_payload(m, reply, round_)
         if payloads[m.index]:
             ledger.record(round_, m.index, "up", "train", payload_bytes(payloads[m.index]))
@@ -158,7 +157,7 @@ def run_population(
 ) -> PopulationRun:
     """Train the population of ``cfg`` to the end, merge it and, if ``output_dir`` is given,
     write ``results.json``, ``ledger.csv`` and ``final_model.pt`` there."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.model.device)
     data = data or load_training_data(cfg)
     data = TrainingData(data.train.to(device), data.partitions, data.holdout)
     test = test or load_test_data(cfg)
@@ -169,9 +168,10 @@ def run_population(
     deliveries = Deliveries()
     label = cfg.label
     log(
-        f"[{label}] {cfg.num_members} members of {cfg.model} on {cfg.dataset} ({device}), "
-        f"{cfg.num_server_rounds} rounds x {cfg.local_steps} steps "
-        f"= {cfg.total_steps * cfg.batch_size / len(data.partitions[0]):.2f} epochs"
+        f"[{label}] {cfg.num_members} members of {cfg.model.name} on {cfg.data.dataset} "
+        f"({device}), "
+        f"{cfg.num_server_rounds} rounds x {cfg.optim.local_steps} steps "
+        f"= {cfg.total_steps * cfg.optim.batch_size / len(data.partitions[0]):.2f} epochs"
     )
     start = time.perf_counter()
     rounds, epochs = _train(
@@ -179,7 +179,7 @@ def run_population(
     )
     train_seconds = time.perf_counter() - start
     if cfg.strategy == "fedavg":
-        final, final_state = _fedavg_final(members, deliveries, test, cfg.eval_batch_size)
+        final, final_state = _fedavg_final(members, deliveries, test, cfg.final.eval_batch_size)
     else:
         final, final_state = _merge(members, deliveries, data, test, ledger)
     model_bytes = payload_bytes(to_wire(members[0].model.state_dict(), wire_dtype(cfg)))
@@ -243,7 +243,7 @@ def _train(
                 seconds=time.perf_counter() - start,
             )
             if test is not None:
-                member_mean, soup = _evaluate_progress(members, test, cfg.eval_batch_size)
+                member_mean, soup = _evaluate_progress(members, test, cfg.final.eval_batch_size)
                 row = dataclasses.replace(row, member_mean=member_mean, soup=soup)
             epochs.append(row)
             log(_progress_line(cfg, row))
@@ -340,14 +340,14 @@ def _merge(
             )
         return merge_bn_statistics(parts)
 
-    holdout = data.holdout if cfg.soup == "greedy" else None  # the members' shares, together
+    holdout = data.holdout if cfg.final.soup == "greedy" else None  # the members' shares, together
     merge = merge_population(
         state_dicts,
         lambda: build_like(members[0]),
-        OnData(test, cfg.eval_batch_size),
-        bn_statistics_of=bn_statistics_of if cfg.bn_recalibration else None,
-        holdout=OnData(holdout, cfg.eval_batch_size).accuracy if holdout else None,
-        final_soup=cfg.soup,
+        OnData(test, cfg.final.eval_batch_size),
+        bn_statistics_of=bn_statistics_of if cfg.final.bn_recalibration else None,
+        holdout=OnData(holdout, cfg.final.eval_batch_size).accuracy if holdout else None,
+        final_soup=cfg.final.soup,
         as_sent=lambda soup: through(soup, dtype),
     )
     return merge.figures(), merge.final_state_dict
@@ -436,10 +436,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def rounds_for_epochs(cfg: WashFedConfig, data: TrainingData, epochs: int) -> int:
-    """Rounds of ``cfg.local_steps`` steps that make ``epochs`` epochs of member 0's data
+    """Rounds of ``cfg.optim.local_steps`` steps that make ``epochs`` epochs of member 0's data
     (whole batches; at least one round)."""
-    steps = epochs * (len(data.partitions[0]) // cfg.batch_size)
-    return max(1, math.ceil(steps / cfg.local_steps))
+    steps = epochs * (len(data.partitions[0]) // cfg.optim.batch_size)
+    return max(1, math.ceil(steps / cfg.optim.local_steps))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,12 +465,12 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = []
     for name in names:
-        cfg = dataclasses.replace(base, **VARIANTS[name]) if name else base
-        out = Path(cfg.output_dir) / f"population-{stamp}" / cfg.label
+        cfg = base.with_values(VARIANTS[name]) if name else base
+        out = Path(cfg.output.output_dir) / f"population-{stamp}" / cfg.label
         results.append(run_population(cfg, data=data, test=test, output_dir=out).results)
     if len(results) > 1:
         table = comparison_table(results)
-        path = Path(base.output_dir) / f"population-{stamp}" / "comparison.md"
+        path = Path(base.output.output_dir) / f"population-{stamp}" / "comparison.md"
         path.write_text(table)
         print(f"\n{table}\nwritten to {path}")
     return 0

@@ -112,7 +112,7 @@ def apply_delivery(member: Member, delivery: Delivery) -> bool:
         return False
     if delivery.kind == "values":
         mask = member.shuffle_mask(delivery.event).to(member.device)
-        groups = member.shuffle_groups(member.cfg.shuffle_optimizer_state)
+        groups = member.shuffle_groups(member.cfg.exchange.shuffle_optimizer_state)
         if delivery.tensors.keys() != groups.keys():
             raise ValueError(
                 f"received value kinds {sorted(delivery.tensors)}, expected {sorted(groups)}"
@@ -140,13 +140,13 @@ _WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 def wire_dtype(cfg: WashFedConfig) -> torch.dtype:
     """The dtype of the floating-point values exchanged while training."""
-    return _WIRE_DTYPES[cfg.wire_dtype]
+    return _WIRE_DTYPES[cfg.exchange.wire_dtype]
 
 
 def final_dtype(cfg: WashFedConfig) -> torch.dtype:
     """The dtype of the final step's floating-point values: the collected members and the
     soup on its way down."""
-    return _WIRE_DTYPES[cfg.final_dtype]
+    return _WIRE_DTYPES[cfg.final.final_dtype]
 
 
 def through(tensors: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
@@ -169,7 +169,7 @@ def to_wire(tensors: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tens
 def papa_rate(cfg: WashFedConfig) -> float:
     """How much of itself a member keeps when pulled toward the mean: ``papa-rate`` for
     ``papa``, 0 (replaced by the mean) for ``papa-all``."""
-    return 0.0 if cfg.strategy == "papa-all" else cfg.papa_rate
+    return 0.0 if cfg.strategy == "papa-all" else cfg.exchange.papa_rate
 
 
 def member_payload(member: Member, reply: ReplyKind, event: int) -> dict[str, Tensor]:
@@ -182,7 +182,7 @@ def member_payload(member: Member, reply: ReplyKind, event: int) -> dict[str, Te
     dtype = wire_dtype(member.cfg)
     if reply == Reply.VALUES:
         mask = member.shuffle_mask(event).to(member.device)
-        groups = member.shuffle_groups(member.cfg.shuffle_optimizer_state)
+        groups = member.shuffle_groups(member.cfg.exchange.shuffle_optimizer_state)
         return to_wire({kind: gather(tensors, mask) for kind, tensors in groups.items()}, dtype)
     if reply == Reply.WEIGHTS:
         return to_wire(dict(member.model.named_parameters()), dtype)
@@ -265,14 +265,18 @@ class WashServer(ServerProtocol):
         return "values"
 
     def expected_kinds(self) -> list[str]:
-        return ["weights", "momentum_buffer"] if self.cfg.shuffle_optimizer_state else ["weights"]
+        return (
+            ["weights", "momentum_buffer"]
+            if self.cfg.exchange.shuffle_optimizer_state
+            else ["weights"]
+        )
 
     def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
         selected = self.cfg.shuffle_mask(self.numels, server_round).num_selected
         accepted, rejected = _admit(
             payloads,
             lambda p: check_values(p, self.expected_kinds(), selected, self.dtype),
-            self.cfg.outlier_factor,
+            self.cfg.gate.outlier_factor,
         )
         counts = {"selected": selected, "moved": 0, "participants": len(accepted)}
         if len(accepted) < 2:
@@ -311,7 +315,7 @@ class PapaServer(ServerProtocol):
         self.reference = to_wire(parameters, wire_dtype(cfg))
 
     def _due(self, server_round: int) -> bool:
-        return server_round % self.cfg.papa_every == 0
+        return server_round % self.cfg.exchange.papa_every == 0
 
     def reply_for(self, server_round: int) -> ReplyKind:
         return "weights" if self._due(server_round) else "metrics"
@@ -320,7 +324,7 @@ class PapaServer(ServerProtocol):
         if not self._due(server_round) or not payloads:
             return Exchange({})
         accepted, rejected = _admit(
-            payloads, lambda p: check_tensors(p, self.reference), self.cfg.outlier_factor
+            payloads, lambda p: check_tensors(p, self.reference), self.cfg.gate.outlier_factor
         )
         if not accepted:
             return Exchange({}, {"averaged": 0}, rejected)
@@ -350,7 +354,7 @@ class FedAvgServer(ServerProtocol):
 
     def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
         accepted, rejected = _admit(
-            payloads, lambda p: check_tensors(p, self.reference), self.cfg.outlier_factor
+            payloads, lambda p: check_tensors(p, self.reference), self.cfg.gate.outlier_factor
         )
         if not accepted:
             return Exchange({}, {"averaged": 0}, rejected)

@@ -299,6 +299,7 @@ class RunFolder:
         path = self.directory / name
         cfg = self.result.config
         save_torch(
-            path, {"model": cfg.model, "dataset": cfg.dataset, "state_dict": dict(state_dict)}
+            path,
+            {"model": cfg.model.name, "dataset": cfg.data.dataset, "state_dict": dict(state_dict)},
         )
         return path

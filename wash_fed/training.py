@@ -63,7 +63,7 @@ def configure_torch(cfg: WashFedConfig) -> None:
     """Process-wide torch settings a run asks for. ``deterministic``: one thread and
     deterministic algorithms, so that two processes given the same inputs compute the same
     bits (the federated run then equals the population trainer's)."""
-    if cfg.deterministic:
+    if cfg.model.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
         torch.use_deterministic_algorithms(True)
         torch.set_num_threads(1)
@@ -115,54 +115,58 @@ def _task_images(cfg: WashFedConfig, path: str, key: str) -> ImageData:
             f"dataset='images' needs {key}: the images to load here (or each node's own "
             "data-path and test-data-path, with test-on-server=false)"
         )
-    return load_local(path, cfg.task)
+    return load_local(path, cfg.data.task)
 
 
 def load_training_data(cfg: WashFedConfig) -> TrainingData:
     full = (
-        _task_images(cfg, cfg.train_path, "train-path")
-        if cfg.dataset == IMAGES
-        else load_split(cfg.dataset, cfg.data_root or None, train=True)
+        _task_images(cfg, cfg.data.train_path, "train-path")
+        if cfg.data.dataset == IMAGES
+        else load_split(cfg.data.dataset, cfg.data.data_root or None, train=True)
     )
-    if cfg.train_subset:
-        full = full.subset(np.arange(min(cfg.train_subset, len(full))))
-    if cfg.holdout_size >= len(full):
+    if cfg.data.train_subset:
+        full = full.subset(np.arange(min(cfg.data.train_subset, len(full))))
+    if cfg.data.holdout_size >= len(full):
         raise ValueError(
-            f"holdout-size={cfg.holdout_size} leaves no training data out of {len(full)} images"
+            f"holdout-size={cfg.data.holdout_size} leaves no training data out of "
+            f"{len(full)} images"
         )
     rng = np.random.Generator(np.random.Philox(derive_seed(cfg.seed, _HOLDOUT)))
     order = rng.permutation(len(full))
-    holdout_idx, train_idx = np.sort(order[: cfg.holdout_size]), np.sort(order[cfg.holdout_size :])
+    holdout_idx, train_idx = (
+        np.sort(order[: cfg.data.holdout_size]),
+        np.sort(order[cfg.data.holdout_size :]),
+    )
     train = full.subset(train_idx)
     partitions = partition_indices(
         train.labels,
         cfg.num_members,
-        cfg.partition,  # type: ignore[arg-type]  # validated by WashFedConfig
-        alpha=cfg.dirichlet_alpha,
+        cfg.data.partition,  # type: ignore[arg-type]  # validated by WashFedConfig
+        alpha=cfg.data.dirichlet_alpha,
         seed=derive_seed(cfg.seed, _PARTITION) % 2**32,
     )
     for i, part in enumerate(partitions):
         _check_enough(f"member {i} gets", len(part), cfg)
-    holdout = full.subset(holdout_idx) if cfg.holdout_size else None
+    holdout = full.subset(holdout_idx) if cfg.data.holdout_size else None
     return TrainingData(train, partitions, holdout)
 
 
 def _check_enough(who: str, examples: int, cfg: WashFedConfig) -> None:
-    if examples < cfg.batch_size:
+    if examples < cfg.optim.batch_size:
         raise ValueError(
-            f"{who} {examples} training images, fewer than batch-size={cfg.batch_size}; use "
+            f"{who} {examples} training images, fewer than batch-size={cfg.optim.batch_size}; use "
             "more data, fewer members or another partition"
         )
 
 
 def load_test_data(cfg: WashFedConfig) -> ImageData:
     test = (
-        _task_images(cfg, cfg.test_path, "test-path")
-        if cfg.dataset == IMAGES
-        else load_split(cfg.dataset, cfg.data_root or None, train=False)
+        _task_images(cfg, cfg.data.test_path, "test-path")
+        if cfg.data.dataset == IMAGES
+        else load_split(cfg.data.dataset, cfg.data.data_root or None, train=False)
     )
-    if cfg.test_subset:
-        test = test.subset(np.arange(min(cfg.test_subset, len(test))))
+    if cfg.data.test_subset:
+        test = test.subset(np.arange(min(cfg.data.test_subset, len(test))))
     return test
 
 
@@ -179,7 +183,7 @@ class MemberData:
 
 def shared_member_data(cfg: WashFedConfig, index: int, data: TrainingData) -> MemberData:
     """Member ``index``'s part of the shared data set (``partition``), and its test set."""
-    has_test = cfg.dataset != IMAGES or bool(cfg.test_path)
+    has_test = cfg.data.dataset != IMAGES or bool(cfg.data.test_path)
     test = load_test_data(cfg) if has_test else None
     return MemberData(data.member(index), data.member_holdout(index), test)
 
@@ -189,29 +193,29 @@ def local_member_data(
 ) -> MemberData:
     """A node's own data (:func:`wash_fed.data.load_local`): ``train-subset`` applies, and
     ``holdout-size / num-members`` of its images are held out for the greedy soup."""
-    own = load_local(data_path, cfg.task)
-    if cfg.train_subset:
-        own = own.subset(np.arange(min(cfg.train_subset, len(own))))
-    share = -(-cfg.holdout_size // cfg.num_members)  # ceil
+    own = load_local(data_path, cfg.data.task)
+    if cfg.data.train_subset:
+        own = own.subset(np.arange(min(cfg.data.train_subset, len(own))))
+    share = -(-cfg.data.holdout_size // cfg.num_members)  # ceil
     rng = np.random.Generator(np.random.Philox(derive_seed(cfg.seed, _HOLDOUT, index)))
     order = rng.permutation(len(own))
     holdout = own.subset(np.sort(order[:share])) if share else None
     train = own.subset(np.sort(order[share:]))
     _check_enough(f"the node's data {data_path} leaves", len(train), cfg)
-    test = load_local(test_path, cfg.task) if test_path else None
+    test = load_local(test_path, cfg.data.task) if test_path else None
     return MemberData(train, holdout, test)
 
 
 def new_model(cfg: WashFedConfig) -> nn.Module:
     """A model of the configured architecture for the data set's images and classes."""
-    spec = cfg.task
-    return build_model(cfg.model, spec.num_classes, spec.channels, spec.image_size)
+    spec = cfg.data.task
+    return build_model(cfg.model.name, spec.num_classes, spec.channels, spec.image_size)
 
 
 def initial_model(cfg: WashFedConfig, member: int) -> nn.Module:
     """Member ``member``'s initial model: drawn from its own seed (``init='different'``) or
     from the run's (``'shared'``); the global torch RNG is left alone."""
-    key = (cfg.seed, _INIT) if cfg.init == "shared" else (cfg.seed, _INIT, member)
+    key = (cfg.seed, _INIT) if cfg.model.init == "shared" else (cfg.seed, _INIT, member)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(*key))
         return new_model(cfg)
@@ -232,9 +236,9 @@ class TrainStats:
 
 
 def _scheduler(cfg: WashFedConfig, optimizer: torch.optim.Optimizer) -> LRScheduler:
-    if cfg.lr_schedule == "one-cycle":
-        return OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.total_steps)
-    if cfg.lr_schedule == "cosine":
+    if cfg.optim.lr_schedule == "one-cycle":
+        return OneCycleLR(optimizer, max_lr=cfg.optim.lr, total_steps=cfg.total_steps)
+    if cfg.optim.lr_schedule == "cosine":
         return CosineAnnealingLR(optimizer, T_max=cfg.total_steps)
     return ConstantLR(optimizer, factor=1.0, total_iters=0)
 
@@ -253,9 +257,9 @@ class Member:
     ) -> None:
         if not 0 <= index < cfg.num_members:
             raise ValueError(f"member index {index} out of range for num-members={cfg.num_members}")
-        if cfg.batch_size > len(data):
+        if cfg.optim.batch_size > len(data):
             raise ValueError(
-                f"batch-size={cfg.batch_size} is more than member {index}'s {len(data)} "
+                f"batch-size={cfg.optim.batch_size} is more than member {index}'s {len(data)} "
                 "training images"
             )
         self.cfg, self.index, self.device = cfg, index, device
@@ -263,13 +267,15 @@ class Member:
         self.model = initial_model(cfg, index).to(device)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
         )
         self.scheduler = _scheduler(cfg, self.optimizer)
         self.stream = BatchStream(
-            np.arange(len(data)), cfg.batch_size, seed=derive_seed(cfg.seed, _DATA_ORDER, index)
+            np.arange(len(data)),
+            cfg.optim.batch_size,
+            seed=derive_seed(cfg.seed, _DATA_ORDER, index),
         )
         self._mask: tuple[int, ShuffleMask] | None = None
         self.steps_done = 0
@@ -316,9 +322,9 @@ class Member:
         probe = copy.deepcopy(self.model)
         probe.load_state_dict(state_dict)
         own = self.train_data.subset(
-            self.stream.indices[: self.cfg.bn_batches * self.cfg.batch_size]
+            self.stream.indices[: self.cfg.final.bn_batches * self.cfg.optim.batch_size]
         )
-        return bn_statistics(probe, (x for x, _ in own.batches(self.cfg.batch_size)))
+        return bn_statistics(probe, (x for x, _ in own.batches(self.cfg.optim.batch_size)))
 
     def train_steps(self, steps: int) -> TrainStats:
         """Take ``steps`` SGD steps on the member's own batches."""
@@ -346,7 +352,7 @@ class Member:
                 f"member {self.index}: training loss became {mean_loss} by step {self.steps_done}; "
                 "lower lr"
             )
-        examples = steps * self.cfg.batch_size
+        examples = steps * self.cfg.optim.batch_size
         return TrainStats(
             loss=mean_loss,
             accuracy=int(correct) / examples,

@@ -76,7 +76,7 @@ def test_a_custom_model_on_a_custom_task_through_a_simulation(
 ) -> None:
     flower, results = run(simulation_harness, tmp_path, files(images))
     assert_learned(flower, results)
-    assert results.config.model == "examples.custom_task.tinynet:build"
+    assert results.config.model.name == "examples.custom_task.tinynet:build"
 
 
 @pytest.mark.parametrize(

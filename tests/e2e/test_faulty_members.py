@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from deploy.app_copies import faulty_app_copy
 from deploy.processes import TINY_RUN, FlowerHarness
+from wash_fed.config import ConfigValue
 from wash_fed.ledger import Ledger
 from wash_fed.results import RunResult, read_results
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 MEMBERS, FAULTY = 4, 3
 FEDERATION = f"num-supernodes={MEMBERS} client-resources-num-cpus=1"
-CONFIG: dict[str, Any] = {
+CONFIG: dict[str, ConfigValue] = {
     **TINY_RUN,
     "num-members": MEMBERS,
     "num-server-rounds": 3,
@@ -128,7 +128,7 @@ def test_a_false_partition_id_moves_no_bytes_in_the_ledger(run_with: RunWith) ->
     assert "reports partition-id 0, but its node holds member 3" in faulty.output
     ledger = Ledger.read_csv(faulty.directory / "ledger.csv")
     train_up = [e.member for e in ledger.entries if e.phase == "train" and e.direction == "up"]
-    rounds = CONFIG["num-server-rounds"]
+    rounds = faulty.results.config.num_server_rounds
     assert sorted(train_up) == sorted([*range(MEMBERS)] * rounds)
 
 

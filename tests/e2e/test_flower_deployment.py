@@ -13,12 +13,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from deploy.flwr_cli import PROJECT, FlwrRun, Submission
 from deploy.processes import TINY_RUN, FlowerHarness, wait_for_rounds
+from wash_fed.config import ConfigValue
 from wash_fed.keys import Metric
 from wash_fed.ledger import Ledger
 from wash_fed.results import RunResult, read_results
@@ -26,7 +26,7 @@ from wash_fed.results import RunResult, read_results
 pytestmark = pytest.mark.slow
 
 MEMBERS = 3
-SMALL: dict[str, Any] = {**TINY_RUN, "num-members": MEMBERS}
+SMALL: dict[str, ConfigValue] = {**TINY_RUN, "num-members": MEMBERS}
 # Flower's Fleet API carries, besides the objects the ledger counts, its own requests and
 # responses (message protos, object trees of 64-character ids, node and run ids, heartbeats).
 FRAMING_SHARE = 0.03
@@ -91,7 +91,7 @@ def test_deployment_over_tls_runs_in_member_workers_and_its_ledger_matches_flowe
     (run_dir,) = tmp_path.glob(f"*-{result.run_id}")
     results = read_results(run_dir)
     assert results.status == "completed"
-    assert [r.answered for r in results.rounds] == [MEMBERS] * SMALL["num-server-rounds"]
+    assert [r.answered for r in results.rounds] == [MEMBERS] * results.config.num_server_rounds
     pids = worker_pids(results)
     assert all(len(p) == 1 for p in pids.values()), f"a member changed process: {pids}"
     time.sleep(2.0)  # the workers acknowledged the end of the run; let them exit

@@ -14,6 +14,7 @@ from deploy.app_copies import copy_app
 from deploy.flwr_cli import PROJECT, FlwrRun, run_config_arg
 from deploy.processes import TINY_RUN, FlowerHarness
 from simulations.launch import main as launch_main
+from wash_fed.config import ConfigValue
 from wash_fed.ledger import Ledger
 from wash_fed.population import run_population
 from wash_fed.protocol import final_dtype, through, wire_dtype
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 MEMBERS = 3
 FEDERATION = f"num-supernodes={MEMBERS} client-resources-num-cpus=1"
-SMALL: dict[str, Any] = {
+SMALL: dict[str, ConfigValue] = {
     **TINY_RUN,
     "num-members": MEMBERS,
     "num-server-rounds": 2,
@@ -67,7 +68,9 @@ def test_wash_run_sends_only_the_masked_values(
     assert "Final model:" in result.output and "FedAvg for the same 2 rounds" in result.output
 
     numels = [p.numel() for p in new_model(cfg).parameters()]
-    probs = layer_probs(cfg.shuffle_prob, len(numels), cast(LayerSchedule, cfg.layer_schedule))
+    probs = layer_probs(
+        cfg.exchange.shuffle_prob, len(numels), cast(LayerSchedule, cfg.exchange.layer_schedule)
+    )
     value_bytes = wire_dtype(cfg).itemsize
     expected = sum(p * n for p, n in zip(probs, numels, strict=True))
     ledger = Ledger.read_csv(run_dir / "ledger.csv")
@@ -190,7 +193,7 @@ def torch_settings() -> Iterator[None]:
     ids=["wash+opt-bfloat16-final-float16", "papa"],
 )
 def test_a_federated_run_equals_the_population_trainer_bit_for_bit(
-    simulation_harness: FlowerHarness, out: Path, overrides: dict[str, Any]
+    simulation_harness: FlowerHarness, out: Path, overrides: dict[str, ConfigValue]
 ) -> None:
     """Same config, three rounds: the members collected through Flower are the population
     trainer's members, bit for bit, every exchange delivered the same values, and the final

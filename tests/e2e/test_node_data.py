@@ -5,14 +5,13 @@ the members' held-out images and evaluating on the members' own test data."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from PIL import Image
 
 from deploy.processes import TINY_RUN, FlowerHarness
-from wash_fed.config import WashFedConfig
+from wash_fed.config import ConfigValue, WashFedConfig
 from wash_fed.data import DATASETS, DatasetNotFoundError, ImageData, load_local, load_split
 from wash_fed.results import read_results
 from wash_fed.training import local_member_data
@@ -70,7 +69,7 @@ def test_a_member_holds_out_its_share_of_its_own_data(
     tmp_path: Path, fashion_train: ImageData
 ) -> None:
     path = save_tensor_file(tmp_path / "own.pt", first(fashion_train, 0, 500))
-    cfg = WashFedConfig(num_members=4, holdout_size=200, batch_size=32)
+    cfg = WashFedConfig.from_mapping({"num-members": 4, "holdout-size": 200, "batch-size": 32})
     data = local_member_data(cfg, 1, str(path), None)
     assert data.holdout is not None and len(data.holdout) == 50 and len(data.train) == 450
     assert data.test is None
@@ -109,7 +108,7 @@ def test_two_nodes_train_on_their_own_files_and_the_server_needs_no_data(
                 },
             )
         harness.wait_online(2)
-        config: dict[str, Any] = {
+        config: dict[str, ConfigValue] = {
             **TINY_RUN,
             "num-members": 2,
             "num-server-rounds": 2,

@@ -8,17 +8,17 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from deploy.processes import TINY_RUN, FlowerHarness, free_port
 from deploy.promql import LocalPrometheus
+from wash_fed.config import ConfigValue
 from wash_fed.ledger import Ledger
 from wash_fed.results import RoundResult, read_results
 
 MEMBERS = 3
-SMALL: dict[str, Any] = {**TINY_RUN, "num-members": MEMBERS, "eval-every": 1}
+SMALL: dict[str, ConfigValue] = {**TINY_RUN, "num-members": MEMBERS, "eval-every": 1}
 
 
 @dataclass

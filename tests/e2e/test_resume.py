@@ -9,18 +9,18 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from deploy.processes import TINY_RUN, FlowerHarness, wait_for_rounds
+from wash_fed.config import ConfigValue
 from wash_fed.results import RunResult, read_results
 
 pytestmark = pytest.mark.slow
 
 MEMBERS = 3
-CONFIG: dict[str, Any] = {
+CONFIG: dict[str, ConfigValue] = {
     **TINY_RUN,
     "num-members": MEMBERS,
     "deterministic": True,

@@ -9,11 +9,11 @@ def three_members(**overrides: object) -> WashFedConfig:
     """Three members, half of every tensor shuffled (the constant schedule): exchanges
     large enough to see in a few values, in float32 so that every value a test makes up
     travels exactly."""
-    settings: dict[str, object] = {
-        "num_members": 3,
-        "shuffle_prob": 0.5,
-        "layer_schedule": "constant",
-        "wire_dtype": "float32",
+    settings = {
+        "num-members": 3,
+        "shuffle-prob": 0.5,
+        "layer-schedule": "constant",
+        "wire-dtype": "float32",
         **overrides,
     }
-    return WashFedConfig(**settings)  # type: ignore[arg-type]
+    return WashFedConfig.from_mapping(settings)

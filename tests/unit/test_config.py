@@ -8,21 +8,34 @@ from pathlib import Path
 
 import pytest
 
-from wash_fed.config import ConfigError, WashFedConfig, reference
+from wash_fed.config import (
+    SECTIONS,
+    ConfigError,
+    ExchangeConfig,
+    GateConfig,
+    OptimConfig,
+    RuntimeConfig,
+    WashFedConfig,
+    reference,
+)
 
 
 def test_defaults_are_valid_and_round_trip() -> None:
     cfg = WashFedConfig()
     assert WashFedConfig.from_mapping(cfg.to_mapping()) == cfg
-    assert cfg.total_steps == cfg.num_server_rounds * cfg.local_steps
+    assert cfg.total_steps == cfg.num_server_rounds * cfg.optim.local_steps
 
 
 def test_kebab_keys_and_command_line_strings_are_parsed() -> None:
     cfg = WashFedConfig.from_mapping(
         {"shuffle-prob": "0.2", "num-members": "3", "shuffle-optimizer-state": "true", "lr": 1}
     )
-    assert cfg.shuffle_prob == 0.2 and cfg.num_members == 3 and cfg.shuffle_optimizer_state
-    assert isinstance(cfg.lr, float)
+    assert (
+        cfg.exchange.shuffle_prob == 0.2
+        and cfg.num_members == 3
+        and cfg.exchange.shuffle_optimizer_state
+    )
+    assert isinstance(cfg.optim.lr, float)
 
 
 def test_independent_is_an_alias_of_ensemble() -> None:
@@ -93,3 +106,27 @@ def test_the_configuration_reference_is_the_generated_one() -> None:
     assert committed == reference(), (
         "regenerate it: python -m wash_fed.config --reference > docs/configuration.md"
     )
+
+
+def test_each_section_checks_its_own_keys_and_the_whole_checks_across_them() -> None:
+    with pytest.raises(ConfigError, match="batch-size must be >= 1"):
+        OptimConfig(batch_size=0)
+    with pytest.raises(ConfigError, match=r"round-timeout must be > 0\.0"):
+        RuntimeConfig(round_timeout=0.0)
+    with pytest.raises(ConfigError, match="outlier-factor must be finite"):
+        GateConfig(outlier_factor=math.inf)
+    ExchangeConfig(shuffle_optimizer_state=True)  # fine alone; with momentum 0 it is not
+    with pytest.raises(ConfigError, match="shuffle-optimizer-state needs optimizer state"):
+        WashFedConfig.from_mapping({"shuffle-optimizer-state": True, "momentum": 0.0})
+
+
+def test_flat_keys_land_in_their_sections() -> None:
+    cfg = WashFedConfig.from_mapping({"model": "resnet18", "batch-size": 64, "soup": "greedy"})
+    assert cfg.model.name == "resnet18" and cfg.optim.batch_size == 64
+    assert cfg.final.soup == "greedy"
+    assert cfg.to_mapping()["model"] == "resnet18"
+    assert cfg.with_values({"lr": 0.1}) == WashFedConfig.from_mapping(
+        {**cfg.to_mapping(), "lr": 0.1}
+    )
+    headings = [line for line in reference().splitlines() if line.startswith("## ")]
+    assert headings == ["## The run", *(f"## {kind.title}" for kind in SECTIONS.values())]

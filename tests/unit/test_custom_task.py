@@ -76,14 +76,14 @@ def test_given_normalisation_applies_and_files_must_fit_the_task(images: Path) -
     given = WashFedConfig.from_mapping(
         {**TASK, "image-mean": "0.5,0.5,0.5", "image-std": "0.25,0.25,0.25"}
     )
-    loaded = load_local(images / "test.pt", given.task)
+    loaded = load_local(images / "test.pt", given.data.task)
     assert loaded.mean == (0.5, 0.5, 0.5) and loaded.std == (0.25, 0.25, 0.25)
     other = WashFedConfig.from_mapping({**TASK, "image-size": "32"})
     with pytest.raises(ValueError, match=r"shape \(3, 24, 40\); images needs \(3, 32, 32\)"):
-        load_local(images / "test.pt", other.task)
+        load_local(images / "test.pt", other.data.task)
     fewer = WashFedConfig.from_mapping({**TASK, "num-classes": 3})
     with pytest.raises(ValueError, match=r"labels must be in 0\.\.2"):
-        load_local(images / "test.pt", fewer.task)
+        load_local(images / "test.pt", fewer.data.task)
 
 
 @pytest.mark.parametrize(

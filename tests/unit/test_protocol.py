@@ -126,13 +126,21 @@ def test_papa_leaves_out_what_the_gate_rejects() -> None:
 @pytest.fixture(scope="module")
 def data() -> TrainingData:
     return load_training_data(
-        WashFedConfig(train_subset=600, holdout_size=0, num_members=2, batch_size=32)
+        WashFedConfig.from_mapping(
+            {"train-subset": 600, "holdout-size": 0, "num-members": 2, "batch-size": 32}
+        )
     )
 
 
 def test_a_member_applies_each_delivery_once(data: TrainingData) -> None:
-    config = WashFedConfig(
-        train_subset=600, holdout_size=0, num_members=2, batch_size=32, shuffle_prob=0.3
+    config = WashFedConfig.from_mapping(
+        {
+            "train-subset": 600,
+            "holdout-size": 0,
+            "num-members": 2,
+            "batch-size": 32,
+            "shuffle-prob": 0.3,
+        }
     )
     a, b = (Member(config, i, data.member(i), torch.device("cpu")) for i in range(2))
     a.train_steps(2)

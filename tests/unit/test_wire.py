@@ -49,7 +49,9 @@ def test_a_bfloat16_array_that_lies_about_itself_is_a_malformed_reply(array: Arr
 
 
 def test_wash_takes_values_only_in_the_runs_wire_dtype() -> None:
-    cfg = WashFedConfig(num_members=3, shuffle_prob=0.5, wire_dtype="bfloat16")
+    cfg = WashFedConfig.from_mapping(
+        {"num-members": 3, "shuffle-prob": 0.5, "wire-dtype": "bfloat16"}
+    )
     parameters = {"w": torch.zeros(64)}
     server = WashServer(cfg, [0, 1, 2], parameters)
     selected = cfg.shuffle_mask([64], 1).num_selected
