@@ -4,12 +4,9 @@ its payload is left out without stopping the run."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from server.fedavg import FedAvgRounds
 from server.replies import Replies, gather
@@ -22,18 +19,11 @@ from wash_fed.config import WashFedConfig
 from wash_fed.keys import Config, MessageType, Record
 from wash_fed.protocol import PapaServer, WashServer, wire_dtype
 
+pytestmark = pytest.mark.usefixtures("task_identity")
+
 NODES = {0: 101, 1: 102, 2: 103}  # partition id -> node id
 PARAMETERS = {"w": torch.zeros(40), "b": torch.zeros(12)}
 NUMELS = [40, 12]
-
-
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    """Flower builds messages only inside a running app; give this process an identity."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def strategy_for(config: WashFedConfig) -> PopulationStrategy:

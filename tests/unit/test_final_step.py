@@ -1,0 +1,150 @@
+"""The final step of a population run, with three members in this process behind a Grid
+(:mod:`tests.unit.in_process`): it collects every member, sends each the soup once,
+recalibrates BatchNorm from their statistics, saves the model the members then evaluate,
+and leaves out -- by name -- a member whose collection or statistics are not fit to use."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, RecordDict
+
+from server.final import final_step
+from server.ledger_grid import LedgerGrid
+from server.report import RunOutput
+from server.roster import Roster
+from server.strategies import PopulationStrategy
+from tests.unit.in_process import InProcessGrid, Tamper
+from wash_fed.config import WashFedConfig
+from wash_fed.data import ImageData
+from wash_fed.keys import MessageType, Metric, Record
+from wash_fed.ledger import Ledger
+from wash_fed.models import model_layout
+from wash_fed.protocol import server_protocol
+from wash_fed.results import FinalResult
+from wash_fed.training import load_test_data, new_model
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+TINY = {
+    "num-members": 3,
+    "num-server-rounds": 2,
+    "local-steps": 3,
+    "batch-size": 32,
+    "train-subset": 600,
+    "holdout-size": 0,
+    "test-subset": 200,
+    "bn-batches": 2,
+    "shuffle-prob": 0.2,
+    "deterministic": True,
+    "round-timeout": 2.0,
+}
+FAULTY = 2
+
+
+def trained(tmp_path: Path, tamper: Tamper | None = None) -> tuple[LedgerGrid, PopulationStrategy]:
+    """Three members after two WASH rounds, through the real roster, strategy and ledger
+    grid; ``tamper`` changes replies on their way."""
+    cfg = WashFedConfig.from_mapping({**TINY, "output-dir": str(tmp_path)})
+    grid = LedgerGrid(InProcessGrid(cfg, tamper), Ledger(), poll_interval=0.01)
+    model = new_model(cfg)
+    parameters = dict(model.named_parameters())
+    digest = cfg.shuffle_mask([p.numel() for p in parameters.values()], 1).digest()
+    roster = Roster(cfg, digest, model_layout(model), on_bind=grid.bind)
+    roster.connect(grid)
+    strategy = PopulationStrategy(cfg, roster, server_protocol(cfg, roster.nodes, parameters))
+    strategy.start(
+        grid=grid, initial_arrays=ArrayRecord(), num_rounds=cfg.num_server_rounds, timeout=60.0
+    )
+    return grid, strategy
+
+
+def finish(grid: LedgerGrid, strategy: PopulationStrategy) -> tuple[FinalResult, RunOutput]:
+    cfg = strategy.cfg
+    output = RunOutput.open(cfg, 1, grid.ledger)
+    test: ImageData = load_test_data(cfg)
+    return final_step(grid, cfg, strategy, test, None, output), output
+
+
+def shift_bn_statistics(member: int, message_type: str, content: RecordDict) -> None:
+    """Member ``FAULTY`` shifts its BatchNorm means and claims a billion batches."""
+    if member == FAULTY and message_type == MessageType.BN_STATISTICS:
+        stats = content.array_records[Record.STATS]
+        content[Record.STATS] = ArrayRecord(
+            {k: Array(v.numpy() + (10.0 if k.endswith(".mean") else 0.0)) for k, v in stats.items()}
+        )
+        content.metric_records[Record.METRICS][Metric.BATCHES] = 10**9
+
+
+def poison_collection(member: int, message_type: str, content: RecordDict) -> None:
+    """Member ``FAULTY`` sends NaN for its model in the final collection."""
+    if member == FAULTY and message_type == MessageType.COLLECT:
+        state = content.array_records[Record.ARRAYS]
+        content[Record.ARRAYS] = ArrayRecord(
+            {k: Array(poisoned(v.numpy())) for k, v in state.items()}
+        )
+
+
+def poisoned(values: np.ndarray) -> np.ndarray:
+    """NaN where the values are floating point (a BatchNorm counter stays as it is)."""
+    return np.full_like(values, np.nan) if np.issubdtype(values.dtype, np.floating) else values
+
+
+def test_the_soup_goes_down_once_and_the_members_evaluate_the_saved_model(
+    tmp_path: Path,
+) -> None:
+    grid, strategy = trained(tmp_path)
+    final, output = finish(grid, strategy)
+    assert final.collected == [0, 1, 2] and final.rejected == {} and final.bn_exchanges == 1
+    assert final.final_model == "uniform+bn" and set(final.soups) == {"uniform", "uniform+bn"}
+    assert final.evaluated_on == "server" and final.ensemble is not None
+    saved = torch.load(output.directory / "final_model.pt")["state_dict"]
+    assert all(torch.isfinite(t).all() for t in saved.values() if t.is_floating_point())
+    # The members' test set is the server's: their accuracy of the saved model is its own.
+    assert final.members_own_evaluation == dict.fromkeys(("0", "1", "2"), final.final_accuracy)
+    model_bytes = sum(4 * t.numel() for t in saved.values() if t.is_floating_point())
+    for member in range(3):
+        down = {
+            phase: sum(
+                e.bytes
+                for e in grid.ledger.entries
+                if (e.member, e.direction, e.phase) == (member, "down", phase)
+            )
+            for phase in ("bn", "evaluate", "end")
+        }
+        assert model_bytes < down["bn"] < model_bytes * 1.05, (member, down)
+        assert down["evaluate"] == 0, "no message round of its own for the evaluation"
+        assert 0 < down["end"] < 0.1 * model_bytes, "the end carries the buffers only"
+    assert strategy.roster.told_end == set(strategy.roster.nodes.values())
+
+
+def test_shifted_batchnorm_statistics_are_left_out_of_the_merge(tmp_path: Path) -> None:
+    grid, strategy = trained(tmp_path, shift_bn_statistics)
+    final, _ = finish(grid, strategy)
+    assert final.collected == [0, 1, 2], "its model is still in the soup"
+    assert final.rejected[str(FAULTY)].startswith("BatchNorm statistics: ")
+    assert set(final.rejected) == {str(FAULTY)} and math.isfinite(final.final_accuracy)
+
+
+def test_a_poisoned_collection_is_left_out_of_the_soup(tmp_path: Path) -> None:
+    grid, strategy = trained(tmp_path, poison_collection)
+    final, _ = finish(grid, strategy)
+    assert final.collected == [0, 1]
+    assert final.rejected[str(FAULTY)].startswith("collect: ")
+    assert "non-finite" in final.rejected[str(FAULTY)]
+
+
+def test_with_no_member_collected_the_final_step_fails_and_saves_nothing(tmp_path: Path) -> None:
+    grid, strategy = trained(tmp_path)
+    inner = grid._grid
+    assert isinstance(inner, InProcessGrid)
+    inner.absent = set(inner.members)
+    cfg = strategy.cfg
+    output = RunOutput.open(cfg, 1, grid.ledger)
+    with pytest.raises(RuntimeError, match="no member could be collected"):
+        final_step(grid, cfg, strategy, load_test_data(cfg), None, output)
+    assert not (output.directory / "final_model.pt").exists()
