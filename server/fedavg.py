@@ -15,13 +15,13 @@ from torch import Tensor, nn
 
 from server.ledger_grid import LedgerGrid
 from server.metrics import RunMetrics
-from server.replies import Replies, gather, log_rejections
+from server.replies import Replies, gather, reply_gate
 from server.report import RunOutput, record_round
 from server.roster import Roster
 from server.state import RoundReport
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
-from wash_fed.gate import check_tensors, magnitude_outliers, require_finite
+from wash_fed.gate import ReplyGate, check_tensors, require_finite
 from wash_fed.keys import Config, MessageType, Metric, Record, Reply
 from wash_fed.protocol import to_wire, wire_dtype
 from wash_fed.results import GLOBAL_MODEL, FinalResult, fedavg_equivalent_bytes
@@ -84,30 +84,29 @@ class GatedFedAvg(FedAvg):
         *,
         roster: Roster,
         reference: Mapping[str, Tensor],
-        outlier_factor: float,
+        gate: ReplyGate,
         rounds: FedAvgRounds,
         **options: Any,
     ) -> None:
         super().__init__(**options)
         self.roster = roster
         self.reference = dict(reference)
-        self.outlier_factor = outlier_factor
+        self.gate = gate
         self.rounds = rounds
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         got = gather(replies, self.roster.nodes, Record.ARRAYS, f"round {server_round}")
-        got.reject(
-            {
-                p: problem
-                for p, parts in got.accepted.items()
-                if (problem := check_tensors(parts.tensors, self.reference)) is not None
-            }
+        got.admitted(
+            self.gate.admit(
+                got.accepted,
+                lambda parts: check_tensors(parts.tensors, self.reference),
+                what=f"round {server_round}, left out of the average",
+                values=lambda parts: parts.tensors,
+                earlier=got.rejected,
+            )
         )
-        states = {p: parts.tensors for p, parts in got.accepted.items()}
-        got.reject(magnitude_outliers(states, self.outlier_factor))
-        log_rejections(got.rejected, f"round {server_round}, left out of the average")
         self.rounds.note(got)
         return super().aggregate_train(server_round, list(got.messages.values()))
 
@@ -134,7 +133,7 @@ def run_fedavg(
     strategy = GatedFedAvg(
         roster=roster,
         reference=initial,
-        outlier_factor=cfg.gate.outlier_factor,
+        gate=reply_gate(cfg.gate),
         rounds=rounds,
         fraction_train=1.0,
         fraction_evaluate=0.0,

@@ -29,7 +29,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from torch import Tensor, nn
 
-from server.replies import gather, log_rejections
+from server.replies import gather, reply_gate
 from server.report import RunOutput
 from server.roster import Roster
 from server.strategies import PopulationStrategy
@@ -39,9 +39,10 @@ from wash_fed.config import WashFedConfig
 from wash_fed.data import ImageData
 from wash_fed.evaluation import Evaluator, OnData, PopulationAccuracy
 from wash_fed.gate import (
+    Payload,
+    ReplyGate,
     capped_batches,
     check_bn_statistics,
-    magnitude_outliers,
     require_finite,
 )
 from wash_fed.keys import Config, MessageType, Metric, Metrics, Record, Split
@@ -57,7 +58,8 @@ __all__ = ["FinalExchanges", "OnMembers", "final_step"]
 class FinalExchanges:
     """The final step's messages to the members: each sends a model (whole, or as a patch
     over the one the member kept from the previous message) and gathers the replies by
-    member. Rejections are logged and recorded in :attr:`rejected`."""
+    member. Every reply passes the run's reply gate; rejections are logged and recorded in
+    :attr:`rejected`."""
 
     grid: Grid
     roster: Roster
@@ -66,6 +68,10 @@ class FinalExchanges:
     """Why members' replies were rejected, by partition id."""
     held: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     """The model each member holds from the last message it answered."""
+    gate: ReplyGate = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gate = reply_gate(self.cfg.gate)
 
     def ask(
         self,
@@ -77,7 +83,8 @@ class FinalExchanges:
         config: Mapping[str, wire.ConfigValue] | None = None,
     ) -> dict[int, wire.ReplyParts]:
         """Send ``state_dict`` to every member; the replies of the right form, by
-        partition id (:func:`server.replies.gather`)."""
+        partition id (:func:`server.replies.gather`; the values they carry are for the
+        caller to admit)."""
         model = {name: t.detach().clone() for name, t in state_dict.items()}
         messages = []
         for partition, node in self.roster.nodes.items():
@@ -99,9 +106,7 @@ class FinalExchanges:
                 self.held[partition] = model
             else:  # a member that failed may hold either model: send it whole next time
                 self.held.pop(partition, None)
-        for partition, reason in got.rejected.items():
-            self.reject(partition, what, reason)
-        return got.accepted
+        return self.admit(got.accepted, _any_form, what=what, values=_none, earlier=got.rejected)
 
     def _what_to_send(
         self, partition: int, model: Mapping[str, Tensor]
@@ -120,10 +125,21 @@ class FinalExchanges:
         dtype = final_dtype(self.cfg)
         return {n: _narrowed(t, dtype) for n, t in tensors.items()}, patch
 
-    def reject(self, partition: int, what: str, reason: str) -> None:
-        """Log a rejected reply (one line) and record it for the results."""
-        log_rejections({partition: reason}, what)
-        self.rejected.setdefault(partition, f"{what}: {reason}")
+    def admit(
+        self,
+        payloads: Mapping[int, Payload],
+        form: Callable[[Payload], str | None],
+        *,
+        what: str,
+        values: Callable[[Payload], Mapping[str, Tensor]],
+        earlier: Mapping[int, str],
+    ) -> dict[int, Payload]:
+        """The payloads the reply gate admits (:meth:`wash_fed.gate.ReplyGate.admit`); why
+        the others were left out is recorded for the results."""
+        admission = self.gate.admit(payloads, form, what=what, values=values, earlier=earlier)
+        for partition, reason in admission.rejected.items():
+            self.rejected.setdefault(partition, f"{what}: {reason}")
+        return admission.accepted
 
     def bn_statistics(self, soup: Mapping[str, Tensor], reference: BNStatistics) -> BNStatistics:
         """Federated BN recalibration: each member computes the soup's statistics on its own
@@ -132,7 +148,8 @@ class FinalExchanges:
         what its data can support: what one process would compute over all their batches."""
         what = "BatchNorm statistics"
         replies = self.ask(MessageType.BN_STATISTICS, soup, arrays=Record.STATS, what=what)
-        stats: dict[int, BNStatistics] = {}
+        candidates: dict[int, BNStatistics] = {}
+        unreadable: dict[int, str] = {}
         for partition, parts in replies.items():
             claimed = int(parts.metrics.get(Metric.BATCHES, 0))
             examples = self.roster.info[partition].examples
@@ -140,18 +157,16 @@ class FinalExchanges:
                 claimed, examples, self.cfg.optim.batch_size, self.cfg.final.bn_batches
             )
             try:
-                candidate = wire.tensors_to_bn_statistics(parts.tensors, batches)
-                problem = check_bn_statistics(candidate, reference)
+                candidates[partition] = wire.tensors_to_bn_statistics(parts.tensors, batches)
             except wire.MalformedReplyError as err:
-                problem = str(err)
-            if problem is None:
-                stats[partition] = candidate
-            else:
-                self.reject(partition, what, problem)
-        flat = {partition: s.named_tensors() for partition, s in stats.items()}
-        for partition, reason in magnitude_outliers(flat, self.cfg.gate.outlier_factor).items():
-            self.reject(partition, what, reason)
-            del stats[partition]
+                unreadable[partition] = str(err)
+        stats = self.admit(
+            candidates,
+            lambda s: check_bn_statistics(s, reference),
+            what=what,
+            values=BNStatistics.named_tensors,
+            earlier=unreadable,
+        )
         return merge_bn_statistics(list(stats.values()))
 
     def evaluate_and_end(
@@ -172,6 +187,15 @@ class FinalExchanges:
             for partition, parts in replies.items()
             if Metric.ACCURACY in parts.metrics
         }
+
+
+def _any_form(parts: wire.ReplyParts) -> None:
+    """Replies whose records :func:`server.replies.gather` found right are of the form
+    asked: what they carry is for the caller to admit."""
+
+
+def _none(parts: wire.ReplyParts) -> dict[str, Tensor]:
+    return {}
 
 
 def _narrowed(tensor: Tensor, dtype: torch.dtype) -> Tensor:

@@ -5,7 +5,8 @@ BatchNorm statistics, evaluations, FedAvg's rounds).
 A reply is known by the member the server's roster has for the node that sent it, never by
 what the reply says: one from a node that holds no member is ignored, and one whose
 ``partition-id`` metric names another member is rejected. What passes here still has its
-values judged by the caller (shapes against the model, magnitude against the others).
+values judged by the reply gate's pipeline (:meth:`wash_fed.gate.ReplyGate.admit`, the
+ServerApp's own from :func:`reply_gate`), which also logs every rejection.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from flwr.app import Message
 from flwr.common.logger import log
 
 from wash_fed import wire
+from wash_fed.config import GateConfig
+from wash_fed.gate import Admission, ReplyGate
 from wash_fed.keys import Metric
 
-__all__ = ["Replies", "gather", "log_rejections"]
+__all__ = ["Replies", "gather", "reply_gate"]
 
 
 @dataclass
@@ -42,9 +45,9 @@ class Replies:
         """Members that sent a reply that was not an error (accepted or rejected)."""
         return sorted(self.accepted.keys() | self.rejected.keys())
 
-    def reject(self, rejected: Mapping[int, str]) -> None:
-        """Move members the caller's own checks rejected out of :attr:`accepted`."""
-        for partition, reason in rejected.items():
+    def admitted(self, admission: Admission[wire.ReplyParts]) -> None:
+        """Keep what the reply gate admitted of :attr:`accepted`; the rest is rejected."""
+        for partition, reason in admission.rejected.items():
             self.accepted.pop(partition, None)
             self.messages.pop(partition, None)
             self.rejected.setdefault(partition, reason)
@@ -106,7 +109,6 @@ def _identity_problem(parts: wire.ReplyParts, partition: int) -> str | None:
     return None
 
 
-def log_rejections(rejected: Mapping[int, str], what: str) -> None:
-    """One log line per rejected reply: ``member <p> rejected (<what>): <reason>``."""
-    for partition, reason in sorted(rejected.items()):
-        log(WARNING, "member %d rejected (%s): %s", partition, what, reason)
+def reply_gate(cfg: GateConfig) -> ReplyGate:
+    """The run's reply gate, its lines in the ServerApp's log."""
+    return ReplyGate(cfg.outlier_factor, lambda line: log(WARNING, "%s", line))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from logging import INFO, WARNING
+from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
@@ -19,12 +19,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
-from server.replies import Replies, gather, log_rejections
+from server.replies import Replies, gather, reply_gate
 from server.roster import Roster
 from server.state import RoundReport, StrategyState
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
-from wash_fed.gate import Quarantine, check_tensors, magnitude_outliers
+from wash_fed.gate import Quarantine, check_tensors
 from wash_fed.keys import Config, MessageType, Metrics, Record
 from wash_fed.protocol import Exchange, ServerProtocol
 
@@ -47,6 +47,7 @@ class PopulationStrategy(Strategy):
         self.roster = roster
         self.protocol = protocol
         self.state = StrategyState(Quarantine(cfg.gate.quarantine_after))
+        self.gate = reply_gate(cfg.gate)
         self._on_round = on_round
         self._round_started = 0.0
 
@@ -85,11 +86,22 @@ class PopulationStrategy(Strategy):
         got = gather(replies, self.roster.nodes, record, f"round {server_round}")
         answered = got.answered()
         self._note_missing(got)
+        admission = self.gate.admit(
+            got.accepted,
+            lambda parts: self.protocol.payload_problem(server_round, parts.tensors),
+            what=f"round {server_round}, left out of its exchange",
+            values=lambda parts: parts.tensors,
+            earlier=got.rejected,
+            quarantine=self.state.quarantine,
+            errored=got.errored,
+        )
+        got.admitted(admission)
+        for partition in admission.quarantined:  # sent nothing more, left out of the soup
+            self.roster.quarantine(partition)
+            self.state.missing.discard(partition)
         payloads = {p: parts.tensors for p, parts in got.accepted.items()}
         exchange = self.protocol.exchange(server_round, payloads)
-        got.reject(exchange.rejected)
         self.state.deliveries.settle(answered, exchange)
-        self._judge(server_round, got)
         report = RoundReport(
             server_round,
             {p: parts.metrics for p, parts in got.accepted.items()},
@@ -103,25 +115,6 @@ class PopulationStrategy(Strategy):
         if self._on_round is not None:
             self._on_round(report)
         return None, MetricRecord(dict(report.member_means()))
-
-    def _judge(self, server_round: int, got: Replies) -> None:
-        """One log line per rejected reply; quarantine members whose replies were rejected,
-        or were errors of their own, too often in a row (the roster then sends them nothing
-        more, and they are left out of the soup). A member whose node could not be reached
-        is not judged: it may come back under a new node id."""
-        log_rejections(got.rejected, f"round {server_round}, left out of its exchange")
-        for partition in got.accepted:
-            self.state.quarantine.accepted(partition)
-        for partition in sorted({*got.rejected, *got.errored}):
-            if self.state.quarantine.rejected(partition):
-                self.roster.quarantine(partition)
-                self.state.missing.discard(partition)
-                log(
-                    WARNING,
-                    "member %d quarantined after %d rejected or failed replies in a row",
-                    partition,
-                    self.cfg.gate.quarantine_after,
-                )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -154,16 +147,15 @@ class PopulationStrategy(Strategy):
         got = gather(replies, self.roster.nodes, Record.ARRAYS, "the final collection")
         self._note_missing(got)
         self.state.deliveries.settle(got.answered(), Exchange({}))
-        got.reject(
-            {
-                p: problem
-                for p, parts in got.accepted.items()
-                if (problem := check_tensors(parts.tensors, reference)) is not None
-            }
+        got.admitted(
+            self.gate.admit(
+                got.accepted,
+                lambda parts: check_tensors(parts.tensors, reference),
+                what="the final collection, left out of the soup",
+                values=lambda parts: parts.tensors,
+                earlier=got.rejected,
+            )
         )
-        states = {p: parts.tensors for p, parts in got.accepted.items()}
-        got.reject(magnitude_outliers(states, self.cfg.gate.outlier_factor))
-        log_rejections(got.rejected, "the final collection, left out of the soup")
         return (
             {p: parts.tensors for p, parts in got.accepted.items()},
             {p: parts.metrics for p, parts in got.accepted.items()},

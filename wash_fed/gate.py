@@ -1,7 +1,9 @@
 """The gate every member reply passes before anything from it reaches another member, the
 soup or the BatchNorm merge. Framework-free: plain tensors and numbers in, a reason out.
 
-What it checks, per reply:
+Every place that admits values calls one pipeline, :meth:`ReplyGate.admit`: form, then
+magnitude and direction against the others, then one log line for each member left out,
+then (for training rounds) the quarantine count. What it checks, per reply:
 
 * **form** -- tensor names (or value kinds), shapes and dtypes exactly as expected, every
   value finite (:func:`check_tensors`, :func:`check_values`);
@@ -25,7 +27,9 @@ can do; it does not certify the data behind it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -37,7 +41,10 @@ __all__ = [
     "ALIGNMENT_FACTOR",
     "ALIGNMENT_FLOOR",
     "METRIC_RANGES",
+    "Admission",
+    "Payload",
     "Quarantine",
+    "ReplyGate",
     "capped_batches",
     "check_bn_statistics",
     "check_metrics",
@@ -252,3 +259,96 @@ class Quarantine:
 
     def accepted(self, member: int) -> None:
         self.streaks.pop(member, None)
+
+
+Payload = TypeVar("Payload")
+
+
+@dataclass(frozen=True)
+class Admission(Generic[Payload]):
+    """What the gate let through of one exchange's replies and why it left the others out,
+    by member (partition id, in order)."""
+
+    accepted: dict[int, Payload]
+    rejected: dict[int, str]
+    quarantined: list[int] = field(default_factory=list)
+    """Members this admission quarantined (only where it kept the count)."""
+
+
+def _as_tensors(payload: object) -> Mapping[str, Tensor]:
+    return cast(Mapping[str, Tensor], payload)
+
+
+@dataclass(frozen=True)
+class ReplyGate:
+    """The one pipeline every member reply's values pass, wherever the server admits them
+    (a round's exchange, the final collection, BatchNorm statistics, FedAvg's average, the
+    population trainer's rounds): form, then magnitude and direction against the others,
+    then a log line for each member left out, then the quarantine count.
+
+    ``log`` receives each line (the ServerApp's log, the population trainer's console)."""
+
+    outlier_factor: float
+    log: Callable[[str], None]
+
+    def admit(
+        self,
+        payloads: Mapping[int, Payload],
+        form: Callable[[Payload], str | None],
+        *,
+        what: str,
+        values: Callable[[Payload], Mapping[str, Tensor]] = _as_tensors,
+        earlier: Mapping[int, str] | None = None,
+        quarantine: Quarantine | None = None,
+        errored: Iterable[int] = (),
+    ) -> Admission[Payload]:
+        """The payloads of the members that pass, and why each other member is left out.
+
+        1. ``form(payload)``: why a payload is not of the expected form (None: it is);
+        2. :func:`magnitude_outliers` over ``values(payload)`` of those of the right form;
+        3. one line for each member left out here or ``earlier`` (rejected before its values
+           were read: a reply of the wrong records, metrics out of range), naming ``what``
+           the values were for;
+        4. with ``quarantine``: the members accepted start anew, those rejected or
+           ``errored`` (failing with an error of their own) count one more, and those that
+           reach the limit are quarantined (one line each).
+        """
+        rejected = dict(earlier or {})
+        formed: dict[int, Payload] = {}
+        for member, payload in sorted(payloads.items()):
+            if member in rejected:
+                continue
+            problem = form(payload)
+            if problem is None:
+                formed[member] = payload
+            else:
+                rejected[member] = problem
+        tensors = {member: values(payload) for member, payload in formed.items()}
+        outliers = magnitude_outliers(tensors, self.outlier_factor)
+        rejected |= outliers
+        accepted = {m: p for m, p in formed.items() if m not in outliers}
+        for member, reason in sorted(rejected.items()):
+            self.log(f"member {member} rejected ({what}): {reason}")
+        counted = [] if quarantine is None else self._count(quarantine, accepted, rejected, errored)
+        return Admission(accepted, dict(sorted(rejected.items())), counted)
+
+    def _count(
+        self,
+        quarantine: Quarantine,
+        accepted: Iterable[int],
+        rejected: Iterable[int],
+        errored: Iterable[int],
+    ) -> list[int]:
+        """The quarantine count after one admission; the members it newly quarantines."""
+        for member in accepted:
+            quarantine.accepted(member)
+        newly = []
+        for member in sorted({*rejected, *errored}):
+            already = member in quarantine.quarantined
+            if quarantine.rejected(member) and not already:
+                newly.append(member)
+                self.log(
+                    f"member {member} quarantined after {quarantine.limit} rejected or failed "
+                    "replies in a row"
+                )
+        return newly

@@ -34,7 +34,8 @@ from wash_fed.batchnorm import BNStatistics, merge_bn_statistics
 from wash_fed.config import ConfigError, ConfigValue, WashFedConfig
 from wash_fed.data import DatasetNotFoundError, ImageData
 from wash_fed.evaluation import OnData, accuracy, predict
-from wash_fed.keys import Metric
+from wash_fed.gate import ReplyGate
+from wash_fed.keys import Metric, ReplyKind
 from wash_fed.ledger import Ledger
 from wash_fed.merge import merge_population
 from wash_fed.protocol import (
@@ -100,9 +101,29 @@ class PopulationRun:
     output_dir: Path | None
 
 
+@dataclass(frozen=True)
+class GatedServer:
+    """The strategy's server side behind the reply gate, as the ServerApp runs it: each
+    round's payloads are admitted (:meth:`wash_fed.gate.ReplyGate.admit`), then exchanged."""
+
+    protocol: ServerProtocol
+    gate: ReplyGate
+
+    def reply_for(self, round_: int) -> ReplyKind:
+        return self.protocol.reply_for(round_)
+
+    def exchange(self, round_: int, payloads: Mapping[int, Mapping[str, Tensor]]) -> Exchange:
+        admitted = self.gate.admit(
+            payloads,
+            lambda payload: self.protocol.payload_problem(round_, payload),
+            what=f"round {round_}, left out of its exchange",
+        )
+        return self.protocol.exchange(round_, admitted.accepted)
+
+
 def _train_round(
     members: list[Member],
-    server: ServerProtocol,
+    server: GatedServer,
     deliveries: Deliveries,
     round_: int,
     ledger: Ledger,
@@ -164,7 +185,7 @@ def run_population(
     configure_torch(cfg)
     members = [Member(cfg, i, data.member(i), device) for i in range(cfg.num_members)]
     ledger = Ledger()
-    server = _server(cfg, members, ledger)
+    server = GatedServer(_server(cfg, members, ledger), ReplyGate(cfg.gate.outlier_factor, log))
     deliveries = Deliveries()
     label = cfg.label
     log(
@@ -217,7 +238,7 @@ def run_population(
 def _train(
     cfg: WashFedConfig,
     members: list[Member],
-    server: ServerProtocol,
+    server: GatedServer,
     deliveries: Deliveries,
     ledger: Ledger,
     test: ImageData | None,

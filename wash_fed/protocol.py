@@ -15,7 +15,8 @@ One round ``r`` of a member::
 
 and of the server, with the payloads of the members that answered (by partition id)::
 
-    exchange = server.exchange(r, payloads)
+    admitted = gate.admit(payloads, lambda p: server.payload_problem(r, p), what=...)
+    exchange = server.exchange(r, admitted.accepted)
     deliveries.settle(answered, exchange)  # acknowledged ones go, new ones become due
 
 Invariants: a delivery stays due until its member answers a later message, so a member that
@@ -33,7 +34,7 @@ travels is rounded once to that type (relative error at most 2**-8 for ``bfloat1
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -41,7 +42,7 @@ import torch
 from torch import Tensor
 
 from wash_fed.config import WashFedConfig
-from wash_fed.gate import check_tensors, check_values, magnitude_outliers
+from wash_fed.gate import check_tensors, check_values
 from wash_fed.keys import Reply, ReplyKind
 from wash_fed.papa import population_mean, pull_toward
 from wash_fed.shuffle import ShuffleMask, gather, scatter, shuffle_values
@@ -211,8 +212,6 @@ class Exchange:
     """New deliveries by member (partition id)."""
     counts: dict[str, int] = field(default_factory=dict)
     """What moved (WASH: ``selected``, ``moved``, ``participants``; PAPA: ``averaged``)."""
-    rejected: dict[int, str] = field(default_factory=dict)
-    """Members whose payload was left out, with the reason."""
 
     @property
     def digest(self) -> str:
@@ -225,8 +224,9 @@ class Exchange:
 
 
 class ServerProtocol:
-    """The server's side of a strategy: what members send back each round, and what it
-    delivers to them. Subclasses are the strategies."""
+    """The server's side of a strategy: what members send back each round, what such a
+    payload must look like, and what the server delivers to them. Subclasses are the
+    strategies."""
 
     def __init__(self, cfg: WashFedConfig, members: Iterable[int]) -> None:
         self.cfg = cfg
@@ -236,9 +236,15 @@ class ServerProtocol:
         """What every member sends back from round ``server_round``."""
         return "metrics"
 
+    def payload_problem(self, server_round: int, payload: Payload) -> str | None:
+        """Why a member's payload of round ``server_round`` is not of the form its reply
+        kind asks for (None: it is); the reply gate's first check
+        (:meth:`wash_fed.gate.ReplyGate.admit`)."""
+        return f"sent values {sorted(payload)[:3]} for metrics only" if payload else None
+
     def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
-        """Turn the payloads of the members that answered round ``server_round`` (by
-        partition id) into deliveries."""
+        """Turn the admitted payloads of round ``server_round`` (by partition id, those the
+        reply gate let through) into deliveries."""
         return Exchange({})
 
 
@@ -247,7 +253,7 @@ class EnsembleServer(ServerProtocol):
 
 
 class WashServer(ServerProtocol):
-    """WASH: after each round, one shuffle event among the members whose values pass the
+    """WASH: after each round, one shuffle event among the members whose values passed the
     gate (:mod:`wash_fed.gate`: form, then magnitude against the others).
 
     ``parameters`` are the model's parameter tensors by name, in registration order (only
@@ -265,42 +271,28 @@ class WashServer(ServerProtocol):
         return "values"
 
     def expected_kinds(self) -> list[str]:
-        return (
-            ["weights", "momentum_buffer"]
-            if self.cfg.exchange.shuffle_optimizer_state
-            else ["weights"]
-        )
+        with_state = self.cfg.exchange.shuffle_optimizer_state
+        return ["weights", "momentum_buffer"] if with_state else ["weights"]
+
+    def payload_problem(self, server_round: int, payload: Payload) -> str | None:
+        selected = self.cfg.shuffle_mask(self.numels, server_round).num_selected
+        return check_values(payload, self.expected_kinds(), selected, self.dtype)
 
     def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
+        """One shuffle event among the admitted members (in member order)."""
         selected = self.cfg.shuffle_mask(self.numels, server_round).num_selected
-        accepted, rejected = _admit(
-            payloads,
-            lambda p: check_values(p, self.expected_kinds(), selected, self.dtype),
-            self.cfg.gate.outlier_factor,
-        )
-        counts = {"selected": selected, "moved": 0, "participants": len(accepted)}
-        if len(accepted) < 2:
-            return Exchange({}, counts, rejected)
+        counts = {"selected": selected, "moved": 0, "participants": len(payloads)}
+        if len(payloads) < 2:
+            return Exchange({}, counts)
+        members = sorted(payloads)
         received, moved = shuffle_values(
-            list(accepted.values()), seed=self.cfg.seed, event=server_round
+            [payloads[m] for m in members], seed=self.cfg.seed, event=server_round
         )
         deliveries = {
             member: Delivery("values", server_round, mine)
-            for member, mine in zip(accepted, received, strict=True)
+            for member, mine in zip(members, received, strict=True)
         }
-        return Exchange(deliveries, counts | {"moved": moved}, rejected)
-
-
-def _admit(
-    payloads: Mapping[int, Payload], check: Callable[[Payload], str | None], factor: float
-) -> tuple[dict[int, Payload], dict[int, str]]:
-    """The payloads that pass ``check`` and then the magnitude bound among themselves (in
-    member order), and the reasons for the others."""
-    rejected = {m: reason for m, p in payloads.items() if (reason := check(p)) is not None}
-    formed = {m: p for m, p in sorted(payloads.items()) if m not in rejected}
-    outliers = magnitude_outliers(formed, factor)
-    accepted = {m: p for m, p in formed.items() if m not in outliers}
-    return accepted, rejected | outliers
+        return Exchange(deliveries, counts | {"moved": moved})
 
 
 class PapaServer(ServerProtocol):
@@ -320,20 +312,22 @@ class PapaServer(ServerProtocol):
     def reply_for(self, server_round: int) -> ReplyKind:
         return "weights" if self._due(server_round) else "metrics"
 
+    def payload_problem(self, server_round: int, payload: Payload) -> str | None:
+        if not self._due(server_round):
+            return super().payload_problem(server_round, payload)
+        return check_tensors(payload, self.reference)
+
     def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
-        if not self._due(server_round) or not payloads:
+        """On its rounds: the mean of the admitted members' weights, for every member."""
+        if not self._due(server_round):
             return Exchange({})
-        accepted, rejected = _admit(
-            payloads, lambda p: check_tensors(p, self.reference), self.cfg.gate.outlier_factor
-        )
-        if not accepted:
-            return Exchange({}, {"averaged": 0}, rejected)
-        ordered = list(accepted.values())
+        if not payloads:
+            return Exchange({}, {"averaged": 0})
         names = list(self.reference)
-        mean = population_mean([[p[n] for n in names] for p in ordered])
+        mean = population_mean([[payloads[m][n] for n in names] for m in sorted(payloads)])
         delivery = Delivery("mean", server_round, dict(zip(names, mean, strict=True)))
-        counts = {"averaged": len(ordered)}
-        return Exchange(dict.fromkeys(self.members, delivery), counts, rejected)
+        counts = {"averaged": len(payloads)}
+        return Exchange(dict.fromkeys(self.members, delivery), counts)
 
 
 class FedAvgServer(ServerProtocol):
@@ -352,18 +346,17 @@ class FedAvgServer(ServerProtocol):
     def reply_for(self, server_round: int) -> ReplyKind:
         return "state"
 
+    def payload_problem(self, server_round: int, payload: Payload) -> str | None:
+        return check_tensors(payload, self.reference)
+
     def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
-        accepted, rejected = _admit(
-            payloads, lambda p: check_tensors(p, self.reference), self.cfg.gate.outlier_factor
-        )
-        if not accepted:
-            return Exchange({}, {"averaged": 0}, rejected)
+        """The mean of the admitted members' states, for every member to continue from."""
+        if not payloads:
+            return Exchange({}, {"averaged": 0})
         names = list(self.reference)
-        mean = population_mean([[p[n] for n in names] for p in accepted.values()])
+        mean = population_mean([[payloads[m][n] for n in names] for m in sorted(payloads)])
         delivery = Delivery("state", server_round, dict(zip(names, mean, strict=True)))
-        return Exchange(
-            dict.fromkeys(self.members, delivery), {"averaged": len(accepted)}, rejected
-        )
+        return Exchange(dict.fromkeys(self.members, delivery), {"averaged": len(payloads)})
 
 
 def server_protocol(

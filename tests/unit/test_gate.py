@@ -11,6 +11,7 @@ import torch
 from wash_fed.batchnorm import BNStatistics
 from wash_fed.gate import (
     Quarantine,
+    ReplyGate,
     capped_batches,
     check_bn_statistics,
     check_metrics,
@@ -169,3 +170,46 @@ def test_quarantine_after_a_streak_of_rejections() -> None:
     quarantine.accepted(1)  # the streak starts over
     assert not quarantine.rejected(1)
     assert quarantine.rejected(1) and quarantine.quarantined == {1}
+
+
+def test_the_pipeline_checks_form_then_magnitude_and_logs_each_member_left_out() -> None:
+    lines: list[str] = []
+    gate = ReplyGate(outlier_factor=50, log=lines.append)
+    payloads = {m: honest(m) for m in range(5)}
+    payloads[1] = {**honest(1), "b": torch.tensor([0.0, math.nan, 0.0])}  # wrong form
+    payloads[3] = {k: v * 1000 if v.is_floating_point() else v for k, v in honest(3).items()}
+    admission = gate.admit(
+        payloads,
+        lambda p: check_tensors(p, REFERENCE),
+        what="round 2",
+        earlier={4: "records ['metrics'], expected ['arrays', 'metrics']"},
+    )
+    assert list(admission.accepted) == [0, 2]
+    assert set(admission.rejected) == {1, 3, 4} and "non-finite" in admission.rejected[1]
+    assert "typical distance" in admission.rejected[3], "judged against 0 and 2 only"
+    assert lines == [f"member {m} rejected (round 2): {admission.rejected[m]}" for m in (1, 3, 4)]
+
+
+def test_the_pipeline_counts_rejections_and_errors_toward_quarantine() -> None:
+    lines: list[str] = []
+    gate = ReplyGate(outlier_factor=50, log=lines.append)
+    quarantine = Quarantine(limit=2)
+    payloads = {m: honest(m) for m in range(3)}
+
+    def round_(errored: set[int], broken: set[int]) -> list[int]:
+        sent = {m: ({} if m in broken else p) for m, p in payloads.items() if m not in errored}
+        admission = gate.admit(
+            sent,
+            lambda p: check_tensors(p, REFERENCE),
+            what="a round",
+            quarantine=quarantine,
+            errored=errored,
+        )
+        return admission.quarantined
+
+    assert round_(errored={2}, broken=set()) == []  # member 2's own error counts once
+    assert round_(errored=set(), broken={2}) == [2]  # and a rejection makes two in a row
+    assert lines[-1] == "member 2 quarantined after 2 rejected or failed replies in a row"
+    assert round_(errored=set(), broken={1}) == [] and quarantine.streaks == {1: 1}
+    assert quarantine.quarantined == {2}, "for the rest of the run"
+    assert round_(errored=set(), broken=set()) == [] and 1 not in quarantine.streaks

@@ -4,17 +4,20 @@ fails keeps, and that a member applies each delivery once."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import pytest
 import torch
 
 from tests.unit.small_configs import three_members
 from wash_fed.config import WashFedConfig
+from wash_fed.gate import ReplyGate
 from wash_fed.protocol import (
     Deliveries,
     Delivery,
     Exchange,
     PapaServer,
+    ServerProtocol,
     WashServer,
     apply_delivery,
     member_payload,
@@ -67,13 +70,26 @@ def test_a_member_that_fails_keeps_its_delivery_and_takes_nobodys_values() -> No
     assert deliveries.due(0).event == 2  # type: ignore[union-attr]
 
 
+def gated_exchange(
+    server: ServerProtocol, server_round: int, payloads: Mapping[int, Mapping[str, torch.Tensor]]
+) -> tuple[Exchange, dict[int, str]]:
+    """The exchange of what the reply gate admits of ``payloads``, as every runner makes it,
+    and why the gate left the others out."""
+    gate = ReplyGate(server.cfg.gate.outlier_factor, lambda _: None)
+    admission = gate.admit(
+        payloads, lambda p: server.payload_problem(server_round, p), what="a test"
+    )
+    return server.exchange(server_round, admission.accepted), admission.rejected
+
+
 def test_bad_payloads_are_left_out_with_a_reason_and_the_rest_shuffle() -> None:
     config = three_members()
     server = WashServer(config, MEMBERS, PARAMETERS)
     m = config.shuffle_mask(NUMELS, 1).num_selected
     nan = torch.zeros(m)
     nan[0] = math.nan
-    exchange = server.exchange(
+    exchange, rejected = gated_exchange(
+        server,
         1,
         {
             0: owned_values(0, 1, config),
@@ -81,11 +97,11 @@ def test_bad_payloads_are_left_out_with_a_reason_and_the_rest_shuffle() -> None:
             2: {"weights": torch.ones(m + 1)},
         },
     )
-    assert set(exchange.rejected) == {1, 2}
-    assert "non-finite" in exchange.rejected[1] and "shape" in exchange.rejected[2]
+    assert set(rejected) == {1, 2}
+    assert "non-finite" in rejected[1] and "shape" in rejected[2]
     assert exchange.deliveries == {}  # one participant: nothing to exchange
-    wrong_kind = server.exchange(1, {0: owned_values(0, 1, config), 1: {"momentum": nan}})
-    assert "value kinds" in wrong_kind.rejected[1]
+    _, wrong_kind = gated_exchange(server, 1, {0: owned_values(0, 1, config), 1: {"momentum": nan}})
+    assert "value kinds" in wrong_kind[1]
 
 
 def weights(value: float) -> dict[str, torch.Tensor]:
@@ -116,9 +132,9 @@ def test_papa_leaves_out_what_the_gate_rejects() -> None:
     payloads[1] = {**weights(1.0), "w": torch.full((40,), math.nan)}
     payloads[2] = weights(1000.0)  # judged against members 0 and 4, the other well-formed ones
     payloads[3] = {"w": torch.ones(40, dtype=torch.float64), "b": torch.ones(12)}
-    exchange = server.exchange(1, payloads)
-    assert set(exchange.rejected) == {1, 2, 3} and exchange.counts == {"averaged": 2}
-    assert "non-finite" in exchange.rejected[1] and "float64" in exchange.rejected[3]
+    exchange, rejected = gated_exchange(server, 1, payloads)
+    assert set(rejected) == {1, 2, 3} and exchange.counts == {"averaged": 2}
+    assert "non-finite" in rejected[1] and "float64" in rejected[3]
     mean = exchange.deliveries[2].tensors["w"]  # every member is pulled toward 0 and 4's mean
     assert torch.allclose(mean, torch.full((40,), 1.02))
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
+from tests.unit.test_protocol import gated_exchange
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Record
@@ -57,6 +58,6 @@ def test_wash_takes_values_only_in_the_runs_wire_dtype() -> None:
     selected = cfg.shuffle_mask([64], 1).num_selected
     payloads = {m: to_wire({"weights": torch.randn(selected)}, torch.bfloat16) for m in (0, 1)}
     payloads[2] = {"weights": torch.randn(selected)}  # float32: not what the run sends
-    exchange = server.exchange(1, payloads)
-    assert "float32" in exchange.rejected[2] and set(exchange.deliveries) == {0, 1}
+    exchange, rejected = gated_exchange(server, 1, payloads)
+    assert "float32" in rejected[2] and set(exchange.deliveries) == {0, 1}
     assert all(d.tensors["weights"].dtype == torch.bfloat16 for d in exchange.deliveries.values())
