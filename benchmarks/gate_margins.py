@@ -19,17 +19,16 @@ import argparse
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
 import wash_fed.protocol as protocol
 from wash_fed import gate
-from wash_fed.config import WashFedConfig
+from wash_fed.config import ConfigValue, WashFedConfig
 from wash_fed.population import run_population
 
-SETTINGS: dict[str, dict[str, Any]] = {
+SETTINGS: dict[str, dict[str, ConfigValue]] = {
     "wash": {},
     "dirichlet": {"partition": "dirichlet", "dirichlet-alpha": 0.1},
     "different-init": {"init": "different"},

@@ -19,17 +19,28 @@ from __future__ import annotations
 import contextlib
 import re
 from pathlib import Path
-from typing import Any
+from typing import TypedDict, cast
 
 import torch
+from torch import Tensor
 
-from wash_fed.config import WashFedConfig
+from wash_fed.config import ConfigValue, WashFedConfig
 from wash_fed.files import save_torch
-from wash_fed.training import Member
+from wash_fed.training import Member, MemberState
 
-__all__ = ["MemberCheckpoints"]
+__all__ = ["MemberCheckpoints", "SavedMember"]
 
 _NAME = re.compile(r"member-r(\d+)\.pt")
+
+
+class SavedMember(TypedDict):
+    """A checkpoint file: the member, torch's RNG, whose it is and what it trained with."""
+
+    partition: int
+    config: dict[str, ConfigValue]
+    member: MemberState
+    rng: Tensor
+    credential: str
 
 
 class MemberCheckpoints:
@@ -65,13 +76,13 @@ class MemberCheckpoints:
         checkpoints of rounds ``keep_from`` and later (None: this one only)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.directory / f"member-r{server_round}.pt"
-        saved = {
-            "partition": member.index,
-            "config": cfg.to_mapping(),
-            "member": member.state_dict(),
-            "rng": torch.get_rng_state(),
-            "credential": credential,
-        }
+        saved = SavedMember(
+            partition=member.index,
+            config=cfg.to_mapping(),
+            member=member.state_dict(),
+            rng=torch.get_rng_state(),
+            credential=credential,
+        )
         save_torch(path, saved, mode=0o600)
         oldest = server_round if keep_from is None else min(keep_from, server_round)
         for old in self.rounds():
@@ -89,7 +100,8 @@ class MemberCheckpoints:
         if not rounds:
             return None
         path = self.directory / f"member-r{rounds[-1]}.pt"
-        saved: dict[str, Any] = torch.load(path, map_location=member.device, weights_only=False)
+        loaded = torch.load(path, map_location=member.device, weights_only=False)
+        saved = cast(SavedMember, loaded)  # written by save(), whole (files.save_torch)
         saved_cfg = WashFedConfig.from_mapping(saved["config"])
         changed = cfg.training_changes(saved_cfg)
         if saved["partition"] != member.index or changed:

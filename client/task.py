@@ -14,10 +14,17 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import torch
-from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import (
+    ConfigRecord,
+    Context,
+    MetricRecord,
+    MetricRecordValues,
+    RecordDict,
+    UserConfigValue,
+)
 
 from client.checkpoints import MemberCheckpoints
 from wash_fed import wire
@@ -29,6 +36,7 @@ from wash_fed.keys import (
     Info,
     MessageType,
     Metric,
+    Metrics,
     NodeConfig,
     Record,
     Reply,
@@ -69,7 +77,7 @@ def _member_data(cfg: WashFedConfig, partition: int, data_path: str, test_path: 
     return shared_member_data(cfg, partition, _shared_data(cfg))
 
 
-def member_identity(node_config: Mapping[str, Any], cfg: WashFedConfig) -> int:
+def member_identity(node_config: Mapping[str, UserConfigValue], cfg: WashFedConfig) -> int:
     """This node's partition id, checked against the run configuration."""
     try:
         partition_id = int(node_config[NodeConfig.PARTITION_ID])
@@ -100,7 +108,7 @@ class MemberTask:
         self,
         cfg: WashFedConfig,
         partition_id: int,
-        node_config: Mapping[str, Any],
+        node_config: Mapping[str, UserConfigValue],
         checkpoints: MemberCheckpoints | None = None,
     ) -> None:
         configure_torch(cfg)
@@ -121,7 +129,7 @@ class MemberTask:
         """What the server issued this member at its first hello of the run ("": none yet)."""
         self.resumed = False
         self.startup_seconds = 0.0
-        self._handlers: dict[str, Callable[[RecordDict], tuple[dict[str, Any], RecordDict]]] = {
+        self._handlers: dict[str, Callable[[RecordDict], tuple[Metrics, RecordDict]]] = {
             MessageType.HELLO: self.hello,
             MessageType.TRAIN: self.train,
             MessageType.COLLECT: self.collect,
@@ -159,12 +167,13 @@ class MemberTask:
             Metric.HANDLER_SECONDS: time.perf_counter() - started,
         }
         self.startup_seconds = 0.0
-        reply[Record.METRICS] = MetricRecord(metrics)
+        record: dict[str, MetricRecordValues] = dict(metrics)
+        reply[Record.METRICS] = MetricRecord(record)
         return reply
 
     # --- handlers: (metrics, other records of the reply) ---------------------------------
 
-    def hello(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
+    def hello(self, content: RecordDict) -> tuple[Metrics, RecordDict]:
         """Check configuration and data before training; report identity and first mask.
         In a resumed run, a member not yet restored continues from its checkpoint. A member
         without a credential adopts the one the server issues; every hello shows it."""
@@ -188,7 +197,7 @@ class MemberTask:
                 Info.MODEL_LAYOUT: json.dumps(model_layout(self.member.model)),
             }
         )
-        metrics = {
+        metrics: Metrics = {
             Metric.NUM_EXAMPLES: len(self.member.stream.indices),
             Metric.TEST_EXAMPLES: len(self.data.test) if self.data.test is not None else 0,
             Metric.HOLDOUT_EXAMPLES: len(self.data.holdout) if self.data.holdout else 0,
@@ -199,7 +208,7 @@ class MemberTask:
         }
         return metrics, RecordDict({Record.INFO: info})
 
-    def train(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
+    def train(self, content: RecordDict) -> tuple[Metrics, RecordDict]:
         """One round: apply the delivery, train, reply with what the server asked for."""
         config = content.config_records[Record.CONFIG]
         server_round = int(cast(int, config[Config.SERVER_ROUND]))
@@ -209,7 +218,7 @@ class MemberTask:
         self._apply(content)
         started = time.perf_counter()
         stats = self.member.train_steps(self.cfg.optim.local_steps)
-        metrics: dict[str, Any] = {
+        metrics: Metrics = {
             Metric.TRAIN_SECONDS: time.perf_counter() - started,
             Metric.LOSS: stats.loss,
             Metric.TRAIN_ACCURACY: stats.accuracy,
@@ -222,24 +231,24 @@ class MemberTask:
         payload = member_payload(self.member, cast(ReplyKind, reply), server_round)
         return metrics, RecordDict({**wire.payload_records(cast(ReplyKind, reply), payload)})
 
-    def collect(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
+    def collect(self, content: RecordDict) -> tuple[Metrics, RecordDict]:
         """Final step: apply what is still due, reply with the full state dict (and, when the
         server has no test set, the member's accuracy on its own)."""
         self._apply(content)
-        metrics: dict[str, Any] = {Metric.STEPS_DONE: self.member.steps_done}
+        metrics: Metrics = {Metric.STEPS_DONE: self.member.steps_done}
         if not self.cfg.data.test_on_server and self.data.test is not None:
             metrics[Metric.TEST_ACCURACY] = self._accuracy(self.data.test)
         state = to_wire(self.member.model.state_dict(), final_dtype(self.cfg))
         return metrics, RecordDict({Record.ARRAYS: wire.tensors_to_record(state)})
 
-    def bn_statistics(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
+    def bn_statistics(self, content: RecordDict) -> tuple[Metrics, RecordDict]:
         """BatchNorm statistics of the soup in ``arrays`` on this member's own data."""
         soup = self._received_model(content)
         stats = self.member.bn_statistics(soup)
         record = wire.bn_statistics_to_record(stats)
         return {Metric.BATCHES: stats.batches}, RecordDict({Record.STATS: record})
 
-    def evaluate(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
+    def evaluate(self, content: RecordDict) -> tuple[Metrics, RecordDict]:
         """Accuracy of the model in ``arrays`` on this member's test data, or its held-out
         images (``split``); no accuracy and no examples when it has none."""
         split = content.config_records[Record.CONFIG].get(Config.SPLIT, Split.TEST)
@@ -255,7 +264,7 @@ class MemberTask:
             self.member.model.load_state_dict(own)
         return {Metric.ACCURACY: acc, Metric.NUM_EXAMPLES: len(data)}, RecordDict()
 
-    def end(self, content: RecordDict) -> tuple[dict[str, Any], RecordDict]:
+    def end(self, content: RecordDict) -> tuple[Metrics, RecordDict]:
         """The run is over. A final model in ``arrays`` is evaluated first (as by
         :meth:`evaluate`). Unless the run can be resumed (it did not complete), its
         checkpoints and those of the runs it continued are removed, whether or not the

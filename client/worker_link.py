@@ -24,10 +24,9 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict, UserConfigValue
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
@@ -69,8 +68,8 @@ class WorkerRequest:
 
     message_type: str
     run_id: int
-    run_config: dict[str, Any]
-    node_config: dict[str, Any]
+    run_config: Mapping[str, UserConfigValue]
+    node_config: Mapping[str, UserConfigValue]
     content: RecordDict
 
 
@@ -92,13 +91,23 @@ def decode_request(body: bytes) -> WorkerRequest:
     request = WorkerRequest(
         message_type=str(header[_MESSAGE_TYPE]),
         run_id=int(str(header[_RUN_ID])),
-        run_config=dict(envelope.config_records[_RUN_CONFIG]),
-        node_config=dict(envelope.config_records[_NODE_CONFIG]),
+        run_config=_user_config(envelope.config_records[_RUN_CONFIG]),
+        node_config=_user_config(envelope.config_records[_NODE_CONFIG]),
         content=RecordDict(
             {k: v for k, v in envelope.items() if k not in (_REQUEST, _RUN_CONFIG, _NODE_CONFIG)}
         ),
     )
     return request
+
+
+def _user_config(record: ConfigRecord) -> dict[str, UserConfigValue]:
+    """A run or node configuration as it travelled in a request (scalars only)."""
+    values = {}
+    for key, value in record.items():
+        if not isinstance(value, (bool, int, float, str)):
+            raise ValueError(f"configuration key {key!r} holds {type(value).__name__}")
+        values[key] = value
+    return values
 
 
 def encode_reply(content: RecordDict) -> bytes:
@@ -200,8 +209,8 @@ def forward(
     message_type: str,
     content: RecordDict,
     run_id: int,
-    run_config: Mapping[str, Any],
-    node_config: Mapping[str, Any],
+    run_config: Mapping[str, UserConfigValue],
+    node_config: Mapping[str, UserConfigValue],
 ) -> RecordDict:
     """Have this node's member worker handle one message; start it first if needed.
 

@@ -13,7 +13,7 @@ import copy
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -243,6 +243,25 @@ def _scheduler(cfg: WashFedConfig, optimizer: torch.optim.Optimizer) -> LRSchedu
     return ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
+class StreamPosition(TypedDict):
+    """Where a member's data order stands: the epoch and the batch within it."""
+
+    epoch: int
+    cursor: int
+
+
+class MemberState(TypedDict):
+    """A member as its checkpoint holds it (:meth:`Member.state_dict`)."""
+
+    model: dict[str, Tensor]
+    optimizer: dict[str, object]
+    """torch's own optimizer state (its momentum buffers)."""
+    scheduler: dict[str, object]
+    stream: StreamPosition
+    steps_done: int
+    applied_event: int
+
+
 class Member:
     """Member ``index`` of the population described by ``cfg``, training on ``data`` (its own
     examples).
@@ -361,7 +380,7 @@ class Member:
             epochs=self.stream.epochs_done,
         )
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> MemberState:
         """Everything needed to resume: model, optimizer, schedule, data position and the
         newest delivery applied."""
         epoch, cursor = self.stream.position()
@@ -374,7 +393,7 @@ class Member:
             "applied_event": self.applied_event,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: MemberState) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

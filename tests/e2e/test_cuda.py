@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.e2e.test_worker import HELLO, proxy, train
-from wash_fed.config import WashFedConfig
+from wash_fed.config import ConfigValue, WashFedConfig
 from wash_fed.data import write_synthetic
 from wash_fed.keys import Metric
 from wash_fed.models import build_model
@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device"),
 ]
 
-SYNTHETIC = {
+SYNTHETIC: dict[str, ConfigValue] = {
     "dataset": "cifar10",
     "num-members": 2,
     "batch-size": 32,
@@ -65,7 +65,12 @@ def test_a_shuffle_event_on_cuda_equals_the_cpu_one_bit_for_bit() -> None:
 def test_the_worker_keeps_its_member_on_the_gpu_in_one_process(
     tmp_path: Path, data_root: Path
 ) -> None:
-    config = {**SYNTHETIC, "num-members": 1, "data-root": str(data_root), "device": "cuda"}
+    config: dict[str, ConfigValue] = {
+        **SYNTHETIC,
+        "num-members": 1,
+        "data-root": str(data_root),
+        "device": "cuda",
+    }
     result = proxy(tmp_path / "w", [HELLO, train(1), train(2), train(3)], run_config=config)
     assert result["torch"] is False  # the ClientApp side holds no CUDA context
     hello, *rounds = (r["metrics"] for r in result["replies"])

@@ -12,16 +12,17 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 
 from client import worker_link
 from deploy.flwr_cli import PROJECT
+from wash_fed.config import ConfigValue
 from wash_fed.keys import Config, MessageType, Metric
 
 RUN_ID = 7
-RUN_CONFIG: dict[str, Any] = {
+RUN_CONFIG: dict[str, ConfigValue] = {
     "num-members": 1,
     "num-server-rounds": 4,
     "local-steps": 3,
@@ -30,7 +31,16 @@ RUN_CONFIG: dict[str, Any] = {
     "holdout-size": 0,
     "test-subset": 200,
 }
-NODE_CONFIG = {"partition-id": 0, "num-partitions": 1}
+NODE_CONFIG: dict[str, ConfigValue] = {"partition-id": 0, "num-partitions": 1}
+
+
+class ProxyAnswer(TypedDict):
+    """The proxy's last line: each reply (its metrics and info, or the error) and whether
+    the ClientApp's side imported torch."""
+
+    torch: bool
+    replies: list[dict[str, dict[str, Any]]]
+
 
 # Runs in a fresh interpreter: forwards messages the way the ClientApp does and reports
 # what it got back and whether torch was imported along the way.
@@ -64,9 +74,10 @@ def proxy(
     worker_dir: Path,
     steps: list[tuple[Any, ...]],
     *,
-    run_config: dict[str, Any] | None = None,
-    node_config: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    run_config: dict[str, ConfigValue] | None = None,
+    node_config: dict[str, ConfigValue] | None = None,
+) -> ProxyAnswer:
+    """What the ClientApp-side proxy got back for ``steps``, and whether it imported torch."""
     args = [str(worker_dir), RUN_ID, run_config or RUN_CONFIG, node_config or NODE_CONFIG, steps]
     done = subprocess.run(
         [sys.executable, "-c", PROXY, json.dumps(args)],
@@ -76,11 +87,11 @@ def proxy(
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    answer: ProxyAnswer = json.loads(done.stdout.strip().splitlines()[-1])
+    return answer
 
 
-def train(server_round: int) -> tuple[str, dict[str, Any]]:
+def train(server_round: int) -> tuple[str, dict[str, ConfigValue]]:
     return MessageType.TRAIN, {Config.SERVER_ROUND: server_round, Config.REPLY: "metrics"}
 
 
