@@ -163,18 +163,14 @@ def plot(runs: Sequence[EdgeRun], out: Path) -> list[Path]:
                 )
                 line.set_label(run.strategy)
             ax.set_title(f"{model}, {mbit:g} Mbit/s links")
-            ax.set_xlabel(
-                "wall time (s); dots: members (FedAvg: global) per round; star: final",
-                fontsize=8,
-            )
             ax.grid(True, alpha=0.3)
-        axes[0][0].set_ylabel("test accuracy")
+        fig.supxlabel("wall time (s); dots: members (FedAvg: global) per round; star: final")
+        fig.supylabel("test accuracy")
         axes[0][-1].legend()
         fig.tight_layout()
-        path = out / f"edge_time_{model.replace(':', '_')}.png"
-        fig.savefig(path, dpi=110)
+        paths.append(out / f"edge_time_{model.replace(':', '_')}.png")
+        fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
-        paths.append(path)
     return paths
 
 

@@ -295,16 +295,35 @@ class WashServer(ServerProtocol):
         return Exchange(deliveries, counts | {"moved": moved})
 
 
-class PapaServer(ServerProtocol):
+class _AveragingServer(ServerProtocol):
+    """A strategy whose members send whole tensors (named as in ``tensors``, in
+    ``wire-dtype``) and get their mean back."""
+
+    def __init__(
+        self, cfg: WashFedConfig, members: Iterable[int], tensors: Mapping[str, Tensor]
+    ) -> None:
+        super().__init__(cfg, members)
+        self.reference = to_wire(tensors, wire_dtype(cfg))
+
+    def payload_problem(self, server_round: int, payload: Payload) -> str | None:
+        return check_tensors(payload, self.reference)
+
+    def _mean_for_all(
+        self, kind: DeliveryKind, server_round: int, payloads: Mapping[int, Payload]
+    ) -> Exchange:
+        """The mean of the admitted payloads (in member order), delivered to every member."""
+        if not payloads:
+            return Exchange({}, {"averaged": 0})
+        names = list(self.reference)
+        mean = population_mean([[payloads[m][n] for n in names] for m in sorted(payloads)])
+        delivery = Delivery(kind, server_round, dict(zip(names, mean, strict=True)))
+        return Exchange(dict.fromkeys(self.members, delivery), {"averaged": len(payloads)})
+
+
+class PapaServer(_AveragingServer):
     """PAPA: every ``papa-every`` rounds the members send their parameters and every
     member is pulled toward the mean of those that pass the gate (``papa-all``: replaced
     by it) before its next steps."""
-
-    def __init__(
-        self, cfg: WashFedConfig, members: Iterable[int], parameters: Mapping[str, Tensor]
-    ) -> None:
-        super().__init__(cfg, members)
-        self.reference = to_wire(parameters, wire_dtype(cfg))
 
     def _due(self, server_round: int) -> bool:
         return server_round % self.cfg.exchange.papa_every == 0
@@ -314,49 +333,29 @@ class PapaServer(ServerProtocol):
 
     def payload_problem(self, server_round: int, payload: Payload) -> str | None:
         if not self._due(server_round):
-            return super().payload_problem(server_round, payload)
-        return check_tensors(payload, self.reference)
+            return ServerProtocol.payload_problem(self, server_round, payload)
+        return super().payload_problem(server_round, payload)
 
     def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
         """On its rounds: the mean of the admitted members' weights, for every member."""
         if not self._due(server_round):
             return Exchange({})
-        if not payloads:
-            return Exchange({}, {"averaged": 0})
-        names = list(self.reference)
-        mean = population_mean([[payloads[m][n] for n in names] for m in sorted(payloads)])
-        delivery = Delivery("mean", server_round, dict(zip(names, mean, strict=True)))
-        counts = {"averaged": len(payloads)}
-        return Exchange(dict.fromkeys(self.members, delivery), counts)
+        return self._mean_for_all("mean", server_round, payloads)
 
 
-class FedAvgServer(ServerProtocol):
+class FedAvgServer(_AveragingServer):
     """FedAvg on the member protocol (the population trainer's; a Flower run uses Flower's
     own FedAvg): every round the members send their full state and all continue from the
     mean of those that pass the gate. Members train equally many examples per round, so the
     mean is FedAvg's weighting by examples. ``state`` is the model's state dict (its names,
     shapes and dtypes are what replies must match)."""
 
-    def __init__(
-        self, cfg: WashFedConfig, members: Iterable[int], state: Mapping[str, Tensor]
-    ) -> None:
-        super().__init__(cfg, members)
-        self.reference = to_wire(state, wire_dtype(cfg))
-
     def reply_for(self, server_round: int) -> ReplyKind:
         return "state"
 
-    def payload_problem(self, server_round: int, payload: Payload) -> str | None:
-        return check_tensors(payload, self.reference)
-
     def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
         """The mean of the admitted members' states, for every member to continue from."""
-        if not payloads:
-            return Exchange({}, {"averaged": 0})
-        names = list(self.reference)
-        mean = population_mean([[payloads[m][n] for n in names] for m in sorted(payloads)])
-        delivery = Delivery("state", server_round, dict(zip(names, mean, strict=True)))
-        return Exchange(dict.fromkeys(self.members, delivery), {"averaged": len(payloads)})
+        return self._mean_for_all("state", server_round, payloads)
 
 
 def server_protocol(

@@ -118,14 +118,21 @@ def _task_images(cfg: WashFedConfig, path: str, key: str) -> ImageData:
     return load_local(path, cfg.data.task)
 
 
+def _run_images(cfg: WashFedConfig, *, train: bool) -> ImageData:
+    """The run's training (or test) images: the task's own files or the named data set's
+    split, cut to ``train-subset`` (``test-subset``) when set."""
+    data = cfg.data
+    if data.dataset == IMAGES:
+        path, key = (data.train_path, "train-path") if train else (data.test_path, "test-path")
+        images = _task_images(cfg, path, key)
+    else:
+        images = load_split(data.dataset, data.data_root or None, train=train)
+    subset = data.train_subset if train else data.test_subset
+    return images.subset(np.arange(min(subset, len(images)))) if subset else images
+
+
 def load_training_data(cfg: WashFedConfig) -> TrainingData:
-    full = (
-        _task_images(cfg, cfg.data.train_path, "train-path")
-        if cfg.data.dataset == IMAGES
-        else load_split(cfg.data.dataset, cfg.data.data_root or None, train=True)
-    )
-    if cfg.data.train_subset:
-        full = full.subset(np.arange(min(cfg.data.train_subset, len(full))))
+    full = _run_images(cfg, train=True)
     if cfg.data.holdout_size >= len(full):
         raise ValueError(
             f"holdout-size={cfg.data.holdout_size} leaves no training data out of "
@@ -160,14 +167,7 @@ def _check_enough(who: str, examples: int, cfg: WashFedConfig) -> None:
 
 
 def load_test_data(cfg: WashFedConfig) -> ImageData:
-    test = (
-        _task_images(cfg, cfg.data.test_path, "test-path")
-        if cfg.data.dataset == IMAGES
-        else load_split(cfg.data.dataset, cfg.data.data_root or None, train=False)
-    )
-    if cfg.data.test_subset:
-        test = test.subset(np.arange(min(cfg.data.test_subset, len(test))))
-    return test
+    return _run_images(cfg, train=False)
 
 
 @dataclass(frozen=True)
