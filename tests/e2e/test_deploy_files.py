@@ -15,9 +15,10 @@ import pytest
 import yaml
 from flwr.cli.supernode.register import try_load_public_key
 
+from deploy.flwr_cli import FLOWER_SETTINGS, PROJECT
 from deploy.proxy import render_proxy_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = PROJECT
 SUPERNODES = [f"supernode-{i}" for i in range(4)]
 SERVICES = {"superlink", "proxy", "control", *SUPERNODES, "prometheus", "grafana", "pushgateway"}
 
@@ -302,10 +303,6 @@ def test_the_proxy_config_is_valid_nginx(tmp_path: Path) -> None:
 
 def test_dockerfile_keeps_flower_offline_and_quiet() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    for setting in (
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1",
-        "FLWR_TELEMETRY_ENABLED=0",
-        "FLWR_DISABLE_UPDATE_CHECK=1",
-    ):
-        assert setting in text
+    for name, value in FLOWER_SETTINGS.items():  # what every Flower process of ours runs with
+        assert f"{name}={value}" in text
     assert "USER app" in text

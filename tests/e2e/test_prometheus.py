@@ -7,10 +7,10 @@ import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
+from deploy.flwr_cli import PROJECT
 from deploy.processes import TINY_RUN, FlowerHarness, free_port
 from deploy.promql import LocalPrometheus
 from wash_fed.config import ConfigValue
@@ -111,9 +111,7 @@ def test_prometheus_sees_where_each_rounds_time_went(scraped_runs: ScrapedRuns) 
 def test_every_dashboard_query_runs_on_prometheus(scraped_runs: ScrapedRuns) -> None:
     """The Grafana panels' PromQL, evaluated by the real Prometheus over the runs above."""
     prom = scraped_runs.prometheus
-    dashboard = json.loads(
-        (Path(__file__).parents[2] / "deploy/grafana/dashboards/wash-fed.json").read_text()
-    )
+    dashboard = json.loads((PROJECT / "deploy/grafana/dashboards/wash-fed.json").read_text())
     answered = 0
     for panel in dashboard["panels"]:
         for target in panel["targets"]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 import tomllib
-from pathlib import Path
 
 import pytest
 
+from deploy.flwr_cli import PROJECT
 from wash_fed.config import (
     SECTIONS,
     ConfigError,
@@ -83,7 +83,7 @@ def test_bad_values_name_the_key_and_what_is_allowed(
 
 def test_pyproject_declares_every_key_with_its_default() -> None:
     """Flower only accepts --run-config overrides for declared keys."""
-    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((PROJECT / "pyproject.toml").read_text())
     run_config = pyproject["tool"]["flwr"]["app"]["config"]
     assert run_config.keys() == WashFedConfig().to_mapping().keys()
     assert WashFedConfig.from_mapping(run_config) == WashFedConfig()
@@ -102,7 +102,7 @@ def test_the_configuration_reference_is_the_generated_one() -> None:
     """docs/configuration.md is what `python -m wash_fed.config --reference` prints: a key
     added, removed or redocumented in WashFedConfig without regenerating it fails here (and
     one added to pyproject.toml alone fails the test above)."""
-    committed = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    committed = (PROJECT / "docs" / "configuration.md").read_text()
     assert committed == reference(), (
         "regenerate it: python -m wash_fed.config --reference > docs/configuration.md"
     )

@@ -4,9 +4,10 @@ docs site's own links and anchors are checked by `make docs`, MkDocs in strict m
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from deploy.flwr_cli import PROJECT
+
+ROOT = PROJECT
 LINK = re.compile(r"\]\(([^)#\s]+)(#[^)\s]*)?\)")
 
 
