@@ -213,7 +213,7 @@ def run_population_strategy(
         load_local(cfg.data.validation_path, cfg.data.task) if cfg.data.validation_path else None
     )
     earlier_runs = resumed.chain if resumed else []
-    final = final_step(grid, cfg, strategy, test, validation, output, earlier_runs)
+    final = final_step(grid, strategy, test, validation, output, earlier_runs)
     observed = {"member_mean": final.member_mean or 0.0, "soup": final.final_accuracy}
     if final.ensemble is not None:
         observed["ensemble"] = final.ensemble

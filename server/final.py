@@ -46,7 +46,7 @@ from wash_fed.gate import (
     require_finite,
 )
 from wash_fed.keys import Config, MessageType, Metric, Metrics, Record, Split
-from wash_fed.merge import merge_population
+from wash_fed.merge import MergeResult, merge_population
 from wash_fed.protocol import final_dtype, through, to_wire
 from wash_fed.results import FinalResult
 from wash_fed.training import new_model
@@ -68,6 +68,8 @@ class FinalExchanges:
     """Why members' replies were rejected, by partition id."""
     held: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     """The model each member holds from the last message it answered."""
+    bn_exchanges: int = 0
+    """Message rounds the federated BatchNorm recalibration took."""
     gate: ReplyGate = field(init=False)
 
     def __post_init__(self) -> None:
@@ -147,6 +149,7 @@ class FinalExchanges:
         not far from the others') are merged by batch count, each member's count capped at
         what its data can support: what one process would compute over all their batches."""
         what = "BatchNorm statistics"
+        self.bn_exchanges += 1
         replies = self.ask(MessageType.BN_STATISTICS, soup, arrays=Record.STATS, what=what)
         candidates: dict[int, BNStatistics] = {}
         unreadable: dict[int, str] = {}
@@ -208,7 +211,6 @@ def _narrowed(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 
 def final_step(
     grid: Grid,
-    cfg: WashFedConfig,
     strategy: PopulationStrategy,
     test: ImageData | None,
     validation: ImageData | None,
@@ -223,35 +225,24 @@ def final_step(
     ``earlier_runs``: the runs a resumed run continued (their member checkpoints go with
     this run's).
     """
-    roster = strategy.roster
-    log(INFO, "final step: collecting %d members", len(roster.nodes))
+    cfg, roster = strategy.cfg, strategy.roster
     model = new_model(cfg)
-    dtype = final_dtype(cfg)
-    collected, reported, rejected = strategy.collect(
-        grid, cfg.runtime.round_timeout, to_wire(model.state_dict(), dtype)
-    )
-    if not collected:
-        raise RuntimeError("no member could be collected; nothing to average")
-    own = model.state_dict()
-    states = {p: {k: v.to(own[k].dtype) for k, v in sd.items()} for p, sd in collected.items()}
+    states, reported, rejected = _collected(grid, strategy, model)
     exchanges = FinalExchanges(grid, roster, cfg, dict(rejected))
     reference = running_statistics(model)
-    bn_exchanges = 0
-
-    def federated_bn_statistics(soup: Mapping[str, Tensor]) -> BNStatistics:
-        nonlocal bn_exchanges
-        bn_exchanges += 1
-        return exchanges.bn_statistics(soup, reference)
-
     evaluator, holdout = _evaluators(exchanges, test, validation, reported)
     merge = merge_population(
         list(states.values()),
         lambda: new_model(cfg),
         evaluator,
-        bn_statistics_of=federated_bn_statistics if cfg.final.bn_recalibration else None,
+        bn_statistics_of=(
+            (lambda soup: exchanges.bn_statistics(soup, reference))
+            if cfg.final.bn_recalibration
+            else None
+        ),
         holdout=holdout,
         final_soup=cfg.final.soup,
-        as_sent=lambda soup: through(soup, dtype),
+        as_sent=lambda soup: through(soup, final_dtype(cfg)),
     )
     require_finite(merge.final_state_dict, "the final model")
     output.save_model(merge.final_state_dict)
@@ -259,26 +250,42 @@ def final_step(
         members = {f"{p}.{k}": v for p, sd in states.items() for k, v in sd.items()}
         output.save_model(members, "members.pt")
     own_tests = exchanges.evaluate_and_end(merge.final_state_dict, earlier_runs)
-    soups = ", ".join(f"{k} {v:.4f}" for k, v in merge.soups.items())
-    ensemble = "-" if merge.ensemble is None else f"{merge.ensemble:.4f}"
-    log(
-        INFO,
-        "[%s] test accuracy: members %.4f (min %.4f), ensemble %s, %s; final: %s",
-        cfg.label,
-        merge.member_mean,
-        min(merge.members),
-        ensemble,
-        soups,
-        merge.final_soup,
-    )
+    log(INFO, "[%s] test accuracy: %s", cfg.label, _accuracies(merge))
     return dataclasses.replace(
         merge.figures(),
         collected=sorted(states),
         quarantined=sorted(roster.quarantined),
         rejected={str(p): reason for p, reason in sorted(exchanges.rejected.items())},
-        bn_exchanges=bn_exchanges,
+        bn_exchanges=exchanges.bn_exchanges,
         evaluated_on="server" if test is not None else "members",
         members_own_evaluation=own_tests,
+    )
+
+
+def _collected(
+    grid: Grid, strategy: PopulationStrategy, model: nn.Module
+) -> tuple[dict[int, dict[str, Tensor]], dict[int, Metrics], dict[int, str]]:
+    """Every member's model, in ``model``'s own dtypes, as the reply gate admitted it (a
+    RuntimeError when none was), with the metrics it reported; why the others were not."""
+    log(INFO, "final step: collecting %d members", len(strategy.roster.nodes))
+    own = model.state_dict()
+    timeout = strategy.cfg.runtime.round_timeout
+    collected, reported, rejected = strategy.collect(
+        grid, timeout, to_wire(own, final_dtype(strategy.cfg))
+    )
+    if not collected:
+        raise RuntimeError("no member could be collected; nothing to average")
+    states = {p: {k: v.to(own[k].dtype) for k, v in sd.items()} for p, sd in collected.items()}
+    return states, reported, rejected
+
+
+def _accuracies(merge: MergeResult) -> str:
+    """The final step's test accuracies in one line: members, ensemble, soups, the final."""
+    soups = ", ".join(f"{k} {v:.4f}" for k, v in merge.soups.items())
+    ensemble = "-" if merge.ensemble is None else f"{merge.ensemble:.4f}"
+    return (
+        f"members {merge.member_mean:.4f} (min {min(merge.members):.4f}), ensemble {ensemble}, "
+        f"{soups}; final: {merge.final_soup}"
     )
 
 

@@ -187,12 +187,11 @@ def run_population(
     ledger = Ledger()
     server = GatedServer(_server(cfg, members, ledger), ReplyGate(cfg.gate.outlier_factor, log))
     deliveries = Deliveries()
-    label = cfg.label
+    epochs_of_member_0 = cfg.total_steps * cfg.optim.batch_size / len(data.partitions[0])
     log(
-        f"[{label}] {cfg.num_members} members of {cfg.model.name} on {cfg.data.dataset} "
-        f"({device}), "
-        f"{cfg.num_server_rounds} rounds x {cfg.optim.local_steps} steps "
-        f"= {cfg.total_steps * cfg.optim.batch_size / len(data.partitions[0]):.2f} epochs"
+        f"[{cfg.label}] {cfg.num_members} members of {cfg.model.name} on {cfg.data.dataset} "
+        f"({device}), {cfg.num_server_rounds} rounds x {cfg.optim.local_steps} steps "
+        f"= {epochs_of_member_0:.2f} epochs"
     )
     start = time.perf_counter()
     rounds, epochs = _train(
@@ -206,7 +205,7 @@ def run_population(
     model_bytes = payload_bytes(to_wire(members[0].model.state_dict(), wire_dtype(cfg)))
     results = RunResult(
         "population",
-        label,
+        cfg.label,
         cfg,
         status="completed",
         rounds=rounds,
@@ -224,15 +223,19 @@ def run_population(
     )
     log(_final_line(results))
     if output_dir is not None:
-        saved = RunFolder(output_dir, results, ledger, started=start)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        saved.write()
-        saved.save_model(final_state)
-        log(f"[{label}] results, ledger and final model in {output_dir}")
+        _save(RunFolder(output_dir, results, ledger, started=start), final_state, log)
     members_final = [
         {k: v.detach().clone() for k, v in m.model.state_dict().items()} for m in members
     ]
     return PopulationRun(cfg, results, ledger, final_state, members_final, output_dir)
+
+
+def _save(folder: RunFolder, final_state: Mapping[str, Tensor], log: Callable[[str], None]) -> None:
+    """The run's results, ledger and final model into its folder."""
+    folder.directory.mkdir(parents=True, exist_ok=True)
+    folder.write()
+    folder.save_model(final_state)
+    log(f"[{folder.result.label}] results, ledger and final model in {folder.directory}")
 
 
 def _train(

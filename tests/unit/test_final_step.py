@@ -67,7 +67,7 @@ def finish(grid: LedgerGrid, strategy: PopulationStrategy) -> tuple[FinalResult,
     cfg = strategy.cfg
     output = RunOutput.open(cfg, 1, grid.ledger)
     test: ImageData = load_test_data(cfg)
-    return final_step(grid, cfg, strategy, test, None, output), output
+    return final_step(grid, strategy, test, None, output), output
 
 
 def shift_bn_statistics(member: int, message_type: str, content: RecordDict) -> None:
@@ -146,5 +146,5 @@ def test_with_no_member_collected_the_final_step_fails_and_saves_nothing(tmp_pat
     cfg = strategy.cfg
     output = RunOutput.open(cfg, 1, grid.ledger)
     with pytest.raises(RuntimeError, match="no member could be collected"):
-        final_step(grid, cfg, strategy, load_test_data(cfg), None, output)
+        final_step(grid, strategy, load_test_data(cfg), None, output)
     assert not (output.directory / "final_model.pt").exists()
