@@ -75,9 +75,10 @@ Payload = Mapping[str, Tensor]
 
 
 class Member(Protocol):
-    """What the protocol needs of a member (:class:`wash_fed.training.Member` is one): its
-    run's configuration, its model and device, its masks and the tensors they select, and
-    the newest delivery it applied. The server's side needs none of it."""
+    """What the protocol needs of a member (:class:`wash_fed.member.PopulationMember` is
+    one, whatever trains it): its run's configuration, its model and device, its masks and
+    the tensors they select, and the newest delivery it applied. The server's side needs
+    none of it."""
 
     cfg: WashFedConfig
     device: torch.device

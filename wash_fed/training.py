@@ -31,8 +31,8 @@ from wash_fed.data import (
     load_split,
     partition_indices,
 )
+from wash_fed.member import PopulationMember
 from wash_fed.models import build_model
-from wash_fed.shuffle import ShuffleMask
 
 __all__ = [
     "Member",
@@ -262,78 +262,43 @@ class MemberState(TypedDict):
     applied_event: int
 
 
-class Member:
+class Member(PopulationMember):
     """Member ``index`` of the population described by ``cfg``, training on ``data`` (its own
-    examples).
+    examples) with SGD, its learning-rate schedule and its own data order: the built-in
+    image classifier's training loop on the member protocol's
+    :class:`~wash_fed.member.PopulationMember`.
 
     Initialisation: ``init='different'`` draws each member's weights from its own seed,
     ``'shared'`` gives every member the same weights. Each member reads its data in its own
     order.
     """
 
+    optimizer: torch.optim.SGD
+
     def __init__(
         self, cfg: WashFedConfig, index: int, data: ImageData, device: torch.device
     ) -> None:
-        if not 0 <= index < cfg.num_members:
-            raise ValueError(f"member index {index} out of range for num-members={cfg.num_members}")
         if cfg.optim.batch_size > len(data):
             raise ValueError(
                 f"batch-size={cfg.optim.batch_size} is more than member {index}'s {len(data)} "
                 "training images"
             )
-        self.cfg, self.index, self.device = cfg, index, device
-        self.train_data = data.to(device)
-        self.model = initial_model(cfg, index).to(device)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
+        model = initial_model(cfg, index).to(device)
+        optimizer = torch.optim.SGD(
+            model.parameters(),
             lr=cfg.optim.lr,
             momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay,
         )
+        super().__init__(cfg, index, model, device, optimizer)
+        self.train_data = data.to(device)
         self.scheduler = _scheduler(cfg, self.optimizer)
         self.stream = BatchStream(
             np.arange(len(data)),
             cfg.optim.batch_size,
             seed=derive_seed(cfg.seed, _DATA_ORDER, index),
         )
-        self._mask: tuple[int, ShuffleMask] | None = None
         self.steps_done = 0
-        self.applied_event = 0
-        """The newest delivery (the round whose exchange produced it) written into the member."""
-
-    def parameters(self) -> list[Tensor]:
-        """The trainable tensors, in registration order (the order layer schedules use)."""
-        return list(self.model.parameters())
-
-    def shuffle_groups(self, with_optimizer_state: bool) -> dict[str, list[Tensor]]:
-        """The tensors a shuffle event moves, by kind, aligned with :meth:`parameters`.
-
-        ``{"weights": [...]}``, plus each optimizer-state tensor kind that has the shape of
-        its parameter (SGD: ``momentum_buffer``) when ``with_optimizer_state``. Missing state
-        (a parameter not yet updated) is created as zeros so that every member sends the
-        same kinds.
-        """
-        params = self.parameters()
-        groups: dict[str, list[Tensor]] = {"weights": params}
-        if with_optimizer_state:
-            groups["momentum_buffer"] = [self._momentum_buffer(p) for p in params]
-        return groups
-
-    def _momentum_buffer(self, param: Tensor) -> Tensor:
-        state = self.optimizer.state[param]
-        if state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.zeros_like(param)
-        buffer: Tensor = state["momentum_buffer"]
-        return buffer
-
-    def shuffle_mask(self, event: int) -> ShuffleMask:
-        """The WASH mask of shuffle event ``event`` over this member's parameters. The
-        latest one is kept: a round sends its values at mask ``r`` and the next writes the
-        shuffled ones back at the same mask."""
-        if self._mask is None or self._mask[0] != event:
-            numels = [p.numel() for p in self.parameters()]
-            self._mask = (event, self.cfg.shuffle_mask(numels, event))
-        return self._mask[1]
 
     def bn_statistics(self, state_dict: Mapping[str, Tensor]) -> BNStatistics:
         """BatchNorm statistics of the model ``state_dict`` (a soup) on the first
