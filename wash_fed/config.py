@@ -41,6 +41,7 @@ __all__ = [
     "ExchangeConfig",
     "FinalConfig",
     "GateConfig",
+    "MemberSettings",
     "ModelConfig",
     "OptimConfig",
     "OutputConfig",
@@ -565,13 +566,12 @@ class WashFedConfig:
     def shuffle_mask(self, numels: Sequence[int], event: int) -> ShuffleMask:
         """This run's WASH mask of shuffle event ``event`` (:func:`wash_fed.shuffle.wash_mask`)
         over parameter tensors of ``numels`` scalars."""
-        return wash_mask(
-            numels,
-            event,
-            shuffle_prob=self.exchange.shuffle_prob,
-            schedule=self.exchange.layer_schedule,
-            seed=self.seed,
-        )
+        return self.member_settings.shuffle_mask(numels, event)
+
+    @property
+    def member_settings(self) -> MemberSettings:
+        """What a member must know of this run to take part in its exchanges."""
+        return MemberSettings(self.strategy, self.num_members, self.seed, self.exchange, self.final)
 
     def training_changes(self, other: WashFedConfig) -> list[str]:
         """The keys whose values differ between two configurations, leaving out those a
@@ -613,6 +613,56 @@ class WashFedConfig:
         return {key: f.metadata["help"] for key, (_, f) in _KEYS.items()}
 
 
+@dataclass(frozen=True)
+class MemberSettings:
+    """What a member must know of a run to take part in its exchanges, whatever trains it:
+    the run's shape, the exchange section (WASH's masks and PAPA's rate, the values' type on
+    the wire) and the final step's (its values' type, the BatchNorm batches). The server
+    sends them to every member when it greets it; the attributes are those of
+    :class:`WashFedConfig`, so the member protocol takes either."""
+
+    strategy: str
+    num_members: int
+    seed: int
+    exchange: ExchangeConfig
+    final: FinalConfig
+
+    def shuffle_mask(self, numels: Sequence[int], event: int) -> ShuffleMask:
+        """The WASH mask of shuffle event ``event`` (:func:`wash_fed.shuffle.wash_mask`)
+        over parameter tensors of ``numels`` scalars, derived from ``(seed, event)``."""
+        return wash_mask(
+            numels,
+            event,
+            shuffle_prob=self.exchange.shuffle_prob,
+            schedule=self.exchange.layer_schedule,
+            seed=self.seed,
+        )
+
+    def to_mapping(self) -> dict[str, ConfigValue]:
+        """These settings as the run configuration's kebab-case keys."""
+        return {
+            key: value for key, value in self._whole().to_mapping().items() if key in _MEMBER_KEYS
+        }
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, object]) -> MemberSettings:
+        """Settings from kebab-case keys (those of :meth:`to_mapping`), checked as the
+        configuration checks them; ConfigError names a key that is not one of them."""
+        others = sorted(set(values) - _MEMBER_KEYS)
+        if others:
+            raise ConfigError(f"{', '.join(others)}: not a member's settings")
+        return WashFedConfig.from_mapping(values).member_settings
+
+    def _whole(self) -> WashFedConfig:
+        return WashFedConfig(
+            strategy=self.strategy,
+            num_members=self.num_members,
+            seed=self.seed,
+            exchange=self.exchange,
+            final=self.final,
+        )
+
+
 def _key_table() -> Iterator[tuple[str, tuple[str | None, dataclasses.Field[Any]]]]:
     """Every key: the section that holds it (None: the run's own) and its field."""
     for f in dataclasses.fields(WashFedConfig):
@@ -624,6 +674,11 @@ def _key_table() -> Iterator[tuple[str, tuple[str | None, dataclasses.Field[Any]
 
 
 _KEYS = dict(_key_table())
+_MEMBER_KEYS = frozenset(
+    key
+    for key, (section, f) in _KEYS.items()
+    if section in ("exchange", "final") or (section is None and f.name != "num_server_rounds")
+)
 _HINTS: dict[tuple[str, str | None], type] = {
     (name, section): kind
     for section, owner in ((None, WashFedConfig), *SECTIONS.items())

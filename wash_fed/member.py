@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from wash_fed.config import WashFedConfig
+from wash_fed.config import MemberSettings
 from wash_fed.shuffle import ShuffleMask
 
 __all__ = ["OPTIMIZER_STATE", "PopulationMember", "optimizer_state_kinds"]
@@ -47,25 +47,26 @@ def optimizer_state_kinds(optimizer: torch.optim.Optimizer | None) -> tuple[str,
 
 
 class PopulationMember:
-    """Member ``index`` of the run ``cfg``: ``model`` (on ``device``) and, when it has one,
-    the ``optimizer`` that trains it.
+    """Member ``index`` of a run with ``settings``: ``model`` (on ``device``) and, when it
+    has one, the ``optimizer`` that trains it.
 
     Invariants: :attr:`applied_event` only grows (a delivery is applied at most once); the
-    mask of an event is a function of ``(cfg.seed, event)`` and the parameters' sizes, so
-    every member and the server derive the same one.
+    mask of an event is a function of ``(settings.seed, event)`` and the parameters' sizes,
+    so every member and the server derive the same one.
     """
 
     def __init__(
         self,
-        cfg: WashFedConfig,
+        settings: MemberSettings,
         index: int,
         model: nn.Module,
         device: torch.device,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
-        if not 0 <= index < cfg.num_members:
-            raise ValueError(f"member index {index} out of range for num-members={cfg.num_members}")
-        self.cfg, self.index, self.device = cfg, index, device
+        members = settings.num_members
+        if not 0 <= index < members:
+            raise ValueError(f"member index {index} out of range for num-members={members}")
+        self.settings, self.index, self.device = settings, index, device
         self.model = model
         self.optimizer = optimizer
         self.applied_event = 0
@@ -82,7 +83,7 @@ class PopulationMember:
         shuffled ones back at the same mask."""
         if self._mask is None or self._mask[0] != event:
             numels = [p.numel() for p in self.parameters()]
-            self._mask = (event, self.cfg.shuffle_mask(numels, event))
+            self._mask = (event, self.settings.shuffle_mask(numels, event))
         return self._mask[1]
 
     def shuffle_groups(self, with_optimizer_state: bool) -> dict[str, list[Tensor]]:

@@ -41,7 +41,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from wash_fed.config import WashFedConfig
+from wash_fed.config import MemberSettings, WashFedConfig
 from wash_fed.gate import check_tensors, check_values
 from wash_fed.keys import Reply, ReplyKind
 from wash_fed.papa import population_mean, pull_toward
@@ -80,7 +80,7 @@ class Member(Protocol):
     the tensors they select, and the newest delivery it applied. The server's side needs
     none of it."""
 
-    cfg: WashFedConfig
+    settings: MemberSettings
     device: torch.device
     model: torch.nn.Module
     applied_event: int
@@ -114,7 +114,7 @@ def apply_delivery(member: Member, delivery: Delivery) -> bool:
         return False
     if delivery.kind == "values":
         mask = member.shuffle_mask(delivery.event).to(member.device)
-        groups = member.shuffle_groups(member.cfg.exchange.shuffle_optimizer_state)
+        groups = member.shuffle_groups(member.settings.exchange.shuffle_optimizer_state)
         if delivery.tensors.keys() != groups.keys():
             raise ValueError(
                 f"received value kinds {sorted(delivery.tensors)}, expected {sorted(groups)}"
@@ -127,7 +127,7 @@ def apply_delivery(member: Member, delivery: Delivery) -> bool:
         if missing:
             raise ValueError(f"the population mean lacks parameters {missing[:5]}")
         pull_toward(
-            member.parameters(), [delivery.tensors[n] for n in names], papa_rate(member.cfg)
+            member.parameters(), [delivery.tensors[n] for n in names], papa_rate(member.settings)
         )
     elif delivery.kind == "state":
         member.model.load_state_dict(delivery.tensors)
@@ -140,12 +140,16 @@ def apply_delivery(member: Member, delivery: Delivery) -> bool:
 _WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def wire_dtype(cfg: WashFedConfig) -> torch.dtype:
+RunSettings = WashFedConfig | MemberSettings
+"""A run's whole configuration (the server's) or what a member knows of it."""
+
+
+def wire_dtype(cfg: RunSettings) -> torch.dtype:
     """The dtype of the floating-point values exchanged while training."""
     return _WIRE_DTYPES[cfg.exchange.wire_dtype]
 
 
-def final_dtype(cfg: WashFedConfig) -> torch.dtype:
+def final_dtype(cfg: RunSettings) -> torch.dtype:
     """The dtype of the final step's floating-point values: the collected members and the
     soup on its way down."""
     return _WIRE_DTYPES[cfg.final.final_dtype]
@@ -168,7 +172,7 @@ def to_wire(tensors: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tens
     }
 
 
-def papa_rate(cfg: WashFedConfig) -> float:
+def papa_rate(cfg: RunSettings) -> float:
     """How much of itself a member keeps when pulled toward the mean: ``papa-rate`` for
     ``papa``, 0 (replaced by the mean) for ``papa-all``."""
     return 0.0 if cfg.strategy == "papa-all" else cfg.exchange.papa_rate
@@ -181,10 +185,10 @@ def member_payload(member: Member, reply: ReplyKind, event: int) -> dict[str, Te
     ``weights``: its parameters by name; ``state``: its full state dict; ``metrics``: nothing.
     Floating-point values are in ``wire-dtype``.
     """
-    dtype = wire_dtype(member.cfg)
+    dtype = wire_dtype(member.settings)
     if reply == Reply.VALUES:
         mask = member.shuffle_mask(event).to(member.device)
-        groups = member.shuffle_groups(member.cfg.exchange.shuffle_optimizer_state)
+        groups = member.shuffle_groups(member.settings.exchange.shuffle_optimizer_state)
         return to_wire({kind: gather(tensors, mask) for kind, tensors in groups.items()}, dtype)
     if reply == Reply.WEIGHTS:
         return to_wire(dict(member.model.named_parameters()), dtype)

@@ -290,7 +290,8 @@ class Member(PopulationMember):
             momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay,
         )
-        super().__init__(cfg, index, model, device, optimizer)
+        super().__init__(cfg.member_settings, index, model, device, optimizer)
+        self.cfg = cfg
         self.train_data = data.to(device)
         self.scheduler = _scheduler(cfg, self.optimizer)
         self.stream = BatchStream(

@@ -13,6 +13,7 @@ from wash_fed.config import (
     ConfigError,
     ExchangeConfig,
     GateConfig,
+    MemberSettings,
     OptimConfig,
     RuntimeConfig,
     WashFedConfig,
@@ -130,3 +131,16 @@ def test_flat_keys_land_in_their_sections() -> None:
     )
     headings = [line for line in reference().splitlines() if line.startswith("## ")]
     assert headings == ["## The run", *(f"## {kind.title}" for kind in SECTIONS.values())]
+
+
+def test_a_members_settings_travel_as_keys_and_are_checked_like_the_configuration() -> None:
+    cfg = WashFedConfig.from_mapping({"shuffle-prob": 0.2, "num-members": 3, "lr": 0.3})
+    settings = cfg.member_settings
+    sent = settings.to_mapping()
+    assert "lr" not in sent and "num-server-rounds" not in sent and sent["shuffle-prob"] == 0.2
+    assert MemberSettings.from_mapping(sent) == settings
+    assert settings.shuffle_mask([40, 12], 3).digest() == cfg.shuffle_mask([40, 12], 3).digest()
+    with pytest.raises(ConfigError, match="lr: not a member's settings"):
+        MemberSettings.from_mapping({**sent, "lr": 0.1})
+    with pytest.raises(ConfigError, match="shuffle-prob must be in"):
+        MemberSettings.from_mapping({**sent, "shuffle-prob": 3.0})

@@ -23,7 +23,7 @@ Optimizer = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
 
 def members(optimizer: Optimizer) -> list[PopulationMember]:
     """Three members of a small regression model, each trained one step on its own data."""
-    cfg = three_members(**{"shuffle-optimizer-state": True})
+    cfg = three_members(**{"shuffle-optimizer-state": True}).member_settings
     population = []
     for index in range(3):
         torch.manual_seed(index)
@@ -72,7 +72,7 @@ def test_wash_opt_moves_the_optimizers_state_with_the_weights(
 
 
 def test_state_a_parameter_has_not_got_yet_is_made_as_the_first_step_makes_it() -> None:
-    cfg = three_members(**{"shuffle-optimizer-state": True})
+    cfg = three_members(**{"shuffle-optimizer-state": True}).member_settings
     model = nn.Linear(4, 2)
     member = PopulationMember(cfg, 0, model, CPU, torch.optim.AdamW(model.parameters()))
     groups = member.shuffle_groups(with_optimizer_state=True)
@@ -84,7 +84,7 @@ def test_state_a_parameter_has_not_got_yet_is_made_as_the_first_step_makes_it() 
 
 
 def test_an_optimizer_whose_state_wash_does_not_know_is_named() -> None:
-    cfg = three_members(**{"shuffle-optimizer-state": True})
+    cfg = three_members(**{"shuffle-optimizer-state": True}).member_settings
     model = nn.Linear(4, 2)
     member = PopulationMember(cfg, 0, model, CPU, torch.optim.RMSprop(model.parameters()))
     with pytest.raises(ValueError, match="not of RMSprop"):
