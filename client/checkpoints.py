@@ -9,9 +9,10 @@ round of its own checkpoint; the member keeps its checkpoints of that round and 
 resumed run always finds the round it resumes from, even when the server stopped saving
 (after ``flwr stop``) while rounds went on.
 
-A checkpoint holds the member (model, optimizer, schedule, data position, newest delivery
-applied), torch's RNG state, the partition id, the run configuration it belongs to, and the
-credential the server issued the member (:mod:`server.roster`).
+A checkpoint holds the member (:meth:`wash_fed.clientapp.WashMember.state_dict`: model,
+optimizer, newest delivery applied, its task's schedule and data position, the credential
+the server issued it, :mod:`server.roster`), torch's RNG state, the partition id and the run
+configuration it belongs to.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from typing import TypedDict, cast
 import torch
 from torch import Tensor
 
+from wash_fed.clientapp import WashMember, WashMemberState
 from wash_fed.config import ConfigValue, WashFedConfig
 from wash_fed.files import save_torch
-from wash_fed.training import Member, MemberState
 
 __all__ = ["MemberCheckpoints", "SavedMember"]
 
@@ -38,9 +39,8 @@ class SavedMember(TypedDict):
 
     partition: int
     config: dict[str, ConfigValue]
-    member: MemberState
+    member: WashMemberState
     rng: Tensor
-    credential: str
 
 
 class MemberCheckpoints:
@@ -65,23 +65,17 @@ class MemberCheckpoints:
         return sorted(int(m.group(1)) for m in found if m)
 
     def save(
-        self,
-        member: Member,
-        cfg: WashFedConfig,
-        server_round: int,
-        keep_from: int | None,
-        credential: str,
+        self, member: WashMember, cfg: WashFedConfig, server_round: int, keep_from: int | None
     ) -> None:
-        """Write ``member`` (holding ``credential``) as of ``server_round``; keep the
-        checkpoints of rounds ``keep_from`` and later (None: this one only)."""
+        """Write ``member`` as of ``server_round``; keep the checkpoints of rounds
+        ``keep_from`` and later (None: this one only)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.directory / f"member-r{server_round}.pt"
         saved = SavedMember(
-            partition=member.index,
+            partition=member.member.index,
             config=cfg.to_mapping(),
             member=member.state_dict(),
             rng=torch.get_rng_state(),
-            credential=credential,
         )
         save_torch(path, saved, mode=0o600)
         oldest = server_round if keep_from is None else min(keep_from, server_round)
@@ -90,29 +84,29 @@ class MemberCheckpoints:
                 (self.directory / f"member-r{old}.pt").unlink(missing_ok=True)
 
     def restore(
-        self, member: Member, cfg: WashFedConfig, at_most: int | None = None
-    ) -> tuple[int, str] | None:
+        self, member: WashMember, cfg: WashFedConfig, at_most: int | None = None
+    ) -> int | None:
         """Load the newest checkpoint (of a round ``<= at_most``, when given) into
-        ``member``; its round and the member's credential, or None when there is none.
-        Raises ValueError when the checkpoint is another member's or of another training
-        configuration."""
+        ``member``; its round, or None when there is none. Raises ValueError when the
+        checkpoint is another member's or of another training configuration."""
         rounds = [r for r in self.rounds() if at_most is None or r <= at_most]
         if not rounds:
             return None
         path = self.directory / f"member-r{rounds[-1]}.pt"
-        loaded = torch.load(path, map_location=member.device, weights_only=False)
+        index = member.member.index
+        loaded = torch.load(path, map_location=member.member.device, weights_only=False)
         saved = cast(SavedMember, loaded)  # written by save(), whole (files.save_torch)
         saved_cfg = WashFedConfig.from_mapping(saved["config"])
         changed = cfg.training_changes(saved_cfg)
-        if saved["partition"] != member.index or changed:
+        if saved["partition"] != index or changed:
             raise ValueError(
                 f"the checkpoint {path} is of member {saved['partition']}"
                 + (f", trained with other {', '.join(changed)}" if changed else "")
-                + f"; this is member {member.index}. Remove it to start this member afresh"
+                + f"; this is member {index}. Remove it to start this member afresh"
             )
         member.load_state_dict(saved["member"])
         torch.set_rng_state(saved["rng"])
-        return rounds[-1], str(saved["credential"])
+        return rounds[-1]
 
     def remove(self) -> None:
         """Delete the checkpoints (and the folder, when nothing else is in it)."""

@@ -73,7 +73,7 @@ def _member_info(reply: Message) -> MemberInfo:
         torch=str(wire.config_value(content, Info.TORCH, Record.INFO)),
         mask_digest=str(wire.config_value(content, Info.MASK_DIGEST, Record.INFO)),
         resumed=bool(wire.config_value(content, Info.RESUMED, Record.INFO)),
-        steps_done=int(wire.metric(content, Metric.STEPS_DONE)),
+        steps_done=int(wire.metric(content, Metric.STEPS_DONE, default=0)),
         resumed_round=int(wire.metric(content, Metric.RESUMED_ROUND)),
         credential=str(wire.config_value(content, Info.CREDENTIAL, Record.INFO)),
         layout=list(json.loads(str(wire.config_value(content, Info.MODEL_LAYOUT, Record.INFO)))),

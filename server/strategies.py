@@ -141,7 +141,11 @@ class PopulationStrategy(Strategy):
         messages = self.messages(
             MessageType.COLLECT,
             self.cfg.final_round,
-            {Config.CHECKPOINTED_ROUND: self.state.checkpointed},
+            {
+                Config.CHECKPOINTED_ROUND: self.state.checkpointed,
+                # Without a test set of its own, the server weighs the members' own figures.
+                Config.EVALUATE: not self.cfg.data.test_on_server,
+            },
         )
         replies = grid.send_and_receive(messages, timeout=timeout)
         got = gather(replies, self.roster.nodes, Record.ARRAYS, "the final collection")

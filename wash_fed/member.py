@@ -16,13 +16,15 @@ What WASH needs of it:
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 from torch import Tensor, nn
 
 from wash_fed.config import MemberSettings
 from wash_fed.shuffle import ShuffleMask
 
-__all__ = ["OPTIMIZER_STATE", "PopulationMember", "optimizer_state_kinds"]
+__all__ = ["OPTIMIZER_STATE", "MemberState", "PopulationMember", "optimizer_state_kinds"]
 
 OPTIMIZER_STATE: dict[type[torch.optim.Optimizer], tuple[str, ...]] = {
     torch.optim.SGD: ("momentum_buffer",),
@@ -44,6 +46,15 @@ def optimizer_state_kinds(optimizer: torch.optim.Optimizer | None) -> tuple[str,
             f"shuffle-optimizer-state moves the state of {known}, not of {type(optimizer).__name__}"
         )
     return kinds
+
+
+class MemberState(TypedDict):
+    """A population member's own state (:meth:`PopulationMember.state_dict`)."""
+
+    model: dict[str, Tensor]
+    optimizer: dict[str, object] | None
+    """torch's own optimizer state (its momentum buffers, its moments); None without one."""
+    applied_event: int
 
 
 class PopulationMember:
@@ -96,6 +107,20 @@ class PopulationMember:
             for kind in optimizer_state_kinds(self.optimizer):
                 groups[kind] = [self._state(p, kind) for p in params]
         return groups
+
+    def state_dict(self) -> MemberState:
+        """The model, the optimizer's state and the newest delivery applied."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "applied_event": self.applied_event,
+        }
+
+    def load_state_dict(self, state: MemberState) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.applied_event = int(state["applied_event"])
 
     def _state(self, param: Tensor, kind: str) -> Tensor:
         """The optimizer's ``kind`` of ``param``, created as zeros where it has none yet."""

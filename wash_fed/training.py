@@ -2,16 +2,17 @@
 
 A :class:`Member` owns a model, its SGD optimizer, its learning-rate schedule and its
 position in its own data order. Everything it needs to continue elsewhere is in
-:meth:`Member.state_dict`, so a Flower client can keep it in ``context.state`` between rounds
-and the population trainer can hold several in one process. Given the same configuration
-and member index, two processes build the same member bit for bit.
+:meth:`Member.state_dict` and :meth:`Member.loop_state`, so a Flower client can keep it in
+``context.state`` between rounds and the population trainer can hold several in one process.
+Given the same configuration and member index, two processes build the same member bit for
+bit.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -243,23 +244,14 @@ def _scheduler(cfg: WashFedConfig, optimizer: torch.optim.Optimizer) -> LRSchedu
     return ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
-class StreamPosition(TypedDict):
-    """Where a member's data order stands: the epoch and the batch within it."""
+class LoopState(TypedDict):
+    """The built-in training loop's own state (:meth:`Member.loop_state`): the learning-rate
+    schedule, where the member's data order stands, the steps taken."""
 
+    scheduler: dict[str, object]
     epoch: int
     cursor: int
-
-
-class MemberState(TypedDict):
-    """A member as its checkpoint holds it (:meth:`Member.state_dict`)."""
-
-    model: dict[str, Tensor]
-    optimizer: dict[str, object]
-    """torch's own optimizer state (its momentum buffers)."""
-    scheduler: dict[str, object]
-    stream: StreamPosition
     steps_done: int
-    applied_event: int
 
 
 class Member(PopulationMember):
@@ -302,14 +294,17 @@ class Member(PopulationMember):
         self.steps_done = 0
 
     def bn_statistics(self, state_dict: Mapping[str, Tensor]) -> BNStatistics:
-        """BatchNorm statistics of the model ``state_dict`` (a soup) on the first
-        ``bn-batches`` batches of this member's data, in stored order."""
+        """BatchNorm statistics of the model ``state_dict`` (a soup) on
+        :meth:`bn_inputs` (``bn-batches`` of them)."""
         probe = copy.deepcopy(self.model)
         probe.load_state_dict(state_dict)
-        own = self.train_data.subset(
-            self.stream.indices[: self.cfg.final.bn_batches * self.cfg.optim.batch_size]
-        )
-        return bn_statistics(probe, (x for x, _ in own.batches(self.cfg.optim.batch_size)))
+        return bn_statistics(probe, self.bn_inputs(self.cfg.final.bn_batches))
+
+    def bn_inputs(self, batches: int) -> Iterator[Tensor]:
+        """The first ``batches`` input batches of this member's data, in stored order."""
+        size = self.cfg.optim.batch_size
+        own = self.train_data.subset(self.stream.indices[: batches * size])
+        return (x for x, _ in own.batches(size))
 
     def train_steps(self, steps: int) -> TrainStats:
         """Take ``steps`` SGD steps on the member's own batches."""
@@ -346,23 +341,18 @@ class Member(PopulationMember):
             epochs=self.stream.epochs_done,
         )
 
-    def state_dict(self) -> MemberState:
-        """Everything needed to resume: model, optimizer, schedule, data position and the
-        newest delivery applied."""
+    def loop_state(self) -> LoopState:
+        """The training loop's state beside the member's own (:meth:`state_dict`): what,
+        with it, lets the member continue in another process."""
         epoch, cursor = self.stream.position()
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "stream": {"epoch": epoch, "cursor": cursor},
+            "epoch": epoch,
+            "cursor": cursor,
             "steps_done": self.steps_done,
-            "applied_event": self.applied_event,
         }
 
-    def load_state_dict(self, state: MemberState) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_loop_state(self, state: LoopState) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
-        self.stream.seek(state["stream"]["epoch"], state["stream"]["cursor"])
+        self.stream.seek(state["epoch"], state["cursor"])
         self.steps_done = int(state["steps_done"])
-        self.applied_event = int(state["applied_event"])

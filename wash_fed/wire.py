@@ -88,9 +88,12 @@ def message(
     )
 
 
-def metric(content: RecordDict, key: str) -> float:
-    """A numeric entry of the ``metrics`` record."""
-    value = content.metric_records[Record.METRICS][key]
+def metric(content: RecordDict, key: str, default: float | None = None) -> float:
+    """A numeric entry of the ``metrics`` record (``default`` where it is absent, if given)."""
+    metrics = content.metric_records[Record.METRICS]
+    if default is not None and key not in metrics:
+        return default
+    value = metrics[key]
     if not isinstance(value, (int, float)):
         raise TypeError(f"metric {key!r} is {value!r}, not a number")
     return float(value)

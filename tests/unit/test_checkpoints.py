@@ -10,85 +10,79 @@ import pytest
 import torch
 
 from client.checkpoints import MemberCheckpoints
+from client.task import MemberTask
 from server.checkpoint import ServerCheckpoint
 from server.state import StrategyState
 from wash_fed.config import ConfigError, WashFedConfig
 from wash_fed.gate import Quarantine
+from wash_fed.keys import NodeConfig
 from wash_fed.results import RunResult, write_results
-from wash_fed.training import Member, TrainingData, load_training_data
 
 SMALL = {"train-subset": 1000, "holdout-size": 100, "num-members": 2, "local-steps": 3}
 
 
-@pytest.fixture(scope="module")
-def data() -> TrainingData:
-    return load_training_data(WashFedConfig.from_mapping(SMALL))
-
-
-def member(data: TrainingData, index: int = 0, **overrides: object) -> Member:
+def member(index: int = 0, **overrides: object) -> MemberTask:
+    """The built-in member ``index`` of a small run, holding the credential "c"."""
     cfg = WashFedConfig.from_mapping({**SMALL, **overrides})
-    return Member(cfg, index, data.member(index), torch.device("cpu"))
+    node = {NodeConfig.PARTITION_ID: index, NodeConfig.NUM_PARTITIONS: cfg.num_members}
+    built = MemberTask(cfg, index, node)
+    built.credential = "c"
+    return built
 
 
-def test_checkpoints_are_pruned_to_what_the_server_may_resume_from(
-    tmp_path: Path, data: TrainingData
-) -> None:
-    cfg, trained = WashFedConfig.from_mapping(SMALL), member(data)
+def test_checkpoints_are_pruned_to_what_the_server_may_resume_from(tmp_path: Path) -> None:
+    cfg, trained = WashFedConfig.from_mapping(SMALL), member()
     store = MemberCheckpoints.of_run(tmp_path / "member-0", 7)
-    store.save(trained, cfg, 1, keep_from=0, credential="c")
-    store.save(trained, cfg, 2, keep_from=1, credential="c")
+    store.save(trained, cfg, 1, keep_from=0)
+    store.save(trained, cfg, 2, keep_from=1)
     # The server stopped saving after round 1:
-    store.save(trained, cfg, 3, keep_from=1, credential="c")
+    store.save(trained, cfg, 3, keep_from=1)
     assert store.rounds() == [1, 2, 3]
-    store.save(trained, cfg, 4, keep_from=3, credential="c")
+    store.save(trained, cfg, 4, keep_from=3)
     assert store.rounds() == [3, 4]
     # No server checkpoint: the newest only.
-    store.save(trained, cfg, 5, keep_from=None, credential="c")
+    store.save(trained, cfg, 5, keep_from=None)
     assert store.rounds() == [5]
     assert store.sibling(8).directory == tmp_path / "member-0" / "run-8"
     store.remove()
     assert not store.directory.exists()
 
 
-def test_a_member_is_restored_bit_for_bit_from_the_round_asked(
-    tmp_path: Path, data: TrainingData
-) -> None:
-    cfg, trained = WashFedConfig.from_mapping(SMALL), member(data)
+def test_a_member_is_restored_bit_for_bit_from_the_round_asked(tmp_path: Path) -> None:
+    cfg, trained = WashFedConfig.from_mapping(SMALL), member()
     store = MemberCheckpoints(tmp_path)
-    trained.train_steps(3)
-    store.save(trained, cfg, 1, keep_from=0, credential="c")
-    at_round_1 = {k: v.clone() for k, v in trained.model.state_dict().items()}
-    trained.train_steps(3)
-    store.save(trained, cfg, 2, keep_from=1, credential="c")
-    fresh = member(data)
-    assert store.restore(fresh, cfg, at_most=1) == (1, "c")
-    assert all(torch.equal(v, at_round_1[k]) for k, v in fresh.model.state_dict().items())
-    assert fresh.steps_done == 3
-    assert store.restore(fresh, cfg) == (2, "c") and fresh.steps_done == 6
+    trained.trained.train_steps(3)
+    store.save(trained, cfg, 1, keep_from=0)
+    at_round_1 = {k: v.clone() for k, v in trained.member.model.state_dict().items()}
+    trained.trained.train_steps(3)
+    store.save(trained, cfg, 2, keep_from=1)
+    fresh = member()
+    fresh.credential = ""
+    assert store.restore(fresh, cfg, at_most=1) == 1 and fresh.credential == "c"
+    assert all(torch.equal(v, at_round_1[k]) for k, v in fresh.member.model.state_dict().items())
+    assert fresh.trained.steps_done == 3
+    assert store.restore(fresh, cfg) == 2 and fresh.trained.steps_done == 6
     assert store.restore(fresh, cfg, at_most=0) is None
     # The same steps from the restored state give the same weights.
-    again = member(data)
+    again = member()
     store.restore(again, cfg, at_most=1)
-    again.train_steps(3)
-    assert all(
-        torch.equal(v, trained.model.state_dict()[k]) for k, v in again.model.state_dict().items()
-    )
+    again.trained.train_steps(3)
+    mine, theirs = again.member.model.state_dict(), trained.member.model.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in mine.items())
 
 
-def test_another_members_or_configurations_checkpoint_is_refused(
-    tmp_path: Path, data: TrainingData
-) -> None:
+def test_another_members_or_configurations_checkpoint_is_refused(tmp_path: Path) -> None:
     cfg = WashFedConfig.from_mapping(SMALL)
     store = MemberCheckpoints(tmp_path)
-    store.save(member(data, 0), cfg, 1, keep_from=0, credential="c")
+    store.save(member(0), cfg, 1, keep_from=0)
     with pytest.raises(ValueError, match="is of member 0; this is member 1"):
-        store.restore(member(data, 1), cfg)
+        store.restore(member(1), cfg)
     other = WashFedConfig.from_mapping({**SMALL, "lr": 0.1})
     with pytest.raises(ValueError, match="trained with other lr"):
-        store.restore(member(data, 0, lr=0.1), other)
+        store.restore(member(0, lr=0.1), other)
     # Where things go, timeouts and the device may change on resume.
     moved = WashFedConfig.from_mapping({**SMALL, "output-dir": "elsewhere", "round-timeout": 9})
-    assert store.restore(member(data, 0), moved) == (1, "c")
+    assert store.restore(member(0), moved) == 1
 
 
 def test_only_population_runs_resume() -> None:

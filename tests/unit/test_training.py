@@ -73,9 +73,10 @@ def test_member_resumes_bit_for_bit(small_data: TrainingData) -> None:
 
     first = Member(cfg(), 1, small_data.member(1), torch.device("cpu"))
     first.train_steps(5)
-    saved = first.state_dict()
+    saved, loop = first.state_dict(), first.loop_state()
     resumed = Member(cfg(), 1, small_data.member(1), torch.device("cpu"))
     resumed.load_state_dict(saved)
+    resumed.load_loop_state(loop)
     stats = resumed.train_steps(5)
     assert stats.steps == 5 and stats.examples == 160
     for x, y in zip(
