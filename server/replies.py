@@ -61,7 +61,7 @@ def gather(
 ) -> Replies:
     """Sort ``replies`` by member (``members``: partition id -> node id) and check each
     one's form: exactly a metrics record and, when ``arrays`` names one, that array record;
-    metrics known, finite and in range, and its ``partition-id`` (if any) its own. Members
+    metrics finite and in range, and its ``partition-id`` (if any) its own. Members
     that did not answer are failed. Each failure is logged once, naming ``what`` was asked.
     """
     partition_of = {node: partition for partition, node in members.items()}

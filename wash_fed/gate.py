@@ -75,17 +75,25 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
     Metric.CHECKPOINT_SECONDS: (0, math.inf),
     Metric.WORKER_PID: (0, math.inf),
 }
-"""Every metric a member may report, with its closed range; all must be finite."""
+"""Every metric the member protocol reads, with its closed range; all must be finite."""
+MAX_METRICS = 64
+"""The most metrics one reply may carry: a task's own figures beside the protocol's."""
+MAX_METRIC_NAME = 64
 
 
 def check_metrics(metrics: Mapping[str, object]) -> str | None:
-    """Why a member's metrics are unacceptable (``None``: they are fine)."""
+    """Why a member's metrics are unacceptable (``None``: they are fine): each a finite
+    number, within its range where the protocol reads it (:data:`METRIC_RANGES`); a task's
+    own figures beside them (a user's ``train`` may report any) up to :data:`MAX_METRICS`,
+    their names up to :data:`MAX_METRIC_NAME` characters."""
+    if len(metrics) > MAX_METRICS:
+        return f"{len(metrics)} metrics, more than {MAX_METRICS}"
     for key, value in metrics.items():
-        if key not in METRIC_RANGES:
-            return f"unknown metric {key!r}"
+        if len(key) > MAX_METRIC_NAME:
+            return f"a metric's name is {len(key)} characters long, more than {MAX_METRIC_NAME}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"metric {key!r} is {value!r}, not a number"
-        low, high = METRIC_RANGES[key]
+        low, high = METRIC_RANGES.get(key, (-math.inf, math.inf))
         if not (math.isfinite(value) and low <= value <= high):
             return f"metric {key!r} is {value}, outside [{low}, {high}]"
     return None
