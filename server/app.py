@@ -156,7 +156,7 @@ def run_strategy(
             grid, cfg, roster, parameters, test, output, metrics, resumed
         )
     evaluator: Evaluator = (
-        OnData(test, cfg.final.eval_batch_size)
+        OnData(test, cfg.final.eval_batch_size, lambda: new_model(cfg))
         if test is not None
         else OnMembers(FinalExchanges(grid, roster, cfg), Split.TEST)
     )

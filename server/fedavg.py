@@ -11,7 +11,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg
-from torch import Tensor, nn
+from torch import Tensor
 
 from server.ledger_grid import LedgerGrid
 from server.metrics import RunMetrics
@@ -21,6 +21,7 @@ from server.roster import Roster
 from server.state import RoundReport
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
+from wash_fed.evaluation import StateDict
 from wash_fed.gate import ReplyGate, check_tensors, require_finite
 from wash_fed.keys import Config, MessageType, Metric, Record, Reply
 from wash_fed.protocol import to_wire, wire_dtype
@@ -40,7 +41,7 @@ class FedAvgRounds:
     def __init__(
         self,
         cfg: WashFedConfig,
-        test_accuracy: Callable[[nn.Module], float],
+        test_accuracy: Callable[[StateDict], float],
         on_round: Callable[[RoundReport], None],
     ) -> None:
         self.cfg = cfg
@@ -59,7 +60,7 @@ class FedAvgRounds:
         if self.cfg.evaluates_at(server_round):
             model = new_model(self.cfg)
             model.load_state_dict(wire.record_to_tensors(arrays))
-            evaluated[Metric.TEST_ACCURACY] = self.test_accuracy(model)
+            evaluated[Metric.TEST_ACCURACY] = self.test_accuracy(model.state_dict())
         kept = self._kept
         members = {p: {**parts.metrics, **evaluated} for p, parts in kept.accepted.items()}
         seconds = time.perf_counter() - self._started
@@ -115,7 +116,7 @@ def run_fedavg(
     grid: LedgerGrid,
     cfg: WashFedConfig,
     roster: Roster,
-    test_accuracy: Callable[[nn.Module], float],
+    test_accuracy: Callable[[StateDict], float],
     output: RunOutput,
     metrics: RunMetrics,
 ) -> FinalResult:
@@ -153,7 +154,7 @@ def run_fedavg(
     model.load_state_dict(wire.record_to_tensors(result.arrays))
     require_finite(model.state_dict(), "the global model")
     output.save_model(model.state_dict())
-    final_accuracy = test_accuracy(model)
+    final_accuracy = test_accuracy(model.state_dict())
     log(INFO, "[fedavg] test accuracy of the global model: %.4f", final_accuracy)
     metrics.observe_final({"global": final_accuracy})
     return FinalResult(final_accuracy, GLOBAL_MODEL)

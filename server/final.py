@@ -34,10 +34,10 @@ from server.report import RunOutput
 from server.roster import Roster
 from server.strategies import PopulationStrategy
 from wash_fed import wire
-from wash_fed.batchnorm import BNStatistics, merge_bn_statistics, running_statistics
+from wash_fed.batchnorm import BNStatistics, bn_layers_of, merge_bn_statistics
 from wash_fed.config import WashFedConfig
 from wash_fed.data import ImageData
-from wash_fed.evaluation import Evaluator, OnData, PopulationAccuracy
+from wash_fed.evaluation import Evaluator, OnData, PopulationAccuracy, StateDict
 from wash_fed.gate import (
     Payload,
     ReplyGate,
@@ -229,11 +229,10 @@ def final_step(
     model = new_model(cfg)
     states, reported, rejected = _collected(grid, strategy, model)
     exchanges = FinalExchanges(grid, roster, cfg, dict(rejected))
-    reference = running_statistics(model)
+    reference = bn_layers_of(model.state_dict())
     evaluator, holdout = _evaluators(exchanges, test, validation, reported)
     merge = merge_population(
         list(states.values()),
-        lambda: new_model(cfg),
         evaluator,
         bn_statistics_of=(
             (lambda soup: exchanges.bn_statistics(soup, reference))
@@ -294,20 +293,22 @@ def _evaluators(
     test: ImageData | None,
     validation: ImageData | None,
     reported: Mapping[int, Metrics],
-) -> tuple[Evaluator, Callable[[nn.Module], float] | None]:
+) -> tuple[Evaluator, Callable[[StateDict], float] | None]:
     """Where the final step tests (the server's test set, else the members' own test data)
     and, for the greedy soup, where it picks ingredients (the server's validation set, else
     the members' held-out images; ``None`` for the other soups)."""
     cfg = exchanges.cfg
     evaluator: Evaluator = (
-        OnData(test, cfg.final.eval_batch_size)
+        OnData(test, cfg.final.eval_batch_size, lambda: new_model(cfg))
         if test is not None
         else OnMembers(exchanges, Split.TEST, _own_accuracies(reported))
     )
     if cfg.final.soup != "greedy":
         return evaluator, None
     if validation is not None:
-        return evaluator, OnData(validation, cfg.final.eval_batch_size).accuracy
+        return evaluator, OnData(
+            validation, cfg.final.eval_batch_size, lambda: new_model(cfg)
+        ).accuracy
     return evaluator, OnMembers(exchanges, Split.HOLDOUT).accuracy
 
 
@@ -333,15 +334,15 @@ class OnMembers:
     split: str
     own: list[float] | None = None
 
-    def population(self, models: Sequence[nn.Module]) -> PopulationAccuracy:
+    def population(self, members: Sequence[StateDict]) -> PopulationAccuracy:
         if self.own is None:
             raise ValueError("the members' own accuracies were not reported")
         return PopulationAccuracy(self.own, None)
 
-    def accuracy(self, model: nn.Module) -> float:
+    def accuracy(self, state_dict: StateDict) -> float:
         replies = self.exchanges.ask(
             MessageType.EVALUATE,
-            model.state_dict(),
+            state_dict,
             arrays=None,
             what=f"evaluation on {self.split}",
             config={Config.SPLIT: self.split},

@@ -11,7 +11,7 @@ member computes statistics of the soup on its own data and the server merges the
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +19,10 @@ from torch import Tensor, nn
 
 __all__ = [
     "BNStatistics",
+    "bn_layers_of",
     "bn_statistics",
-    "load_bn_statistics",
     "merge_bn_statistics",
-    "recalibrate_bn",
-    "running_statistics",
+    "with_bn_statistics",
 ]
 
 
@@ -55,17 +54,6 @@ def _running(m: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor, Tensor
     if mean is None or var is None or tracked is None:
         raise ValueError("BatchNorm layer without running statistics")
     return mean, var, tracked
-
-
-def running_statistics(model: nn.Module) -> BNStatistics:
-    """``model``'s BatchNorm running statistics as they are (copies; batches: 1). Also the
-    reference for the layers and shapes statistics of this model must have."""
-    running = {name: _running(m) for name, m in _bn_layers(model).items()}
-    return BNStatistics(
-        {name: mean.detach().clone() for name, (mean, _, _) in running.items()},
-        {name: var.detach().clone() for name, (_, var, _) in running.items()},
-        1,
-    )
 
 
 @torch.no_grad()
@@ -124,23 +112,34 @@ def merge_bn_statistics(parts: Sequence[BNStatistics]) -> BNStatistics:
     )
 
 
-@torch.no_grad()
-def load_bn_statistics(model: nn.Module, stats: BNStatistics) -> None:
-    """Install ``stats`` as ``model``'s running statistics."""
-    layers = _bn_layers(model)
+def bn_layers_of(state_dict: Mapping[str, Tensor]) -> BNStatistics:
+    """The BatchNorm running statistics a state dict holds, by layer (its ``<layer>.running_mean``
+    and ``<layer>.running_var``; batches: 1): the reference for the layers and shapes
+    statistics of this model must have, found without the model."""
+    layers = sorted(
+        k.removesuffix(".running_mean") for k in state_dict if k.endswith(".running_mean")
+    )
+    return BNStatistics(
+        {name: state_dict[f"{name}.running_mean"].detach().clone() for name in layers},
+        {name: state_dict[f"{name}.running_var"].detach().clone() for name in layers},
+        1,
+    )
+
+
+def with_bn_statistics(state_dict: Mapping[str, Tensor], stats: BNStatistics) -> dict[str, Tensor]:
+    """``state_dict`` with ``stats`` as its BatchNorm layers' running statistics (and their
+    batch counters at ``stats.batches``)."""
+    layers = bn_layers_of(state_dict).means.keys()
     if set(layers) != set(stats.means):
         raise ValueError(
             f"statistics are for layers {sorted(stats.means)}, the model has {sorted(layers)}"
         )
-    for name, m in layers.items():
-        mean, var, tracked = _running(m)
-        mean.copy_(stats.means[name])
-        var.copy_(stats.variances[name])
-        tracked.fill_(stats.batches)
-
-
-def recalibrate_bn(model: nn.Module, inputs: Iterable[Tensor]) -> BNStatistics:
-    """Recompute ``model``'s BatchNorm running statistics over ``inputs``, in place."""
-    stats = bn_statistics(model, inputs)
-    load_bn_statistics(model, stats)
-    return stats
+    merged = {k: v.detach().clone() for k, v in state_dict.items()}
+    for name in layers:
+        mean, var = merged[f"{name}.running_mean"], merged[f"{name}.running_var"]
+        merged[f"{name}.running_mean"] = stats.means[name].to(mean.dtype)
+        merged[f"{name}.running_var"] = stats.variances[name].to(var.dtype)
+        tracked = f"{name}.num_batches_tracked"
+        if tracked in merged:
+            merged[tracked] = torch.full_like(merged[tracked], stats.batches)
+    return merged

@@ -1,13 +1,14 @@
 """Evaluation of members, their output ensemble and soups.
 
-Where the labelled data live is the caller's business: an :class:`Evaluator` answers for
-data held in this process (:class:`OnData`) or, in a Flower run without a server-side test
-set, for the members' own data (``server.final``).
+Where the labelled data live is the caller's business: an :class:`Evaluator` judges models
+given as state dicts, on data held in this process (:class:`OnData`, which builds the
+model) or, in a Flower run without a server-side test set, on the members' own data
+(``server.final``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -67,25 +68,37 @@ def evaluate_population(
     return PopulationAccuracy(members, ensemble)
 
 
-class Evaluator(Protocol):
-    """Test accuracy of models, wherever the test data are."""
+StateDict = Mapping[str, Tensor]
 
-    def population(self, models: Sequence[nn.Module]) -> PopulationAccuracy:
+
+class Evaluator(Protocol):
+    """Test accuracy of models given as state dicts, wherever the test data are."""
+
+    def population(self, members: Sequence[StateDict]) -> PopulationAccuracy:
         """Each member's accuracy and, where it can be computed, the output ensemble's."""
         ...
 
-    def accuracy(self, model: nn.Module) -> float: ...
+    def accuracy(self, state_dict: StateDict) -> float: ...
 
 
 @dataclass(frozen=True)
 class OnData:
-    """An :class:`Evaluator` over labelled data held in this process."""
+    """An :class:`Evaluator` over labelled data held in this process, for models that
+    ``new_model()`` builds (on the device to use)."""
 
     data: ImageData
     batch_size: int
+    new_model: Callable[[], nn.Module]
 
-    def population(self, models: Sequence[nn.Module]) -> PopulationAccuracy:
-        return evaluate_population(models, self.data, self.batch_size)
+    def population(self, members: Sequence[StateDict]) -> PopulationAccuracy:
+        return evaluate_population([self._model(m) for m in members], self.data, self.batch_size)
 
-    def accuracy(self, model: nn.Module) -> float:
-        return accuracy(predict(model, self.data, self.batch_size), self.data.labels)
+    def accuracy(self, state_dict: StateDict) -> float:
+        return accuracy(
+            predict(self._model(state_dict), self.data, self.batch_size), self.data.labels
+        )
+
+    def _model(self, state_dict: StateDict) -> nn.Module:
+        model = self.new_model()
+        model.load_state_dict(state_dict)
+        return model

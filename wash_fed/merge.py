@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from wash_fed.batchnorm import BNStatistics, load_bn_statistics
+from wash_fed.batchnorm import BNStatistics, with_bn_statistics
 from wash_fed.evaluation import Evaluator
 from wash_fed.results import FinalResult
 from wash_fed.soup import greedy_soup, uniform_soup
@@ -55,38 +55,29 @@ class MergeResult:
 
 def merge_population(
     state_dicts: Sequence[StateDict],
-    new_model: Callable[[], nn.Module],
     test: Evaluator,
     *,
     bn_statistics_of: Callable[[StateDict], BNStatistics] | None,
-    holdout: Callable[[nn.Module], float] | None,
+    holdout: Callable[[StateDict], float] | None,
     final_soup: str,
     as_sent: Callable[[StateDict], StateDict] = dict,
 ) -> MergeResult:
-    """Evaluate and merge a trained population.
+    """Evaluate and merge a trained population, given as its members' state dicts.
 
-    ``new_model()`` returns a model of the members' architecture (on the device to use).
     ``test`` evaluates members, their ensemble and the soups. ``bn_statistics_of(soup)``
     returns BatchNorm statistics of the soup on training data; ``None`` skips recalibration.
-    ``holdout(model)`` (accuracy on held-out data) enables the greedy soup. ``final_soup`` is
+    ``holdout(soup)`` (accuracy on held-out data) enables the greedy soup. ``final_soup`` is
     ``"uniform"`` or ``"greedy"``; the recalibrated variant is final when recalibration runs.
     ``as_sent(soup)`` is a soup as it travels to the members (rounded to ``final-dtype``):
     every soup is evaluated, recalibrated and saved as sent.
     """
-    models = []
-    for sd in state_dicts:
-        m = new_model()
-        m.load_state_dict(sd)
-        models.append(m)
-    population = test.population(models)
-    probe = new_model()
+    population = test.population(state_dicts)
 
-    def load(soup: StateDict, recalibrate: bool) -> nn.Module:
-        sent = as_sent(soup)
-        probe.load_state_dict(sent)
+    def prepared(soup: StateDict, recalibrate: bool) -> dict[str, Tensor]:
+        sent = {k: v.detach().clone() for k, v in as_sent(soup).items()}
         if recalibrate and bn_statistics_of is not None:
-            load_bn_statistics(probe, bn_statistics_of(sent))
-        return probe
+            return with_bn_statistics(sent, bn_statistics_of(sent))
+        return sent
 
     variants = [False, True] if bn_statistics_of is not None else [False]
     soups: dict[str, float] = {}
@@ -95,19 +86,19 @@ def merge_population(
     uniform = uniform_soup(state_dicts)
     for recal in variants:
         name = "uniform+bn" if recal else "uniform"
-        soups[name] = test.accuracy(load(uniform, recal))
-        finals[name] = {k: v.detach().clone() for k, v in probe.state_dict().items()}
+        finals[name] = prepared(uniform, recal)
+        soups[name] = test.accuracy(finals[name])
     if holdout is not None:
         for recal in variants:
             name = "greedy+bn" if recal else "greedy"
 
             def score(sd: StateDict, recal: bool = recal) -> float:
-                return holdout(load(sd, recal))
+                return holdout(prepared(sd, recal))
 
             greedy = greedy_soup(state_dicts, score)
             ingredients[name] = greedy.ingredients
-            soups[name] = test.accuracy(load(greedy.state_dict, recal))
-            finals[name] = {k: v.detach().clone() for k, v in probe.state_dict().items()}
+            finals[name] = prepared(greedy.state_dict, recal)
+            soups[name] = test.accuracy(finals[name])
     final = final_soup + ("+bn" if bn_statistics_of is not None else "")
     if final not in finals:
         raise ValueError(f"soup {final_soup!r} was not built (greedy needs held-out data)")

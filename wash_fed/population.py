@@ -365,12 +365,14 @@ def _merge(
         return merge_bn_statistics(parts)
 
     holdout = data.holdout if cfg.final.soup == "greedy" else None  # the members' shares, together
+    batch_size = cfg.final.eval_batch_size
     merge = merge_population(
         state_dicts,
-        lambda: build_like(members[0]),
-        OnData(test, cfg.final.eval_batch_size),
+        OnData(test, batch_size, lambda: build_like(members[0])),
         bn_statistics_of=bn_statistics_of if cfg.final.bn_recalibration else None,
-        holdout=OnData(holdout, cfg.final.eval_batch_size).accuracy if holdout else None,
+        holdout=OnData(holdout, batch_size, lambda: build_like(members[0])).accuracy
+        if holdout
+        else None,
         final_soup=cfg.final.soup,
         as_sent=lambda soup: through(soup, dtype),
     )

@@ -10,10 +10,10 @@ from torch import nn
 
 from wash_fed import wire
 from wash_fed.batchnorm import (
+    bn_layers_of,
     bn_statistics,
-    load_bn_statistics,
     merge_bn_statistics,
-    recalibrate_bn,
+    with_bn_statistics,
 )
 from wash_fed.evaluation import accuracy
 from wash_fed.models import SmallCNN
@@ -90,19 +90,21 @@ def test_bn_statistics_cross_the_wire_exactly() -> None:
         assert torch.equal(back.variances[name], stats.variances[name])
 
 
-def test_bn_statistics_leave_the_model_untouched_and_recalibration_installs_them() -> None:
+def test_bn_statistics_leave_the_model_untouched_and_a_state_dict_takes_them() -> None:
     model = SmallCNN()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stats = bn_statistics(model, _batches(2, 0))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     bn = model.features[1]
-    assert isinstance(bn, nn.BatchNorm2d)
+    assert isinstance(bn, nn.BatchNorm2d) and bn.momentum == 0.1  # restored
     assert not torch.allclose(stats.means["features.1"], bn.running_mean)  # type: ignore[arg-type]
-    recalibrate_bn(model, _batches(2, 0))
+    layers = bn_layers_of(model.state_dict())
+    assert layers.means.keys() == stats.means.keys() == {"features.1", "features.5"}
+    model.load_state_dict(with_bn_statistics(model.state_dict(), stats))
     assert torch.equal(stats.means["features.1"], bn.running_mean)  # type: ignore[arg-type]
-    assert bn.momentum == 0.1  # restored
+    assert int(bn.num_batches_tracked) == 2  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="layers"):
-        load_bn_statistics(nn.Sequential(nn.BatchNorm1d(3)), stats)
+        with_bn_statistics(nn.Sequential(nn.BatchNorm1d(3)).state_dict(), stats)
 
 
 def test_accuracy() -> None:
