@@ -35,7 +35,7 @@ from torch import Tensor
 
 from server.checkpoint import ServerCheckpoint
 from server.fedavg import fedavg_bytes_through_flower, run_fedavg
-from server.final import FinalExchanges, OnMembers, final_step
+from server.final import FinalExchanges, OnMembers, ServerEvaluation, final_step
 from server.flower_log import STRATEGY_LOG, flower_strategy_log_to
 from server.ledger_grid import LedgerGrid
 from server.metrics import RunMetrics
@@ -209,16 +209,28 @@ def run_population_strategy(
         why = strategy.state.reasons()
         reasons = "; ".join(f"member {p}: {reason}" for p, reason in sorted(why.items()))
         raise RuntimeError(f"no member completed a single round ({reasons or 'no round ran'})")
-    validation = (
-        load_local(cfg.data.validation_path, cfg.data.task) if cfg.data.validation_path else None
-    )
     earlier_runs = resumed.chain if resumed else []
-    final = final_step(grid, strategy, test, validation, output, earlier_runs)
+    reference = new_model(cfg).state_dict()
+    final = final_step(
+        grid, strategy, reference, server_evaluation(cfg, test), output.keep, earlier_runs
+    )
     observed = {"member_mean": final.member_mean or 0.0, "soup": final.final_accuracy}
     if final.ensemble is not None:
         observed["ensemble"] = final.ensemble
     metrics.observe_final(observed)
     return final, fedavg_bytes
+
+
+def server_evaluation(cfg: WashFedConfig, test: ImageData | None) -> ServerEvaluation:
+    """What the server evaluates the final step with: its test set (``test-on-server``),
+    and its held-out data for the greedy soup (``validation-path``), where it has them."""
+    batch_size, build = cfg.final.eval_batch_size, lambda: new_model(cfg)
+    held_out = cfg.data.validation_path
+    validation = load_local(held_out, cfg.data.task) if held_out else None
+    return ServerEvaluation(
+        OnData(test, batch_size, build) if test is not None else None,
+        OnData(validation, batch_size, build).accuracy if validation is not None else None,
+    )
 
 
 def publish_metrics(cfg: WashFedConfig, metrics: RunMetrics, ledger: Ledger, run_id: int) -> None:

@@ -27,17 +27,15 @@ from logging import INFO
 import torch
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from torch import Tensor, nn
+from torch import Tensor
 
 from server.replies import gather, reply_gate
-from server.report import RunOutput
 from server.roster import Roster
 from server.strategies import PopulationStrategy
 from wash_fed import wire
 from wash_fed.batchnorm import BNStatistics, bn_layers_of, merge_bn_statistics
 from wash_fed.config import WashFedConfig
-from wash_fed.data import ImageData
-from wash_fed.evaluation import Evaluator, OnData, PopulationAccuracy, StateDict
+from wash_fed.evaluation import Evaluator, PopulationAccuracy, StateDict
 from wash_fed.gate import (
     Payload,
     ReplyGate,
@@ -49,9 +47,8 @@ from wash_fed.keys import Config, MessageType, Metric, Metrics, Record, Split
 from wash_fed.merge import MergeResult, merge_population
 from wash_fed.protocol import final_dtype, through, to_wire
 from wash_fed.results import FinalResult
-from wash_fed.training import new_model
 
-__all__ = ["FinalExchanges", "OnMembers", "final_step"]
+__all__ = ["FinalExchanges", "FinalModel", "OnMembers", "ServerEvaluation", "final_step"]
 
 
 @dataclass
@@ -209,45 +206,57 @@ def _narrowed(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return narrow if torch.equal(narrow.to(tensor.dtype), tensor) else tensor
 
 
+@dataclass(frozen=True)
+class ServerEvaluation:
+    """What the server evaluates with in the final step, where it can: ``test`` judges the
+    members, their ensemble and the soups (None: the members evaluate on their own test
+    data); ``holdout`` picks the greedy soup's ingredients (None: on the members' held-out
+    data)."""
+
+    test: Evaluator | None = None
+    holdout: Callable[[StateDict], float] | None = None
+
+
+FinalModel = Callable[[Mapping[str, Tensor], Mapping[int, Mapping[str, Tensor]]], None]
+"""Receives the final model and every collected member's (by partition id) once they are
+built, before the message that ends the run: where the ServerApp saves them."""
+
+
 def final_step(
     grid: Grid,
     strategy: PopulationStrategy,
-    test: ImageData | None,
-    validation: ImageData | None,
-    output: RunOutput,
+    reference: Mapping[str, Tensor],
+    evaluation: ServerEvaluation,
+    keep: FinalModel,
     earlier_runs: Sequence[int] = (),
 ) -> FinalResult:
-    """Collect, merge, save and evaluate, the last message ending the run for the members;
-    returns the final figures for ``results.json``.
+    """Collect, merge, hand over and evaluate, the last message ending the run for the
+    members; returns the final figures for ``results.json``.
 
-    ``test``: the server's test set (``None``: the members evaluate). ``validation``: the
-    server's held-out data for the greedy soup (``None``: the members' held-out images).
-    ``earlier_runs``: the runs a resumed run continued (their member checkpoints go with
-    this run's).
+    ``reference``: the model's state dict as the server knows it (names, shapes, dtypes:
+    what the members' collections must match). ``keep`` receives the final model before
+    the run ends (:data:`FinalModel`). ``earlier_runs``: the runs a resumed run continued
+    (their member checkpoints go with this run's).
     """
     cfg, roster = strategy.cfg, strategy.roster
-    model = new_model(cfg)
-    states, reported, rejected = _collected(grid, strategy, model)
+    # Without a test set of its own, the server weighs the members' own figures.
+    states, reported, rejected = _collected(grid, strategy, reference, evaluation.test is None)
     exchanges = FinalExchanges(grid, roster, cfg, dict(rejected))
-    reference = bn_layers_of(model.state_dict())
-    evaluator, holdout = _evaluators(exchanges, test, validation, reported)
+    bn_reference = bn_layers_of(reference)
     merge = merge_population(
         list(states.values()),
-        evaluator,
+        evaluation.test or OnMembers(exchanges, Split.TEST, _own_accuracies(reported)),
         bn_statistics_of=(
-            (lambda soup: exchanges.bn_statistics(soup, reference))
+            (lambda soup: exchanges.bn_statistics(soup, bn_reference))
             if cfg.final.bn_recalibration
             else None
         ),
-        holdout=holdout,
+        holdout=_holdout(exchanges, evaluation),
         final_soup=cfg.final.soup,
         as_sent=lambda soup: through(soup, final_dtype(cfg)),
     )
     require_finite(merge.final_state_dict, "the final model")
-    output.save_model(merge.final_state_dict)
-    if cfg.output.save_members:
-        members = {f"{p}.{k}": v for p, sd in states.items() for k, v in sd.items()}
-        output.save_model(members, "members.pt")
+    keep(merge.final_state_dict, states)
     own_tests = exchanges.evaluate_and_end(merge.final_state_dict, earlier_runs)
     log(INFO, "[%s] test accuracy: %s", cfg.label, _accuracies(merge))
     return dataclasses.replace(
@@ -256,25 +265,25 @@ def final_step(
         quarantined=sorted(roster.quarantined),
         rejected={str(p): reason for p, reason in sorted(exchanges.rejected.items())},
         bn_exchanges=exchanges.bn_exchanges,
-        evaluated_on="server" if test is not None else "members",
+        evaluated_on="server" if evaluation.test is not None else "members",
         members_own_evaluation=own_tests,
     )
 
 
 def _collected(
-    grid: Grid, strategy: PopulationStrategy, model: nn.Module
+    grid: Grid, strategy: PopulationStrategy, reference: Mapping[str, Tensor], own_tests: bool
 ) -> tuple[dict[int, dict[str, Tensor]], dict[int, Metrics], dict[int, str]]:
-    """Every member's model, in ``model``'s own dtypes, as the reply gate admitted it (a
-    RuntimeError when none was), with the metrics it reported; why the others were not."""
+    """Every member's model, in ``reference``'s dtypes, as the reply gate admitted it (a
+    RuntimeError when none was), with the metrics it reported (its own test accuracy, with
+    ``own_tests``); why the others were not."""
     log(INFO, "final step: collecting %d members", len(strategy.roster.nodes))
-    own = model.state_dict()
-    timeout = strategy.cfg.runtime.round_timeout
-    collected, reported, rejected = strategy.collect(
-        grid, timeout, to_wire(own, final_dtype(strategy.cfg))
-    )
+    expected = to_wire(reference, final_dtype(strategy.cfg))
+    collected, reported, rejected = strategy.collect(grid, expected, own_tests)
     if not collected:
         raise RuntimeError("no member could be collected; nothing to average")
-    states = {p: {k: v.to(own[k].dtype) for k, v in sd.items()} for p, sd in collected.items()}
+    states = {
+        p: {k: v.to(reference[k].dtype) for k, v in sd.items()} for p, sd in collected.items()
+    }
     return states, reported, rejected
 
 
@@ -288,28 +297,14 @@ def _accuracies(merge: MergeResult) -> str:
     )
 
 
-def _evaluators(
-    exchanges: FinalExchanges,
-    test: ImageData | None,
-    validation: ImageData | None,
-    reported: Mapping[int, Metrics],
-) -> tuple[Evaluator, Callable[[StateDict], float] | None]:
-    """Where the final step tests (the server's test set, else the members' own test data)
-    and, for the greedy soup, where it picks ingredients (the server's validation set, else
-    the members' held-out images; ``None`` for the other soups)."""
-    cfg = exchanges.cfg
-    evaluator: Evaluator = (
-        OnData(test, cfg.final.eval_batch_size, lambda: new_model(cfg))
-        if test is not None
-        else OnMembers(exchanges, Split.TEST, _own_accuracies(reported))
-    )
-    if cfg.final.soup != "greedy":
-        return evaluator, None
-    if validation is not None:
-        return evaluator, OnData(
-            validation, cfg.final.eval_batch_size, lambda: new_model(cfg)
-        ).accuracy
-    return evaluator, OnMembers(exchanges, Split.HOLDOUT).accuracy
+def _holdout(
+    exchanges: FinalExchanges, evaluation: ServerEvaluation
+) -> Callable[[StateDict], float] | None:
+    """Where the greedy soup picks its ingredients: the server's held-out data, else the
+    members' (``None`` for the other soups)."""
+    if exchanges.cfg.final.soup != "greedy":
+        return None
+    return evaluation.holdout or OnMembers(exchanges, Split.HOLDOUT).accuracy
 
 
 def _own_accuracies(reported: Mapping[int, Metrics]) -> list[float]:
@@ -317,8 +312,8 @@ def _own_accuracies(reported: Mapping[int, Metrics]) -> list[float]:
     own = [float(m[Metric.TEST_ACCURACY]) for m in reported.values() if Metric.TEST_ACCURACY in m]
     if not own:
         raise RuntimeError(
-            "test-on-server=false, but no member has test data (test-data-path in its node "
-            "config, or the run's test set)"
+            "the server has no test set (test-on-server=false) and no member has test data "
+            "(test-data-path in its node config, or the run's test set)"
         )
     return own
 

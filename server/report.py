@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from logging import ERROR, INFO
 from pathlib import Path
 
 from flwr.common.logger import log
+from torch import Tensor
 
 from server.checkpoint import ServerCheckpoint
 from server.ledger_grid import LedgerGrid
@@ -96,6 +98,16 @@ class RunOutput(RunFolder):
                 return False
             checkpoint.save(self.directory)
             return True
+
+    def keep(
+        self, model: Mapping[str, Tensor], members: Mapping[int, Mapping[str, Tensor]]
+    ) -> None:
+        """The final model into ``final_model.pt`` and, with ``save-members``, every
+        collected member's into ``members.pt`` (:data:`server.final.FinalModel`)."""
+        self.save_model(model)
+        if self.result.config.output.save_members:
+            flat = {f"{p}.{k}": v for p, state in members.items() for k, v in state.items()}
+            self.save_model(flat, "members.pt")
 
     def finish(self, final: FinalResult, fedavg_bytes: int | None) -> None:
         self.result.status, self.result.final = "completed", final

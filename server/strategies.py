@@ -129,9 +129,10 @@ class PopulationStrategy(Strategy):
     # --- the final step -----------------------------------------------------------------
 
     def collect(
-        self, grid: Grid, timeout: float, reference: Mapping[str, Tensor]
+        self, grid: Grid, reference: Mapping[str, Tensor], own_tests: bool
     ) -> tuple[dict[int, dict[str, Tensor]], dict[int, Metrics], dict[int, str]]:
-        """Deliver what is still due and collect every member's full state dict.
+        """Deliver what is still due and collect every member's full state dict (and, with
+        ``own_tests``, its accuracy on its own test data).
 
         Returns the state dicts and metrics of the replies that pass the gate (the model's
         entries ``reference``, finite, not far from the others'), by partition id, and why
@@ -143,11 +144,10 @@ class PopulationStrategy(Strategy):
             self.cfg.final_round,
             {
                 Config.CHECKPOINTED_ROUND: self.state.checkpointed,
-                # Without a test set of its own, the server weighs the members' own figures.
-                Config.EVALUATE: not self.cfg.data.test_on_server,
+                Config.EVALUATE: own_tests,
             },
         )
-        replies = grid.send_and_receive(messages, timeout=timeout)
+        replies = grid.send_and_receive(messages, timeout=self.cfg.runtime.round_timeout)
         got = gather(replies, self.roster.nodes, Record.ARRAYS, "the final collection")
         self._note_missing(got)
         self.state.deliveries.settle(got.answered(), Exchange({}))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from server.final import final_step
+from server.final import ServerEvaluation, final_step
 from server.ledger_grid import LedgerGrid
 from server.report import RunOutput
 from server.roster import Roster
@@ -21,6 +21,7 @@ from server.strategies import PopulationStrategy
 from tests.unit.in_process import InProcessGrid, Tamper
 from wash_fed.config import WashFedConfig
 from wash_fed.data import ImageData
+from wash_fed.evaluation import OnData
 from wash_fed.keys import MessageType, Metric, Record
 from wash_fed.ledger import Ledger
 from wash_fed.models import model_layout
@@ -67,7 +68,9 @@ def finish(grid: LedgerGrid, strategy: PopulationStrategy) -> tuple[FinalResult,
     cfg = strategy.cfg
     output = RunOutput.open(cfg, 1, grid.ledger)
     test: ImageData = load_test_data(cfg)
-    return final_step(grid, strategy, test, None, output), output
+    reference = new_model(cfg).state_dict()
+    evaluation = ServerEvaluation(OnData(test, 1000, lambda: new_model(cfg)))
+    return final_step(grid, strategy, reference, evaluation, output.keep), output
 
 
 def shift_bn_statistics(member: int, message_type: str, content: RecordDict) -> None:
@@ -146,5 +149,20 @@ def test_with_no_member_collected_the_final_step_fails_and_saves_nothing(tmp_pat
     cfg = strategy.cfg
     output = RunOutput.open(cfg, 1, grid.ledger)
     with pytest.raises(RuntimeError, match="no member could be collected"):
-        final_step(grid, strategy, load_test_data(cfg), None, output)
+        final_step(grid, strategy, new_model(cfg).state_dict(), ServerEvaluation(), output.keep)
     assert not (output.directory / "final_model.pt").exists()
+
+
+def test_without_a_test_set_of_its_own_the_server_weighs_the_members_figures(
+    tmp_path: Path,
+) -> None:
+    """Each member's test set is the run's here, so their weighed accuracy of the saved model
+    is the model's own, and every member's collection reported it."""
+    grid, strategy = trained(tmp_path)
+    output = RunOutput.open(strategy.cfg, 1, grid.ledger)
+    reference = new_model(strategy.cfg).state_dict()
+    final = final_step(grid, strategy, reference, ServerEvaluation(), output.keep)
+    assert final.evaluated_on == "members" and final.ensemble is None
+    assert len(final.members) == 3
+    own = set(final.members_own_evaluation.values())
+    assert own == {final.final_accuracy}
