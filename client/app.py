@@ -12,22 +12,11 @@ Message types and what the member does are in :mod:`wash_fed.keys` and
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from flwr.app import Context, Message, RecordDict
-from flwr.clientapp import ClientApp
 
 from client import worker_link
-from wash_fed.keys import MessageType, NodeConfig
-
-MEMBER_MESSAGES = (
-    MessageType.HELLO,
-    MessageType.TRAIN,
-    MessageType.COLLECT,
-    MessageType.BN_STATISTICS,
-    MessageType.EVALUATE,
-    MessageType.END,
-)
+from wash_fed.keys import NodeConfig
+from wash_fed.routing import member_app
 
 
 def _respond(msg: Message, context: Context) -> Message:
@@ -49,18 +38,6 @@ def _respond(msg: Message, context: Context) -> Message:
 
         content = handle_in_process(message_type, msg.content, context)
     return Message(content, reply_to=msg)
-
-
-def member_app(respond: Callable[[Message, Context], Message]) -> ClientApp:
-    """A ClientApp that answers every message type of the member protocol with
-    ``respond`` (``<category>.<action>`` routes to Flower's ``train``, ``evaluate`` and
-    ``query`` registrations)."""
-    member = ClientApp()
-    for message_type in MEMBER_MESSAGES:
-        category, _, action = message_type.partition(".")
-        register = getattr(member, category)
-        register(*([action] if action else []))(respond)
-    return member
 
 
 app = member_app(_respond)

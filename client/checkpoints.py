@@ -11,8 +11,8 @@ resumed run always finds the round it resumes from, even when the server stopped
 
 A checkpoint holds the member (:meth:`wash_fed.clientapp.WashMember.state_dict`: model,
 optimizer, newest delivery applied, its task's schedule and data position, the credential
-the server issued it, :mod:`server.roster`), torch's RNG state, the partition id and the run
-configuration it belongs to.
+the server issued it, :mod:`wash_fed.strategy.roster`), torch's RNG state, the partition id
+and the run configuration it belongs to.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from wash_fed.clientapp import ExampleCounts, TrainRound, WashMember
 from wash_fed.config import WashFedConfig
 from wash_fed.evaluation import accuracy, predict
 from wash_fed.keys import Config, MessageType, Metric, Metrics, NodeConfig, Record, Split
+from wash_fed.routing import member_index
 from wash_fed.training import (
     LoopState,
     Member,
@@ -37,7 +38,7 @@ from wash_fed.training import (
     shared_member_data,
 )
 
-__all__ = ["ImageTask", "MemberTask", "handle_in_process", "member_identity"]
+__all__ = ["ImageTask", "MemberTask", "handle_in_process"]
 
 _STATE_KEY = "member"
 
@@ -55,26 +56,6 @@ def _member_data(cfg: WashFedConfig, partition: int, data_path: str, test_path: 
     if data_path:
         return local_member_data(cfg, partition, data_path, test_path or None)
     return shared_member_data(cfg, partition, _shared_data(cfg))
-
-
-def member_identity(node_config: Mapping[str, UserConfigValue], cfg: WashFedConfig) -> int:
-    """This node's partition id, checked against the run configuration."""
-    try:
-        partition_id = int(node_config[NodeConfig.PARTITION_ID])
-        num_partitions = int(node_config[NodeConfig.NUM_PARTITIONS])
-    except KeyError as err:
-        raise ValueError(
-            f"node config lacks {err}; start the SuperNode with "
-            '--node-config "partition-id=<i> num-partitions=<n>"'
-        ) from None
-    if num_partitions != cfg.num_members:
-        raise ValueError(
-            f"node config says num-partitions={num_partitions}, the run has "
-            f"num-members={cfg.num_members}"
-        )
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id={partition_id} outside 0..{num_partitions - 1}")
-    return partition_id
 
 
 class ImageTask:
@@ -220,7 +201,7 @@ def handle_in_process(message_type: str, content: RecordDict, context: Context) 
     a fresh process, its checkpoint on disk), handle the message, save the member back."""
     started = time.perf_counter()
     cfg = WashFedConfig.from_mapping(context.run_config)
-    partition = member_identity(context.node_config, cfg)
+    partition = member_index(context.node_config, cfg.num_members)
     checkpoints = (
         MemberCheckpoints.of_run(
             Path(cfg.runtime.member_checkpoints) / f"member-{partition}", context.run_id

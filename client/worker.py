@@ -29,7 +29,7 @@ import grpc
 from flwr.app import RecordDict
 
 from client.checkpoints import MemberCheckpoints
-from client.task import MemberTask, member_identity
+from client.task import MemberTask
 from client.worker_link import (
     CHANNEL_OPTIONS,
     SERVICE,
@@ -40,6 +40,7 @@ from client.worker_link import (
 )
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import MessageType, Metric, Record
+from wash_fed.routing import member_index
 
 __all__ = ["MemberWorker", "main"]
 
@@ -92,7 +93,7 @@ class MemberWorker:
     def _task(self, request: WorkerRequest) -> MemberTask:
         """The resident member; built (or restored from its checkpoint) on first use."""
         cfg = WashFedConfig.from_mapping(request.run_config)
-        partition = member_identity(request.node_config, cfg)
+        partition = member_index(request.node_config, cfg.num_members)
         if self.task is not None:
             if (self.task.member.index, self.task.cfg) != (partition, cfg):
                 raise ValueError(

@@ -27,9 +27,9 @@ import numpy as np
 from faulty.fault import FAULT, MEMBER  # type: ignore[import-not-found]
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.app import member_app
 from client.task import handle_in_process
 from wash_fed.keys import Config, MessageType, Metric, NodeConfig, Record
+from wash_fed.routing import member_app
 
 
 def _map_values(content: RecordDict, name: str, change: Callable[[np.ndarray], np.ndarray]) -> None:

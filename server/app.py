@@ -2,25 +2,26 @@
 
 Reads the run configuration once (every problem is an error before any training), waits for
 ``num-members`` SuperNodes, checks each member's data and mask derivation (``query.hello``,
-:mod:`server.roster`), then runs the configured strategy through Flower's ``Strategy.start``:
+:mod:`wash_fed.strategy.roster`), then runs the configured strategy through Flower's
+``Strategy.start``:
 
-* ``wash``, ``papa``, ``papa-all``, ``ensemble`` (:mod:`server.strategies` on the member
-  protocol of :mod:`wash_fed.protocol`), followed by the final step (:mod:`server.final`);
+* ``wash``, ``papa``, ``papa-all``, ``ensemble`` (:mod:`wash_fed.strategy.rounds` on the
+  member protocol of :mod:`wash_fed.protocol`), followed by the final step
+  (:mod:`wash_fed.strategy.final`);
 * ``fedavg``: Flower's own ``FedAvg``, unchanged, on the same model, data and rounds.
 
 Whatever happens, the members are told that the run ended (``query.end``), so that their
 workers exit: in the final step's last message (which also carries the final model for
 their evaluation), or after the run.
 
-Every message goes through a :class:`server.ledger_grid.LedgerGrid`, so every strategy's
+Every message goes through a :class:`wash_fed.strategy.ledger_grid.LedgerGrid`, so every strategy's
 bytes are counted the same way. Results land in ``<output-dir>/<time>-<strategy>-<run id>``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import time
-from collections.abc import Mapping
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -31,26 +32,23 @@ from flwr.app import (
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.exit import add_exit_handler
-from torch import Tensor
 
 from server.checkpoint import ServerCheckpoint
 from server.fedavg import fedavg_bytes_through_flower, run_fedavg
-from server.final import FinalExchanges, OnMembers, ServerEvaluation, final_step
 from server.flower_log import STRATEGY_LOG, flower_strategy_log_to
-from server.ledger_grid import LedgerGrid
 from server.metrics import RunMetrics
 from server.report import RunOutput, record_round
-from server.roster import Roster
-from server.state import RoundReport
-from server.strategies import PopulationStrategy
 from wash_fed.config import WashFedConfig
 from wash_fed.data import ImageData, load_local
 from wash_fed.evaluation import Evaluator, OnData
 from wash_fed.keys import RESULTS_IN, Split
 from wash_fed.ledger import Ledger
-from wash_fed.models import model_layout
-from wash_fed.protocol import server_protocol
 from wash_fed.results import FinalResult, ResumedFrom
+from wash_fed.strategy.final import FinalExchanges, OnMembers, ServerEvaluation
+from wash_fed.strategy.ledger_grid import LedgerGrid
+from wash_fed.strategy.roster import Roster
+from wash_fed.strategy.state import RoundReport
+from wash_fed.strategy.wash import Wash
 from wash_fed.training import configure_torch, load_test_data, new_model
 
 app = ServerApp()
@@ -74,37 +72,19 @@ def main(grid: Grid, context: Context) -> None:
         on_exchange=lambda *_: metrics.sync_ledger(ledger),
         poll_interval=cfg.runtime.poll_interval,
     )
-    roster: Roster | None = None
     try:
         if cfg.output.metrics_port:
             metrics.serve(cfg.output.metrics_port)
             log(INFO, "Prometheus metrics on port %d", cfg.output.metrics_port)
-        model = new_model(cfg)
-        parameters = dict(model.named_parameters())
-        numels = [p.numel() for p in parameters.values()]
-        digest = cfg.shuffle_mask(numels, 1).digest()
-        roster = Roster(cfg, digest, model_layout(model), on_bind=ledger_grid.bind)
-        if resumed is not None:
-            roster.continues = (resumed.run_id, resumed.round)
-            roster.credentials = dict(resumed.credentials)
-        roster.connect(ledger_grid)
-        output.result.members = {str(p): n for p, n in roster.nodes.items()}
-        output.write()
         with flower_strategy_log_to(output.directory / STRATEGY_LOG):
-            final, fedavg_bytes = run_strategy(
-                ledger_grid, cfg, roster, parameters, output, metrics, resumed
-            )
-        roster.end(ledger_grid, completed=True, earlier_runs=resumed.chain if resumed else [])
+            final, fedavg_bytes = run_strategy(ledger_grid, cfg, output, metrics, resumed)
         output.finish(final, fedavg_bytes)
     except (SystemExit, KeyboardInterrupt):
         # Stopped: the run can send nothing more; members' workers end after their idle
         # timeout.
         output.stop()
         raise
-    except BaseException as err:
-        if roster is not None:  # their workers exit now; their checkpoints stay
-            with contextlib.suppress(Exception):
-                roster.end(ledger_grid, completed=False)
+    except BaseException as err:  # the members were told; their checkpoints stay
         output.fail(err)
         raise
     finally:
@@ -142,8 +122,6 @@ def open_output(
 def run_strategy(
     grid: LedgerGrid,
     cfg: WashFedConfig,
-    roster: Roster,
-    parameters: Mapping[str, Tensor],
     output: RunOutput,
     metrics: RunMetrics,
     resumed: ServerCheckpoint | None,
@@ -152,73 +130,67 @@ def run_strategy(
     sent (None for FedAvg itself)."""
     test = load_test_data(cfg) if cfg.data.test_on_server else None
     if cfg.strategy != "fedavg":
-        return run_population_strategy(
-            grid, cfg, roster, parameters, test, output, metrics, resumed
+        return run_population_strategy(grid, cfg, test, output, metrics, resumed)
+    roster = Roster(cfg, new_model(cfg).state_dict(), on_bind=grid.bind)
+    with roster.ending(grid):
+        roster.connect(grid)
+        output.record_members(roster.nodes)
+        evaluator: Evaluator = (
+            OnData(test, cfg.final.eval_batch_size, lambda: new_model(cfg))
+            if test is not None
+            else OnMembers(FinalExchanges(grid, roster, cfg), Split.TEST)
         )
-    evaluator: Evaluator = (
-        OnData(test, cfg.final.eval_batch_size, lambda: new_model(cfg))
-        if test is not None
-        else OnMembers(FinalExchanges(grid, roster, cfg), Split.TEST)
-    )
-    return run_fedavg(grid, cfg, roster, evaluator.accuracy, output, metrics), None
+        return run_fedavg(grid, cfg, roster, evaluator.accuracy, output, metrics), None
 
 
 def run_population_strategy(
     grid: LedgerGrid,
     cfg: WashFedConfig,
-    roster: Roster,
-    parameters: Mapping[str, Tensor],
     test: ImageData | None,
     output: RunOutput,
     metrics: RunMetrics,
     resumed: ServerCheckpoint | None,
 ) -> tuple[FinalResult, int]:
-    """WASH, PAPA or independent members through Flower (from where ``resumed`` left the
-    run, when given), then the final step. Returns the final figures and what FedAvg would
-    have sent."""
-    fedavg_bytes = fedavg_bytes_through_flower(cfg, roster.nodes.values())
+    """WASH, PAPA or independent members through :class:`wash_fed.strategy.Wash` (from
+    where ``resumed`` left the run, when given). Returns the final figures and what FedAvg
+    would have sent."""
+
+    @functools.cache
+    def fedavg_bytes() -> int:
+        return fedavg_bytes_through_flower(cfg, strategy.rounds.roster.nodes.values())
 
     def on_round(report: RoundReport) -> None:
-        record_round(output, grid, metrics, report, fedavg_bytes)
+        roster = strategy.rounds.roster
+        output.record_members(roster.nodes)
+        record_round(output, grid, metrics, report, fedavg_bytes())
         checkpoint = ServerCheckpoint(
             config=cfg.to_mapping(),
             run_id=grid.run.run_id,
             earlier_runs=resumed.chain if resumed else [],
             round=report.round,
-            state=strategy.state,
+            state=strategy.rounds.state,
             ledger=grid.ledger.entries,
             rows=output.result.rounds,
             credentials=roster.credentials,
         )
         if output.save_checkpoint(checkpoint):
-            strategy.state.checkpointed = report.round
+            strategy.rounds.state.checkpointed = report.round
 
-    protocol = server_protocol(cfg, roster.nodes, parameters)
-    strategy = PopulationStrategy(cfg, roster, protocol, on_round)
-    if resumed is not None:
-        strategy.continue_from(resumed.state.resumed_at(resumed.round))
-    done = strategy.state.rounds_done
-    if done < cfg.num_server_rounds:
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(),
-            num_rounds=cfg.num_server_rounds - done,
-            timeout=cfg.runtime.round_timeout,
-        )
-    if not any(report.metrics for report in strategy.state.history):
-        why = strategy.state.reasons()
-        reasons = "; ".join(f"member {p}: {reason}" for p, reason in sorted(why.items()))
-        raise RuntimeError(f"no member completed a single round ({reasons or 'no round ran'})")
-    earlier_runs = resumed.chain if resumed else []
-    reference = new_model(cfg).state_dict()
-    final = final_step(
-        grid, strategy, reference, server_evaluation(cfg, test), output.keep, earlier_runs
+    strategy = Wash(
+        cfg,
+        evaluation=server_evaluation(cfg, test),
+        keep=output.keep,
+        on_round=on_round,
+        continuation=resumed.continuation if resumed else None,
     )
+    strategy.start(grid, ArrayRecord(new_model(cfg).state_dict()))
+    final = strategy.final
+    assert final is not None  # start() returns once the final step ran
     observed = {"member_mean": final.member_mean or 0.0, "soup": final.final_accuracy}
     if final.ensemble is not None:
         observed["ensemble"] = final.ensemble
     metrics.observe_final(observed)
-    return final, fedavg_bytes
+    return final, fedavg_bytes()
 
 
 def server_evaluation(cfg: WashFedConfig, test: ImageData | None) -> ServerEvaluation:

@@ -5,9 +5,8 @@ Written after every round to ``checkpoint.pt`` in the run's folder, atomically (
 flushed, renamed), after the round's row in ``results.json``: the round, the strategy's
 state (deliveries still due, history, members missing, quarantine), the ledger, the
 results' rows, the members' credentials, and which runs hold the members' matching
-checkpoints. The shuffle's
-randomness is derived from (seed, round) and needs no state. The file is a pickle: load
-only checkpoints of your own runs.
+checkpoints. The shuffle's randomness is derived from (seed, round) and needs no state.
+The file is a pickle: load only checkpoints of your own runs.
 """
 
 from __future__ import annotations
@@ -17,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from server.state import StrategyState
 from wash_fed.config import ConfigError, ConfigValue, WashFedConfig
 from wash_fed.files import save_torch
 from wash_fed.ledger import LedgerEntry
 from wash_fed.results import RESULTS, RoundResult, read_results
+from wash_fed.strategy.state import StrategyState
+from wash_fed.strategy.wash import Continuation
 
 __all__ = ["CHECKPOINT", "ServerCheckpoint"]
 
@@ -44,12 +44,17 @@ class ServerCheckpoint:
     rows: list[RoundResult]
     """The rounds of ``results.json``."""
     credentials: dict[int, str]
-    """Partition id -> the credential its member holds (:mod:`server.roster`)."""
+    """Partition id -> the credential its member holds (:mod:`wash_fed.strategy.roster`)."""
 
     @property
     def chain(self) -> list[int]:
         """Every run this checkpoint's members were trained in, oldest first."""
         return [*self.earlier_runs, self.run_id]
+
+    @property
+    def continuation(self) -> Continuation:
+        """Where the run that resumes from this checkpoint takes it up."""
+        return Continuation(self.run_id, self.round, self.state, dict(self.credentials), self.chain)
 
     def save(self, directory: Path) -> None:
         save_torch(directory / CHECKPOINT, self)

@@ -13,12 +13,8 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
-from server.ledger_grid import LedgerGrid
 from server.metrics import RunMetrics
-from server.replies import Replies, gather, reply_gate
 from server.report import RunOutput, record_round
-from server.roster import Roster
-from server.state import RoundReport
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.evaluation import StateDict
@@ -26,6 +22,10 @@ from wash_fed.gate import ReplyGate, check_tensors, require_finite
 from wash_fed.keys import Config, MessageType, Metric, Record, Reply
 from wash_fed.protocol import to_wire, wire_dtype
 from wash_fed.results import GLOBAL_MODEL, FinalResult, fedavg_equivalent_bytes
+from wash_fed.strategy.ledger_grid import LedgerGrid
+from wash_fed.strategy.replies import Replies, gather, reply_gate
+from wash_fed.strategy.roster import Roster
+from wash_fed.strategy.state import RoundReport
 from wash_fed.training import initial_model, new_model
 
 __all__ = ["FedAvgRounds", "GatedFedAvg", "fedavg_bytes_through_flower", "run_fedavg"]

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway
 from prometheus_client.exposition import start_http_server
 
-from server.state import RoundReport
 from wash_fed.ledger import Ledger
+from wash_fed.strategy.state import RoundReport
 from wash_fed.timing import RoundTime
 
 __all__ = ["RunMetrics"]

@@ -20,13 +20,13 @@ from flwr.common.logger import log
 from torch import Tensor
 
 from server.checkpoint import ServerCheckpoint
-from server.ledger_grid import LedgerGrid
 from server.metrics import RunMetrics
-from server.state import RoundReport
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Metric
 from wash_fed.ledger import Ledger
 from wash_fed.results import FinalResult, RoundResult, RunFolder, RunResult
+from wash_fed.strategy.ledger_grid import LedgerGrid
+from wash_fed.strategy.state import RoundReport
 from wash_fed.timing import RoundTime, split_round
 
 __all__ = ["RunOutput", "ledger_table", "progress_line", "record_round", "round_row"]
@@ -99,11 +99,18 @@ class RunOutput(RunFolder):
             checkpoint.save(self.directory)
             return True
 
+    def record_members(self, nodes: Mapping[int, int]) -> None:
+        """The node of each member (partition id), written when it changed."""
+        members = {str(p): n for p, n in sorted(nodes.items())}
+        if members != self.result.members:
+            self.result.members = members
+            self.write()
+
     def keep(
         self, model: Mapping[str, Tensor], members: Mapping[int, Mapping[str, Tensor]]
     ) -> None:
         """The final model into ``final_model.pt`` and, with ``save-members``, every
-        collected member's into ``members.pt`` (:data:`server.final.FinalModel`)."""
+        collected member's into ``members.pt`` (:data:`wash_fed.strategy.final.FinalModel`)."""
         self.save_model(model)
         if self.result.config.output.save_members:
             flat = {f"{p}.{k}": v for p, state in members.items() for k, v in state.items()}

@@ -26,7 +26,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, TypedDict, cast
+from typing import ParamSpec, Protocol, TypedDict, TypeVar, cast
 
 import torch
 from flwr.app import ConfigRecord, ConfigRecordValues, MetricRecord, MetricRecordValues, RecordDict
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from wash_fed import wire
 from wash_fed.batchnorm import bn_statistics
+from wash_fed.config import MemberSettings
 from wash_fed.keys import (
     Config,
     Info,
@@ -49,7 +50,10 @@ from wash_fed.member import MemberState, PopulationMember
 from wash_fed.models import model_layout
 from wash_fed.protocol import apply_delivery, final_dtype, member_payload, to_wire
 
-__all__ = ["ExampleCounts", "Task", "TrainRound", "WashMember", "WashMemberState"]
+__all__ = ["ExampleCounts", "Task", "TaskError", "TrainRound", "WashMember", "WashMemberState"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 REPLY_KINDS = (Reply.VALUES, Reply.WEIGHTS, Reply.STATE, Reply.METRICS)
 
@@ -75,7 +79,11 @@ class TrainRound:
 
 class Task(Protocol):
     """What a member trains on and how: the caller's own loop and data. The model each
-    method gets is the member's own, the same object every time."""
+    method gets is the member's own, the same object every time.
+
+    Subclass it and write :meth:`train`, :meth:`evaluate` and :meth:`examples`; the others
+    have defaults: no BatchNorm inputs (a model with BatchNorm layers needs them where the
+    final step recalibrates, ``bn-recalibration``), no state of the task's own."""
 
     def train(self, model: nn.Module, round_: TrainRound) -> Metrics:
         """Train ``model`` in place for one round; its metrics (finite numbers)."""
@@ -87,19 +95,30 @@ class Task(Protocol):
         data."""
         ...
 
+    def examples(self) -> ExampleCounts:
+        """How many examples the member holds (its evaluations weigh at most that many)."""
+        ...
+
     def bn_inputs(self, batches: int) -> Iterable[Tensor]:
         """Up to ``batches`` input batches of the member's own data, always the same ones,
         for the soup's BatchNorm statistics."""
-        ...
-
-    def examples(self) -> ExampleCounts: ...
+        raise RuntimeError(
+            f"{type(self).__name__} gives no inputs for BatchNorm statistics (bn_inputs): "
+            "write it, or set bn-recalibration=false"
+        )
 
     def state_dict(self) -> dict[str, object]:
         """What the task itself carries from one message to the next (a data position, a
         schedule); with :meth:`load_state_dict`, what lets it continue in another process."""
-        ...
+        return {}
 
-    def load_state_dict(self, state: Mapping[str, object]) -> None: ...
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Take up :meth:`state_dict` as another process wrote it."""
+        return None
+
+
+class TaskError(RuntimeError):
+    """The member's task raised: the message names the member and the task's function."""
 
 
 class WashMemberState(TypedDict):
@@ -166,6 +185,8 @@ class WashMember:
         """Identity, holdings and the first mask's digest, before training. A member
         without a credential adopts the one the server issues; every hello shows it."""
         config = content.config_records[Record.CONFIG]
+        if Record.SETTINGS in content.config_records:
+            self._check_settings(content.config_records[Record.SETTINGS])
         resumed_round = self.resume(config)
         if not self.credential:
             self.credential = str(config.get(Config.CREDENTIAL, ""))
@@ -178,9 +199,11 @@ class WashMember:
                 Info.RESUMED: self.resumed,
                 Info.CREDENTIAL: self.credential,
                 Info.MODEL_LAYOUT: json.dumps(model_layout(self.member.model)),
+                Info.STATE_KINDS: json.dumps(self.member.state_kinds()),
+                Info.PARAMETERS: json.dumps([n for n, _ in self.member.model.named_parameters()]),
             }
         )
-        examples = self.task.examples()
+        examples = self._task_call("examples", self.task.examples)
         metrics: Metrics = {
             Metric.NUM_EXAMPLES: examples.train,
             Metric.TEST_EXAMPLES: examples.test,
@@ -205,7 +228,8 @@ class WashMember:
             raise ValueError(f"{Config.REPLY}={reply!r}; expected one of {REPLY_KINDS}")
         self._apply(content)
         started = time.perf_counter()
-        metrics = dict(self.task.train(self.member.model, TrainRound(server_round, config)))
+        train_round = TrainRound(server_round, config)
+        metrics = dict(self._task_call("train", self.task.train, self.member.model, train_round))
         metrics[Metric.TRAIN_SECONDS] = time.perf_counter() - started
         metrics |= self._own_test(config)
         payload = member_payload(self.member, cast(ReplyKind, reply), server_round)
@@ -225,7 +249,8 @@ class WashMember:
         probe = copy.deepcopy(self.member.model)
         probe.load_state_dict(self._received_model(content))
         batches = self.member.settings.final.bn_batches
-        stats = bn_statistics(probe, self.task.bn_inputs(batches))
+        inputs = self._task_call("bn_inputs", lambda: list(self.task.bn_inputs(batches)))
+        stats = bn_statistics(probe, inputs)
         record = wire.bn_statistics_to_record(stats)
         return {Metric.BATCHES: stats.batches}, RecordDict({Record.STATS: record})
 
@@ -238,7 +263,7 @@ class WashMember:
         own = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(received)
         try:
-            figures = self.task.evaluate(model, split)
+            figures = self._task_call("evaluate", self.task.evaluate, model, split)
         finally:
             model.load_state_dict(own)
         return (dict(figures) if figures is not None else {Metric.NUM_EXAMPLES: 0}), RecordDict()
@@ -282,12 +307,40 @@ class WashMember:
 
     # --- helpers -------------------------------------------------------------------------
 
+    def _task_call(
+        self, name: str, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        """``function(*args, **kwargs)``, the task's ``name``; what it raises becomes a
+        :class:`TaskError` naming the member and the function."""
+        try:
+            return function(*args, **kwargs)
+        except Exception as err:
+            raise TaskError(
+                f"member {self.member.index}: {type(self.task).__name__}.{name} raised "
+                f"{type(err).__name__}: {err}"
+            ) from err
+
+    def _check_settings(self, record: ConfigRecord) -> None:
+        """A ValueError naming every setting in which the server's ``record`` differs from
+        the member's own."""
+        theirs = MemberSettings.from_mapping(record).to_mapping()
+        mine = self.member.settings.to_mapping()
+        differ = [
+            f"{k}={theirs[k]!r} (the member has {mine[k]!r})"
+            for k in theirs
+            if theirs[k] != mine[k]
+        ]
+        if differ:
+            raise ValueError(
+                f"the server's settings differ from this member's: {', '.join(differ)}"
+            )
+
     def _own_test(self, config: ConfigRecord) -> Metrics:
         """The member's accuracy on its own test data, where the message asks for it
         (``evaluate``) and the member has some."""
         if not config.get(Config.EVALUATE, False):
             return {}
-        tested = self.task.evaluate(self.member.model, Split.TEST)
+        tested = self._task_call("evaluate", self.task.evaluate, self.member.model, Split.TEST)
         if tested is None or Metric.ACCURACY not in tested:
             return {}
         return {Metric.TEST_ACCURACY: tested[Metric.ACCURACY]}

@@ -3,7 +3,7 @@
 Where the labelled data live is the caller's business: an :class:`Evaluator` judges models
 given as state dicts, on data held in this process (:class:`OnData`, which builds the
 model) or, in a Flower run without a server-side test set, on the members' own data
-(``server.final``).
+(``wash_fed.strategy.final``).
 """
 
 from __future__ import annotations

@@ -52,6 +52,9 @@ class Record:
     METRICS: Final = "metrics"
     INFO: Final = "info"
     """A member's description of itself (``query.hello`` replies), a ConfigRecord."""
+    SETTINGS: Final = "settings"
+    """``query.hello``: what a member must know of the run, a ConfigRecord of kebab-case
+    keys (:class:`wash_fed.config.MemberSettings`)."""
     VALUES: Final = "values"
     """WASH: values at a shuffle event's mask, by value kind (a delivery, or a reply)."""
     MEAN: Final = "mean"
@@ -163,6 +166,11 @@ class Info:
     MODEL_LAYOUT: Final = "model-layout"
     """Its model's state entries, ``name:shape`` each, as a JSON list: every member must
     build the server's."""
+    STATE_KINDS: Final = "state-kinds"
+    """The optimizer state its shuffles move, as a JSON list (WASH+Opt; empty without)."""
+    PARAMETERS: Final = "parameters"
+    """The names of its model's parameters, in registration order, as a JSON list: what
+    WASH's masks range over (the rest of the state, buffers, is not shuffled)."""
 
 
 class NodeConfig:

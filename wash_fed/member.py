@@ -97,6 +97,13 @@ class PopulationMember:
             self._mask = (event, self.settings.shuffle_mask(numels, event))
         return self._mask[1]
 
+    def state_kinds(self) -> tuple[str, ...]:
+        """The optimizer state this member's shuffles move (``shuffle-optimizer-state``:
+        :func:`optimizer_state_kinds`; otherwise none)."""
+        if not self.settings.exchange.shuffle_optimizer_state:
+            return ()
+        return optimizer_state_kinds(self.optimizer)
+
     def shuffle_groups(self, with_optimizer_state: bool) -> dict[str, list[Tensor]]:
         """The tensors a shuffle event moves, by kind, each list aligned with
         :meth:`parameters`: ``{"weights": [...]}``, and with ``with_optimizer_state`` each

@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-__all__ = ["SmallCNN", "build_model", "model_layout", "model_problem", "resnet18_cifar"]
+__all__ = [
+    "SmallCNN",
+    "build_model",
+    "model_layout",
+    "model_problem",
+    "resnet18_cifar",
+    "state_layout",
+]
 
 TORCHVISION_PREFIX = "torchvision:"
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
@@ -110,10 +118,15 @@ def _from_import_path(
     return model
 
 
+def state_layout(state: Mapping[str, Tensor]) -> list[str]:
+    """A state dict as WASH sees it: ``name:shape`` of every entry, in order. Members must
+    agree on it to exchange values at the same coordinates."""
+    return [f"{name}:{tuple(t.shape)}" for name, t in state.items()]
+
+
 def model_layout(model: nn.Module) -> list[str]:
-    """The model's state as WASH sees it: ``name:shape`` of every entry, in order. Members
-    must agree on it to exchange values at the same coordinates."""
-    return [f"{name}:{tuple(t.shape)}" for name, t in model.state_dict().items()]
+    """:func:`state_layout` of ``model``'s state dict."""
+    return state_layout(model.state_dict())
 
 
 def build_model(

@@ -310,7 +310,7 @@ def _server(cfg: WashFedConfig, members: list[Member], ledger: Ledger) -> Server
     Flower's FedAvg sends its global model in round 1), counted in the ledger."""
     if cfg.strategy != "fedavg":
         parameters = dict(members[0].model.named_parameters())
-        return server_protocol(cfg, range(cfg.num_members), parameters)
+        return server_protocol(cfg, range(cfg.num_members), parameters, members[0].state_kinds())
     start = to_wire(initial_model(cfg, 0).state_dict(), wire_dtype(cfg))
     for m in members:
         m.model.load_state_dict(start)

@@ -34,7 +34,7 @@ travels is rounded once to that type (relative error at most 2**-8 for ``bfloat1
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -262,22 +262,29 @@ class WashServer(ServerProtocol):
     gate (:mod:`wash_fed.gate`: form, then magnitude against the others).
 
     ``parameters`` are the model's parameter tensors by name, in registration order (only
-    their sizes matter); replies carry ``wire-dtype`` values.
+    their sizes matter); replies carry ``wire-dtype`` values: the weights and, with
+    ``shuffle-optimizer-state``, the optimizer state of ``state_kinds``
+    (:meth:`wash_fed.member.PopulationMember.state_kinds`).
     """
 
     def __init__(
-        self, cfg: WashFedConfig, members: Iterable[int], parameters: Mapping[str, Tensor]
+        self,
+        cfg: WashFedConfig,
+        members: Iterable[int],
+        parameters: Mapping[str, Tensor],
+        state_kinds: Sequence[str] = (),
     ) -> None:
         super().__init__(cfg, members)
         self.numels = [p.numel() for p in parameters.values()]
         self.dtype = wire_dtype(cfg)
+        self.state_kinds = list(state_kinds)
 
     def reply_for(self, server_round: int) -> ReplyKind:
         return "values"
 
     def expected_kinds(self) -> list[str]:
         with_state = self.cfg.exchange.shuffle_optimizer_state
-        return ["weights", "momentum_buffer"] if with_state else ["weights"]
+        return ["weights", *self.state_kinds] if with_state else ["weights"]
 
     def payload_problem(self, server_round: int, payload: Payload) -> str | None:
         selected = self.cfg.shuffle_mask(self.numels, server_round).num_selected
@@ -364,12 +371,16 @@ class FedAvgServer(_AveragingServer):
 
 
 def server_protocol(
-    cfg: WashFedConfig, members: Iterable[int], parameters: Mapping[str, Tensor]
+    cfg: WashFedConfig,
+    members: Iterable[int],
+    parameters: Mapping[str, Tensor],
+    state_kinds: Sequence[str] = (),
 ) -> ServerProtocol:
     """The server protocol of ``cfg.strategy`` (anything but ``fedavg``, which is Flower's),
-    for a model with ``parameters`` (by name, in registration order)."""
+    for a model with ``parameters`` (by name, in registration order) whose members move
+    the optimizer state ``state_kinds`` with WASH+Opt."""
     if cfg.strategy == "wash":
-        return WashServer(cfg, members, parameters)
+        return WashServer(cfg, members, parameters, state_kinds)
     if cfg.strategy in ("papa", "papa-all"):
         return PapaServer(cfg, members, parameters)
     if cfg.strategy == "ensemble":

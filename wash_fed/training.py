@@ -36,6 +36,7 @@ from wash_fed.member import PopulationMember
 from wash_fed.models import build_model
 
 __all__ = [
+    "INIT_STREAM",
     "Member",
     "MemberData",
     "TrainStats",
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 # Stream tags for derive_seed, so that the seeds of different uses never collide.
-_INIT, _DATA_ORDER, _HOLDOUT, _PARTITION = 1, 2, 3, 4
+INIT_STREAM, _DATA_ORDER, _HOLDOUT, _PARTITION = 1, 2, 3, 4
 
 
 def derive_seed(*key: int) -> int:
@@ -216,7 +217,7 @@ def new_model(cfg: WashFedConfig) -> nn.Module:
 def initial_model(cfg: WashFedConfig, member: int) -> nn.Module:
     """Member ``member``'s initial model: drawn from its own seed (``init='different'``) or
     from the run's (``'shared'``); the global torch RNG is left alone."""
-    key = (cfg.seed, _INIT) if cfg.model.init == "shared" else (cfg.seed, _INIT, member)
+    key = (cfg.seed, INIT_STREAM) if cfg.model.init == "shared" else (cfg.seed, INIT_STREAM, member)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(*key))
         return new_model(cfg)

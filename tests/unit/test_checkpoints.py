@@ -12,11 +12,11 @@ import torch
 from client.checkpoints import MemberCheckpoints
 from client.task import MemberTask
 from server.checkpoint import ServerCheckpoint
-from server.state import StrategyState
 from wash_fed.config import ConfigError, WashFedConfig
 from wash_fed.gate import Quarantine
 from wash_fed.keys import NodeConfig
 from wash_fed.results import RunResult, write_results
+from wash_fed.strategy.state import StrategyState
 
 SMALL = {"train-subset": 1000, "holdout-size": 100, "num-members": 2, "local-steps": 3}
 

@@ -5,16 +5,17 @@ in another process from its state."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, ConfigRecordValues, RecordDict
 from torch import Tensor, nn
 
 from tests.unit.small_configs import three_members
 from wash_fed import wire
-from wash_fed.clientapp import ExampleCounts, TrainRound, WashMember
+from wash_fed.clientapp import ExampleCounts, TaskError, TrainRound, WashMember
 from wash_fed.keys import Config, Info, MessageType, Metric, Metrics, Record, Reply, Split
 from wash_fed.member import PopulationMember
 
@@ -129,3 +130,30 @@ def test_the_member_continues_in_another_process_from_its_state() -> None:
 def test_a_message_of_another_kind_is_named() -> None:
     with pytest.raises(ValueError, match=r"no handler for message type 'query\.unknown'"):
         wash_member(0).handle("query.unknown", message(1))
+
+
+def test_the_hello_names_the_parameters_and_the_moments_that_move() -> None:
+    hello = wash_member(0).handle(MessageType.HELLO, message(0))
+    info = hello.config_records[Record.INFO]
+    names = [name for name, _ in Parity().named_parameters()]
+    assert json.loads(str(info[Info.PARAMETERS])) == names
+    assert json.loads(str(info[Info.STATE_KINDS])) == ["exp_avg", "exp_avg_sq"]
+
+
+def test_a_hello_with_other_settings_is_refused_naming_them() -> None:
+    hello = message(0)
+    theirs: dict[str, ConfigRecordValues] = {"shuffle-prob": 0.3, "seed": 7}
+    hello[Record.SETTINGS] = ConfigRecord({**SETTINGS.to_mapping(), **theirs})
+    with pytest.raises(ValueError, match=r"seed=7 \(the member has 0\), shuffle-prob=0\.3"):
+        wash_member(0).handle(MessageType.HELLO, hello)
+
+
+def test_what_the_task_raises_names_the_member_and_the_function() -> None:
+    member = wash_member(1)
+
+    def broken(model: nn.Module, round_: TrainRound) -> Metrics:
+        raise KeyError("lr")
+
+    member.task.train = broken  # type: ignore[method-assign]
+    with pytest.raises(TaskError, match=r"member 1: ParityTask\.train raised KeyError: 'lr'"):
+        member.handle(MessageType.TRAIN, message(1, **{Config.REPLY: Reply.VALUES}))

@@ -13,50 +13,36 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from server.final import ServerEvaluation, final_step
-from server.ledger_grid import LedgerGrid
 from server.report import RunOutput
-from server.roster import Roster
-from server.strategies import PopulationStrategy
 from tests.unit.in_process import InProcessGrid, Tamper
-from wash_fed.config import WashFedConfig
+from tests.unit.small_configs import tiny_run
 from wash_fed.data import ImageData
 from wash_fed.evaluation import OnData
 from wash_fed.keys import MessageType, Metric, Record
 from wash_fed.ledger import Ledger
-from wash_fed.models import model_layout
 from wash_fed.protocol import server_protocol
 from wash_fed.results import FinalResult
+from wash_fed.strategy.final import ServerEvaluation, final_step
+from wash_fed.strategy.ledger_grid import LedgerGrid
+from wash_fed.strategy.roster import Roster
+from wash_fed.strategy.rounds import PopulationStrategy
 from wash_fed.training import load_test_data, new_model
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
-TINY = {
-    "num-members": 3,
-    "num-server-rounds": 2,
-    "local-steps": 3,
-    "batch-size": 32,
-    "train-subset": 600,
-    "holdout-size": 0,
-    "test-subset": 200,
-    "bn-batches": 2,
-    "shuffle-prob": 0.2,
-    "deterministic": True,
-    "round-timeout": 2.0,
-}
 FAULTY = 2
 
 
 def trained(tmp_path: Path, tamper: Tamper | None = None) -> tuple[LedgerGrid, PopulationStrategy]:
     """Three members after two WASH rounds, through the real roster, strategy and ledger
     grid; ``tamper`` changes replies on their way."""
-    cfg = WashFedConfig.from_mapping({**TINY, "output-dir": str(tmp_path)})
+    cfg = tiny_run(**{"output-dir": str(tmp_path)})
     grid = LedgerGrid(InProcessGrid(cfg, tamper), Ledger(), poll_interval=0.01)
     model = new_model(cfg)
     parameters = dict(model.named_parameters())
-    digest = cfg.shuffle_mask([p.numel() for p in parameters.values()], 1).digest()
-    roster = Roster(cfg, digest, model_layout(model), on_bind=grid.bind)
+    roster = Roster(cfg, model.state_dict(), on_bind=grid.bind)
     roster.connect(grid)
+    assert roster.parameters == list(parameters)
     strategy = PopulationStrategy(cfg, roster, server_protocol(cfg, roster.nodes, parameters))
     strategy.start(
         grid=grid, initial_arrays=ArrayRecord(), num_rounds=cfg.num_server_rounds, timeout=60.0

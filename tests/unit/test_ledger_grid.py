@@ -9,12 +9,12 @@ import pytest
 from flwr.app import Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 
-from server.ledger_grid import LedgerGrid
 from tests.unit.in_process import FIRST_NODE, InProcessGrid
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Config, MessageType, Reply
 from wash_fed.ledger import Ledger
+from wash_fed.strategy.ledger_grid import LedgerGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -7,8 +7,8 @@ import pytest
 from prometheus_client import generate_latest
 
 from server.metrics import RunMetrics
-from server.state import RoundReport
 from wash_fed.ledger import Ledger
+from wash_fed.strategy.state import RoundReport
 from wash_fed.timing import RoundTime
 
 

@@ -13,7 +13,6 @@ import pytest
 
 from server.checkpoint import ServerCheckpoint
 from server.report import RunOutput
-from server.state import StrategyState
 from wash_fed.config import WashFedConfig
 from wash_fed.gate import Quarantine
 from wash_fed.ledger import Ledger
@@ -27,6 +26,7 @@ from wash_fed.results import (
     read_results,
     write_results,
 )
+from wash_fed.strategy.state import StrategyState
 from wash_fed.timing import RoundTime
 
 CONFIG = WashFedConfig.from_mapping({"num-members": 3, "num-server-rounds": 2, "seed": 7})

@@ -9,15 +9,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from server.fedavg import FedAvgRounds
-from server.replies import Replies, gather
-from server.roster import Roster
-from server.state import RoundReport
-from server.strategies import PopulationStrategy
 from tests.unit.small_configs import three_members
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Config, MessageType, Record
 from wash_fed.protocol import PapaServer, WashServer, wire_dtype
+from wash_fed.strategy.replies import Replies, gather
+from wash_fed.strategy.roster import Roster
+from wash_fed.strategy.rounds import PopulationStrategy
+from wash_fed.strategy.state import RoundReport
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -27,7 +27,7 @@ NUMELS = [40, 12]
 
 
 def strategy_for(config: WashFedConfig) -> PopulationStrategy:
-    roster = Roster(config, mask_digest="", layout=[])
+    roster = Roster(config, reference={})
     roster.nodes = dict(NODES)
     protocol = (
         WashServer(config, NODES, PARAMETERS)

@@ -29,9 +29,6 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from torch import Tensor
 
-from server.replies import gather, reply_gate
-from server.roster import Roster
-from server.strategies import PopulationStrategy
 from wash_fed import wire
 from wash_fed.batchnorm import BNStatistics, bn_layers_of, merge_bn_statistics
 from wash_fed.config import WashFedConfig
@@ -47,6 +44,9 @@ from wash_fed.keys import Config, MessageType, Metric, Metrics, Record, Split
 from wash_fed.merge import MergeResult, merge_population
 from wash_fed.protocol import final_dtype, through, to_wire
 from wash_fed.results import FinalResult
+from wash_fed.strategy.replies import gather, reply_gate
+from wash_fed.strategy.roster import Roster
+from wash_fed.strategy.rounds import PopulationStrategy
 
 __all__ = ["FinalExchanges", "FinalModel", "OnMembers", "ServerEvaluation", "final_step"]
 
@@ -82,7 +82,7 @@ class FinalExchanges:
         config: Mapping[str, wire.ConfigValue] | None = None,
     ) -> dict[int, wire.ReplyParts]:
         """Send ``state_dict`` to every member; the replies of the right form, by
-        partition id (:func:`server.replies.gather`; the values they carry are for the
+        partition id (:func:`wash_fed.strategy.replies.gather`; the values they carry are for the
         caller to admit)."""
         model = {name: t.detach().clone() for name, t in state_dict.items()}
         messages = []
@@ -190,7 +190,7 @@ class FinalExchanges:
 
 
 def _any_form(parts: wire.ReplyParts) -> None:
-    """Replies whose records :func:`server.replies.gather` found right are of the form
+    """Replies whose records :func:`wash_fed.strategy.replies.gather` found right are of the form
     asked: what they carry is for the caller to admit."""
 
 
@@ -248,8 +248,8 @@ def final_step(
         evaluation.test or OnMembers(exchanges, Split.TEST, _own_accuracies(reported)),
         bn_statistics_of=(
             (lambda soup: exchanges.bn_statistics(soup, bn_reference))
-            if cfg.final.bn_recalibration
-            else None
+            if cfg.final.bn_recalibration and bn_reference.means  # a model without BatchNorm
+            else None  # has no statistics to recompute
         ),
         holdout=_holdout(exchanges, evaluation),
         final_soup=cfg.final.soup,

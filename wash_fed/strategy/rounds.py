@@ -19,14 +19,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
-from server.replies import Replies, gather, reply_gate
-from server.roster import Roster
-from server.state import RoundReport, StrategyState
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.gate import Quarantine, check_tensors
 from wash_fed.keys import Config, MessageType, Metrics, Record
 from wash_fed.protocol import Exchange, ServerProtocol
+from wash_fed.strategy.replies import Replies, gather, reply_gate
+from wash_fed.strategy.roster import Roster
+from wash_fed.strategy.state import RoundReport, StrategyState
 
 __all__ = ["PopulationStrategy"]
 
@@ -62,7 +62,7 @@ class PopulationStrategy(Strategy):
 
     def summary(self) -> None:
         log(INFO, "\t├── %s over %d members", self.cfg.label, len(self.roster.nodes))
-        log(INFO, "\t└── %d local steps per round", self.cfg.optim.local_steps)
+        log(INFO, "\t└── replies awaited %g s a round", self.cfg.runtime.round_timeout)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

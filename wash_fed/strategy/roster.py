@@ -2,8 +2,10 @@
 
 The server knows a member by its partition id, never by the node id Flower gives its
 SuperNode: a SuperNode that restarts comes back under a new node id. Every member answers a
-``query.hello`` -- its partition id, its data, the digest of its first shuffle mask -- before
-it trains (:meth:`Roster.connect`) and again when it comes back (:meth:`Roster.readmit`).
+``query.hello`` -- its partition id, its data, its model's layout and parameters, the digest
+of its first shuffle mask -- before it trains (:meth:`Roster.connect`) and again when it comes
+back (:meth:`Roster.readmit`). The hello carries the settings every member must share
+(:class:`wash_fed.config.MemberSettings`), so a member needs nothing of the run beforehand.
 
 A member's place is its own. Each hello carries a fresh secret; a member that holds no
 credential for the run adopts it, keeps it with its checkpoints and shows it at every hello.
@@ -15,20 +17,23 @@ authentication a node's id is its registered key's, and a restarted node keeps i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from torch import Tensor
 
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Config, Info, MessageType, Metric, Record
+from wash_fed.models import state_layout
 
 __all__ = ["MemberInfo", "Roster"]
 
@@ -59,6 +64,10 @@ class MemberInfo:
     credential: str
     layout: list[str]
     """Its model's state entries, ``name:shape`` each (:func:`wash_fed.models.model_layout`)."""
+    parameters: list[str]
+    """The names of its model's parameters, in registration order."""
+    state_kinds: list[str]
+    """The optimizer state its shuffles move (WASH+Opt)."""
 
 
 def _member_info(reply: Message) -> MemberInfo:
@@ -77,6 +86,10 @@ def _member_info(reply: Message) -> MemberInfo:
         resumed_round=int(wire.metric(content, Metric.RESUMED_ROUND)),
         credential=str(wire.config_value(content, Info.CREDENTIAL, Record.INFO)),
         layout=list(json.loads(str(wire.config_value(content, Info.MODEL_LAYOUT, Record.INFO)))),
+        parameters=list(json.loads(str(wire.config_value(content, Info.PARAMETERS, Record.INFO)))),
+        state_kinds=list(
+            json.loads(str(wire.config_value(content, Info.STATE_KINDS, Record.INFO)))
+        ),
     )
 
 
@@ -93,24 +106,28 @@ def _first_difference(member: list[str], server: list[str]) -> str | None:
 class Roster:
     """The node id of every member (partition id), as the run goes on.
 
-    ``mask_digest`` is the digest of shuffle event 1's mask as the server derives it, and
-    ``layout`` its model's state entries (:func:`wash_fed.models.model_layout`); a member
-    that derives another mask or builds another model cannot take part.
-    ``on_bind(node, partition)`` is called whenever a node is bound to a member (the ledger
-    attributes its bytes from then on).
+    ``reference`` is the model's state dict as the server knows it: every member must build
+    a model of its layout (names and shapes, in order). The members name the parameters
+    among its entries (all the same ones); every member must derive the server's mask of
+    shuffle event 1 over them. ``on_bind(node, partition)`` is called whenever a node is
+    bound to a member (the ledger attributes its bytes from then on).
     """
 
     def __init__(
         self,
         cfg: WashFedConfig,
-        mask_digest: str,
-        layout: list[str],
+        reference: Mapping[str, Tensor],
         on_bind: Callable[[int, int], None] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.mask_digest = mask_digest
-        self.layout = layout
+        self.reference = reference
+        self.layout = state_layout(reference)
         self.on_bind = on_bind
+        self.parameters: list[str] = []
+        """The model's parameters, by name in registration order, as every member named
+        them at the pre-flight check (what WASH's masks range over)."""
+        self.state_kinds: list[str] = []
+        """The optimizer state every member's shuffles move, as they named it."""
         self.nodes: dict[int, int] = {}
         """Partition id -> node id, of the members taking part."""
         self.credentials: dict[int, str] = {}
@@ -155,6 +172,8 @@ class Roster:
             time.sleep(2.0)
             nodes = list(grid.get_node_ids())
         members, problems = self._hello(grid, nodes, max(cfg.runtime.round_timeout, HELLO_TIMEOUT))
+        self.parameters, self.state_kinds = self._agreed(members)
+        members, problems = self._same_masks(members, problems)
         if problems:
             raise RuntimeError("members failed their pre-flight check:\n  " + "\n  ".join(problems))
         partitions = sorted(m.partition for m in members)
@@ -197,7 +216,7 @@ class Roster:
         new = set(grid.get_node_ids()) - set(self.nodes.values()) - self._refused
         if not new:
             return []
-        members, problems = self._hello(grid, sorted(new), HELLO_TIMEOUT)
+        members, problems = self._same_masks(*self._hello(grid, sorted(new), HELLO_TIMEOUT))
         for problem in problems:
             log(WARNING, "a new node failed its check and is not asked again: %s", problem)
         self._refused |= new - {m.node for m in members}
@@ -255,6 +274,19 @@ class Roster:
         of the ``earlier_runs`` it continued."""
         return {Config.KEEP_CHECKPOINTS: not completed, Config.EARLIER_RUNS: list(earlier_runs)}
 
+    @contextlib.contextmanager
+    def ending(self, grid: Grid, earlier_runs: Iterable[int] = ()) -> Iterator[None]:
+        """On leaving the block, every member is told that the run ended: completed (their
+        checkpoints go, with those of the ``earlier_runs`` it continued), or, when the block
+        raised, not (they keep them, for ``resume-from``)."""
+        try:
+            yield
+        except Exception:
+            with contextlib.suppress(Exception):  # the block's error is the one to report
+                self.end(grid, completed=False)
+            raise
+        self.end(grid, completed=True, earlier_runs=earlier_runs)
+
     def end(self, grid: Grid, *, completed: bool, earlier_runs: Iterable[int] = ()) -> None:
         """Tell every member not yet told that the run is over (their workers exit); waits
         briefly. See :meth:`end_config`."""
@@ -293,6 +325,9 @@ class Roster:
             )
             for n in nodes
         ]
+        settings = ConfigRecord(dict(self.cfg.member_settings.to_mapping()))
+        for message in messages:
+            message.content[Record.SETTINGS] = settings
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         answered = {asked[r.metadata.reply_to_message_id] for r in replies}
@@ -314,12 +349,45 @@ class Roster:
                     f"server: {difference}"
                 )
                 continue
-            if member.mask_digest != self.mask_digest:
-                problems.append(
-                    f"member {member.partition} on node {node} derives other shuffle masks than "
-                    f"the server ({member.mask_digest!r} != {self.mask_digest!r}): install the "
-                    f"same numpy and torch everywhere (it has torch {member.torch})"
-                )
-                continue
             members.append(member)
         return members, problems
+
+    def _agreed(self, members: list[MemberInfo]) -> tuple[list[str], list[str]]:
+        """The parameters and the optimizer state every member named (a RuntimeError naming
+        them where they differ, or name entries the model lacks)."""
+        named = {(tuple(m.parameters), tuple(m.state_kinds)): m.partition for m in members}
+        if len(named) > 1:
+            raise RuntimeError(
+                "members name different parameters or optimizer state: "
+                + "; ".join(
+                    f"member {p}: {list(names)[:4]}, {list(kinds)}"
+                    for (names, kinds), p in named.items()
+                )
+            )
+        parameters, state_kinds = (list(part) for part in next(iter(named), ((), ())))
+        unknown = [name for name in parameters if name not in self.reference]
+        if unknown:
+            raise RuntimeError(f"members name parameters the model lacks: {unknown[:4]}")
+        return parameters, state_kinds
+
+    def _same_masks(
+        self, members: list[MemberInfo], problems: list[str]
+    ) -> tuple[list[MemberInfo], list[str]]:
+        """The members that name the run's parameters and derive the server's first mask
+        over them; the problems of the others added to ``problems``."""
+        numels = [self.reference[name].numel() for name in self.parameters]
+        digest = self.cfg.shuffle_mask(numels, 1).digest()
+        passed = []
+        for member in members:
+            where = f"member {member.partition} on node {member.node}"
+            if (member.parameters, member.state_kinds) != (self.parameters, self.state_kinds):
+                problems.append(f"{where} names other parameters or optimizer state than the run's")
+            elif member.mask_digest != digest:
+                problems.append(
+                    f"{where} derives other shuffle masks than the server ({member.mask_digest!r}"
+                    f" != {digest!r}): install the same numpy and torch everywhere (it has "
+                    f"torch {member.torch})"
+                )
+            else:
+                passed.append(member)
+        return passed, problems

@@ -1,0 +1,106 @@
+"""WASH in your own ClientApp: a member of the population around your model, optimizer and
+training loop (a boundary module: it imports Flower).
+
+::
+
+    def member(context: Context) -> MemberParts:
+        model = Net()
+        return MemberParts(model, MyTask(context), torch.optim.AdamW(model.parameters()))
+
+    app = wash_client_app(member)
+
+The node's ``partition-id`` is the member's place in the population (Flower's simulation
+sets it; a SuperNode gets it with ``--node-config``). The server's first message, its
+``query.hello``, carries the settings every member shares
+(:class:`wash_fed.config.MemberSettings`); the member is built then, by the function given,
+and kept in ``context.state`` from one message to the next (model, optimizer state, the
+newest delivery applied, the task's own :meth:`~wash_fed.clientapp.Task.state_dict`).
+
+The function runs with torch's random generator seeded from the run's ``seed``, the same on
+every member, so that their models start from the same weights (what the soup of a short
+run needs; seed it by ``partition-id`` inside the function for members that start apart).
+The generator's state outside the function is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from wash_fed.clientapp import Task, WashMember
+from wash_fed.config import MemberSettings
+from wash_fed.keys import Record
+from wash_fed.member import PopulationMember
+from wash_fed.routing import member_app, member_index
+from wash_fed.training import INIT_STREAM, derive_seed
+
+__all__ = ["MemberParts", "wash_client_app"]
+
+STATE_KEY = "wash-member"
+"""The member's entry in ``context.state``: its settings and its state as bytes."""
+
+
+@dataclass(frozen=True)
+class MemberParts:
+    """What a member is made of: ``model`` (on the device it trains on), the ``task`` that
+    trains and evaluates it, and the ``optimizer`` whose per-parameter state WASH+Opt
+    moves with the weights (``shuffle-optimizer-state``; None: the task keeps its own)."""
+
+    model: nn.Module
+    task: Task
+    optimizer: torch.optim.Optimizer | None = None
+
+
+def wash_client_app(build: Callable[[Context], MemberParts]) -> ClientApp:
+    """A ClientApp whose member is built by ``build(context)`` (at the run's hello, and
+    again, restored from ``context.state``, at every later message)."""
+
+    def respond(msg: Message, context: Context) -> Message:
+        message_type = msg.metadata.message_type
+        member = _restored(build, message_type, msg.content, context)
+        reply = member.handle(message_type, msg.content)
+        settings = json.dumps(member.member.settings.to_mapping())
+        context.state[STATE_KEY] = ConfigRecord(
+            {"settings": settings, "state": member.state_bytes()}
+        )
+        return Message(reply, reply_to=msg)
+
+    return member_app(respond)
+
+
+def _restored(
+    build: Callable[[Context], MemberParts],
+    message_type: str,
+    content: RecordDict,
+    context: Context,
+) -> WashMember:
+    """The node's member: built anew at the run's hello, restored from ``context.state``
+    afterwards."""
+    kept = context.state.config_records.get(STATE_KEY)
+    if kept is not None:
+        settings = MemberSettings.from_mapping(json.loads(str(kept["settings"])))
+    elif Record.SETTINGS in content.config_records:
+        settings = MemberSettings.from_mapping(content.config_records[Record.SETTINGS])
+    else:
+        raise ValueError(
+            f"a {message_type!r} message came before the server's hello: this node has no "
+            "member of the run (was its SuperNode restarted without its state?)"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(settings.seed, INIT_STREAM))
+        parts = build(context)
+    device = next(parts.model.parameters()).device
+    index = member_index(context.node_config, settings.num_members)
+    member = WashMember(
+        PopulationMember(settings, index, parts.model, device, parts.optimizer), parts.task
+    )
+    if kept is not None:
+        member.load_state_bytes(cast(bytes, kept["state"]))
+    return member
