@@ -1,0 +1,1 @@
+"""Flower's PyTorch quickstart on Fashion-MNIST, in its FedAvg form and its WASH form."""
