@@ -93,11 +93,11 @@ def _restored(
             f"a {message_type!r} message came before the server's hello: this node has no "
             "member of the run (was its SuperNode restarted without its state?)"
         )
+    index = member_index(context.node_config, settings.num_members)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(settings.seed, INIT_STREAM))
         parts = build(context)
     device = next(parts.model.parameters()).device
-    index = member_index(context.node_config, settings.num_members)
     member = WashMember(
         PopulationMember(settings, index, parts.model, device, parts.optimizer), parts.task
     )
