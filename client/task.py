@@ -25,6 +25,7 @@ from wash_fed.clientapp import ExampleCounts, TrainRound, WashMember
 from wash_fed.config import WashFedConfig
 from wash_fed.evaluation import accuracy, predict
 from wash_fed.keys import Config, MessageType, Metric, Metrics, NodeConfig, Record, Split
+from wash_fed.member_app import handle_in_context
 from wash_fed.routing import member_index
 from wash_fed.training import (
     LoopState,
@@ -39,8 +40,6 @@ from wash_fed.training import (
 )
 
 __all__ = ["ImageTask", "MemberTask", "handle_in_process"]
-
-_STATE_KEY = "member"
 
 
 @functools.lru_cache(maxsize=1)
@@ -197,8 +196,9 @@ class MemberTask(WashMember):
 
 
 def handle_in_process(message_type: str, content: RecordDict, context: Context) -> RecordDict:
-    """Run one message in this process: restore the member from ``context.state`` (or, in
-    a fresh process, its checkpoint on disk), handle the message, save the member back."""
+    """Run one message in this process: the member taken up from ``context.state`` (or, in
+    a fresh process, from its checkpoint on disk), handling the message, kept back there
+    (:func:`wash_fed.member_app.handle_in_context`)."""
     started = time.perf_counter()
     cfg = WashFedConfig.from_mapping(context.run_config)
     partition = member_index(context.node_config, cfg.num_members)
@@ -210,12 +210,4 @@ def handle_in_process(message_type: str, content: RecordDict, context: Context) 
         else None
     )
     task = MemberTask(cfg, partition, context.node_config, checkpoints)
-    if _STATE_KEY in context.state:
-        kept = context.state.config_records[_STATE_KEY]
-        task.load_state_bytes(cast(bytes, kept["state"]))
-    else:
-        task.restore_own()
-    task.startup_seconds = time.perf_counter() - started
-    reply = task.handle(message_type, content)
-    context.state[_STATE_KEY] = ConfigRecord({"state": task.state_bytes()})
-    return reply
+    return handle_in_context(task, message_type, content, context, started, task.restore_own)

@@ -25,6 +25,7 @@ The generator's state outside the function is left as it was.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -41,7 +42,7 @@ from wash_fed.member import PopulationMember
 from wash_fed.routing import member_app, member_index
 from wash_fed.training import INIT_STREAM, derive_seed
 
-__all__ = ["MemberParts", "wash_client_app"]
+__all__ = ["MemberParts", "handle_in_context", "wash_client_app"]
 
 STATE_KEY = "wash-member"
 """The member's entry in ``context.state``: its settings and its state as bytes."""
@@ -60,29 +61,50 @@ class MemberParts:
 
 def wash_client_app(build: Callable[[Context], MemberParts]) -> ClientApp:
     """A ClientApp whose member is built by ``build(context)`` (at the run's hello, and
-    again, restored from ``context.state``, at every later message)."""
+    again, its state taken up from ``context.state``, at every later message)."""
 
     def respond(msg: Message, context: Context) -> Message:
+        started = time.perf_counter()
         message_type = msg.metadata.message_type
-        member = _restored(build, message_type, msg.content, context)
-        reply = member.handle(message_type, msg.content)
-        settings = json.dumps(member.member.settings.to_mapping())
-        context.state[STATE_KEY] = ConfigRecord(
-            {"settings": settings, "state": member.state_bytes()}
-        )
+        member = _built(build, message_type, msg.content, context)
+        reply = handle_in_context(member, message_type, msg.content, context, started)
         return Message(reply, reply_to=msg)
 
     return member_app(respond)
 
 
-def _restored(
+def handle_in_context(
+    member: WashMember,
+    message_type: str,
+    content: RecordDict,
+    context: Context,
+    started: float,
+    restore_own: Callable[[], None] | None = None,
+) -> RecordDict:
+    """Handle one message with ``member``, freshly built in this process: its state taken
+    up from ``context.state`` (where it holds none, ``restore_own()`` may find some
+    elsewhere), kept back there after the message. ``started``: when the process began on
+    the message (``time.perf_counter()``), for ``restore-seconds``."""
+    kept = context.state.config_records.get(STATE_KEY)
+    if kept is not None:
+        member.load_state_bytes(cast(bytes, kept["state"]))
+    elif restore_own is not None:
+        restore_own()
+    member.startup_seconds = time.perf_counter() - started
+    reply = member.handle(message_type, content)
+    settings = json.dumps(member.member.settings.to_mapping())
+    context.state[STATE_KEY] = ConfigRecord({"settings": settings, "state": member.state_bytes()})
+    return reply
+
+
+def _built(
     build: Callable[[Context], MemberParts],
     message_type: str,
     content: RecordDict,
     context: Context,
 ) -> WashMember:
-    """The node's member: built anew at the run's hello, restored from ``context.state``
-    afterwards."""
+    """The node's member as ``build`` makes it, with the settings the server's hello gave
+    (kept in ``context.state`` from then on)."""
     kept = context.state.config_records.get(STATE_KEY)
     if kept is not None:
         settings = MemberSettings.from_mapping(json.loads(str(kept["settings"])))
@@ -98,9 +120,5 @@ def _restored(
         torch.manual_seed(derive_seed(settings.seed, INIT_STREAM))
         parts = build(context)
     device = next(parts.model.parameters()).device
-    member = WashMember(
-        PopulationMember(settings, index, parts.model, device, parts.optimizer), parts.task
-    )
-    if kept is not None:
-        member.load_state_bytes(cast(bytes, kept["state"]))
-    return member
+    member = PopulationMember(settings, index, parts.model, device, parts.optimizer)
+    return WashMember(member, parts.task)
