@@ -4,8 +4,8 @@ node-local disk.
 
 Two runtimes use it: the ClientApp itself (the member restored from ``context.state`` for
 every message: :func:`handle_in_process`) and the member worker (the member resident in a
-long-lived process: :mod:`client.worker`). Training uses CUDA when the process has it
-(``device = "auto"``).
+long-lived process, :mod:`wash_fed.worker`, built by :func:`worker_member`). Training uses
+CUDA when the process has it (``device = "auto"``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from wash_fed.training import (
     shared_member_data,
 )
 
-__all__ = ["ImageTask", "MemberTask", "handle_in_process"]
+__all__ = ["ImageTask", "MemberTask", "handle_in_process", "worker_member"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -211,3 +211,17 @@ def handle_in_process(message_type: str, content: RecordDict, context: Context) 
     )
     task = MemberTask(cfg, partition, context.node_config, checkpoints)
     return handle_in_context(task, message_type, content, context, started, task.restore_own)
+
+
+def worker_member(
+    context: Context, message_type: str, content: RecordDict, directory: Path
+) -> MemberTask:
+    """The member a member worker keeps (:data:`wash_fed.worker.MemberFactory`):
+    checkpointed in the worker's own folder, continuing from its newest checkpoint there (a
+    restarted worker)."""
+    del message_type, content  # the run configuration says all the member needs
+    cfg = WashFedConfig.from_mapping(context.run_config)
+    partition = member_index(context.node_config, cfg.num_members)
+    task = MemberTask(cfg, partition, context.node_config, MemberCheckpoints(directory))
+    task.restore_own()
+    return task

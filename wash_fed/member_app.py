@@ -16,6 +16,12 @@ sets it; a SuperNode gets it with ``--node-config``). The server's first message
 and kept in ``context.state`` from one message to the next (model, optimizer state, the
 newest delivery applied, the task's own :meth:`~wash_fed.clientapp.Task.state_dict`).
 
+Where the node config names a ``worker-dir`` (a SuperNode started with
+``--node-config "... worker-dir=<folder>"``), the member lives in the node's member worker
+instead (:mod:`wash_fed.worker`): one process for the whole run that imports the function
+by name (so it must be defined at a module's top level) and keeps the member in memory,
+on the GPU where it trains, between messages.
+
 The function runs with torch's random generator seeded from the run's ``seed``, the same on
 every member, so that their models start from the same weights (what the soup of a short
 run needs; seed it by ``partition-id`` inside the function for members that start apart).
@@ -31,7 +37,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
@@ -39,10 +45,11 @@ from wash_fed.clientapp import Task, WashMember
 from wash_fed.config import MemberSettings
 from wash_fed.keys import Record
 from wash_fed.member import PopulationMember
-from wash_fed.routing import member_app, member_index
+from wash_fed.routing import member_app_with_worker, member_index
 from wash_fed.training import INIT_STREAM, derive_seed
+from wash_fed.worker_link import MemberSource
 
-__all__ = ["MemberParts", "handle_in_context", "wash_client_app"]
+__all__ = ["MemberParts", "built_member", "handle_in_context", "wash_client_app"]
 
 STATE_KEY = "wash-member"
 """The member's entry in ``context.state``: its settings and its state as bytes."""
@@ -60,17 +67,17 @@ class MemberParts:
 
 
 def wash_client_app(build: Callable[[Context], MemberParts]) -> ClientApp:
-    """A ClientApp whose member is built by ``build(context)`` (at the run's hello, and
-    again, its state taken up from ``context.state``, at every later message)."""
+    """A ClientApp whose member is built by ``build(context)``: at the run's hello, and
+    again, its state taken up from ``context.state``, at every later message; or once, in
+    the node's member worker, where the node has one (``build`` defined at a module's top
+    level: a ValueError otherwise)."""
 
-    def respond(msg: Message, context: Context) -> Message:
+    def in_process(message_type: str, content: RecordDict, context: Context) -> RecordDict:
         started = time.perf_counter()
-        message_type = msg.metadata.message_type
-        member = _built(build, message_type, msg.content, context)
-        reply = handle_in_context(member, message_type, msg.content, context, started)
-        return Message(reply, reply_to=msg)
+        member = built_member(build, message_type, content, context)
+        return handle_in_context(member, message_type, content, context, started)
 
-    return member_app(respond)
+    return member_app_with_worker(lambda: MemberSource.of(build, "build"), in_process)
 
 
 def handle_in_context(
@@ -97,14 +104,14 @@ def handle_in_context(
     return reply
 
 
-def _built(
+def built_member(
     build: Callable[[Context], MemberParts],
     message_type: str,
     content: RecordDict,
     context: Context,
 ) -> WashMember:
     """The node's member as ``build`` makes it, with the settings the server's hello gave
-    (kept in ``context.state`` from then on)."""
+    (``content``, its first message's) or that ``context.state`` kept since."""
     kept = context.state.config_records.get(STATE_KEY)
     if kept is not None:
         settings = MemberSettings.from_mapping(json.loads(str(kept["settings"])))

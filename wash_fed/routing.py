@@ -1,18 +1,20 @@
 """How a ClientApp takes part in the member protocol: every message type routed to one
-handler, and the node's place in the population. Imports Flower, not torch (the built-in
-ClientApp relays to its member worker without loading it)."""
+handler, the node's place in the population, and the choice between the node's member
+worker and this process. Imports Flower, not torch (a ClientApp relays to its member worker
+without loading it)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from typing import cast
 
-from flwr.app import Context, Message, UserConfigValue
+from flwr.app import Context, Message, RecordDict, UserConfigValue
 from flwr.clientapp import ClientApp
 
+from wash_fed import worker_link
 from wash_fed.keys import MessageType, NodeConfig
 
-__all__ = ["MEMBER_MESSAGES", "member_app", "member_index"]
+__all__ = ["MEMBER_MESSAGES", "member_app", "member_app_with_worker", "member_index"]
 
 MEMBER_MESSAGES = (
     MessageType.HELLO,
@@ -54,3 +56,32 @@ def member_app(respond: Callable[[Message, Context], Message]) -> ClientApp:
         register = getattr(app, category)
         register(*([action] if action else []))(respond)
     return app
+
+
+def member_app_with_worker(
+    source: Callable[[], worker_link.MemberSource],
+    in_process: Callable[[str, RecordDict, Context], RecordDict],
+) -> ClientApp:
+    """A ClientApp of the member protocol: where the node config names a ``worker-dir``
+    (deployments), each message goes to the node's member worker, which keeps the member
+    built by what ``source()`` names (called there only); otherwise
+    ``in_process(message_type, content, context)`` answers it in this process."""
+
+    def respond(msg: Message, context: Context) -> Message:
+        message_type = msg.metadata.message_type
+        worker_dir = context.node_config.get(NodeConfig.WORKER_DIR)
+        if worker_dir:
+            content = worker_link.forward(
+                str(worker_dir),
+                source(),
+                message_type,
+                msg.content,
+                context.run_id,
+                context.run_config,
+                context.node_config,
+            )
+        else:
+            content = in_process(message_type, msg.content, context)
+        return Message(content, reply_to=msg)
+
+    return member_app(respond)

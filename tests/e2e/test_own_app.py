@@ -1,6 +1,7 @@
 """WASH in Flower apps of the user's own (examples/): each runs through `flwr run` in a
 simulation, the sequence app also in a local deployment (SuperLink and SuperNodes on
-loopback), and a task function that raises ends the run `failed`, naming it and the member.
+loopback, each member in its node's member worker), and a task function that raises ends
+the run `failed`, naming it and the member.
 
 Each app saves the model it hands over; the test scores that file itself, on the app's own
 test data, and reads the members' accuracy from the strategy's final log line."""
@@ -111,12 +112,15 @@ def test_a_task_that_raises_fails_the_run_naming_it_and_the_member(
         assert said in run.output, run.output[-3000:]
 
 
-def test_the_sequence_app_runs_in_a_local_deployment(tmp_path: Path) -> None:
-    """SuperNodes on loopback, each member kept in its node's context between messages."""
-    saved = tmp_path / "soup.pt"
+def test_the_sequence_app_runs_in_a_local_deployment_with_member_workers(
+    tmp_path: Path,
+) -> None:
+    """SuperNodes on loopback, each member kept by its node's member worker (which imports
+    the app's ``member`` function by name) from the hello to the end of the run."""
+    saved, workers = tmp_path / "soup.pt", tmp_path / "w"
     with FlowerHarness(tmp_path / "home") as harness:
         harness.start_superlink(simulation=False)
-        harness.start_supernodes(MEMBERS)
+        harness.start_supernodes(MEMBERS, worker_dir=workers)
         run = harness.run(
             f"num-members={MEMBERS} num-server-rounds=3 final-model='{saved}'",
             app=EXAMPLES / "sequence",
@@ -124,3 +128,8 @@ def test_the_sequence_app_runs_in_a_local_deployment(tmp_path: Path) -> None:
     members, least = completed(run)
     assert least > 0.75 and members > 0.75, run.output[-2000:]
     assert sequence_soup_accuracy(saved) > 0.75
+    for member in range(MEMBERS):
+        (log,) = (workers / f"member-{member}").glob("run-*/worker.log")
+        said = log.read_text()
+        assert said.count(f"member {member} ready on cpu") == 1, said  # built once
+        assert "query.end: handled" in said and "stopped: the run ended" in said, said

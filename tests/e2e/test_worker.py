@@ -16,8 +16,8 @@ from typing import Any, TypedDict
 
 import pytest
 
-from client import worker_link
 from deploy.flwr_cli import PROJECT
+from wash_fed import worker_link
 from wash_fed.config import ConfigValue
 from wash_fed.keys import Config, MessageType, Metric
 
@@ -48,8 +48,8 @@ PROXY = textwrap.dedent(
     """
     import json, sys
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-    import client.app  # the ClientApp module itself
-    from client import worker_link
+    from client.app import WORKER_MEMBER  # the ClientApp module itself
+    from wash_fed import worker_link
 
     worker_dir, run_id, run_config, node_config, steps = json.loads(sys.argv[1])
     out = []
@@ -59,7 +59,8 @@ PROXY = textwrap.dedent(
             content["arrays"] = ArrayRecord()
         try:
             reply = worker_link.forward(
-                worker_dir, message_type, content, run_id, run_config, node_config
+                worker_dir, WORKER_MEMBER, message_type, content, run_id, run_config,
+                node_config
             )
             out.append({"metrics": dict(reply.metric_records["metrics"]),
                         "info": dict(reply.config_records.get("info", {}))})

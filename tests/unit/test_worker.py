@@ -14,7 +14,9 @@ import grpc
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from client import worker, worker_link
+from client.app import WORKER_MEMBER
+from client.task import worker_member
+from wash_fed import worker, worker_link
 from wash_fed.keys import Config, MessageType, Metric, Record, Reply
 
 RUN_ID = 7
@@ -44,12 +46,12 @@ class Served:
             grpc.channel_ready_future(channel).result(timeout=30)
 
     def _serve(self) -> None:
-        self.reason = worker.serve(self.directory, RUN_ID)
+        self.reason = worker.serve(self.directory, RUN_ID, worker_member)
 
     def send(self, message_type: str, **config: int | bool | str) -> RecordDict:
         content = RecordDict({Record.CONFIG: ConfigRecord(dict(config))})
         return worker_link.forward(
-            self.worker_dir, message_type, content, RUN_ID, RUN_CONFIG, NODE_CONFIG
+            self.worker_dir, WORKER_MEMBER, message_type, content, RUN_ID, RUN_CONFIG, NODE_CONFIG
         )
 
 

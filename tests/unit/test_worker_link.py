@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from client import worker_link
+from wash_fed import worker_link
 from wash_fed.keys import Config, MessageType, Record
 
 NODE_CONFIG = {"partition-id": 0, "num-partitions": 1}

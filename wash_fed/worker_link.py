@@ -1,6 +1,6 @@
-"""The link between the ClientApp and its node's member worker; torch-free.
+"""The link between a ClientApp and its node's member worker; torch-free.
 
-The worker (:mod:`client.worker`) is one long-lived process per member and run. It listens
+The worker (:mod:`wash_fed.worker`) is one long-lived process per member and run. It listens
 on a Unix socket, ``<worker-dir>/run-<run id>/worker.sock``, in directories only the
 SuperNode's user can enter (mode 0700), so nobody else on the machine can drive it. A
 request is one gRPC call (grpcio, generic handlers, no generated code) whose body is a
@@ -10,13 +10,17 @@ The reply is the reply's content in the same form; a failure is a gRPC error who
 are the worker's own words.
 
 :func:`forward` is all the ClientApp calls: it starts the worker on the node's first
-message of a run (or after the worker died) and waits until it listens.
+message of a run (or after the worker died) and waits until it listens. The worker builds its
+member with the function a :class:`MemberSource` names by import path, and imports it from
+the app's own code: the folder that holds the function's top-level package comes first on
+the worker's ``PYTHONPATH``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import os
 import subprocess
 import sys
@@ -24,6 +28,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import grpc
 from flwr.app import ConfigRecord, RecordDict, UserConfigValue
@@ -33,6 +38,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 __all__ = [
     "METHOD",
     "SERVICE",
+    "MemberSource",
     "WorkerError",
     "WorkerRequest",
     "decode_reply",
@@ -60,6 +66,44 @@ _UNIX_PATH_MAX = 107  # sockaddr_un.sun_path, less the terminating NUL
 
 class WorkerError(RuntimeError):
     """The member worker could not be started, or it failed a message (in its own words)."""
+
+
+@dataclass(frozen=True)
+class MemberSource:
+    """The function a member worker builds its member with, by import path
+    (``package.module:function``): a ``build`` as :func:`wash_fed.member_app.wash_client_app`
+    takes one (``Context -> MemberParts``), or a ``factory`` of a whole member
+    (:data:`wash_fed.worker.MemberFactory`: the built-in app's, with its checkpoints)."""
+
+    target: str
+    kind: Literal["build", "factory"]
+
+    @classmethod
+    def of(cls, function: object, kind: Literal["build", "factory"]) -> MemberSource:
+        """The source naming ``function``, which must be importable: defined at a module's
+        top level (a ValueError otherwise, when a worker would need it)."""
+        module = getattr(function, "__module__", None)
+        name = getattr(function, "__qualname__", "")
+        if not module or module == "__main__" or "<" in name:
+            raise ValueError(
+                f"a member worker imports the function that builds its member by name; "
+                f"{module}:{name} cannot be imported: define it at a module's top level"
+            )
+        return cls(f"{module}:{name}", kind)
+
+    @property
+    def app_root(self) -> Path:
+        """The folder that holds the function's top-level package (or module)."""
+        top = self.target.partition(":")[0].split(".")[0]
+        spec = importlib.util.find_spec(top)
+        if spec is None or spec.origin is None:
+            raise WorkerError(f"cannot find {top!r}, which a member worker needs to import")
+        origin = Path(spec.origin).resolve()
+        return origin.parent.parent if spec.submodule_search_locations else origin.parent
+
+    def arguments(self) -> list[str]:
+        """The worker's command-line arguments that name this source."""
+        return [f"--{self.kind}", self.target]
 
 
 @dataclass(frozen=True)
@@ -162,11 +206,11 @@ def _listening(channel: grpc.Channel, timeout: float) -> bool:
     return True
 
 
-def _start_worker(directory: Path, run_id: int) -> None:
+def _start_worker(directory: Path, run_id: int, source: MemberSource) -> None:
     """Start the worker detached from this process (it outlives the ClientApp) and wait
-    until it listens. The worker runs this app's own code: the folder that holds the
-    ``client`` package comes first on its path."""
-    app_root = Path(__file__).resolve().parents[1]
+    until it listens. The worker runs the app's own code: the folder that holds the
+    package of ``source`` comes first on its path."""
+    app_root = source.app_root
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(app_root), os.environ.get("PYTHONPATH", "")]),
@@ -177,11 +221,12 @@ def _start_worker(directory: Path, run_id: int) -> None:
             [
                 sys.executable,
                 "-m",
-                "client.worker",
+                "wash_fed.worker",
                 "--dir",
                 str(directory),
                 "--run-id",
                 str(run_id),
+                *source.arguments(),
             ],
             cwd=app_root,
             env=env,
@@ -206,13 +251,15 @@ def _start_worker(directory: Path, run_id: int) -> None:
 
 def forward(
     worker_dir: Path | str,
+    source: MemberSource,
     message_type: str,
     content: RecordDict,
     run_id: int,
     run_config: Mapping[str, UserConfigValue],
     node_config: Mapping[str, UserConfigValue],
 ) -> RecordDict:
-    """Have this node's member worker handle one message; start it first if needed.
+    """Have this node's member worker handle one message; start it first if needed (with
+    its member built by ``source``).
 
     Returns the reply content; raises :class:`WorkerError` with the worker's reason.
     """
@@ -225,7 +272,7 @@ def forward(
         with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
             listening = _listening(channel, timeout=0.5)
         if not listening:
-            _start_worker(directory, run_id)
+            _start_worker(directory, run_id, source)
     with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(METHOD)
         try:
