@@ -20,9 +20,7 @@ bytes are counted the same way. Results land in ``<output-dir>/<time>-<strategy>
 
 from __future__ import annotations
 
-import functools
-import time
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 
 from flwr.app import (
@@ -34,18 +32,17 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.exit import add_exit_handler
 
 from server.checkpoint import ServerCheckpoint
-from server.fedavg import fedavg_bytes_through_flower, run_fedavg
+from server.fedavg import run_fedavg
 from server.flower_log import STRATEGY_LOG, flower_strategy_log_to
-from server.metrics import RunMetrics
-from server.report import RunOutput, record_round
 from wash_fed.config import WashFedConfig
 from wash_fed.data import ImageData, load_local
 from wash_fed.evaluation import Evaluator, OnData
 from wash_fed.keys import RESULTS_IN, Split
 from wash_fed.ledger import Ledger
-from wash_fed.results import FinalResult, ResumedFrom
+from wash_fed.results import ResumedFrom
 from wash_fed.strategy.final import FinalExchanges, OnMembers, ServerEvaluation
 from wash_fed.strategy.ledger_grid import LedgerGrid
+from wash_fed.strategy.record import RunRecord
 from wash_fed.strategy.roster import Roster
 from wash_fed.strategy.state import RoundReport
 from wash_fed.strategy.wash import Wash
@@ -63,40 +60,18 @@ def main(grid: Grid, context: Context) -> None:
         if cfg.runtime.resume_from
         else None
     )
-    ledger = Ledger(resumed.ledger if resumed else ())
-    output = open_output(cfg, grid.run.run_id, ledger, resumed)
-    metrics = RunMetrics(cfg.label)
-    ledger_grid = LedgerGrid(
-        grid,
-        ledger,
-        on_exchange=lambda *_: metrics.sync_ledger(ledger),
-        poll_interval=cfg.runtime.poll_interval,
-    )
-    try:
-        if cfg.output.metrics_port:
-            metrics.serve(cfg.output.metrics_port)
-            log(INFO, "Prometheus metrics on port %d", cfg.output.metrics_port)
-        with flower_strategy_log_to(output.directory / STRATEGY_LOG):
-            final, fedavg_bytes = run_strategy(ledger_grid, cfg, output, metrics, resumed)
-        output.finish(final, fedavg_bytes)
-    except (SystemExit, KeyboardInterrupt):
-        # Stopped: the run can send nothing more; members' workers end after their idle
-        # timeout.
-        output.stop()
-        raise
-    except BaseException as err:  # the members were told; their checkpoints stay
-        output.fail(err)
-        raise
-    finally:
-        publish_metrics(cfg, metrics, ledger, grid.run.run_id)
+    record = open_record(cfg, grid.run.run_id, resumed)
+    with record, flower_strategy_log_to(record.output.directory / STRATEGY_LOG):
+        # Failed or stopped, the record says so; members' workers end after their idle
+        # timeout where the run could not tell them it ended.
+        run_strategy(record.grid(grid), cfg, record, resumed)
 
 
-def open_output(
-    cfg: WashFedConfig, run_id: int, ledger: Ledger, resumed: ServerCheckpoint | None
-) -> RunOutput:
-    """The run's folder and results (carrying over a resumed run's rows), announced in the
-    log; recorded ``stopped`` when Flower ends the ServerApp early."""
-    output = RunOutput.open(cfg, run_id, ledger)
+def open_record(cfg: WashFedConfig, run_id: int, resumed: ServerCheckpoint | None) -> RunRecord:
+    """The run's folder and metrics (carrying over a resumed run's rows and ledger),
+    announced in the log; recorded ``stopped`` when Flower ends the ServerApp early."""
+    record = RunRecord.open(cfg, run_id, Ledger(resumed.ledger if resumed else ()))
+    output = record.output
     log(
         INFO,
         "wash-fed %s: %d members, %d rounds x %d local steps; " + RESULTS_IN + "%s",
@@ -116,53 +91,43 @@ def open_output(
             cfg.runtime.resume_from, resumed.run_id, resumed.round
         )
         output.write()
-    return output
+    return record
 
 
 def run_strategy(
-    grid: LedgerGrid,
-    cfg: WashFedConfig,
-    output: RunOutput,
-    metrics: RunMetrics,
-    resumed: ServerCheckpoint | None,
-) -> tuple[FinalResult, int | None]:
-    """The configured strategy to its end: the final figures, and what FedAvg would have
-    sent (None for FedAvg itself)."""
+    grid: LedgerGrid, cfg: WashFedConfig, record: RunRecord, resumed: ServerCheckpoint | None
+) -> None:
+    """The configured strategy to its end, recorded as it goes."""
     test = load_test_data(cfg) if cfg.data.test_on_server else None
     if cfg.strategy != "fedavg":
-        return run_population_strategy(grid, cfg, test, output, metrics, resumed)
+        run_population_strategy(grid, cfg, test, record, resumed)
+        return
     roster = Roster(cfg, new_model(cfg).state_dict(), on_bind=grid.bind)
     with roster.ending(grid):
         roster.connect(grid)
-        output.record_members(roster.nodes)
+        record.output.record_members(roster.nodes)
         evaluator: Evaluator = (
             OnData(test, cfg.final.eval_batch_size, lambda: new_model(cfg))
             if test is not None
             else OnMembers(FinalExchanges(grid, roster, cfg), Split.TEST)
         )
-        return run_fedavg(grid, cfg, roster, evaluator.accuracy, output, metrics), None
+        final = run_fedavg(grid, cfg, roster, evaluator.accuracy, record)
+    record.finish(final, None)
 
 
 def run_population_strategy(
     grid: LedgerGrid,
     cfg: WashFedConfig,
     test: ImageData | None,
-    output: RunOutput,
-    metrics: RunMetrics,
+    record: RunRecord,
     resumed: ServerCheckpoint | None,
-) -> tuple[FinalResult, int]:
+) -> None:
     """WASH, PAPA or independent members through :class:`wash_fed.strategy.Wash` (from
-    where ``resumed`` left the run, when given). Returns the final figures and what FedAvg
-    would have sent."""
+    where ``resumed`` left the run, when given), with the server's checkpoint after every
+    round."""
+    output = record.output
 
-    @functools.cache
-    def fedavg_bytes() -> int:
-        return fedavg_bytes_through_flower(cfg, strategy.rounds.roster.nodes.values())
-
-    def on_round(report: RoundReport) -> None:
-        roster = strategy.rounds.roster
-        output.record_members(roster.nodes)
-        record_round(output, grid, metrics, report, fedavg_bytes())
+    def save_checkpoint(report: RoundReport) -> None:
         checkpoint = ServerCheckpoint(
             config=cfg.to_mapping(),
             run_id=grid.run.run_id,
@@ -171,7 +136,7 @@ def run_population_strategy(
             state=strategy.rounds.state,
             ledger=grid.ledger.entries,
             rows=output.result.rounds,
-            credentials=roster.credentials,
+            credentials=strategy.rounds.roster.credentials,
         )
         if output.save_checkpoint(checkpoint):
             strategy.rounds.state.checkpointed = report.round
@@ -180,17 +145,11 @@ def run_population_strategy(
         cfg,
         evaluation=server_evaluation(cfg, test),
         keep=output.keep,
-        on_round=on_round,
+        on_round=save_checkpoint,
+        record=record,
         continuation=resumed.continuation if resumed else None,
     )
     strategy.start(grid, ArrayRecord(new_model(cfg).state_dict()))
-    final = strategy.final
-    assert final is not None  # start() returns once the final step ran
-    observed = {"member_mean": final.member_mean or 0.0, "soup": final.final_accuracy}
-    if final.ensemble is not None:
-        observed["ensemble"] = final.ensemble
-    metrics.observe_final(observed)
-    return final, fedavg_bytes()
 
 
 def server_evaluation(cfg: WashFedConfig, test: ImageData | None) -> ServerEvaluation:
@@ -203,17 +162,3 @@ def server_evaluation(cfg: WashFedConfig, test: ImageData | None) -> ServerEvalu
         OnData(test, batch_size, build) if test is not None else None,
         OnData(validation, batch_size, build).accuracy if validation is not None else None,
     )
-
-
-def publish_metrics(cfg: WashFedConfig, metrics: RunMetrics, ledger: Ledger, run_id: int) -> None:
-    """Bring the metrics up to date with the ledger, push them if asked, and keep serving
-    them for ``metrics-grace`` seconds so that the final values are scraped."""
-    metrics.sync_ledger(ledger)
-    if cfg.output.metrics_pushgateway:
-        try:
-            metrics.push(cfg.output.metrics_pushgateway, job=f"wash-fed-{cfg.label}-{run_id}")
-        except OSError as err:  # the run's results are on disk; say so and carry on
-            log(WARNING, "could not push metrics to %s: %s", cfg.output.metrics_pushgateway, err)
-    if cfg.output.metrics_port and cfg.output.metrics_grace:
-        log(INFO, "serving final metrics for %.0f s", cfg.output.metrics_grace)
-        time.sleep(cfg.output.metrics_grace)

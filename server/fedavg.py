@@ -4,31 +4,30 @@ as the population strategies, and what it would have sent in their place."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
-from server.metrics import RunMetrics
-from server.report import RunOutput, record_round
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.evaluation import StateDict
 from wash_fed.gate import ReplyGate, check_tensors, require_finite
-from wash_fed.keys import Config, MessageType, Metric, Record, Reply
+from wash_fed.keys import Config, Metric, Record, Reply
 from wash_fed.protocol import to_wire, wire_dtype
-from wash_fed.results import GLOBAL_MODEL, FinalResult, fedavg_equivalent_bytes
+from wash_fed.results import GLOBAL_MODEL, FinalResult
 from wash_fed.strategy.ledger_grid import LedgerGrid
+from wash_fed.strategy.record import RunRecord
 from wash_fed.strategy.replies import Replies, gather, reply_gate
 from wash_fed.strategy.roster import Roster
 from wash_fed.strategy.state import RoundReport
 from wash_fed.training import initial_model, new_model
 
-__all__ = ["FedAvgRounds", "GatedFedAvg", "fedavg_bytes_through_flower", "run_fedavg"]
+__all__ = ["FedAvgRounds", "GatedFedAvg", "run_fedavg"]
 
 
 class FedAvgRounds:
@@ -117,8 +116,7 @@ def run_fedavg(
     cfg: WashFedConfig,
     roster: Roster,
     test_accuracy: Callable[[StateDict], float],
-    output: RunOutput,
-    metrics: RunMetrics,
+    record: RunRecord,
 ) -> FinalResult:
     """Flower's FedAvg, unchanged, behind the reply gate: one global model that every
     member trains each round.
@@ -127,9 +125,7 @@ def run_fedavg(
     the members' replies, ``evaluate_fn`` closes each round (evaluating with
     ``test_accuracy``, on the server's test set or the members').
     """
-    rounds = FedAvgRounds(
-        cfg, test_accuracy, lambda report: record_round(output, grid, metrics, report, None)
-    )
+    rounds = FedAvgRounds(cfg, test_accuracy, lambda report: record.round(grid, report, None))
     initial = to_wire(initial_model(cfg, 0).state_dict(), wire_dtype(cfg))
     strategy = GatedFedAvg(
         roster=roster,
@@ -153,36 +149,7 @@ def run_fedavg(
     model = new_model(cfg)
     model.load_state_dict(wire.record_to_tensors(result.arrays))
     require_finite(model.state_dict(), "the global model")
-    output.save_model(model.state_dict())
+    record.output.save_model(model.state_dict())
     final_accuracy = test_accuracy(model.state_dict())
     log(INFO, "[fedavg] test accuracy of the global model: %.4f", final_accuracy)
-    metrics.observe_final({"global": final_accuracy})
     return FinalResult(final_accuracy, GLOBAL_MODEL)
-
-
-def fedavg_bytes_through_flower(cfg: WashFedConfig, nodes: Collection[int]) -> int:
-    """What FedAvg would send over the same rounds: each round the full model (in
-    ``wire-dtype``) to every member and back, measured as Flower serializes those messages."""
-    state = wire.tensors_to_record(to_wire(new_model(cfg).state_dict(), wire_dtype(cfg)))
-    node = next(iter(nodes))
-    down = wire.message(
-        node, MessageType.TRAIN, 1, {Config.REPLY: Reply.STATE}, {Record.ARRAYS: state}
-    )
-    metrics = MetricRecord(
-        {
-            Metric.PARTITION_ID: 0,
-            Metric.LOSS: 0.0,
-            Metric.TRAIN_ACCURACY: 0.0,
-            Metric.NUM_EXAMPLES: 0,
-            Metric.STEPS: 0,
-            Metric.EPOCHS: 0.0,
-        }
-    )
-    up = Message(
-        RecordDict({Record.ARRAYS: state, Record.METRICS: metrics}),
-        dst_node_id=node,
-        message_type=MessageType.TRAIN,
-    )
-    return fedavg_equivalent_bytes(
-        cfg.num_server_rounds, len(nodes), wire.message_bytes(down), wire.message_bytes(up)
-    )

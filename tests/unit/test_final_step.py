@@ -13,7 +13,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from server.report import RunOutput
 from tests.unit.in_process import InProcessGrid, Tamper
 from tests.unit.small_configs import tiny_run
 from wash_fed.data import ImageData
@@ -24,6 +23,7 @@ from wash_fed.protocol import server_protocol
 from wash_fed.results import FinalResult
 from wash_fed.strategy.final import ServerEvaluation, final_step
 from wash_fed.strategy.ledger_grid import LedgerGrid
+from wash_fed.strategy.report import RunOutput
 from wash_fed.strategy.roster import Roster
 from wash_fed.strategy.rounds import PopulationStrategy
 from wash_fed.training import load_test_data, new_model

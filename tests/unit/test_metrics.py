@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from prometheus_client import generate_latest
 
-from server.metrics import RunMetrics
 from wash_fed.ledger import Ledger
+from wash_fed.strategy.metrics import RunMetrics
 from wash_fed.strategy.state import RoundReport
 from wash_fed.timing import RoundTime
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from server.checkpoint import ServerCheckpoint
-from server.report import RunOutput
 from wash_fed.config import WashFedConfig
 from wash_fed.gate import Quarantine
 from wash_fed.ledger import Ledger
@@ -26,6 +25,7 @@ from wash_fed.results import (
     read_results,
     write_results,
 )
+from wash_fed.strategy.report import RunOutput
 from wash_fed.strategy.state import StrategyState
 from wash_fed.timing import RoundTime
 

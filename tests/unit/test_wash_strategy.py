@@ -1,9 +1,12 @@
 """The public strategy, started as a ServerApp starts Flower's FedAvg, over three members in
 this process (:mod:`tests.unit.in_process`): it checks them, runs the rounds and the final
 step, counts every byte and hands over the soup as Flower's Result; a model of another
-layout, or an evaluate_fn that gives no accuracy, is refused by name."""
+layout, or an evaluate_fn that gives no accuracy, is refused by name. Given a RunRecord, it
+writes the run's folder and feeds its metrics; a failed run says so there."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +14,9 @@ from flwr.app import ArrayRecord, MetricRecord
 
 from tests.unit.in_process import InProcessGrid
 from tests.unit.small_configs import tiny_run
-from wash_fed.strategy import Wash
+from wash_fed.ledger import Ledger
+from wash_fed.results import read_results
+from wash_fed.strategy import RunRecord, Wash
 from wash_fed.training import new_model
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -54,3 +59,39 @@ def test_an_evaluate_fn_without_accuracy_is_named() -> None:
             ArrayRecord(new_model(cfg).state_dict()),
             evaluate_fn=lambda r, a: MetricRecord({"loss": 1.0}),
         )
+
+
+def test_a_record_gets_every_round_the_final_figures_and_every_byte(tmp_path: Path) -> None:
+    cfg = tiny_run(**{"test-on-server": False, "output-dir": str(tmp_path)})
+    with RunRecord.open(cfg, run_id=5) as record:
+        strategy = Wash(cfg, record=record)
+        strategy.start(
+            InProcessGrid(cfg),
+            ArrayRecord(new_model(cfg).state_dict()),
+            evaluate_fn=lambda r, a: MetricRecord({"accuracy": 0.5}),
+        )
+    (folder,) = tmp_path.glob("*-5")
+    results = read_results(folder)
+    assert results.status == "completed" and [row.round for row in results.rounds] == [1, 2]
+    assert results.final is not None and results.final.final_accuracy == 0.5
+    assert sorted(results.members) == ["0", "1", "2"]
+    assert Ledger.read_csv(folder / "ledger.csv").entries == strategy.ledger.entries
+    for direction in ("up", "down"):
+        exported = record.metrics.registry.get_sample_value(
+            "wash_fed_bytes_total",
+            {"strategy": cfg.label, "direction": direction, "phase": "train"},
+        )
+        assert exported == strategy.ledger.total(direction, "train") > 0
+    rounds = record.metrics.registry.get_sample_value(
+        "wash_fed_rounds_total", {"strategy": cfg.label}
+    )
+    assert rounds == 2
+
+
+def test_a_failed_run_says_so_in_its_record(tmp_path: Path) -> None:
+    cfg = tiny_run(**{"test-on-server": False, "output-dir": str(tmp_path)})
+    with pytest.raises(RuntimeError), RunRecord.open(cfg, run_id=6) as record:
+        Wash(cfg, record=record).start(InProcessGrid(cfg), ArrayRecord({"w": torch.zeros(2)}))
+    results = read_results(next(tmp_path.glob("*-6")))
+    assert results.status == "failed"
+    assert results.error is not None and "another model" in results.error

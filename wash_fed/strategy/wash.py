@@ -13,7 +13,8 @@ messages and deliveries, :mod:`wash_fed.strategy.rounds`), then the final step (
 merge into the soup, evaluate: :mod:`wash_fed.strategy.final`), and tells every member that
 the run ended -- also when it fails. Every message goes through a
 :class:`~wash_fed.strategy.ledger_grid.LedgerGrid`, so :attr:`Wash.ledger` holds every byte
-sent.
+sent. Given a :class:`~wash_fed.strategy.record.RunRecord`, it writes the run's folder and
+feeds its Prometheus metrics as the rounds go.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from wash_fed.protocol import server_protocol
 from wash_fed.results import FinalResult
 from wash_fed.strategy.final import FinalModel, ServerEvaluation, final_step
 from wash_fed.strategy.ledger_grid import LedgerGrid
+from wash_fed.strategy.record import RunRecord, fedavg_bytes_through_flower
 from wash_fed.strategy.roster import Roster
 from wash_fed.strategy.rounds import PopulationStrategy
 from wash_fed.strategy.state import RoundReport, StrategyState
@@ -92,8 +94,9 @@ class Wash(Strategy):
     app's and are not read). Optional hooks: ``evaluation`` where the server itself
     evaluates the final step (:func:`start`'s ``evaluate_fn`` is the other way to give
     one), ``keep`` receives the final model and every member's before the run ends,
-    ``on_round`` each round's report, ``continuation`` where a resumed run takes up an
-    earlier one.
+    ``on_round`` each round's report, ``record`` the run's folder and metrics (each round,
+    the members' nodes, the final figures; its ledger is the strategy's),
+    ``continuation`` where a resumed run takes up an earlier one.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class Wash(Strategy):
         evaluation: ServerEvaluation | None = None,
         keep: FinalModel | None = None,
         on_round: Callable[[RoundReport], None] | None = None,
+        record: RunRecord | None = None,
         continuation: Continuation | None = None,
     ) -> None:
         self.cfg = cfg or WashFedConfig()
@@ -111,8 +115,9 @@ class Wash(Strategy):
         self.evaluation = evaluation or ServerEvaluation()
         self.keep = keep
         self.on_round = on_round
+        self.record = record
         self.continuation = continuation
-        self.ledger = Ledger()
+        self.ledger = record.ledger if record is not None else Ledger()
         """Every byte the run sent and received, by member, round and phase."""
         self.roster: Roster | None = None
         """The members by partition id, once :meth:`start` checked them."""
@@ -121,6 +126,8 @@ class Wash(Strategy):
         self.final_model: StateDict | None = None
         """The model the run hands over (the soup ``cfg.final.soup`` names), once built."""
         self._rounds: PopulationStrategy | None = None
+        self._grid: LedgerGrid | None = None
+        self._fedavg: int | None = None
 
     @property
     def rounds(self) -> PopulationStrategy:
@@ -161,8 +168,7 @@ class Wash(Strategy):
             self.evaluation = ServerEvaluation(
                 ByFunction(evaluate_fn, cfg.final_round), self.evaluation.holdout
             )
-        ledger_grid = grid if isinstance(grid, LedgerGrid) else LedgerGrid(grid, self.ledger)
-        self.ledger = ledger_grid.ledger
+        ledger_grid = self._grid = self._ledger_grid(grid)
         reference = wire.record_to_tensors(initial_arrays)
         roster = self.roster = Roster(cfg, reference, on_bind=ledger_grid.bind)
         earlier = self.continuation.earlier_runs if self.continuation else []
@@ -172,6 +178,8 @@ class Wash(Strategy):
             self.final = final_step(
                 ledger_grid, self.rounds, reference, self.evaluation, self._kept, earlier
             )
+        if self.record is not None:
+            self.record.finish(self.final, self._fedavg_bytes())
         log(
             INFO,
             "[%s] done: %.2f MB up, %.2f MB down in all (strategy.ledger has every message)",
@@ -180,6 +188,31 @@ class Wash(Strategy):
             self.ledger.total("down") / 1e6,
         )
         return self._result()
+
+    def _ledger_grid(self, grid: Grid) -> LedgerGrid:
+        """``grid`` counting into the strategy's ledger (and the record's metrics)."""
+        if isinstance(grid, LedgerGrid):
+            if self.record is not None and grid.ledger is not self.record.ledger:
+                raise ValueError("the LedgerGrid given counts into another ledger than the record")
+            self.ledger = grid.ledger
+            return grid
+        return self.record.grid(grid) if self.record is not None else LedgerGrid(grid, self.ledger)
+
+    def _fedavg_bytes(self) -> int:
+        """What FedAvg would send over the run, for the record (measured once)."""
+        if self._fedavg is None:
+            roster = self.rounds.roster
+            nodes = roster.nodes.values()
+            self._fedavg = fedavg_bytes_through_flower(self.cfg, roster.reference, nodes)
+        return self._fedavg
+
+    def _round_done(self, report: RoundReport) -> None:
+        """A finished round into the record, then to ``on_round``."""
+        if self.record is not None and self._grid is not None:
+            self.record.output.record_members(self.rounds.roster.nodes)
+            self.record.round(self._grid, report, self._fedavg_bytes())
+        if self.on_round is not None:
+            self.on_round(report)
 
     def _check_members(self, grid: LedgerGrid, roster: Roster) -> None:
         """The pre-flight hello (continuing an earlier run where asked), then the rounds'
@@ -191,7 +224,7 @@ class Wash(Strategy):
         roster.connect(grid)
         parameters = {name: roster.reference[name] for name in roster.parameters}
         protocol = server_protocol(cfg, roster.nodes, parameters, roster.state_kinds)
-        self._rounds = PopulationStrategy(cfg, roster, protocol, self.on_round)
+        self._rounds = PopulationStrategy(cfg, roster, protocol, self._round_done)
         if continuation is not None:
             self._rounds.continue_from(continuation.state.resumed_at(continuation.round))
 

@@ -15,21 +15,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from logging import ERROR, INFO
 from pathlib import Path
+from typing import Protocol
 
 from flwr.common.logger import log
 from torch import Tensor
 
-from server.checkpoint import ServerCheckpoint
-from server.metrics import RunMetrics
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Metric
 from wash_fed.ledger import Ledger
 from wash_fed.results import FinalResult, RoundResult, RunFolder, RunResult
-from wash_fed.strategy.ledger_grid import LedgerGrid
 from wash_fed.strategy.state import RoundReport
-from wash_fed.timing import RoundTime, split_round
+from wash_fed.timing import RoundTime
 
-__all__ = ["RunOutput", "ledger_table", "progress_line", "record_round", "round_row"]
+__all__ = ["Checkpoint", "RunOutput", "ledger_table", "progress_line", "round_row"]
+
+
+class Checkpoint(Protocol):
+    """Something the run writes into its folder after a round (the built-in ServerApp's
+    checkpoint, which ``resume-from`` reads)."""
+
+    def save(self, directory: Path) -> None: ...
 
 
 def _mb(nbytes: float) -> str:
@@ -90,7 +95,7 @@ class RunOutput(RunFolder):
             if not self._stopped:
                 super().write()
 
-    def save_checkpoint(self, checkpoint: ServerCheckpoint) -> bool:
+    def save_checkpoint(self, checkpoint: Checkpoint) -> bool:
         """Write the server's checkpoint beside the results; whether it was written (not
         once the run was stopped)."""
         with self._lock:
@@ -125,7 +130,8 @@ class RunOutput(RunFolder):
         rounds = self.result.config.num_server_rounds
         for line in ledger_table(self.ledger, fedavg_bytes, rounds).splitlines():
             log(INFO, "  %s", line)
-        log(INFO, "Final model: %s", self.directory / "final_model.pt")
+        if (self.directory / "final_model.pt").exists():
+            log(INFO, "Final model: %s", self.directory / "final_model.pt")
         log(INFO, "Results:     %s", self.directory / "results.json")
 
     def stop(self) -> None:
@@ -158,24 +164,6 @@ class RunOutput(RunFolder):
             )
             return
         log(INFO, "Run failed; results so far are in %s", self.directory)
-
-
-def record_round(
-    output: RunOutput,
-    grid: LedgerGrid,
-    metrics: RunMetrics,
-    report: RoundReport,
-    fedavg_bytes: int | None,
-) -> None:
-    """A finished round into the results and the metrics, with where its time went."""
-    time = split_round(report.seconds, grid.take_in_flight(report.round), report.metrics)
-    cfg = output.result.config
-    output.add_round(round_row(cfg, grid.ledger, report, fedavg_bytes, time))
-    if fedavg_bytes is None:  # FedAvg itself: what it would have sent is what it sent
-        per_round = sum(grid.ledger.by_round().get(report.round, {}).values())
-    else:
-        per_round = fedavg_bytes // cfg.num_server_rounds
-    metrics.observe_round(report, per_round, time)
 
 
 def round_row(
