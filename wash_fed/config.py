@@ -596,6 +596,14 @@ class WashFedConfig:
         sections = {name: kind(**given.get(name, {})) for name, kind in SECTIONS.items()}
         return cls(**given.get(None, {}), **sections)  # type: ignore[arg-type]
 
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> WashFedConfig:
+        """The settings a Flower app's ``run_config`` holds: its keys that are keys of this
+        configuration, checked as :meth:`from_mapping` checks them; the app's own keys are
+        left to it (a misspelt key of this configuration is one of them)."""
+        ours = {k: v for k, v in run_config.items() if k.replace("_", "-") in _KEYS}
+        return cls.from_mapping(ours)
+
     def to_mapping(self) -> dict[str, ConfigValue]:
         """The configuration as kebab-case keys, the inverse of :meth:`from_mapping`."""
         return {

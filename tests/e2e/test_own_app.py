@@ -18,6 +18,8 @@ import torch
 
 from deploy.flwr_cli import PROJECT, FlwrRun
 from deploy.processes import FlowerHarness
+from wash_fed.ledger import Ledger
+from wash_fed.results import read_results
 
 pytestmark = pytest.mark.slow
 
@@ -81,14 +83,21 @@ def test_the_quickstart_turned_to_wash_runs_through_flwr_run(
 
 def test_a_gru_with_adamw_runs_through_flwr_run(simulation: FlowerHarness, tmp_path: Path) -> None:
     """Two classes of equal size: chance is 0.5; four rounds of 25 AdamW steps take the GRUs
-    and their soup past 0.75 (they reach about 0.94)."""
-    saved = tmp_path / "soup.pt"
-    config = f"num-members={MEMBERS} num-server-rounds=4 final-model='{saved}'"
+    and their soup past 0.75 (they reach about 0.94). The run's folder holds every round and
+    every message."""
+    saved, runs = tmp_path / "soup.pt", tmp_path / "runs"
+    config = f"num-members={MEMBERS} num-server-rounds=4 final-model='{saved}' output-dir='{runs}'"
     run = simulation.run(config, app=EXAMPLES / "sequence", federation_config=FEDERATION)
     members, least = completed(run)
     assert least > 0.75 and members > 0.75, run.output[-2000:]
     assert sequence_soup_accuracy(saved) > 0.75
     assert "[wash+opt] test accuracy" in run.output  # AdamW's moments moved with the weights
+    (folder,) = runs.glob(f"*-wash+opt-{run.run_id}")
+    results = read_results(folder)
+    assert results.status == "completed" and len(results.rounds) == 4
+    assert results.final is not None and results.final.final_accuracy > 0.75
+    sent = Ledger.read_csv(folder / "ledger.csv")
+    assert sent.total("up", "train") == sum(row.bytes_up for row in results.rounds) > 0
 
 
 def test_a_task_that_raises_fails_the_run_naming_it_and_the_member(
@@ -103,21 +112,27 @@ def test_a_task_that_raises_fails_the_run_naming_it_and_the_member(
     )
     assert raising != source
     task.write_text(raising)
+    runs = tmp_path / "runs"
     run = simulation.run(
-        f"num-members={MEMBERS} num-server-rounds=2", app=app, federation_config=FEDERATION
+        f"num-members={MEMBERS} num-server-rounds=2 output-dir='{runs}'",
+        app=app,
+        federation_config=FEDERATION,
     )
     assert run.status == "finished:failed", run.output[-3000:]
     for member in range(MEMBERS):
         said = f"member {member}: DigitSumTask.train raised ValueError: no data today"
         assert said in run.output, run.output[-3000:]
+    results = read_results(next(runs.glob(f"*-{run.run_id}")))
+    assert results.status == "failed" and results.error is not None
+    assert "DigitSumTask.train raised ValueError" in results.error
 
 
 def test_the_sequence_app_runs_in_a_local_deployment_with_member_workers(
-    tmp_path: Path,
+    tmp_path: Path, short_tmp: Path
 ) -> None:
     """SuperNodes on loopback, each member kept by its node's member worker (which imports
     the app's ``member`` function by name) from the hello to the end of the run."""
-    saved, workers = tmp_path / "soup.pt", tmp_path / "w"
+    saved, workers = tmp_path / "soup.pt", short_tmp  # a socket's path: 107 characters at most
     with FlowerHarness(tmp_path / "home") as harness:
         harness.start_superlink(simulation=False)
         harness.start_supernodes(MEMBERS, worker_dir=workers)

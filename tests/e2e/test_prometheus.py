@@ -1,5 +1,6 @@
-"""A real Prometheus server scraping real `flwr run` simulations of WASH and FedAvg: it sees
-the ledgers' bytes, where each round's time went, and answers every dashboard query."""
+"""A real Prometheus server scraping real `flwr run` simulations of WASH and FedAvg, and of
+an app of the user's own (examples/sequence, WASH+Opt on the public API): it sees the
+ledgers' bytes, where each round's time went, and answers every dashboard query."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,8 @@ from wash_fed.results import RoundResult, read_results
 
 MEMBERS = 3
 SMALL: dict[str, ConfigValue] = {**TINY_RUN, "num-members": MEMBERS, "eval-every": 1}
+SEQUENCE: dict[str, ConfigValue] = {"num-members": MEMBERS, "num-server-rounds": 2}
+"""The sequence example, short."""
 
 
 @dataclass
@@ -33,7 +37,8 @@ class ScrapedRuns:
 def scraped_runs(
     simulation_harness: FlowerHarness, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ScrapedRuns]:
-    """WASH, then FedAvg, through real `flwr run` simulations, scraped by a real Prometheus."""
+    """WASH, FedAvg, then the sequence example, through real `flwr run` simulations,
+    scraped by a real Prometheus."""
     if shutil.which("prometheus") is None:
         pytest.fail(
             "prometheus is not installed (Debian: apt-get install prometheus; make test does)"
@@ -42,25 +47,30 @@ def scraped_runs(
     out = tmp_path_factory.mktemp("runs")
     with LocalPrometheus(tmp_path_factory.mktemp("prometheus"), metrics_port) as prom:
         ledgers, rounds = {}, {}
-        for strategy in ("wash", "fedavg"):
+        federation = f"num-supernodes={MEMBERS} client-resources-num-cpus=1"
+        sequence = {**SEQUENCE, "final-model": str(out / "soup.pt")}
+        runs: list[tuple[str, dict[str, ConfigValue], Path]] = [
+            ("wash", {**SMALL, "strategy": "wash"}, PROJECT),
+            ("fedavg", {**SMALL, "strategy": "fedavg"}, PROJECT),
+            ("wash+opt", sequence, PROJECT / "examples" / "sequence"),
+        ]
+        for label, settings, app in runs:
             config = {
-                **SMALL,
-                "strategy": strategy,
+                **settings,
                 "output-dir": str(out),
                 "metrics-port": metrics_port,
                 "metrics-grace": 4.0,
             }
-            federation = f"num-supernodes={MEMBERS} client-resources-num-cpus=1"
-            result = simulation_harness.run(config, federation_config=federation)
+            result = simulation_harness.run(config, app=app, federation_config=federation)
             assert result.status == "finished:completed", result.details + result.output[-3000:]
             (run_dir,) = out.glob(f"*-{result.run_id}")
-            ledgers[strategy] = Ledger.read_csv(run_dir / "ledger.csv")
-            rounds[strategy] = read_results(run_dir).rounds
+            ledgers[label] = Ledger.read_csv(run_dir / "ledger.csv")
+            rounds[label] = read_results(run_dir).rounds
         yield ScrapedRuns(prom, ledgers, rounds)
 
 
 @pytest.mark.slow
-def test_prometheus_sees_the_ledgers_bytes_for_wash_and_fedavg(scraped_runs: ScrapedRuns) -> None:
+def test_prometheus_sees_the_ledgers_bytes_of_every_run(scraped_runs: ScrapedRuns) -> None:
     prom, ledgers = scraped_runs.prometheus, scraped_runs.ledgers
 
     def scraped(strategy: str, direction: str) -> float:

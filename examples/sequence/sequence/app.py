@@ -1,5 +1,6 @@
 """The Flower app: a WASH population of GRUs, each member trained by its own AdamW loop
-(whose moments move with the weights: WASH+Opt), scored on the server's own test strings."""
+(whose moments move with the weights: WASH+Opt), scored on the server's own test strings,
+with the run's folder and Prometheus metrics (``output-dir``, ``metrics-port``)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from wash_fed.clientapp import ExampleCounts, Task, TrainRound
-from wash_fed.config import ExchangeConfig, WashFedConfig
+from wash_fed.config import WashFedConfig
 from wash_fed.member_app import MemberParts, wash_client_app
-from wash_fed.strategy import Wash
+from wash_fed.strategy import RunRecord, Wash
 
 from .task import DigitSumGRU, accuracy, digits, train_steps
 
@@ -56,9 +57,7 @@ server_app = ServerApp()
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    run = context.run_config
-    exchange = ExchangeConfig(shuffle_prob=float(run["shuffle-prob"]), shuffle_optimizer_state=True)
-    cfg = WashFedConfig(num_members=int(run["num-members"]), exchange=exchange)
+    cfg = WashFedConfig.from_run_config(context.run_config)  # its keys; the app's are its own
     test_strings = digits(2000, TEST_SEED)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -66,10 +65,10 @@ def main(grid: Grid, context: Context) -> None:
         model.load_state_dict(arrays.to_torch_state_dict())
         return MetricRecord({"accuracy": accuracy(model, *test_strings)})
 
-    result = Wash(cfg).start(
-        grid=grid,
-        initial_arrays=ArrayRecord(DigitSumGRU().state_dict()),
-        num_rounds=int(run["num-server-rounds"]),
-        evaluate_fn=evaluate,
-    )
+    with RunRecord.open(cfg, grid.run.run_id) as record:  # results.json, ledger.csv, metrics
+        result = Wash(cfg, record=record).start(
+            grid=grid,
+            initial_arrays=ArrayRecord(DigitSumGRU().state_dict()),
+            evaluate_fn=evaluate,
+        )
     torch.save(result.arrays.to_torch_state_dict(), str(context.run_config["final-model"]))
