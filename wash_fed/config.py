@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Literal, get_args
 from wash_fed.data import DATASETS, IMAGES, PARTITIONS, DatasetSpec
 from wash_fed.models import model_problem
 from wash_fed.shuffle import LAYER_SCHEDULES, ShuffleMask, wash_mask
+from wash_fed.timing import StragglerWait
 
 __all__ = [
     "SECTIONS",
@@ -68,6 +69,8 @@ RESUMABLE_CHANGES = frozenset(
         "output-dir",
         "member-checkpoints",
         "round-timeout",
+        "straggler-factor",
+        "straggler-min-wait",
         "poll-interval",
         "node-wait-timeout",
         "worker-idle-timeout",
@@ -414,6 +417,17 @@ class RuntimeConfig(Section):
     poll_interval: float = field(
         default=0.5, metadata=_doc("Flower: seconds between the server's checks for replies")
     )
+    straggler_factor: float = field(
+        default=3.0,
+        metadata=_doc(
+            "Flower: once more than half of a round's members replied (after t s), wait for "
+            "the rest until max(straggler-min-wait, this x t) s more; 0: the whole round-timeout"
+        ),
+    )
+    straggler_min_wait: float = field(
+        default=60.0,
+        metadata=_doc("Flower: the least time a round waits for its last members (see above)"),
+    )
     node_wait_timeout: float = field(
         default=300.0, metadata=_doc("Flower: seconds to wait for num-members SuperNodes")
     )
@@ -441,6 +455,13 @@ class RuntimeConfig(Section):
         _at_most("poll-interval", self.poll_interval, min(MAX_POLL_INTERVAL, self.round_timeout))
         _greater("worker-idle-timeout", self.worker_idle_timeout, 0.0)
         _at_most("worker-idle-timeout", self.worker_idle_timeout, MAX_TIMEOUT)
+        _at_least("straggler-factor", self.straggler_factor, 0.0)
+        _at_least("straggler-min-wait", self.straggler_min_wait, 0.0)
+
+    @property
+    def stragglers(self) -> StragglerWait:
+        """How long a training round waits for its last members."""
+        return StragglerWait(self.straggler_factor, self.straggler_min_wait)
 
 
 @dataclass(frozen=True)

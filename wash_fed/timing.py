@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from wash_fed.keys import Metric
 
-__all__ = ["PARTS", "RoundTime", "split_round"]
+__all__ = ["PARTS", "RoundTime", "StragglerWait", "split_round"]
 
 PARTS = ("train", "member", "transfer", "server")
 """The parts of a round's time, in the order of :class:`RoundTime`'s fields."""
@@ -79,3 +79,27 @@ def split_round(
 def _seconds(figures: Mapping[str, object], key: str) -> float:
     value = figures.get(key, 0.0)
     return max(float(value), 0.0) if isinstance(value, (int, float)) else 0.0
+
+
+@dataclass(frozen=True)
+class StragglerWait:
+    """How long a training round waits for its last members once most have replied: a
+    member whose link dropped, or whose machine stalls, costs the others a bounded wait
+    instead of the whole ``round-timeout``.
+
+    Once more than half of the round's members have replied, ``majority`` seconds after the
+    messages went out, the round waits for the others until ``majority + max(min_wait,
+    factor * majority)`` seconds (and never beyond ``round-timeout``). ``factor`` 0: no such
+    limit. Members that reply later miss the round, as a member that never replied does,
+    and take part again from the next."""
+
+    factor: float
+    min_wait: float
+
+    def deadline(self, replied: int, expected: int, majority: float | None) -> float | None:
+        """Seconds after the push at which the round stops waiting, given ``replied`` of
+        ``expected`` replies in and the time ``majority`` at which more than half were
+        (None before); None: no limit of its own (yet)."""
+        if self.factor <= 0 or majority is None or 2 * replied <= expected:
+            return None
+        return majority + max(self.min_wait, self.factor * majority)

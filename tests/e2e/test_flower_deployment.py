@@ -163,3 +163,40 @@ def test_a_member_killed_mid_run_comes_back_from_its_checkpoint(
         assert restored, result.output[-3000:]
         assert int(restored.group(1)) in (10, 15)  # after round 2 (or 3, if it got that far)
         assert_ledger_within_flowers_traffic(run_dir, result, refused=True)
+
+
+def test_a_stalled_member_costs_a_round_the_stragglers_wait_not_the_timeout(
+    tmp_path: Path, short_tmp: Path
+) -> None:
+    """SIGSTOP one member's worker after round 1 of 5 (a machine that stalls, its SuperNode
+    still online): the round it misses goes on without it once the stragglers' wait is over,
+    long before the round timeout; SIGCONT it, and it takes part again, to the soup."""
+    members, victim, runs = 3, 2, tmp_path / "runs"
+    config = {
+        **TINY_RUN,
+        "num-members": members,
+        "num-server-rounds": 5,
+        "round-timeout": 600.0,
+        "straggler-factor": 1.0,
+        "straggler-min-wait": 10.0,
+        "output-dir": str(runs),
+    }
+    with FlowerHarness(tmp_path / "home") as harness:
+        harness.start_superlink(simulation=False)
+        harness.start_supernodes(members, worker_dir=short_tmp)
+        submission = harness.submit(config)
+        run_dir = wait_for_rounds(submission, runs, 1, timeout=300)
+        (pid_file,) = (short_tmp / f"member-{victim}").glob("run-*/worker.pid")
+        worker = int(pid_file.read_text())
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            missed = wait_for_line(submission, rf"stopped waiting for member\(s\) {victim} ", 300)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        result = harness.finish(submission, timeout=900)
+    assert result.status == "finished:completed", f"{result.details}\n{result.output[-3000:]}"
+    results = read_results(run_dir)
+    stalled = [row for row in results.rounds if str(victim) in row.failed]
+    assert stalled and all(row.seconds < 300 for row in stalled), missed.string[-2000:]
+    assert results.rounds[-1].answered == members, "taken back after the stall"
+    assert results.final_figures().collected == list(range(members))

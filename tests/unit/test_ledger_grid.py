@@ -1,9 +1,13 @@
 """The Grid that keeps the byte ledger: every message and its reply recorded at the size
 Flower serializes, by round, phase and member -- the member the roster bound to the node,
 also for what it sent before it was bound -- how long each training message was in flight,
-and nothing for the SuperLink's own error replies."""
+and nothing for the SuperLink's own error replies. A training round stops waiting for a
+member that does not reply once the others have, by the stragglers' rule; other messages
+wait their whole timeout."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 from flwr.app import Message
@@ -15,6 +19,7 @@ from wash_fed.config import WashFedConfig
 from wash_fed.keys import Config, MessageType, Reply
 from wash_fed.ledger import Ledger
 from wash_fed.strategy.ledger_grid import LedgerGrid
+from wash_fed.timing import StragglerWait
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -85,3 +90,36 @@ def test_a_message_without_a_reply_is_not_recorded() -> None:
     replies = list(grid.send_and_receive(asked(grid, MessageType.TRAIN, 1), timeout=0.2))
     assert [r.metadata.src_node_id for r in replies] == [FIRST_NODE + 1]
     assert len(grid.ledger.entries) == 2, "the answered message and its reply only"
+
+
+def test_a_training_round_waits_for_a_straggler_only_as_long_as_the_rule_says(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    inner = InProcessGrid(CFG.with_values({"num-members": 3}))
+    grid = LedgerGrid(inner, Ledger(), poll_interval=0.05, stragglers=StragglerWait(1.0, 0.3))
+    for partition in range(3):
+        grid.bind(FIRST_NODE + partition, partition)
+    inner.absent = {FIRST_NODE + 2}
+    started = time.monotonic()
+    replies = list(grid.send_and_receive(asked(grid, MessageType.TRAIN, 1), timeout=300.0))
+    assert time.monotonic() - started < 150.0, "not the whole round timeout"
+    assert sorted(r.metadata.src_node_id for r in replies) == [FIRST_NODE, FIRST_NODE + 1]
+    assert "round 1: stopped waiting for member(s) 2 after" in caplog.text
+
+    started = time.monotonic()
+    replies = list(grid.send_and_receive(asked(grid, MessageType.HELLO, 0), timeout=1.0))
+    assert time.monotonic() - started >= 1.0, "a hello waits its whole timeout"
+    assert len(replies) == 2
+
+
+@pytest.mark.parametrize(
+    ("replied", "majority", "deadline"),
+    [(2, None, None), (3, 2.0, 2.0 + 10.0), (3, 20.0, 20.0 + 60.0), (4, 20.0, 80.0)],
+)
+def test_the_stragglers_deadline(
+    replied: int, majority: float | None, deadline: float | None
+) -> None:
+    """Of 4 members, more than half is 3; until then the round has no deadline of its own.
+    After: the majority's time plus the larger of min_wait and factor x that time."""
+    assert StragglerWait(factor=3.0, min_wait=10.0).deadline(replied, 4, majority) == deadline
+    assert StragglerWait(0.0, 10.0).deadline(4, 4, 1.0) is None, "factor 0: off"

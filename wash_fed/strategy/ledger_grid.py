@@ -4,22 +4,27 @@ Every strategy -- ours and Flower's own FedAvg -- talks to the nodes through thi
 so all of them are counted the same way: each message sent and each reply received, with
 its size as Flower serializes it (:func:`wash_fed.wire.message_bytes`), the round it belongs
 to, the member (partition id) and the phase -- and how long each message was in flight,
-from its push to the pull of its reply (:mod:`wash_fed.timing` splits rounds with it).
+from its push to the pull of its reply (:mod:`wash_fed.timing` splits rounds with it). A
+training round stops waiting for its last members by the rule of
+:class:`~wash_fed.timing.StragglerWait`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from logging import WARNING
 
 from flwr.app import Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from wash_fed import wire
 from wash_fed.keys import Config, MessageType
 from wash_fed.ledger import Direction, Ledger
+from wash_fed.timing import StragglerWait
 
 __all__ = ["LedgerGrid", "phase_of"]
 
@@ -51,7 +56,8 @@ class LedgerGrid(Grid):
 
     ``members`` maps node ids to partition ids, as the server's roster binds them
     (:meth:`bind`), never as a reply claims; a message to a node not (yet) bound is recorded
-    for member -1 until it is. Replies are polled every ``poll_interval`` seconds.
+    for member -1 until it is. Replies are polled every ``poll_interval`` seconds; a training
+    round waits for its last members as ``stragglers`` says (None: until the timeout).
     ``on_exchange(round, phase)`` is called after every recorded exchange (the metrics
     exporter listens there).
     """
@@ -62,9 +68,11 @@ class LedgerGrid(Grid):
         ledger: Ledger,
         on_exchange: Callable[[int, str], None] | None = None,
         poll_interval: float = 0.5,
+        stragglers: StragglerWait | None = None,
     ) -> None:
         self._grid = grid
         self.poll_interval = poll_interval
+        self.stragglers = stragglers
         self.ledger = ledger
         self.members: dict[int, int] = {}
         self._unbound: dict[int, list[int]] = {}
@@ -113,19 +121,29 @@ class LedgerGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Push, then pull replies every ``poll_interval`` seconds until all are in or the
-        timeout passes (Flower's own loop waits a fixed 3 s between pulls)."""
+        """Push, then pull replies every ``poll_interval`` seconds until all are in, the
+        timeout passes, or (training) the stragglers' wait is over (Flower's own loop waits
+        a fixed 3 s between pulls)."""
         messages = list(messages)
         if not messages:
             return []
         pending = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        waits = self.stragglers if messages[0].metadata.message_type == MessageType.TRAIN else None
+        majority: float | None = None
         replies: list[Message] = []
         while pending:
             arrived = list(self.pull_messages(pending))
             replies += arrived
             pending -= {reply.metadata.reply_to_message_id for reply in arrived}
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
+            elapsed = time.monotonic() - started
+            if majority is None and 2 * len(replies) > len(messages):
+                majority = elapsed
+            limit = waits.deadline(len(replies), len(messages), majority) if waits else None
+            if not pending or (timeout is not None and elapsed >= timeout):
+                break
+            if limit is not None and elapsed >= limit:
+                self._stop_waiting(messages, pending, elapsed, majority)
                 break
             time.sleep(self.poll_interval)
         for message_id in pending:  # no reply: nothing confirms that it reached its node
@@ -135,6 +153,25 @@ class LedgerGrid(Grid):
                 _round_of(messages[0].content), phase_of(messages[0].metadata.message_type)
             )
         return replies
+
+    def _stop_waiting(
+        self, messages: list[Message], pending: set[str], elapsed: float, majority: float | None
+    ) -> None:
+        """Say which members a training round stopped waiting for, and by which rule."""
+        late = sorted(
+            self.members.get(self._pushed[i][0].metadata.dst_node_id, -1)
+            for i in pending
+            if i in self._pushed
+        )
+        log(
+            WARNING,
+            "round %d: stopped waiting for member(s) %s after %.1f s; more than half of the "
+            "members had replied at %.1f s (straggler-factor, straggler-min-wait)",
+            _round_of(messages[0].content),
+            ", ".join(map(str, late)),
+            elapsed,
+            majority or 0.0,
+        )
 
     # --- bookkeeping ------------------------------------------------------------------
 

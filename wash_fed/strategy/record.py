@@ -78,6 +78,7 @@ class RunRecord:
             self.ledger,
             on_exchange=lambda *_: self.metrics.sync_ledger(self.ledger),
             poll_interval=self.cfg.runtime.poll_interval,
+            stragglers=self.cfg.runtime.stragglers,
         )
 
     def round(self, grid: LedgerGrid, report: RoundReport, fedavg_bytes: int | None) -> None:

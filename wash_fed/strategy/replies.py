@@ -87,7 +87,7 @@ def gather(
     answered = got.accepted.keys() | got.rejected.keys() | got.failed.keys()
     for partition in members:
         if partition not in answered:
-            got.failed[partition] = "no reply before the timeout"
+            got.failed[partition] = "no reply in time (round-timeout, or the stragglers' wait)"
     for partition, reason in sorted(got.failed.items()):
         log(
             WARNING,

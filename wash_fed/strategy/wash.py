@@ -196,7 +196,12 @@ class Wash(Strategy):
                 raise ValueError("the LedgerGrid given counts into another ledger than the record")
             self.ledger = grid.ledger
             return grid
-        return self.record.grid(grid) if self.record is not None else LedgerGrid(grid, self.ledger)
+        if self.record is not None:
+            return self.record.grid(grid)
+        runtime = self.cfg.runtime
+        return LedgerGrid(
+            grid, self.ledger, poll_interval=runtime.poll_interval, stragglers=runtime.stragglers
+        )
 
     def _fedavg_bytes(self) -> int:
         """What FedAvg would send over the run, for the record (measured once)."""
