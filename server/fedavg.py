@@ -134,8 +134,8 @@ def run_fedavg(
         rounds=rounds,
         fraction_train=1.0,
         fraction_evaluate=0.0,
-        min_train_nodes=cfg.num_members,
-        min_available_nodes=cfg.num_members,
+        min_train_nodes=len(roster.nodes),  # those that passed the pre-flight check
+        min_available_nodes=len(roster.nodes),
     )
     # Members read everything else from the run config; "reply" asks for the full state.
     result = strategy.start(

@@ -68,6 +68,7 @@ RESUMABLE_CHANGES = frozenset(
         "resume-from",
         "output-dir",
         "member-checkpoints",
+        "min-members",
         "round-timeout",
         "straggler-factor",
         "straggler-min-wait",
@@ -518,6 +519,13 @@ class WashFedConfig:
 
     strategy: str = field(default="wash", metadata=_doc(f"one of {_listed(STRATEGIES)}"))
     num_members: int = field(default=4, metadata=_doc("population size N (Flower: SuperNodes)"))
+    min_members: int = field(
+        default=0,
+        metadata=_doc(
+            "Flower: start with this many members checked once node-wait-timeout is over, "
+            "the others taken in when they come; 0: wait for all num-members"
+        ),
+    )
     num_server_rounds: int = field(default=30, metadata=_doc("rounds (= shuffle events)"))
     seed: int = field(default=0, metadata=_doc("run seed: initialisations, data order, masks"))
     data: DataConfig = field(default_factory=DataConfig)
@@ -535,6 +543,7 @@ class WashFedConfig:
         _check_numbers(self)  # the run's own numbers; the sections checked theirs
         _one_of("strategy", self.strategy, STRATEGIES)
         _at_least("num-members", self.num_members, 1)
+        _in_range("min-members", self.min_members, 0, self.num_members)
         _at_least("num-server-rounds", self.num_server_rounds, 1)
         _at_least("seed", self.seed, 0)
         self._check_across_sections()

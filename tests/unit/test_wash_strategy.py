@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
-from tests.unit.in_process import InProcessGrid
+from tests.unit.in_process import FIRST_NODE, InProcessGrid
 from tests.unit.small_configs import tiny_run
 from wash_fed.ledger import Ledger
 from wash_fed.results import read_results
@@ -95,3 +95,31 @@ def test_a_failed_run_says_so_in_its_record(tmp_path: Path) -> None:
     results = read_results(next(tmp_path.glob("*-6")))
     assert results.status == "failed"
     assert results.error is not None and "another model" in results.error
+
+
+def test_a_node_that_cannot_be_reached_does_not_fail_the_preflight_check(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its member is waited for until node-wait-timeout; with min-members checked, the run
+    starts without it and completes with the others."""
+    cfg = tiny_run(**{"test-on-server": False, "min-members": 2, "node-wait-timeout": 1.0})
+    grid = InProcessGrid(cfg)
+    grid.unreachable = {FIRST_NODE + 2}
+    strategy = Wash(cfg)
+    strategy.start(
+        grid,
+        ArrayRecord(new_model(cfg).state_dict()),
+        evaluate_fn=lambda r, a: MetricRecord({"accuracy": 0.5}),
+    )
+    assert strategy.roster is not None and sorted(strategy.roster.nodes) == [0, 1]
+    assert strategy.final is not None and strategy.final.collected == [0, 1]
+    assert f"node {FIRST_NODE + 2} could not be checked" in caplog.text
+    assert "starting without members [2], taken in when they come (min-members=2)" in caplog.text
+
+
+def test_without_enough_members_the_wait_ends_naming_those_missing() -> None:
+    cfg = tiny_run(**{"test-on-server": False, "node-wait-timeout": 1.0})
+    grid = InProcessGrid(cfg)
+    grid.unreachable = {FIRST_NODE + 1}
+    with pytest.raises(TimeoutError, match=r"min-members=3; members \[1\] never answered"):
+        Wash(cfg).start(grid, ArrayRecord(new_model(cfg).state_dict()))

@@ -22,7 +22,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message
@@ -35,7 +35,7 @@ from wash_fed.config import WashFedConfig
 from wash_fed.keys import Config, Info, MessageType, Metric, Record
 from wash_fed.models import state_layout
 
-__all__ = ["MemberInfo", "Roster"]
+__all__ = ["Hellos", "MemberInfo", "Roster"]
 
 HELLO_TIMEOUT = 120.0
 """Seconds a returning node's hello is given, and the least the pre-flight hello is given
@@ -91,6 +91,17 @@ def _member_info(reply: Message) -> MemberInfo:
             json.loads(str(wire.config_value(content, Info.STATE_KINDS, Record.INFO)))
         ),
     )
+
+
+@dataclass
+class Hellos:
+    """The answers to one pre-flight hello: the members that passed, the problems of those
+    that failed (each named by its node), and the nodes that could not be reached (no
+    answer, or the SuperLink's own error for the node)."""
+
+    members: list[MemberInfo] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    unreachable: dict[int, str] = field(default_factory=dict)
 
 
 def _first_difference(member: list[str], server: list[str]) -> str | None:
@@ -155,49 +166,42 @@ class Roster:
         return next((p for p, n in self.nodes.items() if n == node), None)
 
     def connect(self, grid: Grid) -> None:
-        """Wait for ``num-members`` nodes and check every member before any training.
-
-        Raises with the members' own words when a check fails.
-        """
+        """Check every member before any training. Each node that connects is asked its
+        hello, until every partition is held by a member that passed -- or, once
+        ``node-wait-timeout`` is over, at least ``min-members`` are (the others are taken in
+        when they come: :meth:`readmit`). A node that cannot be reached is skipped with a
+        warning (asked again if it comes back); a member that fails its check stops the run
+        with its own words."""
         cfg = self.cfg
         deadline = time.monotonic() + cfg.runtime.node_wait_timeout
-        nodes = list(grid.get_node_ids())
-        while len(nodes) < cfg.num_members:
+        passed: dict[int, MemberInfo] = {}
+        asked: set[int] = set()
+        said: list[int] = []
+        while waiting := sorted(set(range(cfg.num_members)) - set(passed)):
+            listed = set(grid.get_node_ids())
+            asked &= listed  # a node gone from the list is asked again if it comes back
+            if new := sorted(listed - asked):
+                asked |= set(new)
+                self._admit_first(self._hello(grid, new, self._hello_timeout), passed)
+                continue
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{len(nodes)} of num-members={cfg.num_members} SuperNodes connected within "
-                    f"node-wait-timeout={cfg.runtime.node_wait_timeout:g} s"
+                self._start_without(waiting, passed)
+                break
+            if waiting != said:
+                log(
+                    INFO,
+                    "waiting for members %s (%d of %d checked)",
+                    waiting,
+                    len(passed),
+                    cfg.num_members,
                 )
-            log(INFO, "waiting for SuperNodes: %d of %d connected", len(nodes), cfg.num_members)
+                said = waiting
             time.sleep(2.0)
-            nodes = list(grid.get_node_ids())
-        members, problems = self._hello(grid, nodes, max(cfg.runtime.round_timeout, HELLO_TIMEOUT))
-        self.parameters, self.state_kinds = self._agreed(members)
-        members, problems = self._same_masks(members, problems)
-        if problems:
-            raise RuntimeError("members failed their pre-flight check:\n  " + "\n  ".join(problems))
-        partitions = sorted(m.partition for m in members)
-        if partitions != list(range(cfg.num_members)):
-            raise RuntimeError(
-                f"expected one member per partition id 0..{cfg.num_members - 1}, "
-                f"got partition ids {partitions} from {len(nodes)} nodes"
-            )
-        strangers = [
-            f"member {m.partition} on node {m.node}"
-            for m in members
-            if self.credentials.get(m.partition, m.credential) != m.credential
-        ]
-        if strangers:
-            raise RuntimeError(
-                "the run continued holds other members than "
-                + ", ".join(strangers)
-                + ": they lack the credential their checkpoints would carry"
-            )
-        for member in sorted(members, key=lambda m: m.partition):
+        for member in sorted(passed.values(), key=lambda m: m.partition):
             self._bind(member)
             log(
                 INFO,
-                "member %d on node %d: %d training images, %s%s",
+                "member %d on node %d: %d training examples, %s%s",
                 member.partition,
                 member.node,
                 member.examples,
@@ -206,6 +210,61 @@ class Roster:
                 if self.continues
                 else "",
             )
+
+    @property
+    def _hello_timeout(self) -> float:
+        return max(self.cfg.runtime.round_timeout, HELLO_TIMEOUT)
+
+    @property
+    def absent(self) -> set[int]:
+        """Partition ids of members not taking part: never checked, or gone."""
+        taking_part = set(self.nodes) | set(self.quarantined)
+        return set(range(self.cfg.num_members)) - taking_part
+
+    def _admit_first(self, hellos: Hellos, passed: dict[int, MemberInfo]) -> None:
+        """Members of the pre-flight check into ``passed``; a RuntimeError naming every
+        problem, a partition claimed twice, or a member without the credential its
+        checkpoint carries (a continued run)."""
+        if not self.parameters and hellos.members:  # the first members name the run's
+            self.parameters, self.state_kinds = self._agreed(hellos.members)
+        members, problems = self._same_masks(hellos.members, hellos.problems)
+        for member in members:
+            if (earlier := passed.get(member.partition)) is not None:
+                nodes = f"{earlier.node} and {member.node}"
+                problems.append(f"member {member.partition} is claimed by nodes {nodes}")
+            elif self.credentials.get(member.partition, member.credential) != member.credential:
+                problems.append(
+                    f"member {member.partition} on node {member.node} lacks the credential its "
+                    "checkpoints carry: the run continued holds another member there"
+                )
+            passed.setdefault(member.partition, member)
+        if problems:
+            raise RuntimeError("members failed their pre-flight check:\n  " + "\n  ".join(problems))
+        for node, reason in hellos.unreachable.items():
+            log(
+                WARNING,
+                "node %d could not be checked (%s); it is asked again if it comes back",
+                node,
+                reason,
+            )
+
+    def _start_without(self, waiting: list[int], passed: Mapping[int, MemberInfo]) -> None:
+        """``node-wait-timeout`` is over with members ``waiting`` unchecked: start without
+        them when ``min-members`` passed, else a TimeoutError naming them."""
+        cfg = self.cfg
+        needed = cfg.min_members or cfg.num_members
+        if len(passed) < needed:
+            raise TimeoutError(
+                f"{len(passed)} of num-members={cfg.num_members} members passed the pre-flight "
+                f"check within node-wait-timeout={cfg.runtime.node_wait_timeout:g} s, "
+                f"min-members={needed}; members {waiting} never answered"
+            )
+        log(
+            WARNING,
+            "starting without members %s, taken in when they come (min-members=%d)",
+            waiting,
+            needed,
+        )
 
     def readmit(self, grid: Grid, missing: Iterable[int]) -> list[int]:
         """Look for members in ``missing`` (partition ids) that came back under a new node
@@ -216,14 +275,15 @@ class Roster:
         new = set(grid.get_node_ids()) - set(self.nodes.values()) - self._refused
         if not new:
             return []
-        members, problems = self._same_masks(*self._hello(grid, sorted(new), HELLO_TIMEOUT))
+        hellos = self._hello(grid, sorted(new), HELLO_TIMEOUT)
+        members, problems = self._same_masks(hellos.members, hellos.problems)
         for problem in problems:
             log(WARNING, "a new node failed its check and is not asked again: %s", problem)
-        self._refused |= new - {m.node for m in members}
+        self._refused |= new - {m.node for m in members} - set(hellos.unreachable)
         back = []
         for member in members:
             holder = self.nodes.get(member.partition)
-            if member.partition not in missing or holder is None:
+            if member.partition not in missing:
                 log(
                     WARNING,
                     "node %d claims member %d, which is not missing (node %s holds it); refused",
@@ -233,7 +293,7 @@ class Roster:
                 )
                 self._refused.add(member.node)
                 continue
-            if member.credential != self.credentials[member.partition]:
+            if self.credentials.get(member.partition, member.credential) != member.credential:
                 log(
                     WARNING,
                     "node %d claims member %d, held by node %d, without the member's "
@@ -307,11 +367,8 @@ class Roster:
         if told < len(messages):
             log(WARNING, "%d of %d members acknowledged the end of the run", told, len(messages))
 
-    def _hello(
-        self, grid: Grid, nodes: list[int], timeout: float
-    ) -> tuple[list[MemberInfo], list[str]]:
-        """Ask ``nodes`` who they are; the members that passed and the problems found, each
-        named by the node asked (the SuperLink answers for a node it could not reach)."""
+    def _hello(self, grid: Grid, nodes: list[int], timeout: float) -> Hellos:
+        """Ask ``nodes`` who they are and check what they say."""
         config: dict[str, wire.ConfigValue] = {}
         if self.continues is not None:
             config = {Config.RESUME_RUN: self.continues[0], Config.RESUME_ROUND: self.continues[1]}
@@ -331,26 +388,34 @@ class Roster:
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         answered = {asked[r.metadata.reply_to_message_id] for r in replies}
-        problems = [f"node {n}: no answer within {timeout:g} s" for n in nodes if n not in answered]
-        members = []
+        got = Hellos(
+            unreachable={n: f"no answer within {timeout:g} s" for n in nodes if n not in answered}
+        )
         for reply in replies:
             node = asked[reply.metadata.reply_to_message_id]
-            if reply.has_error():
-                problems.append(f"node {node}: {wire.error_reason(reply)}")
-                continue
-            try:
-                member = _member_info(reply)
-            except (KeyError, TypeError, ValueError) as err:
-                problems.append(f"node {node}: malformed hello reply ({err!r})")
-                continue
-            if (difference := _first_difference(member.layout, self.layout)) is not None:
-                problems.append(
-                    f"member {member.partition} on node {node} builds another model than the "
-                    f"server: {difference}"
-                )
-                continue
-            members.append(member)
-        return members, problems
+            if reply.has_error() and not wire.is_member_error(reply):
+                got.unreachable[node] = wire.error_reason(reply)
+            elif reply.has_error():
+                got.problems.append(f"node {node}: {wire.error_reason(reply)}")
+            else:
+                self._check_hello(reply, node, got)
+        return got
+
+    def _check_hello(self, reply: Message, node: int, got: Hellos) -> None:
+        """One hello reply into ``got``: a member whose model has the server's layout, or
+        a problem."""
+        try:
+            member = _member_info(reply)
+        except (KeyError, TypeError, ValueError) as err:
+            got.problems.append(f"node {node}: malformed hello reply ({err!r})")
+            return
+        if (difference := _first_difference(member.layout, self.layout)) is not None:
+            got.problems.append(
+                f"member {member.partition} on node {node} builds another model than the "
+                f"server: {difference}"
+            )
+            return
+        got.members.append(member)
 
     def _agreed(self, members: list[MemberInfo]) -> tuple[list[str], list[str]]:
         """The parameters and the optimizer state every member named (a RuntimeError naming

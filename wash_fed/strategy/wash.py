@@ -228,10 +228,12 @@ class Wash(Strategy):
             roster.credentials = dict(continuation.credentials)
         roster.connect(grid)
         parameters = {name: roster.reference[name] for name in roster.parameters}
-        protocol = server_protocol(cfg, roster.nodes, parameters, roster.state_kinds)
+        everyone = range(cfg.num_members)  # members still to come too
+        protocol = server_protocol(cfg, everyone, parameters, roster.state_kinds)
         self._rounds = PopulationStrategy(cfg, roster, protocol, self._round_done)
         if continuation is not None:
             self._rounds.continue_from(continuation.state.resumed_at(continuation.round))
+        self._rounds.state.missing |= roster.absent  # looked for at every round
 
     def _run_rounds(self, grid: Grid, train_config: ConfigRecord | None) -> None:
         """The rounds still to run, through Flower's ``Strategy.start``; a RuntimeError
