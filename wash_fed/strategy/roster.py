@@ -166,12 +166,13 @@ class Roster:
         return next((p for p, n in self.nodes.items() if n == node), None)
 
     def connect(self, grid: Grid) -> None:
-        """Check every member before any training. Each node that connects is asked its
-        hello, until every partition is held by a member that passed -- or, once
-        ``node-wait-timeout`` is over, at least ``min-members`` are (the others are taken in
-        when they come: :meth:`readmit`). A node that cannot be reached is skipped with a
-        warning (asked again if it comes back); a member that fails its check stops the run
-        with its own words."""
+        """Check every member before any training. Once ``num-members`` nodes are listed
+        (or ``node-wait-timeout`` is over), each is asked its hello, and each that comes
+        later, until every partition is held by a member that passed -- or, once the wait is
+        over, at least ``min-members`` are (the others are taken in when they come:
+        :meth:`readmit`). A node that cannot be reached is skipped with a warning (asked
+        again if it comes back); a member that fails its check stops the run with its own
+        words."""
         cfg = self.cfg
         deadline = time.monotonic() + cfg.runtime.node_wait_timeout
         passed: dict[int, MemberInfo] = {}
@@ -180,11 +181,13 @@ class Roster:
         while waiting := sorted(set(range(cfg.num_members)) - set(passed)):
             listed = set(grid.get_node_ids())
             asked &= listed  # a node gone from the list is asked again if it comes back
-            if new := sorted(listed - asked):
+            over = time.monotonic() > deadline
+            new = sorted(listed - asked)
+            if new and (len(listed) >= cfg.num_members or over):  # at once, where they can
                 asked |= set(new)
                 self._admit_first(self._hello(grid, new, self._hello_timeout), passed)
                 continue
-            if time.monotonic() > deadline:
+            if over:
                 self._start_without(waiting, passed)
                 break
             if waiting != said:
@@ -304,13 +307,15 @@ class Roster:
                 )
                 self._refused.add(member.node)
                 continue
+            joins = member.partition not in self.credentials  # missed the pre-flight check
             self._bind(member)
             missing.discard(member.partition)
             back.append(member.partition)
             log(
                 INFO,
-                "member %d is back on node %d (%s at step %d)",
+                "member %d %s on node %d (%s at step %d)",
                 member.partition,
+                "joins" if joins else "is back",
                 member.node,
                 "restored from its checkpoint" if member.resumed else "started afresh",
                 member.steps_done,
