@@ -6,6 +6,7 @@ writes the run's folder and feeds its metrics; a failed run says so there."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,15 @@ def test_without_enough_members_the_wait_ends_naming_those_missing() -> None:
     grid.unreachable = {FIRST_NODE + 1}
     with pytest.raises(TimeoutError, match=r"min-members=3; members \[1\] never answered"):
         Wash(cfg).start(grid, ArrayRecord(new_model(cfg).state_dict()))
+
+
+def test_a_busy_metrics_port_fails_the_record_and_says_so(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tiny_run(**{"output-dir": str(tmp_path), "metrics-port": port})
+        with pytest.raises(OSError, match="Address already in use"):
+            RunRecord.open(cfg, run_id=7)
+    results = read_results(next(tmp_path.glob("*-7")))
+    assert results.status == "failed" and "Address already in use" in str(results.error)

@@ -59,7 +59,11 @@ class RunRecord:
         output = RunOutput.open(cfg, run_id, ledger if ledger is not None else Ledger())
         metrics = RunMetrics(cfg.label)
         if cfg.output.metrics_port:
-            metrics.serve(cfg.output.metrics_port)
+            try:
+                metrics.serve(cfg.output.metrics_port)
+            except OSError as err:  # a busy port: the run fails, and says so
+                output.fail(err)
+                raise
             log(INFO, "Prometheus metrics on port %d", cfg.output.metrics_port)
         return cls(output, metrics)
 
