@@ -141,4 +141,4 @@ def test_a_custom_task_in_a_deployment_on_node_local_files_with_a_server_holding
     results = read_results(run_dir)
     assert_learned(result, results)
     assert results.final_figures().evaluated_on == "members"
-    assert "member 0 on node" in result.output and ": 370 training images" in result.output
+    assert "member 0 on node" in result.output and ": 370 training examples" in result.output

@@ -123,8 +123,8 @@ def test_two_nodes_train_on_their_own_files_and_the_server_needs_no_data(
         assert result.status == "finished:completed", f"{result.details}\n{harness.describe()}"
     (run_dir,) = (tmp_path / "runs").glob(f"*-{result.run_id}")
     results = read_results(run_dir)
-    assert "member 0 on node" in result.output and ": 1400 training images" in result.output
-    assert ": 500 training images" in result.output  # 600 images, 100 of them held out
+    assert "member 0 on node" in result.output and ": 1400 training examples" in result.output
+    assert ": 500 training examples" in result.output  # 600 images, 100 of them held out
     final = results.final_figures()
     assert final.evaluated_on == "members" and final.ensemble is None
     assert {"greedy", "greedy+bn"} <= set(final.soups) and final.final_model == "greedy+bn"

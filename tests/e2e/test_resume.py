@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from deploy.processes import TINY_RUN, FlowerHarness, wait_for_rounds
+from server.checkpoint import CHECKPOINT
 from wash_fed.config import ConfigValue
 from wash_fed.results import RunResult, read_results
 
@@ -132,6 +133,10 @@ def test_a_deployment_whose_serverapp_died_resumes_to_the_uninterrupted_final_mo
 
         submission = harness.submit(config)
         interrupted_dir = wait_for_rounds(submission, runs, 1, timeout=300)
+        # The round's row is written before its checkpoint: kill once both are there.
+        deadline = time.monotonic() + 120
+        while not (interrupted_dir / CHECKPOINT).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
         for pid in serverapp_processes(harness):
             os.kill(pid, signal.SIGKILL)
         # Flower would mark the run failed after two missed heartbeats (~60 s); stop it now.
