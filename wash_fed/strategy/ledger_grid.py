@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from wash_fed import wire
+from wash_fed.config import RuntimeConfig
 from wash_fed.keys import Config, MessageType
 from wash_fed.ledger import Direction, Ledger
 from wash_fed.timing import StragglerWait
@@ -83,6 +84,23 @@ class LedgerGrid(Grid):
         self.in_flight: dict[int, dict[int, float]] = {}
         """Round -> partition id -> seconds from push to reply of its delivered training
         messages (:meth:`take_in_flight` hands them out)."""
+
+    @classmethod
+    def for_run(
+        cls,
+        grid: Grid,
+        ledger: Ledger,
+        runtime: RuntimeConfig,
+        on_exchange: Callable[[int, str], None] | None = None,
+    ) -> LedgerGrid:
+        """``grid`` polled and waiting for stragglers as the run's ``runtime`` says."""
+        return cls(
+            grid,
+            ledger,
+            on_exchange,
+            poll_interval=runtime.poll_interval,
+            stragglers=runtime.stragglers,
+        )
 
     # --- delegation -------------------------------------------------------------------
 

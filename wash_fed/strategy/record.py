@@ -77,12 +77,8 @@ class RunRecord:
 
     def grid(self, grid: Grid) -> LedgerGrid:
         """``grid`` counting every byte into this record's ledger and metrics."""
-        return LedgerGrid(
-            grid,
-            self.ledger,
-            on_exchange=lambda *_: self.metrics.sync_ledger(self.ledger),
-            poll_interval=self.cfg.runtime.poll_interval,
-            stragglers=self.cfg.runtime.stragglers,
+        return LedgerGrid.for_run(
+            grid, self.ledger, self.cfg.runtime, lambda *_: self.metrics.sync_ledger(self.ledger)
         )
 
     def round(self, grid: LedgerGrid, report: RoundReport, fedavg_bytes: int | None) -> None:

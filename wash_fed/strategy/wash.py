@@ -198,10 +198,7 @@ class Wash(Strategy):
             return grid
         if self.record is not None:
             return self.record.grid(grid)
-        runtime = self.cfg.runtime
-        return LedgerGrid(
-            grid, self.ledger, poll_interval=runtime.poll_interval, stragglers=runtime.stragglers
-        )
+        return LedgerGrid.for_run(grid, self.ledger, self.cfg.runtime)
 
     def _fedavg_bytes(self) -> int:
         """What FedAvg would send over the run, for the record (measured once)."""
