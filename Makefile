@@ -87,15 +87,18 @@ population: data
 compare: data federation
 	$(PY) -m simulations.compare
 
-# The compose stack on this machine (docs/deployment.md): an engine (podman + docker-compose
-# installed when root and none runs), base images (local stand-ins only where no registry
-# answers), wash-fed:latest from the Dockerfile, certificates and node keys, the services,
-# the SuperNodes registered and online. `flwr run . wash-fed-compose --stream` then runs there.
+# The compose deployment all on this machine (docs/deployment.md): the server host's services
+# and a node host of MEMBERS members, from the same pieces as the roles on several machines
+# (deploy/roles.py): an engine (podman + docker-compose installed when root and none runs),
+# base images (local stand-ins only where no registry answers), wash-fed:latest from the
+# Dockerfile, certificates and node keys, the SuperNodes registered and online (one GPU each
+# where nvidia-smi lists GPUs). Then: flwr run . wash-fed-compose --stream
+MEMBERS ?= 4
 compose-up: data
-	$(PY) -m deploy.compose up
+	$(PY) -m deploy.roles all-in-one --members $(MEMBERS)
 
 compose-down: install
-	$(PY) -m deploy.compose down
+	$(PY) -m deploy.roles down all-in-one
 
 # Two lanes: tests/unit needs no Flower process (minutes), tests/e2e runs real Flower,
 # Prometheus, nginx and containers; `make test` runs both.

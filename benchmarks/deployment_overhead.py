@@ -13,7 +13,7 @@ Runtimes:
 * ``simulation``: the same work through ``flwr run`` against a simulation SuperLink (Ray
   actors), for reference;
 * ``compose``: the worker runtime in containers, ``docker-compose.yml`` brought up by
-  ``make compose-up``'s own code (deploy/compose.py; TLS, SuperNode
+  ``make compose-up``'s own code (deploy/roles.py; TLS, SuperNode
   authentication and the proxies included; the CNN only, on the stack's mounted data);
 * ``floor``: Flower's own floor, the same process deployment running
   ``benchmarks/flower_floor`` (a ClientApp that replies at once, no torch), and
@@ -46,9 +46,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.compose import Stack, stack_up
 from deploy.flwr_cli import PROJECT
 from deploy.processes import TINY_RUN, FlowerHarness
+from deploy.roles import all_in_one_running
+from deploy.stack import Stack
 from wash_fed.config import ConfigValue
 from wash_fed.data import write_synthetic
 from wash_fed.keys import Metric
@@ -271,7 +272,12 @@ def main() -> None:
     rows = planned_rows(args.models.split(","), args.runtimes.split(","))
     on_stack = any(runtime.startswith("compose") for _, runtime in rows)
     results: dict[tuple[str, str], dict[str, float]] = {}
-    with stack_up("wash-fed-bench") if on_stack else contextlib.nullcontext() as stack:
+    stack_if_needed = (
+        all_in_one_running(args.supernodes, "wash-fed-bench")
+        if on_stack
+        else contextlib.nullcontext()
+    )
+    with stack_if_needed as stack:
         for model, runtime in rows:
             print(f"--- {model}, {runtime}", flush=True)
             workload = WORKLOADS.get(model, WORKLOADS["cnn"])

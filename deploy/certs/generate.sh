@@ -10,6 +10,8 @@
 # Private keys are mode 600. server.key is read by the SuperLink (the image's user, uid 49999)
 # and the proxy: it is given to KEY_OWNER (default 49999) when this runs as root, and the
 # script says what to run otherwise. ca.key stays with you and is mounted nowhere.
+# A CA that OUT_DIR already holds is kept (node hosts keep trusting it); the server
+# certificate is made again, for the names given this time.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-$(dirname "$0")}"
@@ -20,9 +22,13 @@ for extra in "$@"; do
   case "$extra" in IP:*) san="$san,$extra" ;; *) san="$san,DNS:$extra" ;; esac
 done
 
-openssl genrsa -out "$out/ca.key" 4096 2>/dev/null
-openssl req -x509 -new -nodes -key "$out/ca.key" -sha256 -days 365 \
-  -subj "/CN=wash-fed CA" -out "$out/ca.crt"
+if [ -f "$out/ca.key" ] && [ -f "$out/ca.crt" ]; then
+  echo "keeping the CA in $out (ca.crt, ca.key)"
+else
+  openssl genrsa -out "$out/ca.key" 4096 2>/dev/null
+  openssl req -x509 -new -nodes -key "$out/ca.key" -sha256 -days 365 \
+    -subj "/CN=wash-fed CA" -out "$out/ca.crt"
+fi
 
 openssl genrsa -out "$out/server.key" 4096 2>/dev/null
 openssl req -new -key "$out/server.key" -subj "/CN=superlink" -out "$out/server.csr"

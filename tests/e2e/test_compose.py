@@ -1,6 +1,6 @@
 """The compose deployment for real: the images built from the real Dockerfile (stand-ins for
 base images only where no registry answers), `docker-compose.yml` brought up by the same
-command a user runs (`make compose-up`: deploy/compose.py), and through it:
+command a user runs (`make compose-up`: deploy/roles.py all-in-one), and through it:
 
 - WASH, then FedAvg, `flwr run . wash-fed-compose` to `finished:completed` with finite
   final models; the stack's own Prometheus holds both strategies' byte counters (pushed
@@ -18,7 +18,6 @@ project is taken down (containers, networks, volumes) whatever happens.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -32,10 +31,12 @@ from pathlib import Path
 
 import pytest
 
-from deploy.compose import APP_IMAGE, CERTS, PROMETHEUS_URL, Stack, StackError, stack_up
+from deploy.engine import APP_IMAGE
 from deploy.flwr_cli import PROJECT, Submission
 from deploy.processes import TINY_RUN
 from deploy.promql import PrometheusApi
+from deploy.roles import all_in_one_running
+from deploy.stack import CERTS, PROMETHEUS_URL, Stack
 from wash_fed.config import ConfigValue
 from wash_fed.ledger import Ledger
 from wash_fed.results import RunResult, read_results
@@ -69,11 +70,11 @@ def engine_can_be_had() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, one_stack_at_a_time: None) -> Iterator[Stack]:
     why = engine_can_be_had()
     if why is not None:
         pytest.skip(why)
-    with stack_up(PROJECT_NAME, flwr_home=tmp_path_factory.mktemp("flwr-home")) as up:
+    with all_in_one_running(4, PROJECT_NAME, tmp_path_factory.mktemp("flwr-home")) as up:
         yield up
 
 
@@ -82,19 +83,6 @@ def finished(stack: Stack, submission: Submission, out: Path) -> RunResult:
     run = stack.finish(submission, timeout=1200)
     assert run.status == "finished:completed", f"{run.status}\n{run.output[-4000:]}"
     return read_results(stack.fetch_run(RUNS, run.run_id, out))
-
-
-def wait_for_round(stack: Stack, rounds_done: int, timeout: float) -> None:
-    """Until a run in progress has ``rounds_done`` rounds in its results.json."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for folder in stack.in_superlink(f"ls -d {RUNS}/*/ 2>/dev/null || true").split():
-            with contextlib.suppress(json.JSONDecodeError, StackError):
-                results = json.loads(stack.in_superlink(f"cat {folder}results.json"))
-                if results["status"] == "running" and len(results["rounds"]) >= rounds_done:
-                    return
-        time.sleep(2)
-    raise AssertionError(f"no run reached round {rounds_done} within {timeout:g} s")
 
 
 def prometheus(query: str) -> dict[str, float]:
@@ -132,7 +120,7 @@ def check_a_killed_supernode_resumes(stack: Stack, out: Path) -> None:
     member comes back from the checkpoint on its volume and the run completes with every
     member in the soup."""
     process = stack.submit({**RUN, "num-server-rounds": 5})
-    wait_for_round(stack, 2, timeout=600)
+    stack.wait_for_round(RUNS, 2, timeout=600)
     stack.compose("kill", "-s", "KILL", "supernode-1", timeout=120)
     stack.compose("start", "supernode-1", timeout=120)
     results = finished(stack, process, out / "killed")

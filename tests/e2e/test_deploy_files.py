@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,16 @@ import yaml
 from flwr.cli.supernode.register import try_load_public_key
 
 from deploy.flwr_cli import FLOWER_SETTINGS, PROJECT
+from deploy.nodes import Members, NodeHost, gpu_assignment
 from deploy.proxy import render_proxy_config
+from deploy.stack import CERTS, server_names
 
 ROOT = PROJECT
-SUPERNODES = [f"supernode-{i}" for i in range(4)]
-SERVICES = {"superlink", "proxy", "control", *SUPERNODES, "prometheus", "grafana", "pushgateway"}
+MEMBERS = 5
+"""The all-in-one below has five members: nothing fixes the count at four."""
+SUPERNODES = [f"supernode-{i}" for i in range(MEMBERS)]
+SERVER = {"superlink", "proxy", "control", "prometheus", "grafana", "pushgateway"}
+SERVICES = SERVER | set(SUPERNODES)
 
 
 def compose_command() -> list[str]:
@@ -36,50 +40,114 @@ def compose_command() -> list[str]:
     )
 
 
-def compose_config(*files: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+def compose_config(*files: str | Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     args = [*compose_command()]
     for f in files:
-        args += ["-f", f]
+        args += ["-f", str(f)]
     done = subprocess.run(
         [*args, "config"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env={**os.environ, "GRAFANA_ADMIN_PASSWORD": "a-test-password", **(env or {})},
+        env={**os.environ, **(env or {})},
     )
     assert done.returncode == 0, done.stderr
     config: dict[str, Any] = yaml.safe_load(done.stdout)
     return config
 
 
-def test_compose_file_is_valid_and_has_the_whole_topology() -> None:
-    config = compose_config("docker-compose.yml")
-    services = config["services"]
+def all_in_one_file(folder: Path, gpus: list[str] | None = None) -> Path:
+    """The node file ``make compose-up MEMBERS=5`` writes beside the server's (what
+    ``deploy.roles all-in-one`` writes: every member on the fleet network)."""
+    host = NodeHost(
+        Members(0, MEMBERS - 1, MEMBERS),
+        "proxy:9093",
+        CERTS / "ca.crt",
+        CERTS / "nodes",
+        gpus,
+        fleet_network=True,
+    )
+    return host.write(folder / "all-in-one.yml", "test")
+
+
+def all_in_one(folder: Path, gpus: list[str] | None = None) -> dict[str, Any]:
+    services: dict[str, Any] = compose_config("docker-compose.yml", all_in_one_file(folder, gpus))[
+        "services"
+    ]
+    return services
+
+
+def test_the_server_file_is_the_server_host_alone(tmp_path: Path) -> None:
+    assert set(compose_config("docker-compose.yml")["services"]) == SERVER
+    services = all_in_one(tmp_path)
     assert set(services) == SERVICES
-    num_members = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
-        "config"
-    ]["num-members"]
     partitions = []
     for name in SUPERNODES:
-        service = services[name]
-        command = " ".join(service["command"])
+        command = " ".join(services[name]["command"])
         assert "--superlink=proxy:9093" in command and "--host=0.0.0.0" in command
-        assert f"num-partitions={num_members}" in command
-        partitions.append(int(service["environment"]["PARTITION_ID"]))
-        assert "deploy" not in service  # runs anywhere; GPUs come from the override file
-    assert sorted(partitions) == list(range(num_members))
+        assert f"num-partitions={MEMBERS}" in command and "worker-dir=" in command
+        partitions.append(int(command.split("partition-id=")[1].split()[0]))
+        assert "deploy" not in services[name]  # no GPU asked for: runs anywhere
+    assert partitions == list(range(MEMBERS))
 
 
-def test_the_gpu_override_gives_each_supernode_one_gpu_and_nothing_else() -> None:
-    services = compose_config("docker-compose.yml", "deploy/docker-compose.gpu.yml")["services"]
+def test_each_member_is_pinned_to_its_own_gpu_and_nothing_else(tmp_path: Path) -> None:
+    gpus = gpu_assignment("auto", Members(0, MEMBERS - 1, MEMBERS), ["0", "1", "2", "3", "4"])
+    services = all_in_one(tmp_path, gpus)
+    pinned = {}
     for name, service in services.items():
         if name not in SUPERNODES:
             assert "deploy" not in service, name  # the ServerApp needs no GPU
             continue
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
-        assert device["count"] == 1
-        assert "--superlink=proxy:9093" in " ".join(service["command"])  # merged, not replaced
+        pinned[name] = device["device_ids"]
+    assert pinned == {name: [str(i)] for i, name in enumerate(SUPERNODES)}
+
+
+def test_gpus_are_assigned_one_per_member_or_said_why_not() -> None:
+    members = Members.parse("2-4", of=5)
+    assert list(members.ids) == [2, 3, 4]
+    assert gpu_assignment("auto", members, []) is None  # no GPU: the CPU
+    assert gpu_assignment("none", members, ["0", "1", "2"]) is None
+    assert gpu_assignment("auto", members, ["0", "1"]) == ["0", "1", "0"]  # shared, and logged
+    assert gpu_assignment("5,6,7", members, []) == ["5", "6", "7"]
+    with pytest.raises(ValueError, match="one device id per member"):
+        gpu_assignment("0,1", members, [])
+    for spec, of in (("3-1", 5), ("0-5", 5), ("a", 5), ("-1", 5)):
+        with pytest.raises(ValueError, match="members"):
+            Members.parse(spec, of)
+
+
+def test_a_node_host_file_joins_by_address_on_a_network_of_its_own(tmp_path: Path) -> None:
+    ca, keys = tmp_path / "ca.crt", tmp_path / "keys"
+    host = NodeHost(
+        Members.parse("3-4", of=5),
+        "superlink.example.org:9093",
+        ca,
+        keys,
+        ["1", "0"],
+        extra_hosts=("superlink.example.org:10.251.0.1",),
+        network="wash-fed-node",
+    )
+    assert host.missing_files() == [ca, keys / "node-3.key", keys / "node-4.key"]
+    config = compose_config(host.write(tmp_path / "node.yml", "python -m deploy.roles node ..."))
+    assert set(config["services"]) == {"supernode-3", "supernode-4"}
+    for member, gpu in ((3, "1"), (4, "0")):
+        service = config["services"][f"supernode-{member}"]
+        command = " ".join(service["command"])
+        assert "--superlink=superlink.example.org:9093" in command
+        assert f"partition-id={member} num-partitions=5" in command
+        assert mounts(service)["/certs/ca.crt"] == str(ca)
+        assert mounts(service)["/certs/node.key"] == str(keys / f"node-{member}.key")
+        assert "networks" not in service or set(service["networks"]) == {"default"}
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["device_ids"] == [gpu]
+        assert "superlink.example.org:10.251.0.1" in str(service["extra_hosts"])
+    assert config["networks"]["default"]["name"] == "wash-fed-node"
+    for bad in ("superlink.example.org", "host:port"):
+        with pytest.raises(ValueError, match="host:port"):
+            NodeHost(Members(0, 0, 1), bad, ca, keys)
 
 
 def published(service: dict[str, Any]) -> set[tuple[str, int]]:
@@ -96,8 +164,8 @@ def published(service: dict[str, Any]) -> set[tuple[str, int]]:
     return found
 
 
-def test_only_the_fleet_api_is_published_beyond_the_host() -> None:
-    services = compose_config("docker-compose.yml")["services"]
+def test_only_the_fleet_api_is_published_beyond_the_host(tmp_path: Path) -> None:
+    services = all_in_one(tmp_path)
     beyond_host = {
         (name, port)
         for name, service in services.items()
@@ -124,8 +192,8 @@ def test_only_the_fleet_api_is_published_beyond_the_host() -> None:
     assert "location /v1/fleet/" in template and "location /v1/control/" in template
 
 
-def test_supernodes_share_a_network_with_the_fleet_proxy_alone() -> None:
-    services = compose_config("docker-compose.yml")["services"]
+def test_supernodes_share_a_network_with_the_fleet_proxy_alone(tmp_path: Path) -> None:
+    services = all_in_one(tmp_path)
     on = {name: set(service["networks"]) for name, service in services.items()}
     assert all(on[n] == {"fleet"} for n in SUPERNODES)
     assert on["proxy"] == {"fleet", "control"} and on["control"] == {"control"}
@@ -144,8 +212,8 @@ def mounts(service: dict[str, Any]) -> dict[str, str]:
     return found
 
 
-def test_every_private_key_is_mounted_only_where_it_is_used() -> None:
-    services = compose_config("docker-compose.yml")["services"]
+def test_every_private_key_is_mounted_only_where_it_is_used(tmp_path: Path) -> None:
+    services = all_in_one(tmp_path)
     certs = ROOT / "deploy/certs"
     keys = {
         name: {s for s in mounts(service).values() if s.endswith(".key")}
@@ -166,8 +234,8 @@ def test_every_private_key_is_mounted_only_where_it_is_used() -> None:
     )
 
 
-def test_the_superlink_admits_registered_supernodes_over_tls_only() -> None:
-    services = compose_config("docker-compose.yml")["services"]
+def test_the_superlink_admits_registered_supernodes_over_tls_only(tmp_path: Path) -> None:
+    services = all_in_one(tmp_path)
     superlink = " ".join(services["superlink"]["command"])
     assert (
         "--enable-supernode-auth" in superlink and "--ssl-certfile=/certs/server.pem" in superlink
@@ -178,18 +246,13 @@ def test_the_superlink_admits_registered_supernodes_over_tls_only() -> None:
     assert not any("--insecure" in " ".join(s.get("command", [])) for s in services.values())
 
 
-def test_grafana_asks_for_a_login_with_a_password_from_the_environment() -> None:
-    grafana = compose_config("docker-compose.yml")["services"]["grafana"]["environment"]
-    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == "a-test-password"
-    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
-    without = subprocess.run(
-        [*compose_command(), "config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={k: v for k, v in os.environ.items() if k != "GRAFANA_ADMIN_PASSWORD"},
-    )
-    assert without.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in without.stderr
+def test_grafana_asks_for_a_login_with_the_password_in_its_file() -> None:
+    # compose_config ran with nothing in the environment: plain compose commands work
+    grafana = compose_config("docker-compose.yml")["services"]["grafana"]
+    secret = "/run/secrets/grafana-admin-password"
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"] == secret
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert mounts(grafana)[secret] == str(CERTS / "grafana-admin-password")
 
 
 def test_prometheus_config_is_valid_and_scrapes_the_serverapp() -> None:
@@ -271,6 +334,16 @@ def test_certificate_script_makes_a_chain_that_verifies(tmp_path: Path) -> None:
         assert name in san
     for key in ("ca.key", "server.key"):
         assert (tmp_path / key).stat().st_mode & 0o777 == 0o600, key
+    # made again for another name: the CA is kept, so node hosts keep the CA file they have
+    ca = (tmp_path / "ca.crt").read_bytes()
+    subprocess.run(
+        ["bash", str(ROOT / "deploy/certs/generate.sh"), str(tmp_path), "other.example"],
+        check=True,
+        capture_output=True,
+    )
+    assert (tmp_path / "ca.crt").read_bytes() == ca
+    assert "other.example" in server_names(tmp_path / "server.pem")
+    assert "node.example" not in server_names(tmp_path / "server.pem")
 
 
 def test_node_keys_are_private_registrable_and_kept(tmp_path: Path) -> None:
@@ -282,6 +355,11 @@ def test_node_keys_are_private_registrable_and_kept(tmp_path: Path) -> None:
         try_load_public_key(tmp_path / f"node-{i}.key.pub")  # what `flwr supernode register` reads
     subprocess.run(["bash", str(script), str(tmp_path), "2"], check=True, capture_output=True)
     assert (tmp_path / "node-0.key").read_bytes() == first  # still registered
+    # a node host's members, e.g. 3 to 4 of 5: its keys alone
+    subprocess.run(["bash", str(script), str(tmp_path), "3-4"], check=True, capture_output=True)
+    assert sorted(p.name for p in tmp_path.glob("node-*.key")) == [
+        f"node-{i}.key" for i in (0, 1, 3, 4)
+    ]
 
 
 def test_the_proxy_config_is_valid_nginx(tmp_path: Path) -> None:

@@ -1,66 +1,45 @@
-"""The compose deployment brought up for real on this machine: ``docker-compose.yml`` and the
-real ``Dockerfile``, run by whatever container engine is here.
-
-    python -m deploy.compose up      # make compose-up
-    python -m deploy.compose down    # make compose-down (containers, networks, volumes)
-
-``up`` does, in order, only what is missing:
+"""The container engine and the images a deployment runs: a Docker that runs, or podman
+(installed and configured when root on Debian), each base image taken from the engine's store,
+pulled, or built as a stand-in from Debian's packages (``deploy/standins/``) where no registry
+answers, and the app image ``wash-fed:latest`` from the real ``Dockerfile``.
 
 1. **An engine.** A running Docker (with ``docker compose`` or ``docker-compose``) is used
    as it is. Otherwise, as root on Debian, podman and Debian's docker-compose are installed,
    podman is configured to run here (runc; open-files and process limits within what this
    root may set) and its Docker-compatible API is served on a socket of its own, which
    compose talks to through ``DOCKER_HOST``.
-2. **Base images.** Each image the stack uses is taken from the engine's store or pulled.
+2. **Base images.** Each image a role uses is taken from the engine's store or pulled.
    Where the registry cannot be reached, a stand-in is built under the real name from
-   Debian's packages (``deploy/standins/``), with one log line saying so. Grafana has no
-   stand-in: without its image the stack runs without it.
+   Debian's packages, with one log line saying so. Grafana has no stand-in: without its
+   image the server host runs without it.
 3. **The app image** ``wash-fed:latest`` from the real ``Dockerfile`` (layers cached by
    the engine; with podman, a local package mirror that pip is configured with here is
    lent to the build read-only).
-4. **Certificates and keys** (``deploy/certs/``), made once and kept.
-5. **The stack**: SuperLink, the two proxies, Prometheus, the Pushgateway (and Grafana
-   where it can run); then every SuperNode's public key is registered through the control
-   proxy and the SuperNodes start; ``up`` returns when they are online. GPU reservations
-   (``deploy/docker-compose.gpu.yml``) are added when ``nvidia-smi`` lists a GPU.
-
-The ``flwr`` connection ``wash-fed-compose`` (control proxy, the stack's CA) is written to
-``$FLWR_HOME/config.toml``: ``flwr run . wash-fed-compose --stream`` then runs on the
-stack.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
-from deploy.flwr_cli import BIN, PROJECT, FlowerCli, FlwrError
+from deploy.flwr_cli import BIN, PROJECT
 
 DEPLOY = Path(__file__).resolve().parent
-COMPOSE_FILE = PROJECT / "docker-compose.yml"
-GPU_FILE = DEPLOY / "docker-compose.gpu.yml"
-CERTS = DEPLOY / "certs"
 STANDINS = DEPLOY / "standins"
 APP_IMAGE = "wash-fed:latest"
 APP_LABEL = "io.wash-fed.image=app"
 """The Dockerfile's label: earlier builds of the app image, untagged, are pruned by it."""
-CONNECTION = "wash-fed-compose"
-CONTROL_ADDRESS = "127.0.0.1:9095"
-PROMETHEUS_URL = "http://127.0.0.1:9090"
 STANDIN_BASE = "localhost/wash-fed-standin/debian:bookworm"
 STANDIN_OF = {
     "python:3.11-slim": "python",
@@ -92,16 +71,14 @@ runtime = "runc"
 [network]
 network_backend = "netavark"
 """
-SUPERNODES = [f"supernode-{i}" for i in range(4)]
-CORE_SERVICES = ["superlink", "proxy", "control", "pushgateway", "prometheus"]
 
 
 def log(message: str) -> None:
-    print(f"[compose] {message}", file=sys.stderr, flush=True)
+    print(f"[deploy] {message}", file=sys.stderr, flush=True)
 
 
 class StackError(RuntimeError):
-    """The stack could not be brought up (or down); the message says what failed."""
+    """A deployment could not be brought up (or down); the message says what failed."""
 
 
 def _run(
@@ -247,12 +224,6 @@ def stop_service() -> None:
 # --- images ---------------------------------------------------------------------------
 
 
-def compose_images() -> set[str]:
-    """Every image the compose file names (the app image aside)."""
-    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
-    return {s["image"] for s in services.values() if s.get("image", APP_IMAGE) != APP_IMAGE}
-
-
 def dockerfile_base() -> str:
     for line in (PROJECT / "Dockerfile").read_text().splitlines():
         if line.startswith("FROM "):
@@ -260,11 +231,11 @@ def dockerfile_base() -> str:
     raise StackError("the Dockerfile has no FROM line")
 
 
-def ensure_base_images(engine: Engine) -> set[str]:
-    """The images the stack needs, present in the engine's store; returns those that are
-    not to be had (no registry, no stand-in)."""
+def ensure_base_images(engine: Engine, images: Iterable[str] = ()) -> set[str]:
+    """The Dockerfile's base and ``images``, present in the engine's store; returns those
+    that are not to be had (no registry, no stand-in)."""
     unavailable = set()
-    for image in sorted({dockerfile_base(), *compose_images()}):
+    for image in sorted({dockerfile_base(), *images}):
         if engine.has_image(image):
             continue
         if engine.run("pull", "-q", image, check=False, timeout=300).returncode == 0:
@@ -337,170 +308,3 @@ def build_app_image(engine: Engine) -> float:
     seconds = time.monotonic() - start
     log(f"{APP_IMAGE} built in {seconds:.0f} s")
     return seconds
-
-
-# --- certificates, compose, registration ------------------------------------------------
-
-
-def ensure_certificates() -> None:
-    if not (CERTS / "server.pem").exists():
-        _apt_install(["openssl"])
-        _run([str(CERTS / "generate.sh")])
-    if not all((CERTS / "nodes" / f"node-{i}.key").exists() for i in range(len(SUPERNODES))):
-        _apt_install(["openssh-client"])
-        _run([str(CERTS / "node-keys.sh")])
-
-
-def gpus_present() -> bool:
-    return bool(shutil.which("nvidia-smi")) and _works(["nvidia-smi", "-L"])
-
-
-class Stack(FlowerCli):
-    """One compose project of ``docker-compose.yml`` on this machine, and the ``flwr`` CLI
-    of its ``wash-fed-compose`` connection (``flwr_home``: the CLI's Flower home; default
-    ``$FLWR_HOME`` or ``~/.flwr``)."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        project: str = "wash-fed",
-        flwr_home: Path | None = None,
-        *,
-        gpu: bool = False,
-        without: Sequence[str] = (),
-    ) -> None:
-        super().__init__(flwr_home, CONNECTION)
-        self.engine = engine
-        self.project = project
-        self.gpu = gpu
-        self.without = set(without)
-        """Services left out (their image is not to be had)."""
-
-    def compose(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        files = ["-f", str(COMPOSE_FILE)] + (["-f", str(GPU_FILE)] if self.gpu else [])
-        command = [*self.engine.compose, "-p", self.project, *files, *args]
-        return _run(command, env=self.compose_env(), **kwargs)
-
-    def compose_env(self) -> dict[str, str]:
-        env = {**self.engine.env}
-        if "GRAFANA_ADMIN_PASSWORD" not in env:
-            env["GRAFANA_ADMIN_PASSWORD"] = _grafana_password()
-        return env
-
-    def describe(self) -> str:
-        return self.logs("superlink", "control", *SUPERNODES)
-
-    def up(self) -> None:
-        """Everything but the SuperNodes, then their keys registered, then the SuperNodes."""
-        started = time.monotonic()
-        services = [s for s in [*CORE_SERVICES, "grafana"] if s not in self.without]
-        log(f"starting {', '.join(services)}")
-        self.compose("up", "-d", "--no-build", *services, timeout=600)
-        self.write_connection(CONTROL_ADDRESS, CERTS / "ca.crt")
-        log(f"flwr connection {CONNECTION!r} written to {self.home / 'config.toml'}")
-        self.wait_for_control()
-        for i in range(len(SUPERNODES)):
-            self.register(CERTS / "nodes" / f"node-{i}.key.pub")
-        log(f"starting {', '.join(SUPERNODES)}")
-        self.compose("up", "-d", "--no-build", *SUPERNODES, timeout=600)
-        self.wait_online(len(SUPERNODES), timeout=180)
-        log(f"{len(SUPERNODES)} SuperNodes online; run: flwr run . {CONNECTION} --stream")
-        log(f"stack up in {time.monotonic() - started:.0f} s")
-
-    def wait_for_control(self, timeout: float = 120) -> None:
-        """Until the SuperLink answers through the control proxy (Flower's CLI answers
-        ``success: false`` while the proxy gets no SuperLink)."""
-        deadline = time.monotonic() + timeout
-        while not self.answers():
-            if time.monotonic() > deadline:
-                raise StackError(
-                    "the SuperLink did not answer through the control proxy:\n"
-                    + self.logs("superlink", "control")
-                )
-            time.sleep(2)
-
-    def logs(self, *services: str, lines: int = 20) -> str:
-        """The last ``lines`` of each service's log, for an error message."""
-        done = self.compose("logs", "--tail", str(lines), *services, check=False)
-        return (done.stdout + done.stderr)[-4000:]
-
-    def in_superlink(self, command: str) -> str:
-        """What ``sh -c command`` prints in the SuperLink's container (where results are)."""
-        return self.compose("exec", "-T", "superlink", "sh", "-c", command, timeout=120).stdout
-
-    def fetch_run(self, output_dir: str, run_id: str, target: Path) -> Path:
-        """The folder of run ``run_id`` under ``output_dir`` in the SuperLink's container,
-        copied to ``target``."""
-        (folder,) = self.in_superlink(f"ls -d {output_dir}/*-{run_id}").split()
-        superlink = self.compose("ps", "-q", "superlink").stdout.strip()
-        self.engine.run("cp", f"{superlink}:{folder}", str(target), timeout=300)
-        return target
-
-    def down(self) -> None:
-        """Containers, networks and volumes of the project removed."""
-        self.compose("down", "-v", "--remove-orphans", check=False, timeout=600)
-
-
-def _grafana_password() -> str:
-    """Grafana's admin password for a bring-up that was given none: made once, mode 600."""
-    path = CERTS / "grafana-admin-password"
-    if not path.exists():
-        path.write_text(secrets.token_urlsafe(18))
-        path.chmod(0o600)
-        log(f"Grafana's admin password (none was given): {path}")
-    return path.read_text().strip()
-
-
-@contextlib.contextmanager
-def stack_up(project: str = "wash-fed", flwr_home: Path | None = None) -> Iterator[Stack]:
-    """The whole bring-up (:func:`bring_up`), and the project taken down afterwards, or
-    as soon as the bring-up fails."""
-    stack = prepare(project, flwr_home)
-    try:
-        stack.up()
-        yield stack
-    finally:
-        stack.down()
-        if stack.engine.service_pid is not None:
-            stop_service()
-
-
-def bring_up(project: str = "wash-fed", flwr_home: Path | None = None) -> Stack:
-    """Everything :mod:`deploy.compose` says, in order; the stack, up."""
-    stack = prepare(project, flwr_home)
-    stack.up()
-    return stack
-
-
-def prepare(project: str, flwr_home: Path | None) -> Stack:
-    """The engine, base images, the app's image and certificates; no container started."""
-    engine = ensure_engine()
-    unavailable = ensure_base_images(engine)
-    build_app_image(engine)
-    ensure_certificates()
-    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
-    without = {name for name, s in services.items() if s.get("image") in unavailable}
-    if without:
-        log(f"left out (no image to be had): {', '.join(sorted(without))}")
-    return Stack(engine, project, flwr_home, gpu=gpus_present(), without=sorted(without))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["up", "down"])
-    parser.add_argument("--project", default="wash-fed", help="the compose project name")
-    args = parser.parse_args(argv)
-    try:
-        if args.action == "up":
-            bring_up(args.project)
-        else:
-            Stack(ensure_engine(), args.project).down()
-            stop_service()
-    except (StackError, FlwrError) as err:
-        log(f"failed: {err}")
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
