@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from deploy.processes import FlowerHarness
 
@@ -16,3 +19,11 @@ def simulation_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flo
     with FlowerHarness(tmp_path_factory.mktemp("flwr-home")) as harness:
         harness.start_superlink(simulation=True)
         yield harness
+
+
+@pytest.fixture(scope="module")
+def one_stack_at_a_time() -> Iterator[None]:
+    """The compose stacks on this machine share the published ports and deploy/certs: one
+    test module's stack at a time (another test process waits for it)."""
+    with FileLock(Path(tempfile.gettempdir()) / "wash-fed-compose-stack.lock"):
+        yield

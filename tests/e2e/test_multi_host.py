@@ -1,0 +1,297 @@
+"""The deployment across machines, emulated on this one with the roles' own commands
+(docs/deployment.md): a server host (``python -m deploy.roles server --name superlink.test``)
+and two node hosts (``python -m deploy.roles node ... --members 0-2 --of 5`` and ``3-4``),
+each a compose project of its own on a network of its own that shares nothing with the
+server host's networks and reaches it only through the published Fleet port, by the name
+its certificate carries, over a link shaped with ``tc`` (host A 20 Mbit/s, host B 10 Mbit/s;
+:mod:`deploy.links`). Their keys are made on each node host and registered with
+``python -m deploy.roles register``. Through it:
+
+- WASH, then FedAvg, ``finished:completed``; every byte the ledger counts for a host's
+  members crossed that host's link, and what else crossed is Flower's own (framing, polls,
+  the app bundle each SuperNode fetches);
+- a run started while host B is down starts with host A's members (``min-members=3``) and
+  takes B's in when B comes up; B killed (SIGKILL, every container) mid-run and started
+  again: its members continue from their checkpoints; B's link cut for 60 s: the run goes on
+  without them, the rounds they miss end after the stragglers' wait (not the round timeout),
+  and the run completes with all five in the soup;
+- a node host with another CA, one that uses a name the certificate does not carry, and
+  one whose key is not registered are each refused, saying why.
+
+Everything the test started (containers, networks, volumes, shaping) is removed afterwards,
+whatever happens. Only this machine's own bridges and the test's containers are touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from deploy.engine import Engine, ensure_engine
+from deploy.flwr_cli import BIN, PROJECT
+from deploy.links import HostLink, bridge_of
+from deploy.processes import TINY_RUN
+from deploy.roles import node_file
+from deploy.stack import CERTS, SERVER_FILE, Stack
+from wash_fed.config import ConfigValue
+from wash_fed.ledger import Ledger
+from wash_fed.results import RunResult, read_results
+
+pytestmark = [pytest.mark.slow, pytest.mark.compose]
+
+SERVER_PROJECT = "wash-fed-hosts"
+SERVER_NAME = "superlink.test"
+RUNS = "/app/runs"
+MEMBERS = 5
+RUN: dict[str, ConfigValue] = {
+    **TINY_RUN,
+    "num-members": MEMBERS,
+    "output-dir": RUNS,
+    "round-timeout": 300,
+    "node-wait-timeout": 120,
+    "straggler-min-wait": 10,
+}
+FRAMING_PER_MEMBER = 1 << 20
+"""What a member's SuperNode may send or receive beyond the ledger's payloads and the app
+bundle in a short run: HTTP and TLS framing, polls, heartbeats (measured: 0.2-0.4 MB)."""
+
+
+@dataclass
+class NodeHost:
+    """One emulated node host: its compose project, network, link and members."""
+
+    name: str
+    members: range
+    subnet: str
+    mbit: float
+    stack: Stack
+    link: HostLink
+
+    @property
+    def gateway(self) -> str:
+        return self.subnet.rsplit(".", 1)[0] + ".1"
+
+    def containers(self) -> list[str]:
+        return [self.stack.container(f"supernode-{m}") for m in self.members]
+
+    def shape(self) -> None:
+        self.link.shape(self.mbit, self.containers())
+
+
+def roles(home: Path, *args: str) -> str:
+    """``python -m deploy.roles args`` as the docs give it; what it logged."""
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy.roles", *args],
+        cwd=PROJECT,
+        env={**os.environ, "FLWR_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert done.returncode == 0, f"deploy.roles {args[0]} failed:\n{done.stderr[-4000:]}"
+    return done.stderr
+
+
+def join(home: Path, engine: Engine, host: str, members: str, keys: Path, **extra: str) -> Stack:
+    """``deploy.roles node`` for a node host on network ``host`` (the test's own, made
+    before: compose's own networks are isolated from the server's, unlike two machines)."""
+    network, gateway = host, _gateway(engine, host)
+    name = extra.get("name", SERVER_NAME)
+    roles(
+        home, "node", "--superlink", f"{name}:9093", "--ca", extra.get("ca", str(CERTS / "ca.crt")),
+        "--members", members, "--of", str(MEMBERS), "--add-host", f"{name}:{gateway}",
+        "--network", network, "--keys", str(keys), "--project", extra.get("project", host),
+    )  # fmt: skip
+    project = extra.get("project", host)
+    return Stack(engine, project, [node_file(project)])
+
+
+def _gateway(engine: Engine, network: str) -> str:
+    (info,) = json.loads(engine.run("network", "inspect", network).stdout)
+    return str(info["subnets"][0]["gateway"])
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, one_stack_at_a_time: None
+) -> Iterator[tuple[Stack, list[NodeHost], Path]]:
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("emulated hosts need root on Linux (networks, tc)")
+    home = tmp_path_factory.mktemp("flwr-home")
+    engine = ensure_engine()
+    server = Stack(engine, SERVER_PROJECT, [SERVER_FILE], home)
+    hosts: list[NodeHost] = []
+    try:
+        roles(home, "server", "--name", SERVER_NAME, "--project", SERVER_PROJECT)
+        for name, members, subnet, mbit in (
+            ("wash-fed-host-a", range(0, 3), "10.251.1.0/24", 20.0),
+            ("wash-fed-host-b", range(3, 5), "10.251.2.0/24", 10.0),
+        ):
+            engine.run("network", "create", "--subnet", subnet, name)
+            keys = tmp_path_factory.mktemp(f"keys-{name}")
+            stack = join(home, engine, name, f"{members[0]}-{members[-1]}", keys)
+            hosts.append(
+                NodeHost(
+                    name, members, subnet, mbit, stack, HostLink(engine, bridge_of(engine, name))
+                )
+            )
+            public = [str(keys / f"node-{m}.key.pub") for m in members]
+            roles(home, "register", *public)
+        server.wait_online(MEMBERS, timeout=180)
+        for host in hosts:
+            host.shape()
+        yield server, hosts, home
+    finally:
+        for host in hosts:
+            host.link.close()
+            host.stack.down()
+            node_file(host.name).unlink(missing_ok=True)
+        server.down()
+        for name in ("wash-fed-host-a", "wash-fed-host-b"):
+            engine.run("network", "rm", "-f", name, check=False)
+
+
+def finished(server: Stack, config: dict[str, ConfigValue], out: Path) -> tuple[RunResult, str]:
+    """A run through the server host, completed; its results and its output."""
+    run = server.run(config, timeout=1500)
+    assert run.status == "finished:completed", f"{run.status}\n{run.output[-4000:]}"
+    return read_results(server.fetch_run(RUNS, run.run_id, out) / "results.json"), run.output
+
+
+def ledger_bytes(folder: Path, members: range) -> tuple[int, int]:
+    entries = Ledger.read_csv(folder / "ledger.csv").entries
+    up = sum(e.bytes for e in entries if e.member in members and e.direction == "up")
+    down = sum(e.bytes for e in entries if e.member in members and e.direction == "down")
+    return up, down
+
+
+def app_bundle_bytes(tmp: Path) -> int:
+    """The size of the FAB every SuperNode fetches for a run (``flwr build``)."""
+    subprocess.run([str(BIN / "flwr"), "build", "--app", str(PROJECT)], cwd=tmp, check=True,
+                   capture_output=True)  # fmt: skip
+    (fab,) = tmp.glob("*.fab")
+    return fab.stat().st_size
+
+
+def check_bytes_through_each_link(server: Stack, hosts: list[NodeHost], tmp: Path) -> None:
+    bundle = app_bundle_bytes(tmp)
+    for strategy in ("wash", "fedavg"):
+        for host in hosts:
+            host.shape()  # counters from zero
+        results, _ = finished(server, {**RUN, "strategy": strategy}, tmp / strategy)
+        assert results.status == "completed"
+        for host in hosts:
+            sent = dict(zip(("up", "down"), host.link.sent(host.containers()), strict=True))
+            counted = dict(
+                zip(("up", "down"), ledger_bytes(tmp / strategy, host.members), strict=True)
+            )
+            extra = {"up": 0, "down": bundle}
+            for way in ("up", "down"):
+                allowed = 1.1 * counted[way] + len(host.members) * (extra[way] + FRAMING_PER_MEMBER)
+                assert counted[way] > 0 and counted[way] <= sent[way] <= allowed, (
+                    f"{strategy}, {host.name} {way}: link {sent[way]} B, ledger {counted[way]} B"
+                )
+
+
+def rows_with(server: Stack, members: set[str]) -> int:
+    """How many rounds of the run in progress had all of ``members`` reply."""
+    text = server.in_superlink(f"cat $(ls -td {RUNS}/*/ | head -1)results.json")
+    rows = json.loads(text)["rounds"]
+    return sum(1 for row in rows if members <= set(row["members"]))
+
+
+def says(stack: Stack, reason: str) -> Callable[[], bool]:
+    """Whether the node host's SuperNode has logged ``reason``."""
+    return lambda: reason in stack.logs("supernode-0", lines=200)
+
+
+def wait_until(what: str, condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
+        time.sleep(2)
+
+
+def check_a_host_down_killed_and_cut(server: Stack, hosts: list[NodeHost], tmp: Path) -> None:
+    host_b = hosts[1]
+    b_members = {str(m) for m in host_b.members}
+    host_b.stack.compose("stop", timeout=300)
+    config = {**RUN, "num-server-rounds": 14, "min-members": 3, "node-wait-timeout": 30}
+    submission = server.submit(config)
+    server.wait_for_round(RUNS, 1, timeout=900)
+    host_b.stack.compose("start", timeout=300)  # comes up: taken in
+    wait_until("host B's members taken in", lambda: rows_with(server, b_members) >= 1, 600)
+    host_b.stack.compose("kill", "-s", "KILL", timeout=300)
+    host_b.stack.compose("start", timeout=300)
+    taken = rows_with(server, b_members)
+    wait_until(
+        "host B's members back after the kill", lambda: rows_with(server, b_members) > taken, 600
+    )
+    host_b.link.cut()
+    time.sleep(60)
+    host_b.link.restore()
+    taken = rows_with(server, b_members)
+    wait_until("host B back after the cut", lambda: rows_with(server, b_members) > taken, 600)
+    run = server.finish(submission, timeout=1500)
+    assert run.status == "finished:completed", f"{run.status}\n{run.output[-4000:]}"
+    results = read_results(server.fetch_run(RUNS, run.run_id, tmp / "resilience") / "results.json")
+    final = results.final_figures()
+    assert final.collected == list(range(MEMBERS)), f"{final}\n{run.output[-6000:]}"
+    missed = [r for r in results.rounds if b_members & set(r.failed)]
+    assert missed, "host B's members should have missed rounds (down, killed, cut)"
+    assert all(r.seconds < RUN["round-timeout"] for r in results.rounds), [  # type: ignore[operator]
+        (r.round, r.seconds) for r in results.rounds
+    ]
+    assert "stopped waiting for member" in run.output, run.output[-4000:]
+    logs = host_b.stack.compose(
+        "exec", "-T", "supernode-3", "sh", "-c", "cat /var/lib/wash-fed/member/run-*/worker.log"
+    ).stdout
+    resumed = re.findall(r"member 3 resumed at round (\d+)", logs)
+    assert resumed, logs[-3000:]
+
+
+def check_strangers_are_refused(home: Path, hosts: list[NodeHost], tmp: Path) -> None:
+    """One node host at a time on host A's network, each refused; its reason in its log."""
+    other_ca = tmp / "other-ca"
+    subprocess.run(
+        ["bash", str(CERTS / "generate.sh"), str(other_ca)], check=True, capture_output=True
+    )
+    engine = hosts[0].stack.engine
+    cases = {
+        "ca": (
+            {"ca": str(other_ca / "ca.crt")},
+            "certificate verify failed: unable to get local issuer",
+        ),
+        "name": (
+            {"name": "wrong.test"},
+            "Hostname mismatch, certificate is not valid for 'wrong.test'",
+        ),
+        "key": ({}, "Failed to activate SuperNode"),
+    }
+    for case, (extra, reason) in cases.items():
+        project = f"wash-fed-stranger-{case}"
+        keys = tmp / f"keys-{case}"
+        stack = join(home, engine, hosts[0].name, "0", keys, project=project, **extra)
+        try:
+            wait_until(f"{case}: refused", says(stack, reason), 120)
+        finally:
+            stack.down()
+            node_file(project).unlink(missing_ok=True)
+
+
+def test_node_hosts_join_over_their_links_survive_and_strangers_do_not(
+    deployment: tuple[Stack, list[NodeHost], Path], tmp_path: Path
+) -> None:
+    server, hosts, home = deployment
+    check_a_host_down_killed_and_cut(server, hosts, tmp_path)
+    check_bytes_through_each_link(server, hosts, tmp_path)
+    check_strangers_are_refused(home, hosts, tmp_path)
