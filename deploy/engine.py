@@ -20,6 +20,7 @@ answers, and the app image ``wash-fed:latest`` from the real ``Dockerfile``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import subprocess
@@ -48,6 +49,8 @@ STANDIN_OF = {
     "prom/pushgateway:v1.9.0": "pushgateway",
 }
 """The base images that have a Debian stand-in, and its folder in deploy/standins/."""
+STANDIN_LABEL = "io.wash-fed.standin"
+"""A stand-in's label: the version of its folder it was built from."""
 DEBIAN_MIRRORS = (
     "deb http://deb.debian.org/debian bookworm main",
     "deb http://deb.debian.org/debian bookworm-updates main",
@@ -59,7 +62,7 @@ PODMAN_PACKAGES = [
 ]  # fmt: skip
 PODMAN_CONF = Path("/etc/containers/containers.conf")
 PODMAN_SETTINGS = """\
-# Written by wash-fed's compose bring-up (deploy/compose.py): runc, because crun
+# Written by wash-fed's container bring-up (deploy/engine.py): runc, because crun
 # fails on hosts whose cgroups are in hybrid mode; container limits within what root may
 # set here (it cannot raise the open-files hard limit above 20000).
 [containers]
@@ -237,6 +240,9 @@ def ensure_base_images(engine: Engine, images: Iterable[str] = ()) -> set[str]:
     unavailable = set()
     for image in sorted({dockerfile_base(), *images}):
         if engine.has_image(image):
+            if image in STANDIN_OF and _standin_outdated(engine, image):
+                log(f"{image}: its stand-in changed (deploy/standins/); building it again")
+                _build_standin(engine, image)
             continue
         if engine.run("pull", "-q", image, check=False, timeout=300).returncode == 0:
             continue
@@ -249,13 +255,32 @@ def ensure_base_images(engine: Engine, images: Iterable[str] = ()) -> set[str]:
     return unavailable
 
 
+def standin_version(image: str) -> str:
+    """A digest of the stand-in's folder: a stand-in built from other files is rebuilt."""
+    folder = STANDINS / STANDIN_OF[image]
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _standin_outdated(engine: Engine, image: str) -> bool:
+    """Whether ``image`` is a stand-in built from other files than the folder's now (a real,
+    pulled image has no stand-in label and is kept; so is a stand-in from before labels)."""
+    template = f'{{{{index .Config.Labels "{STANDIN_LABEL}"}}}}'
+    found = engine.run("image", "inspect", "--format", template, image, check=False).stdout
+    built_from = found.strip().replace("<no value>", "")
+    return built_from not in ("", standin_version(image))
+
+
 def _build_standin(engine: Engine, image: str) -> None:
     if not engine.has_image(STANDIN_BASE):
         _import_debian_base(engine)
+    label = f"--label={STANDIN_LABEL}={standin_version(image)}"
     with tempfile.TemporaryDirectory() as context:
         shutil.copytree(STANDINS / STANDIN_OF[image], context, dirs_exist_ok=True)
         shutil.copy(_host_ca_bundle(), Path(context) / "host-ca.crt")
-        engine.run("build", "-q", "-t", image, context, timeout=900)
+        engine.run("build", "-q", label, "-t", image, context, timeout=900)
 
 
 def _host_ca_bundle() -> Path:

@@ -25,10 +25,13 @@ def render_proxy_config(
         "FLEET_LISTEN": fleet,
         "CONTROL_LISTEN": control,
         "CERTS": str(certificates),
+        "SUPERLINK_RESOLVER": "127.0.0.1",  # asked for names only; the address is one
     }
-    (root / "superlink.conf").write_text(
-        string.Template(PROXY_TEMPLATE.read_text()).substitute(values)
-    )
+    # As envsubst does: only these placeholders; nginx's own $variables stay.
+    rendered = string.Template(PROXY_TEMPLATE.read_text()).safe_substitute(values)
+    if "${" in rendered:
+        raise ValueError(f"{PROXY_TEMPLATE} has a placeholder this renderer does not fill")
+    (root / "superlink.conf").write_text(rendered)
     # As root, nginx's workers would run as `nobody`, who cannot enter a private temp folder.
     user = "user root;\n" if os.geteuid() == 0 else ""
     config = root / "nginx.conf"
