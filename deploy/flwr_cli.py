@@ -4,7 +4,7 @@ Flower process of ours runs with, connections in ``$FLWR_HOME/config.toml``, ``f
 Flower's JSON answers mean.
 
 The launcher (``make run``), the local process harness (:mod:`deploy.processes`), the compose
-stack (:mod:`deploy.compose`) and the network namespaces (:mod:`deploy.namespaces`) all go
+stack (:mod:`deploy.stack`) and the network namespaces (:mod:`deploy.namespaces`) all go
 through :class:`FlowerCli`, so they submit, wait and read a run's end the same way.
 """
 

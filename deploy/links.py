@@ -32,11 +32,14 @@ def _command(*args: str) -> str:
     return done.stdout
 
 
-def bridge_of(engine: Engine, network: str) -> str:
-    """The host interface of a network (podman names it, Docker's is ``br-<id>``)."""
+def bridge_of(engine: Engine, network: str) -> tuple[str, str]:
+    """The host interface of a network and its address there (the gateway), as podman's
+    ``network inspect`` or Docker's (``br-<id>``) says."""
     (info,) = json.loads(engine.run("network", "inspect", network).stdout)
-    name = info.get("network_interface") or f"br-{info['Id'][:12]}"
-    return str(name)
+    if "network_interface" in info:  # podman
+        return str(info["network_interface"]), str(info["subnets"][0]["gateway"])
+    bridge = info.get("Options", {}).get("com.docker.network.bridge.name")
+    return str(bridge or f"br-{info['Id'][:12]}"), str(info["IPAM"]["Config"][0]["Gateway"])
 
 
 @dataclass

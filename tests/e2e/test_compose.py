@@ -5,8 +5,6 @@ command a user runs (`make compose-up`: deploy/roles.py all-in-one), and through
 - WASH, then FedAvg, `flwr run . wash-fed-compose` to `finished:completed` with finite
   final models; the stack's own Prometheus holds both strategies' byte counters (pushed
   through its Pushgateway) and the docs' PromQL ratio equals the ledger's;
-- a SuperNode container killed mid-run (SIGKILL) and started again: its member resumes
-  from the checkpoint on its volume and the soup has every member;
 - what is closed, probed from a container of the test's own on the fleet network (where a
   stranger would sit): the Control and Runtime APIs answer 404 on the fleet port, nothing
   answers on the control port or Prometheus, the SuperLink does not resolve, an
@@ -21,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -45,8 +42,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.compose]
 
 PROJECT_NAME = "wash-fed-test"
 RUNS = "/app/runs"
+MEMBERS = 3
+"""Not the default four: the all-in-one takes its member count from the command."""
 RUN: dict[str, ConfigValue] = {
     **TINY_RUN,
+    "num-members": MEMBERS,
     "output-dir": RUNS,
     "round-timeout": 120,
     "metrics-pushgateway": "pushgateway:9091",
@@ -74,7 +74,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, one_stack_at_a_time: None) -
     why = engine_can_be_had()
     if why is not None:
         pytest.skip(why)
-    with all_in_one_running(4, PROJECT_NAME, tmp_path_factory.mktemp("flwr-home")) as up:
+    with all_in_one_running(MEMBERS, PROJECT_NAME, tmp_path_factory.mktemp("flwr-home")) as up:
         yield up
 
 
@@ -113,23 +113,6 @@ def check_wash_then_fedavg(stack: Stack, out: Path) -> None:
         time.sleep(2)
     assert scraped == pytest.approx(ratios, rel=1e-12)
     assert ratios["wash"] < 0.1 and ratios["fedavg"] == 1.0
-
-
-def check_a_killed_supernode_resumes(stack: Stack, out: Path) -> None:
-    """SuperNode 1's container is killed (SIGKILL) after round 2 and started again: its
-    member comes back from the checkpoint on its volume and the run completes with every
-    member in the soup."""
-    process = stack.submit({**RUN, "num-server-rounds": 5})
-    stack.wait_for_round(RUNS, 2, timeout=600)
-    stack.compose("kill", "-s", "KILL", "supernode-1", timeout=120)
-    stack.compose("start", "supernode-1", timeout=120)
-    results = finished(stack, process, out / "killed")
-    assert_finite_final(results)
-    assert results.final_figures().collected == [0, 1, 2, 3], results.final_figures()
-    worker_logs = "cat /var/lib/wash-fed/member/run-*/worker.log"
-    worker_log = stack.compose("exec", "-T", "supernode-1", "sh", "-c", worker_logs).stdout
-    resumed = re.findall(r"member 1 resumed at round (\d+)", worker_log)
-    assert resumed and int(resumed[-1]) >= 2, worker_log[-3000:]
 
 
 def fleet_network(stack: Stack) -> str:
@@ -171,7 +154,7 @@ def check_what_is_closed(stack: Stack, tmp_path: Path) -> None:
         stack,
         "flower-supernode", "--root-certificates=/certs/ca.crt",
         "--auth-supernode-private-key=/certs/node.key", "--superlink=proxy:9093",
-        "--node-config", "partition-id=1 num-partitions=4",
+        "--node-config", f"partition-id=1 num-partitions={MEMBERS}",
         mounts={**ca, key: "/certs/node.key"},
     )  # fmt: skip
     assert refused.returncode != 0, refused.stdout[-2000:]
@@ -185,7 +168,6 @@ def check_what_is_closed(stack: Stack, tmp_path: Path) -> None:
         assert mode.split() == ["600", str(IMAGE_UID)], (service, mode)
 
 
-def test_the_compose_stack_runs_resumes_and_stays_closed(stack: Stack, tmp_path: Path) -> None:
+def test_the_compose_stack_runs_and_stays_closed(stack: Stack, tmp_path: Path) -> None:
     check_wash_then_fedavg(stack, tmp_path)
-    check_a_killed_supernode_resumes(stack, tmp_path)
     check_what_is_closed(stack, tmp_path)

@@ -15,6 +15,9 @@ its certificate carries, over a link shaped with ``tc`` (host A 20 Mbit/s, host 
   again: its members continue from their checkpoints; B's link cut for 60 s: the run goes on
   without them, the rounds they miss end after the stragglers' wait (not the round timeout),
   and the run completes with all five in the soup;
+- the SuperLink's container killed mid-run and started again: the run is
+  ``finished:failed`` with Flower's reason, and ``resume-from`` completes it with every
+  member continuing from its checkpoint;
 - a node host with another CA, one that uses a name the certificate does not carry, and
   one whose key is not registered are each refused, saying why.
 
@@ -42,6 +45,7 @@ from deploy.links import HostLink, bridge_of
 from deploy.processes import TINY_RUN
 from deploy.roles import node_file
 from deploy.stack import CERTS, SERVER_FILE, Stack
+from server.checkpoint import CHECKPOINT
 from wash_fed.config import ConfigValue
 from wash_fed.ledger import Ledger
 from wash_fed.results import RunResult, read_results
@@ -76,10 +80,6 @@ class NodeHost:
     stack: Stack
     link: HostLink
 
-    @property
-    def gateway(self) -> str:
-        return self.subnet.rsplit(".", 1)[0] + ".1"
-
     def containers(self) -> list[str]:
         return [self.stack.container(f"supernode-{m}") for m in self.members]
 
@@ -104,7 +104,7 @@ def roles(home: Path, *args: str) -> str:
 def join(home: Path, engine: Engine, host: str, members: str, keys: Path, **extra: str) -> Stack:
     """``deploy.roles node`` for a node host on network ``host`` (the test's own, made
     before: compose's own networks are isolated from the server's, unlike two machines)."""
-    network, gateway = host, _gateway(engine, host)
+    network, (_, gateway) = host, bridge_of(engine, host)
     name = extra.get("name", SERVER_NAME)
     roles(
         home, "node", "--superlink", f"{name}:9093", "--ca", extra.get("ca", str(CERTS / "ca.crt")),
@@ -113,11 +113,6 @@ def join(home: Path, engine: Engine, host: str, members: str, keys: Path, **extr
     )  # fmt: skip
     project = extra.get("project", host)
     return Stack(engine, project, [node_file(project)])
-
-
-def _gateway(engine: Engine, network: str) -> str:
-    (info,) = json.loads(engine.run("network", "inspect", network).stdout)
-    return str(info["subnets"][0]["gateway"])
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +134,8 @@ def deployment(
             engine.run("network", "create", "--subnet", subnet, name)
             keys = tmp_path_factory.mktemp(f"keys-{name}")
             stack = join(home, engine, name, f"{members[0]}-{members[-1]}", keys)
-            hosts.append(
-                NodeHost(
-                    name, members, subnet, mbit, stack, HostLink(engine, bridge_of(engine, name))
-                )
-            )
+            link = HostLink(engine, bridge_of(engine, name)[0])
+            hosts.append(NodeHost(name, members, subnet, mbit, stack, link))
             public = [str(keys / f"node-{m}.key.pub") for m in members]
             roles(home, "register", *public)
         server.wait_online(MEMBERS, timeout=180)
@@ -225,7 +217,7 @@ def check_a_host_down_killed_and_cut(server: Stack, hosts: list[NodeHost], tmp: 
     host_b = hosts[1]
     b_members = {str(m) for m in host_b.members}
     host_b.stack.compose("stop", timeout=300)
-    config = {**RUN, "num-server-rounds": 14, "min-members": 3, "node-wait-timeout": 30}
+    config = {**RUN, "num-server-rounds": 14, "min-members": 3, "node-wait-timeout": 20}
     submission = server.submit(config)
     server.wait_for_round(RUNS, 1, timeout=900)
     host_b.stack.compose("start", timeout=300)  # comes up: taken in
@@ -257,6 +249,38 @@ def check_a_host_down_killed_and_cut(server: Stack, hosts: list[NodeHost], tmp: 
     ).stdout
     resumed = re.findall(r"member 3 resumed at round (\d+)", logs)
     assert resumed, logs[-3000:]
+
+
+def check_a_killed_superlink_fails_then_resumes(server: Stack, tmp: Path) -> None:
+    """The SuperLink's container SIGKILLed after round 2's checkpoint and started again: the
+    run is ``finished:failed`` with Flower's reason, the proxies reach the new container, the
+    node hosts come back, and ``resume-from`` completes it with every member."""
+    config = {**RUN, "num-server-rounds": 5}
+    submission = server.submit(config)
+    server.wait_for_round(RUNS, 2, timeout=900)
+    run_id = submission.run_id()
+    assert run_id is not None
+    folder = server.in_superlink(f"ls -d {RUNS}/*-{run_id}").strip()
+
+    def checkpointed() -> bool:
+        return CHECKPOINT in server.in_superlink(f"ls {folder}")
+
+    wait_until("round 2's checkpoint", checkpointed, 120)
+    server.compose("kill", "-s", "KILL", "superlink", timeout=120)
+    submission.process.wait(timeout=120)
+    server.compose("start", "superlink", timeout=120)
+    server.wait_for_control()
+
+    def failed() -> bool:
+        return server.status(run_id).status == "finished:failed"
+
+    wait_until("Flower marks the run failed", failed, 300)
+    assert "heartbeat" in server.status(run_id).details, server.status(run_id)
+    server.wait_online(MEMBERS, timeout=300)
+    resumed, output = finished(server, {**config, "resume-from": folder}, tmp / "resumed")
+    assert resumed.resumed_from is not None and resumed.resumed_from.round >= 2, output[-3000:]
+    assert resumed.final_figures().collected == list(range(MEMBERS)), output[-3000:]
+    assert output.count("continues from its round") == MEMBERS, output[-3000:]
 
 
 def check_strangers_are_refused(home: Path, hosts: list[NodeHost], tmp: Path) -> None:
@@ -294,4 +318,5 @@ def test_node_hosts_join_over_their_links_survive_and_strangers_do_not(
     server, hosts, home = deployment
     check_a_host_down_killed_and_cut(server, hosts, tmp_path)
     check_bytes_through_each_link(server, hosts, tmp_path)
+    check_a_killed_superlink_fails_then_resumes(server, tmp_path)
     check_strangers_are_refused(home, hosts, tmp_path)
