@@ -84,7 +84,7 @@ class StackError(RuntimeError):
     """A deployment could not be brought up (or down); the message says what failed."""
 
 
-def _run(
+def run_command(
     args: Sequence[str],
     *,
     env: Mapping[str, str] | None = None,
@@ -124,7 +124,7 @@ class Engine:
     """The podman API service this bring-up started (stopped by :func:`stop_service`)."""
 
     def run(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        return _run([self.cli, *args], env=self.env, **kwargs)
+        return run_command([self.cli, *args], env=self.env, **kwargs)
 
     def has_image(self, name: str) -> bool:
         return self.run("image", "inspect", name, check=False).returncode == 0
@@ -145,7 +145,7 @@ def _compose() -> list[str]:
     raise StackError("no compose: install Docker Compose, or Debian's docker-compose package")
 
 
-def _apt_install(packages: Sequence[str]) -> None:
+def apt_install(packages: Sequence[str]) -> None:
     missing = [p for p in packages if not _works(["dpkg", "-s", p])]
     if not missing:
         return
@@ -154,8 +154,8 @@ def _apt_install(packages: Sequence[str]) -> None:
     log(f"installing {' '.join(missing)} (Debian packages)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     lock = ["-o", "DPkg::Lock::Timeout=600"]
-    _run(["apt-get", *lock, "update", "-q"], env=env, timeout=900)
-    _run(
+    run_command(["apt-get", *lock, "update", "-q"], env=env, timeout=900)
+    run_command(
         ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *missing],
         env=env,
         timeout=1800,
@@ -206,7 +206,7 @@ def ensure_engine() -> Engine:
     if shutil.which("docker") and _works(["docker", "info"]):
         return Engine("docker", _compose())
     if not shutil.which("podman") or not shutil.which("docker-compose"):
-        _apt_install(PODMAN_PACKAGES)
+        apt_install(PODMAN_PACKAGES)
     if not PODMAN_CONF.exists():
         log(f"configuring podman for this host: {PODMAN_CONF} (runc, container limits)")
         PODMAN_CONF.parent.mkdir(parents=True, exist_ok=True)
@@ -292,11 +292,11 @@ def _host_ca_bundle() -> Path:
 
 def _import_debian_base(engine: Engine) -> None:
     """A minimal Debian bookworm made here with mmdebstrap, imported as the stand-ins' base."""
-    _apt_install(["mmdebstrap"])
+    apt_install(["mmdebstrap"])
     log(f"making {STANDIN_BASE} with mmdebstrap (about a minute)")
     with tempfile.TemporaryDirectory() as folder:
         rootfs = Path(folder) / "rootfs.tar"
-        _run(["mmdebstrap", "--variant=minbase", "bookworm", str(rootfs), *DEBIAN_MIRRORS])
+        run_command(["mmdebstrap", "--variant=minbase", "bookworm", str(rootfs), *DEBIAN_MIRRORS])
         engine.run("import", str(rootfs), STANDIN_BASE, timeout=600)
 
 
@@ -306,7 +306,7 @@ def _pip_mirror() -> list[str]:
     the folder it sits in (its pages link to files beside it)."""
     pip = [str(BIN / "python"), "-m", "pip", "config", "list"]
     settings: dict[str, list[str]] = {}
-    for line in _run(pip, check=False).stdout.splitlines():
+    for line in run_command(pip, check=False).stdout.splitlines():
         key, _, value = line.partition("=")
         settings[key.rsplit(".", 1)[-1]] = value.strip().strip("'\"").split()
     links = [v for v in settings.get("find-links", []) if v.startswith("/")]

@@ -33,12 +33,12 @@ from pathlib import Path
 from deploy.engine import (
     Engine,
     StackError,
-    _apt_install,
-    _run,
+    apt_install,
     build_app_image,
     ensure_base_images,
     ensure_engine,
     log,
+    run_command,
     stop_service,
 )
 from deploy.flwr_cli import FlowerCli, FlwrError
@@ -71,8 +71,8 @@ def node_file(project: str) -> Path:
 
 def make_node_keys(members: Members, folder: Path = NODE_KEYS) -> list[Path]:
     """This host's key pairs for ``members`` (kept where they exist); the public keys."""
-    _apt_install(["openssh-client"])
-    _run([str(CERTS / "node-keys.sh"), str(folder), f"{members.first}-{members.last}"])
+    apt_install(["openssh-client"])
+    run_command([str(CERTS / "node-keys.sh"), str(folder), f"{members.first}-{members.last}"])
     return [folder / f"node-{m}.key.pub" for m in members.ids]
 
 

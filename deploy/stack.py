@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from cryptography import x509
 
-from deploy.engine import DEPLOY, Engine, StackError, _apt_install, _run, log
+from deploy.engine import DEPLOY, Engine, StackError, apt_install, log, run_command
 from deploy.flwr_cli import PROJECT, FlowerCli
 
 SERVER_FILE = PROJECT / "docker-compose.yml"
@@ -64,7 +64,7 @@ class Stack(FlowerCli):
     def compose(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         files = [arg for path in self.files for arg in ("-f", str(path))]
         command = [*self.engine.compose, "-p", self.project, *files, *args]
-        return _run(command, env=self.compose_env, **kwargs)
+        return run_command(command, env=self.compose_env, **kwargs)
 
     def services(self) -> list[str]:
         """Every service the files define."""
@@ -142,8 +142,8 @@ def ensure_server_certificate(names: Sequence[str] = ()) -> None:
     certificate = CERTS / "server.pem"
     if certificate.exists() and set(names) <= server_names(certificate):
         return
-    _apt_install(["openssl"])
-    _run([str(CERTS / "generate.sh"), str(CERTS), *names])
+    apt_install(["openssl"])
+    run_command([str(CERTS / "generate.sh"), str(CERTS), *names])
     log(f"SuperLink certificate made for {', '.join(sorted(server_names(certificate)))}")
 
 
