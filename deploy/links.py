@@ -48,15 +48,14 @@ class HostLink:
 
     engine: Engine
     bridge: str
-    mbit: float = 0.0
 
     def _in(self, container: str, *args: str) -> list[str]:
         """``args`` run in ``container``'s network namespace."""
         pid = self.engine.run("inspect", "-f", "{{.State.Pid}}", container).stdout.strip()
         return ["nsenter", "-t", pid, "-n", *args]
 
-    def _tbf(self) -> list[str]:
-        rate = self.mbit
+    @staticmethod
+    def _tbf(rate: float) -> list[str]:
         return [
             "tbf",
             "rate",
@@ -70,13 +69,12 @@ class HostLink:
     def shape(self, mbit: float, containers: Sequence[str]) -> None:
         """Both directions of ``containers``' link to ``mbit`` Mbit/s, counters from zero
         (call it again after a container restarts: its namespace is a new one)."""
-        self.mbit = mbit
         self.close()
-        _command("tc", "qdisc", "add", "dev", self.bridge, "root", *self._tbf())
+        _command("tc", "qdisc", "add", "dev", self.bridge, "root", *self._tbf(mbit))
         for container in containers:
             tc = self._in(container, "tc")
             subprocess.run([*tc, "qdisc", "del", "dev", "eth0", "root"], capture_output=True)
-            _command(*tc, "qdisc", "add", "dev", "eth0", "root", *self._tbf())
+            _command(*tc, "qdisc", "add", "dev", "eth0", "root", *self._tbf(mbit))
 
     def sent(self, containers: Sequence[str]) -> tuple[int, int]:
         """Bytes (up, down) through the shapers: ``containers``' uplinks summed, the

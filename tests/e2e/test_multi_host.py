@@ -43,6 +43,7 @@ import pytest
 from deploy.engine import Engine, ensure_engine
 from deploy.flwr_cli import BIN, PROJECT
 from deploy.links import HostLink, bridge_of
+from deploy.nodes import service_name
 from deploy.processes import TINY_RUN
 from deploy.roles import node_file
 from deploy.stack import CERTS, SERVER_FILE, Stack
@@ -71,7 +72,7 @@ bundle in a short run: HTTP and TLS framing, polls, heartbeats (measured: 0.2-0.
 
 
 @dataclass
-class NodeHost:
+class EmulatedHost:
     """One emulated node host: its compose project, network, link and members."""
 
     name: str
@@ -82,7 +83,7 @@ class NodeHost:
     link: HostLink
 
     def containers(self) -> list[str]:
-        return [self.stack.container(f"supernode-{m}") for m in self.members]
+        return [self.stack.container(service_name(m)) for m in self.members]
 
     def shape(self) -> None:
         self.link.shape(self.mbit, self.containers())
@@ -119,13 +120,13 @@ def join(home: Path, engine: Engine, host: str, members: str, keys: Path, **extr
 @pytest.fixture(scope="module")
 def deployment(
     tmp_path_factory: pytest.TempPathFactory, one_stack_at_a_time: None
-) -> Iterator[tuple[Stack, list[NodeHost], Path]]:
+) -> Iterator[tuple[Stack, list[EmulatedHost], Path]]:
     if sys.platform != "linux" or os.geteuid() != 0:
         pytest.skip("emulated hosts need root on Linux (networks, tc)")
     home = tmp_path_factory.mktemp("flwr-home")
     engine = ensure_engine()
     server = Stack(engine, SERVER_PROJECT, [SERVER_FILE], home)
-    hosts: list[NodeHost] = []
+    hosts: list[EmulatedHost] = []
     try:
         roles(home, "server", "--name", SERVER_NAME, "--project", SERVER_PROJECT)
         for name, members, subnet, mbit in (
@@ -136,7 +137,7 @@ def deployment(
             keys = tmp_path_factory.mktemp(f"keys-{name}")
             stack = join(home, engine, name, f"{members[0]}-{members[-1]}", keys)
             link = HostLink(engine, bridge_of(engine, name)[0])
-            hosts.append(NodeHost(name, members, subnet, mbit, stack, link))
+            hosts.append(EmulatedHost(name, members, subnet, mbit, stack, link))
             public = [str(keys / f"node-{m}.key.pub") for m in members]
             roles(home, "register", *public)
         server.wait_online(MEMBERS, timeout=180)
@@ -175,7 +176,7 @@ def app_bundle_bytes(tmp: Path) -> int:
     return fab.stat().st_size
 
 
-def check_bytes_through_each_link(server: Stack, hosts: list[NodeHost], tmp: Path) -> None:
+def check_bytes_through_each_link(server: Stack, hosts: list[EmulatedHost], tmp: Path) -> None:
     bundle = app_bundle_bytes(tmp)
     for strategy in ("wash", "fedavg"):
         for host in hosts:
@@ -208,7 +209,7 @@ def has_a_checkpoint(node_host: Stack) -> Callable[[], bool]:
     find = "find /var/lib/wash-fed/member -name 'member-r*.pt'"
 
     def written() -> bool:
-        done = node_host.compose("exec", "-T", "supernode-3", "sh", "-c", find, check=False)
+        done = node_host.compose("exec", "-T", service_name(3), "sh", "-c", find, check=False)
         return ".pt" in done.stdout
 
     return written
@@ -216,7 +217,7 @@ def has_a_checkpoint(node_host: Stack) -> Callable[[], bool]:
 
 def says(stack: Stack, reason: str) -> Callable[[], bool]:
     """Whether the node host's SuperNode has logged ``reason``."""
-    return lambda: reason in stack.logs("supernode-0", lines=200)
+    return lambda: reason in stack.logs(service_name(0), lines=200)
 
 
 def wait_until(what: str, condition: Callable[[], bool], timeout: float) -> None:
@@ -226,7 +227,7 @@ def wait_until(what: str, condition: Callable[[], bool], timeout: float) -> None
         time.sleep(2)
 
 
-def check_a_host_down_killed_and_cut(server: Stack, hosts: list[NodeHost], tmp: Path) -> None:
+def check_a_host_down_killed_and_cut(server: Stack, hosts: list[EmulatedHost], tmp: Path) -> None:
     host_b = hosts[1]
     b_members = {str(m) for m in host_b.members}
     # Just gone down: its nodes are still listed online for a minute, and answer no one.
@@ -261,7 +262,7 @@ def check_a_host_down_killed_and_cut(server: Stack, hosts: list[NodeHost], tmp: 
         (r.round, r.seconds) for r in results.rounds
     ]
     logs = host_b.stack.compose(
-        "exec", "-T", "supernode-3", "sh", "-c", "cat /var/lib/wash-fed/member/run-*/worker.log"
+        "exec", "-T", service_name(3), "sh", "-c", "cat /var/lib/wash-fed/member/run-*/worker.log"
     ).stdout
     resumed = re.findall(r"member 3 resumed at round (\d+)", logs)
     assert resumed, logs[-3000:]
@@ -299,7 +300,7 @@ def check_a_killed_superlink_fails_then_resumes(server: Stack, tmp: Path) -> Non
     assert output.count("continues from its round") == MEMBERS, output[-3000:]
 
 
-def check_strangers_are_refused(home: Path, hosts: list[NodeHost], tmp: Path) -> None:
+def check_strangers_are_refused(home: Path, hosts: list[EmulatedHost], tmp: Path) -> None:
     """One node host at a time on host A's network, each refused; its reason in its log."""
     other_ca = tmp / "other-ca"
     subprocess.run(
@@ -329,7 +330,7 @@ def check_strangers_are_refused(home: Path, hosts: list[NodeHost], tmp: Path) ->
 
 
 def test_node_hosts_join_over_their_links_survive_and_strangers_do_not(
-    deployment: tuple[Stack, list[NodeHost], Path], tmp_path: Path
+    deployment: tuple[Stack, list[EmulatedHost], Path], tmp_path: Path
 ) -> None:
     server, hosts, home = deployment
     check_a_host_down_killed_and_cut(server, hosts, tmp_path)
