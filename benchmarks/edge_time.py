@@ -12,6 +12,14 @@ every run's results in ``edge_time_<model>.json``. Requires root.
     sudo .venv/bin/python benchmarks/edge_time.py --models cnn --rates 100,10,2
     sudo .venv/bin/python benchmarks/edge_time.py --models torchvision:resnet18 --rates 100,10
 
+``--deployment hosts`` runs through the deployment across machines instead, emulated on this
+machine (:mod:`deploy.emulated_hosts`: the server host's compose stack and two node hosts of
+3 and 2 members, each its own compose project behind its own link); a rate is then host A's,
+and host B's link is half as fast:
+
+    sudo .venv/bin/python benchmarks/edge_time.py --deployment hosts \\
+        --models torchvision:resnet18 --rates 20 --strategies wash,fedavg
+
 A run "has" a model of some accuracy from the moment one was evaluated: FedAvg's global
 model after each round; for PAPA and WASH the members (their mean accuracy) after each
 round, and the soup when the run ends. The target is ``--target`` times the best final
@@ -23,14 +31,18 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from flwr.common.config import parse_config_args
 from pydantic import TypeAdapter
 
-from deploy.flwr_cli import results_file_in
+from deploy.emulated_hosts import TWO_HOSTS, EmulatedDeployment
+from deploy.engine import StackError
+from deploy.flwr_cli import FlwrError, results_file_in
 from deploy.namespaces import EdgeFederation, EdgeTopology, TopologyError, unwind_on_sigterm
 from wash_fed.config import ConfigValue
 from wash_fed.results import RunResult, read_results
@@ -63,6 +75,16 @@ class EdgeRun:
     mbit: float
     strategy: str
     results: RunResult
+    deployment: str = "namespaces"
+    """``namespaces`` (every member behind a link of ``mbit``) or ``hosts`` (``mbit`` is host
+    A's link, host B's is half as fast)."""
+
+    def link(self) -> str:
+        """The link rates, as the table and the plot give them."""
+        if self.deployment == "hosts":
+            a, b = (plan.mbit * self.mbit / TWO_HOSTS[0].mbit for plan in TWO_HOSTS)
+            return f"A {a:g}, B {b:g}"
+        return f"{self.mbit:g}"
 
 
 EDGE_RUNS = TypeAdapter(list[EdgeRun])
@@ -128,7 +150,7 @@ def table(runs: Sequence[EdgeRun], target_fraction: float) -> str:
             last = "-" if row.last_round is None else f"{row.last_round:.4f}"
             parts = " | ".join(f"{getattr(row.parts, p):.1f}" for p in PARTS)
             lines.append(
-                f"| {model} | {run.mbit:g} | {run.strategy} | {row.round:.1f} | "
+                f"| {model} | {run.link()} | {run.strategy} | {row.round:.1f} | "
                 f"{parts} | {row.megabytes:.1f} | {last} | {row.final_accuracy:.4f} | "
                 f"{row.wall:.0f} | {reached} |"
             )
@@ -145,11 +167,11 @@ def plot(runs: Sequence[EdgeRun], out: Path) -> list[Path]:
 
     paths = []
     for model in dict.fromkeys(r.model for r in runs):
-        rates = list(dict.fromkeys(r.mbit for r in runs if r.model == model))
+        rates = list(dict.fromkeys(r.link() for r in runs if r.model == model))
         fig, axes = plt.subplots(1, len(rates), figsize=(4.2 * len(rates), 3.8), squeeze=False)
-        for ax, mbit in zip(axes[0], rates, strict=True):
+        for ax, link in zip(axes[0], rates, strict=True):
             for run in runs:
-                if run.model != model or run.mbit != mbit:
+                if run.model != model or run.link() != link:
                     continue
                 times, accuracies = zip(*curve(run.results), strict=True)
                 (line,) = ax.plot(times[:-1], accuracies[:-1], marker="o", markersize=3)
@@ -162,7 +184,7 @@ def plot(runs: Sequence[EdgeRun], out: Path) -> list[Path]:
                     linestyle="none",
                 )
                 line.set_label(run.strategy)
-            ax.set_title(f"{model}, {mbit:g} Mbit/s links")
+            ax.set_title(f"{model}, {link} Mbit/s links")
             ax.grid(True, alpha=0.3)
         fig.supxlabel("wall time (s); dots: members (FedAvg: global) per round; star: final")
         fig.supylabel("test accuracy")
@@ -174,8 +196,83 @@ def plot(runs: Sequence[EdgeRun], out: Path) -> list[Path]:
     return paths
 
 
+class RunNotCompletedError(RuntimeError):
+    """A run that did not complete; the message says how it ended."""
+
+
+class Deployment(Protocol):
+    """Where the benchmark's runs go: links shaped to a rate, runs taken to their end."""
+
+    name: str
+
+    def shape(self, mbit: float) -> None: ...
+
+    def complete(self, config: Mapping[str, ConfigValue]) -> RunResult:
+        """The results of a run of ``config`` that completed; RunNotCompletedError otherwise."""
+        ...
+
+
+@dataclass
+class OverNamespaces:
+    """Every member behind a link of its own (:class:`deploy.namespaces.EdgeFederation`);
+    results written under ``out``."""
+
+    federation: EdgeFederation
+    out: Path
+    name: str = "namespaces"
+
+    def shape(self, mbit: float) -> None:
+        self.federation.topology.shape(mbit)
+
+    def complete(self, config: Mapping[str, ConfigValue]) -> RunResult:
+        ended = self.federation.run({**config, "output-dir": str(self.out)}, echo=False)
+        found = results_file_in(ended.output)
+        if not ended.completed or found is None:
+            raise RunNotCompletedError(f"{ended.status}: {ended.details}")
+        return read_results(found)
+
+
+@dataclass
+class OverHosts:
+    """The emulated server host and node hosts (:mod:`deploy.emulated_hosts`): host A's
+    link at the rate, host B's at its share of it; each run's folder fetched into ``out``."""
+
+    deployment: EmulatedDeployment
+    out: Path
+    name: str = "hosts"
+
+    def shape(self, mbit: float) -> None:
+        self.deployment.shape(mbit / TWO_HOSTS[0].mbit)
+
+    def complete(self, config: Mapping[str, ConfigValue]) -> RunResult:
+        server = self.deployment.server
+        overrides = {**config, "num-members": self.deployment.members, "output-dir": SERVER_RUNS}
+        ended = server.run(overrides, timeout=RUN_TIMEOUT)
+        if not ended.completed:
+            raise RunNotCompletedError(f"{ended.status}: {ended.details}")
+        return read_results(server.fetch_run(SERVER_RUNS, ended.run_id, self.out) / "results.json")
+
+
+SERVER_RUNS = "/app/runs"
+"""Where runs write their folders in the server host's SuperLink container."""
+RUN_TIMEOUT = 4 * 3600
+
+
+@contextmanager
+def deployment(kind: str, members: int, out: Path) -> Iterator[Deployment]:
+    """The deployment ``kind`` (``namespaces`` or ``hosts``) up, torn down on the way out."""
+    out.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="wf-edge-"))
+    if kind == "hosts":
+        with EmulatedDeployment(home, home / "keys") as hosts:
+            yield OverHosts(hosts, out)
+    else:
+        with EdgeFederation(EdgeTopology(members, 100.0), home) as federation:
+            yield OverNamespaces(federation, out)
+
+
 def run_all(
-    federation: EdgeFederation,
+    runs_on: Deployment,
     models: Sequence[str],
     rates: Sequence[float],
     strategies: Sequence[str],
@@ -186,7 +283,7 @@ def run_all(
     runs = []
     for model in models:
         for mbit in rates:
-            federation.topology.shape(mbit)
+            runs_on.shape(mbit)
             for strategy in strategies:
                 config: dict[str, ConfigValue] = {
                     **SHARED,
@@ -196,13 +293,12 @@ def run_all(
                     **overrides,
                 }
                 print(f"=== {model}, {mbit:g} Mbit/s, {strategy}", flush=True)
-                ended = federation.run(config, echo=False)
-                found = results_file_in(ended.output)
-                if not ended.completed or found is None:  # reported, left out, the rest go on
-                    print(f"    {ended.status}: {ended.details}", file=sys.stderr, flush=True)
+                try:
+                    results = runs_on.complete(config)
+                except RunNotCompletedError as failed:  # reported, left out, the rest go on
+                    print(f"    {failed}", file=sys.stderr, flush=True)
                     continue
-                results = read_results(found)
-                runs.append(EdgeRun(model, mbit, strategy, results))
+                runs.append(EdgeRun(model, mbit, strategy, results, runs_on.name))
                 final = results.final_figures().final_accuracy
                 print(f"    {results.wall_seconds:.0f} s, accuracy {final:.4f}", flush=True)
     return runs
@@ -215,7 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", default="100,10,2", help="link rates, Mbit/s")
     parser.add_argument("--models", default="cnn")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("--members", type=int, default=3)
+    parser.add_argument(
+        "--deployment",
+        choices=("namespaces", "hosts"),
+        default="namespaces",
+        help="members behind links of their own, or the emulated node hosts (5 members)",
+    )
+    parser.add_argument("--members", type=int, default=3, help="with --deployment namespaces")
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--run-config", default="", help="more overrides for every run")
     parser.add_argument("--out", type=Path, default=Path("runs") / "edge_time")
@@ -232,20 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         runs = [run for path in args.render for run in EDGE_RUNS.validate_json(path.read_bytes())]
         return write_reports(runs, out, args.target)
-    given = parse_config_args([args.run_config]) if args.run_config.strip() else {}
-    overrides = {"output-dir": str(out / "runs"), **given}
+    overrides = parse_config_args([args.run_config]) if args.run_config.strip() else {}
     rates = [float(r) for r in args.rates.split(",")]
-    home = Path(tempfile.mkdtemp(prefix="wf-edge-"))
     try:
-        with EdgeFederation(EdgeTopology(args.members, rates[0]), home) as federation:
+        with deployment(args.deployment, args.members, out / "runs") as runs_on:
             runs = run_all(
-                federation,
-                args.models.split(","),
-                rates,
-                args.strategies.split(","),
-                overrides,
+                runs_on, args.models.split(","), rates, args.strategies.split(","), overrides
             )
-    except TopologyError as err:
+    except (TopologyError, StackError, FlwrError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_reports(runs, out, args.target)

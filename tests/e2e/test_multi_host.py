@@ -1,6 +1,7 @@
-"""The deployment across machines, emulated on this one with the roles' own commands
-(docs/deployment.md): a server host (``python -m deploy.roles server --name superlink.test``)
-and two node hosts (``python -m deploy.roles node ... --members 0-2 --of 5`` and ``3-4``),
+"""The deployment across machines, emulated on this one (:mod:`deploy.emulated_hosts`) with
+the roles' own commands (docs/deployment.md): a server host (``python -m deploy.roles
+server --name superlink.test``) and two node hosts (``python -m deploy.roles node ...
+--members 0-2 --of 5`` and ``3-4``),
 each a compose project of its own on a network of its own that shares nothing with the
 server host's networks and reaches it only through the published Fleet port, by the name
 its certificate carries, over a link shaped with ``tc`` (host A 20 Mbit/s, host B 10 Mbit/s;
@@ -35,18 +36,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from deploy.engine import Engine, ensure_engine
+from deploy.emulated_hosts import EmulatedDeployment, EmulatedHost, NodeJoin, join
 from deploy.flwr_cli import BIN, PROJECT
-from deploy.links import HostLink, bridge_of
 from deploy.nodes import service_name
 from deploy.processes import TINY_RUN
 from deploy.roles import node_file
-from deploy.stack import CERTS, SERVER_FILE, Stack
+from deploy.stack import CERTS, Stack
 from server.checkpoint import CHECKPOINT
 from wash_fed.config import ConfigValue
 from wash_fed.ledger import Ledger
@@ -54,8 +53,6 @@ from wash_fed.results import RunResult, read_results
 
 pytestmark = [pytest.mark.slow, pytest.mark.compose]
 
-SERVER_PROJECT = "wash-fed-hosts"
-SERVER_NAME = "superlink.test"
 RUNS = "/app/runs"
 MEMBERS = 5
 RUN: dict[str, ConfigValue] = {
@@ -71,87 +68,15 @@ FRAMING_PER_MEMBER = 1 << 20
 bundle in a short run: HTTP and TLS framing, polls, heartbeats (measured: 0.2-0.4 MB)."""
 
 
-@dataclass
-class EmulatedHost:
-    """One emulated node host: its compose project, network, link and members."""
-
-    name: str
-    members: range
-    subnet: str
-    mbit: float
-    stack: Stack
-    link: HostLink
-
-    def containers(self) -> list[str]:
-        return [self.stack.container(service_name(m)) for m in self.members]
-
-    def shape(self) -> None:
-        self.link.shape(self.mbit, self.containers())
-
-
-def roles(home: Path, *args: str) -> str:
-    """``python -m deploy.roles args`` as the docs give it; what it logged."""
-    done = subprocess.run(
-        [sys.executable, "-m", "deploy.roles", *args],
-        cwd=PROJECT,
-        env={**os.environ, "FLWR_HOME": str(home)},
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    assert done.returncode == 0, f"deploy.roles {args[0]} failed:\n{done.stderr[-4000:]}"
-    return done.stderr
-
-
-def join(home: Path, engine: Engine, host: str, members: str, keys: Path, **extra: str) -> Stack:
-    """``deploy.roles node`` for a node host on network ``host`` (the test's own, made
-    before: compose's own networks are isolated from the server's, unlike two machines)."""
-    network, (_, gateway) = host, bridge_of(engine, host)
-    name = extra.get("name", SERVER_NAME)
-    roles(
-        home, "node", "--superlink", f"{name}:9093", "--ca", extra.get("ca", str(CERTS / "ca.crt")),
-        "--members", members, "--of", str(MEMBERS), "--add-host", f"{name}:{gateway}",
-        "--network", network, "--keys", str(keys), "--project", extra.get("project", host),
-    )  # fmt: skip
-    project = extra.get("project", host)
-    return Stack(engine, project, [node_file(project)])
-
-
 @pytest.fixture(scope="module")
 def deployment(
     tmp_path_factory: pytest.TempPathFactory, one_stack_at_a_time: None
-) -> Iterator[tuple[Stack, list[EmulatedHost], Path]]:
+) -> Iterator[EmulatedDeployment]:
     if sys.platform != "linux" or os.geteuid() != 0:
         pytest.skip("emulated hosts need root on Linux (networks, tc)")
     home = tmp_path_factory.mktemp("flwr-home")
-    engine = ensure_engine()
-    server = Stack(engine, SERVER_PROJECT, [SERVER_FILE], home)
-    hosts: list[EmulatedHost] = []
-    try:
-        roles(home, "server", "--name", SERVER_NAME, "--project", SERVER_PROJECT)
-        for name, members, subnet, mbit in (
-            ("wash-fed-host-a", range(0, 3), "10.251.1.0/24", 20.0),
-            ("wash-fed-host-b", range(3, 5), "10.251.2.0/24", 10.0),
-        ):
-            engine.run("network", "create", "--subnet", subnet, name)
-            keys = tmp_path_factory.mktemp(f"keys-{name}")
-            stack = join(home, engine, name, f"{members[0]}-{members[-1]}", keys)
-            link = HostLink(engine, bridge_of(engine, name)[0])
-            hosts.append(EmulatedHost(name, members, subnet, mbit, stack, link))
-            public = [str(keys / f"node-{m}.key.pub") for m in members]
-            roles(home, "register", *public)
-        server.wait_online(MEMBERS, timeout=180)
-        for host in hosts:
-            host.shape()
-        yield server, hosts, home
-    finally:
-        for host in hosts:
-            host.link.close()
-            host.stack.down()
-            node_file(host.name).unlink(missing_ok=True)
-        server.down()
-        for name in ("wash-fed-host-a", "wash-fed-host-b"):
-            engine.run("network", "rm", "-f", name, check=False)
+    with EmulatedDeployment(home, tmp_path_factory.mktemp("keys")) as deployment:
+        yield deployment
 
 
 def finished(server: Stack, config: dict[str, ConfigValue], out: Path) -> tuple[RunResult, str]:
@@ -309,30 +234,29 @@ def check_strangers_are_refused(home: Path, hosts: list[EmulatedHost], tmp: Path
     engine = hosts[0].stack.engine
     cases = {
         "ca": (
-            {"ca": str(other_ca / "ca.crt")},
+            NodeJoin(ca=other_ca / "ca.crt", project="wash-fed-stranger-ca"),
             "certificate verify failed: unable to get local issuer",
         ),
         "name": (
-            {"name": "wrong.test"},
+            NodeJoin(name="wrong.test", project="wash-fed-stranger-name"),
             "Hostname mismatch, certificate is not valid for 'wrong.test'",
         ),
-        "key": ({}, "Failed to activate SuperNode"),
+        "key": (NodeJoin(project="wash-fed-stranger-key"), "Failed to activate SuperNode"),
     }
-    for case, (extra, reason) in cases.items():
-        project = f"wash-fed-stranger-{case}"
+    for case, (how, reason) in cases.items():
         keys = tmp / f"keys-{case}"
-        stack = join(home, engine, hosts[0].name, "0", keys, project=project, **extra)
+        stack = join(home, engine, hosts[0].name, "0", MEMBERS, keys, how)
         try:
             wait_until(f"{case}: refused", says(stack, reason), 120)
         finally:
             stack.down()
-            node_file(project).unlink(missing_ok=True)
+            node_file(stack.project).unlink(missing_ok=True)
 
 
 def test_node_hosts_join_over_their_links_survive_and_strangers_do_not(
-    deployment: tuple[Stack, list[EmulatedHost], Path], tmp_path: Path
+    deployment: EmulatedDeployment, tmp_path: Path
 ) -> None:
-    server, hosts, home = deployment
+    server, hosts, home = deployment.server, deployment.hosts, deployment.home
     check_a_host_down_killed_and_cut(server, hosts, tmp_path)
     check_bytes_through_each_link(server, hosts, tmp_path)
     check_a_killed_superlink_fails_then_resumes(server, tmp_path)
