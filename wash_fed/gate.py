@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -174,10 +175,9 @@ def magnitude_outliers(
     for name, first in payloads[members[0]].items():
         if not first.is_floating_point() or not first.numel():
             continue
-        stacked = torch.stack([payloads[m][name].double().reshape(-1) for m in members])
-        median = stacked.median(dim=0).values  # the lower median for an even count
-        distances = (stacked - median).pow(2).mean(dim=1).sqrt()
-        floor = 1e-3 * float(median.pow(2).mean().sqrt()) + 1e-12
+        spread = _spread([payloads[m][name].reshape(-1) for m in members])
+        distances = (spread.squares / first.numel()).sqrt()
+        floor = 1e-3 * math.sqrt(spread.median_squares / first.numel()) + 1e-12
         typical = max(_majority_radius(distances), floor)
         for member, score in zip(members, (distances / typical).tolist(), strict=True):
             if score > factor and member not in outliers:
@@ -185,9 +185,54 @@ def magnitude_outliers(
                     f"{name!r} is {score:.3g} times the members' typical distance from their "
                     f"median (limit {factor:g})"
                 )
-        for member, reason in _direction_outliers(name, stacked, median, members).items():
-            outliers.setdefault(member, reason)
+        if first.numel() >= ALIGNMENT_MIN_SIZE and spread.median_squares > 0.0:
+            projections = spread.products / spread.median_squares
+            for member, reason in _direction_outliers(name, projections, members).items():
+                outliers.setdefault(member, reason)
     return outliers
+
+
+GATE_CHUNK = 1 << 14
+"""Coordinates the gate reads at a time from every member's values (the median needs them
+side by side): its memory is bounded whatever the tensors' size."""
+
+
+@dataclass(frozen=True)
+class _Spread:
+    """Each member's values against the coordinate-wise median ``med`` of all of them: the
+    sums over coordinates of ``(value - med)**2`` and of ``value * med`` (one entry per
+    member, float64), and the sum of ``med**2``."""
+
+    squares: Tensor
+    products: Tensor
+    median_squares: float
+
+
+def _spread(rows: list[Tensor]) -> _Spread:
+    """:class:`_Spread` of ``rows`` (one flat tensor per member, all of one length, dtype
+    and device), read once, a chunk of coordinates at a time in at least float32."""
+    work = torch.promote_types(rows[0].dtype, torch.float32)
+    squares = torch.zeros(len(rows), dtype=torch.float64, device=rows[0].device)
+    products = torch.zeros_like(squares)
+    median_squares = 0.0
+    for start in range(0, rows[0].numel(), GATE_CHUNK):
+        chunk = torch.stack([row[start : start + GATE_CHUNK] for row in rows], dim=1).to(work)
+        median = _lower_median(chunk)
+        deviations = chunk - median[:, None]
+        squares += (deviations * deviations).sum(dim=0, dtype=torch.float64)
+        products += (chunk * median[:, None]).sum(dim=0, dtype=torch.float64)
+        median_squares += float(median.double().square().sum())
+    return _Spread(squares.cpu(), products.cpu(), median_squares)
+
+
+def _lower_median(chunk: Tensor) -> Tensor:
+    """The median of each row of ``chunk`` (shape ``(c, N)``), the lower one for an even
+    ``N`` as ``torch.median`` takes it: on the CPU by numpy's selection (several times
+    faster there), elsewhere by torch's."""
+    if chunk.device.type != "cpu":
+        return chunk.median(dim=1).values
+    lower = (chunk.shape[1] - 1) // 2
+    return torch.from_numpy(np.partition(chunk.numpy(), lower, axis=1)[:, lower])
 
 
 def _majority_radius(values: Tensor) -> float:
@@ -196,16 +241,10 @@ def _majority_radius(values: Tensor) -> float:
     return float(values.sort().values[len(values) // 2])
 
 
-def _direction_outliers(
-    name: str, stacked: Tensor, median: Tensor, members: list[int]
-) -> dict[int, str]:
-    """Members whose values (rows of ``stacked``, shape ``(N, n)``) do not point where the
-    others' do: their projection on ``median`` (shape ``(n,)``) strays from the members'
-    median projection by more than ``max(ALIGNMENT_FLOOR, ALIGNMENT_FACTOR * radius)``."""
-    scale = float(median.pow(2).sum())
-    if median.numel() < ALIGNMENT_MIN_SIZE or scale == 0.0:
-        return {}
-    projections = stacked @ median / scale
+def _direction_outliers(name: str, projections: Tensor, members: list[int]) -> dict[int, str]:
+    """Members whose values do not point where the others' do: their ``projections`` on
+    the members' median (one per member) stray from the median projection by more than
+    ``max(ALIGNMENT_FLOOR, ALIGNMENT_FACTOR * radius)``."""
     center = float(projections.median())
     strays = (projections - center).abs()
     limit = max(ALIGNMENT_FLOOR, ALIGNMENT_FACTOR * _majority_radius(strays))

@@ -278,6 +278,8 @@ class WashServer(ServerProtocol):
         self.numels = [p.numel() for p in parameters.values()]
         self.dtype = wire_dtype(cfg)
         self.state_kinds = list(state_kinds)
+        self._selected = (-1, 0)
+        """``(round, values its mask selects)`` of the round last asked about."""
 
     def reply_for(self, server_round: int) -> ReplyKind:
         return "values"
@@ -286,13 +288,21 @@ class WashServer(ServerProtocol):
         with_state = self.cfg.exchange.shuffle_optimizer_state
         return ["weights", *self.state_kinds] if with_state else ["weights"]
 
+    def selected(self, server_round: int) -> int:
+        """How many values a member sends from round ``server_round`` (its mask derived
+        once, not once per reply)."""
+        if self._selected[0] != server_round:
+            mask = self.cfg.shuffle_mask(self.numels, server_round)
+            self._selected = (server_round, mask.num_selected)
+        return self._selected[1]
+
     def payload_problem(self, server_round: int, payload: Payload) -> str | None:
-        selected = self.cfg.shuffle_mask(self.numels, server_round).num_selected
+        selected = self.selected(server_round)
         return check_values(payload, self.expected_kinds(), selected, self.dtype)
 
     def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
         """One shuffle event among the admitted members (in member order)."""
-        selected = self.cfg.shuffle_mask(self.numels, server_round).num_selected
+        selected = self.selected(server_round)
         counts = {"selected": selected, "moved": 0, "participants": len(payloads)}
         if len(payloads) < 2:
             return Exchange({}, counts)

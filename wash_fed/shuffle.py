@@ -31,10 +31,8 @@ the state of a coordinate moves with its weight (WASH+Opt).
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, get_args
 
@@ -84,13 +82,16 @@ def layer_probs(shuffle_prob: float, num_tensors: int, schedule: LayerSchedule) 
     raise ValueError(f"layer schedule must be one of {LAYER_SCHEDULES}, got {schedule!r}")
 
 
-def _generator(seed: int, event: int, stream: int, index: int) -> np.random.Generator:
-    """A Philox generator keyed by ``(seed, event, stream, index)``; same key, same numbers."""
+def _key(seed: int, event: int, stream: int, index: int) -> np.random.SeedSequence:
+    """The seed of the numbers keyed by ``(seed, event, stream, index)``."""
     if min(seed, event, index) < 0:
         raise ValueError(f"seed, event and index must be >= 0, got {seed}, {event}, {index}")
-    return np.random.Generator(
-        np.random.Philox(np.random.SeedSequence((seed, event, stream, index)))
-    )
+    return np.random.SeedSequence((seed, event, stream, index))
+
+
+def _generator(seed: int, event: int, stream: int, index: int) -> np.random.Generator:
+    """A Philox generator keyed by ``(seed, event, stream, index)``; same key, same numbers."""
+    return np.random.Generator(np.random.Philox(_key(seed, event, stream, index)))
 
 
 @dataclass(frozen=True)
@@ -219,44 +220,42 @@ def scatter(tensors: Sequence[Tensor], mask: ShuffleMask, values: Tensor) -> Non
             offset += k
 
 
-_TABLE_MAX_MEMBERS = 8  # 8! = 40,320 rows: small enough to tabulate every permutation
+PERMUTATION_CHUNK = 1 << 14
+"""Coordinates whose permutations are drawn and applied at a time: memory bounded whatever
+the mask's size, and a chunk of every member's values within the cache. The permutations
+do not depend on it."""
 
 
-@functools.cache
-def _permutation_table(num_members: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every permutation of ``range(num_members)`` as columns, ``(num_members, num_members!)``,
-    and the number of members each one moves (those that are not fixed points)."""
-    table = np.array(list(itertools.permutations(range(num_members))), dtype=np.int64).T
-    moves = (table != np.arange(num_members)[:, None]).sum(axis=0)
-    return np.ascontiguousarray(table), moves
-
-
-def _draw_permutations(
+def _permutation_chunks(
     num_members: int, num_values: int, seed: int, event: int
-) -> tuple[Tensor, int]:
-    """:func:`draw_permutations` and the number of ``(member, coordinate)`` pairs it moves."""
+) -> Iterator[tuple[slice, Tensor]]:
+    """The permutations of :func:`draw_permutations`, chunk by chunk of coordinates:
+    ``(coordinates, perms)`` with ``perms`` int64 of shape ``(c, num_members)``, row ``j``
+    the permutation of coordinate ``coordinates.start + j``."""
     if num_members < 1 or num_values < 0:
         raise ValueError(
             f"need num_members >= 1 and num_values >= 0, got {num_members}, {num_values}"
         )
-    rng = _generator(seed, event, _PERMUTATION_STREAM, num_members)
-    if num_members <= _TABLE_MAX_MEMBERS:
-        table, moves = _permutation_table(num_members)
-        chosen = rng.integers(0, table.shape[1], size=num_values)
-        return torch.from_numpy(np.take(table, chosen, axis=1)), int(moves[chosen].sum())
-    perms = torch.from_numpy(rng.random((num_members, num_values)).argsort(axis=0, kind="stable"))
-    return perms, int((perms != torch.arange(num_members)[:, None]).sum())
+    bits = np.random.PCG64DXSM(_key(seed, event, _PERMUTATION_STREAM, num_members))
+    for start in range(0, num_values, PERMUTATION_CHUNK):
+        stop = min(num_values, start + PERMUTATION_CHUNK)
+        keys = bits.random_raw((stop - start) * num_members).reshape(stop - start, num_members)
+        yield slice(start, stop), torch.from_numpy(keys.argsort(axis=1))
 
 
 def draw_permutations(num_members: int, num_values: int, *, seed: int, event: int) -> Tensor:
     """Independent uniform permutations of ``range(num_members)``, one per coordinate.
 
     Returns an int64 CPU tensor of shape ``(num_members, num_values)`` whose every column is
-    a permutation. Deterministic in ``(seed, event, num_members, num_values)``. Up to 8
-    members, each column is drawn as one uniform index into the table of all permutations;
-    beyond, as the argsort of uniform keys.
+    a permutation. Deterministic in ``(seed, event, num_members, num_values)``: coordinate
+    ``j``'s permutation is the argsort of ``num_members`` 64-bit keys, the ``j``-th group of
+    that many in the ``(seed, event)`` stream, so it is the same however many coordinates
+    are drawn (two keys tie with probability below ``num_members**2 / 2**65``).
     """
-    return _draw_permutations(num_members, num_values, seed, event)[0]
+    chunks = [perms for _, perms in _permutation_chunks(num_members, num_values, seed, event)]
+    if not chunks:
+        return torch.empty(num_members, 0, dtype=torch.int64)
+    return torch.cat(chunks).T.contiguous()
 
 
 def permute(values: Tensor, permutations: Tensor) -> Tensor:
@@ -290,32 +289,45 @@ def shuffle_values(
 
     ``values[i][kind]`` is member ``i``'s vector of shape ``(m,)`` for that kind (``"weights"``,
     ``"momentum_buffer"``, ...). Every member must send the same kinds with the same ``m``.
-    All kinds share one permutation per coordinate, so optimizer state moves with its weight.
+    All kinds share one permutation per coordinate (:func:`draw_permutations`), so optimizer
+    state moves with its weight. Works through the coordinates a chunk at a time: beside
+    the values it returns (the size of those given), it holds one chunk of every member's.
     """
     if not values:
         return ShuffledValues([], 0)
+    num_values = _check_shapes(values)
+    n = len(values)
+    received = {kind: values[0][kind].new_empty((n, num_values)) for kind in values[0]}
+    members = torch.arange(n)
+    moved = 0
+    for coordinates, perms in _permutation_chunks(n, num_values, seed, event):
+        for kind, out in received.items():
+            index = perms.T.to(out.device)
+            chunk = torch.stack([member[kind][coordinates] for member in values])
+            if not bool(chunk.isfinite().all()):
+                bad = int((~chunk.isfinite()).any(dim=1).nonzero()[0])
+                raise ValueError(f"member {bad} sent non-finite values for {kind!r}")
+            out[:, coordinates] = torch.gather(chunk, 0, index)
+        moved += int((perms != members).sum())
+    rows = [{kind: out[i] for kind, out in received.items()} for i in range(n)]
+    return ShuffledValues(rows, moved)
+
+
+def _check_shapes(values: Sequence[Mapping[str, Tensor]]) -> int:
+    """The length ``m`` every member's every kind shares; ValueError naming a member that
+    sent other kinds or another shape."""
     kinds = sorted(values[0])
-    num_values = None
+    num_values = values[0][kinds[0]].numel() if kinds else 0
     for i, member in enumerate(values):
         if sorted(member) != kinds:
             raise ValueError(f"member {i} sent kinds {sorted(member)}, member 0 sent {kinds}")
         for kind in kinds:
-            v = member[kind]
-            if v.dim() != 1 or (num_values is not None and v.numel() != num_values):
+            if tuple(member[kind].shape) != (num_values,):
                 raise ValueError(
-                    f"member {i} sent {kind!r} of shape {tuple(v.shape)}, expected ({num_values},)"
+                    f"member {i} sent {kind!r} of shape {tuple(member[kind].shape)}, "
+                    f"expected ({num_values},)"
                 )
-            if not torch.isfinite(v).all():
-                raise ValueError(f"member {i} sent non-finite values for {kind!r}")
-            num_values = v.numel()
-    n = len(values)
-    perms, moved = _draw_permutations(n, num_values or 0, seed, event)
-    received: list[dict[str, Tensor]] = [{} for _ in range(n)]
-    for kind in kinds:
-        shuffled = permute(torch.stack([member[kind] for member in values]), perms)
-        for i in range(n):
-            received[i][kind] = shuffled[i]
-    return ShuffledValues(received, moved)
+    return num_values
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wash_fed.shuffle import (
+    PERMUTATION_CHUNK,
     draw_permutations,
     event_mask,
     gather,
@@ -152,6 +153,37 @@ def test_permutations_are_uniform() -> None:
     expected = m / math.factorial(n)
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 25.0  # 5 degrees of freedom: p ~ 1e-4
+
+
+def test_a_large_populations_positions_are_uniform_and_independent_of_the_count() -> None:
+    n, m = 20, 40_000
+    perms = draw_permutations(n, m, seed=3, event=2)
+    counts = torch.bincount(perms[0], minlength=n).double()
+    chi2 = float(((counts - m / n) ** 2 / (m / n)).sum())
+    assert chi2 < 50.0  # 19 degrees of freedom: p ~ 1e-4
+    assert torch.equal(draw_permutations(n, 1000, seed=3, event=2), perms[:, :1000])
+
+
+def test_the_exchange_applies_the_drawn_permutations_to_every_kind() -> None:
+    n, m = 5, 2 * PERMUTATION_CHUNK + 7  # across chunks
+    g = torch.Generator().manual_seed(0)
+    values = [
+        {"weights": torch.randn(m, generator=g), "momentum_buffer": torch.randn(m, generator=g)}
+        for _ in range(n)
+    ]
+    received, moved = shuffle_values(values, seed=9, event=4)
+    perms = draw_permutations(n, m, seed=9, event=4)
+    for kind in ("weights", "momentum_buffer"):
+        expected = permute(torch.stack([v[kind] for v in values]), perms)
+        assert torch.equal(torch.stack([r[kind] for r in received]), expected)
+    assert moved == int((perms != torch.arange(n)[:, None]).sum())
+
+
+def test_a_non_finite_value_names_its_member() -> None:
+    values = [{"weights": torch.zeros(10)} for _ in range(3)]
+    values[2]["weights"][7] = math.nan
+    with pytest.raises(ValueError, match="member 2 sent non-finite"):
+        shuffle_values(values, seed=0, event=1)
 
 
 def test_permute_moves_values_along_the_member_axis() -> None:
