@@ -242,7 +242,7 @@ class OverHosts:
     name: str = "hosts"
 
     def shape(self, mbit: float) -> None:
-        self.deployment.shape(mbit / TWO_HOSTS[0].mbit)
+        self.deployment.shape(mbit / self.deployment.plans[0].mbit)
 
     def complete(self, config: Mapping[str, ConfigValue]) -> RunResult:
         server = self.deployment.server
