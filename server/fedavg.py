@@ -14,6 +14,7 @@ from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
 from wash_fed import wire
+from wash_fed.batchnorm import running_statistics
 from wash_fed.config import WashFedConfig
 from wash_fed.evaluation import StateDict
 from wash_fed.gate import ReplyGate, check_tensors, require_finite
@@ -105,6 +106,7 @@ class GatedFedAvg(FedAvg):
                 what=f"round {server_round}, left out of the average",
                 values=lambda parts: parts.tensors,
                 earlier=got.rejected,
+                statistics=running_statistics(self.reference),
             )
         )
         self.rounds.note(got)

@@ -22,6 +22,7 @@ __all__ = [
     "bn_layers_of",
     "bn_statistics",
     "merge_bn_statistics",
+    "running_statistics",
     "with_bn_statistics",
 ]
 
@@ -123,6 +124,16 @@ def bn_layers_of(state_dict: Mapping[str, Tensor]) -> BNStatistics:
         {name: state_dict[f"{name}.running_mean"].detach().clone() for name in layers},
         {name: state_dict[f"{name}.running_var"].detach().clone() for name in layers},
         1,
+    )
+
+
+def running_statistics(state_dict: Mapping[str, Tensor]) -> frozenset[str]:
+    """The names of the BatchNorm running means and variances in ``state_dict``: values
+    measured on each member's own data, not trained (what the reply gate judges by
+    distance only)."""
+    layers = bn_layers_of(state_dict).means
+    return frozenset(
+        f"{name}.{kind}" for name in layers for kind in ("running_mean", "running_var")
     )
 
 

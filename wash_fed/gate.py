@@ -27,7 +27,7 @@ can do; it does not certify the data behind it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
 
@@ -142,7 +142,10 @@ ALIGNMENT_MIN_SIZE = 256
 
 
 def magnitude_outliers(
-    payloads: Mapping[int, Mapping[str, Tensor]], factor: float
+    payloads: Mapping[int, Mapping[str, Tensor]],
+    factor: float,
+    *,
+    statistics: Collection[str] = (),
 ) -> dict[int, str]:
     """Members whose values are far from the population's, with the reason.
 
@@ -163,7 +166,9 @@ def magnitude_outliers(
     median projection; a member is an outlier when it strays more than
     ``max(ALIGNMENT_FLOOR, ALIGNMENT_FACTOR * r)``, ``r`` the majority's radius of those
     strays. Negated or zeroed values are close to the median in distance when members are
-    spread, but point elsewhere.
+    spread, but point elsewhere. Tensors named in ``statistics`` (BatchNorm's running
+    means and variances: statistics of each member's own data, whose scale honest members
+    need not share) are judged by distance only.
 
     Needs three members or more, a strict majority of them honest (returns nothing for
     fewer); payloads must already have passed the form checks.
@@ -185,7 +190,8 @@ def magnitude_outliers(
                     f"{name!r} is {score:.3g} times the members' typical distance from their "
                     f"median (limit {factor:g})"
                 )
-        if first.numel() >= ALIGNMENT_MIN_SIZE and spread.median_squares > 0.0:
+        directed = name not in statistics and first.numel() >= ALIGNMENT_MIN_SIZE
+        if directed and spread.median_squares > 0.0:
             projections = spread.products / spread.median_squares
             for member, reason in _direction_outliers(name, projections, members).items():
                 outliers.setdefault(member, reason)
@@ -348,11 +354,13 @@ class ReplyGate:
         earlier: Mapping[int, str] | None = None,
         quarantine: Quarantine | None = None,
         errored: Iterable[int] = (),
+        statistics: Collection[str] = (),
     ) -> Admission[Payload]:
         """The payloads of the members that pass, and why each other member is left out.
 
         1. ``form(payload)``: why a payload is not of the expected form (None: it is);
-        2. :func:`magnitude_outliers` over ``values(payload)`` of those of the right form;
+        2. :func:`magnitude_outliers` over ``values(payload)`` of those of the right form
+           (the tensors named in ``statistics`` by distance only);
         3. one line for each member left out here or ``earlier`` (rejected before its values
            were read: a reply of the wrong records, metrics out of range), naming ``what``
            the values were for;
@@ -371,7 +379,7 @@ class ReplyGate:
             else:
                 rejected[member] = problem
         tensors = {member: values(payload) for member, payload in formed.items()}
-        outliers = magnitude_outliers(tensors, self.outlier_factor)
+        outliers = magnitude_outliers(tensors, self.outlier_factor, statistics=statistics)
         rejected |= outliers
         accepted = {m: p for m, p in formed.items() if m not in outliers}
         for member, reason in sorted(rejected.items()):

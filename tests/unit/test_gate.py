@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from wash_fed.batchnorm import BNStatistics
+from wash_fed.batchnorm import BNStatistics, running_statistics
 from wash_fed.gate import (
     Quarantine,
     ReplyGate,
@@ -129,6 +129,28 @@ def test_values_that_point_elsewhere_are_outliers(fault: object, flagged: bool) 
     outliers = magnitude_outliers(payloads, factor=50)
     assert set(outliers) == ({1} if flagged else set())
     assert all("points elsewhere" in reason for reason in outliers.values())
+
+
+def test_running_statistics_are_judged_by_distance_only() -> None:
+    """A BatchNorm running variance at 1.6 times the others' (a member whose data vary
+    more) points where theirs do, only longer: judged by direction it would be rejected;
+    as a statistic it is not, while a negated weight in the same reply still is."""
+    generator = torch.Generator().manual_seed(0)
+
+    def member(scale: float) -> dict[str, torch.Tensor]:
+        var = scale * (1.0 + 0.02 * torch.randn(512, generator=generator))
+        weight = 0.05 + 0.03 * torch.randn(512, generator=generator)
+        return {"bn.running_var": var, "bn.weight": weight}
+
+    payloads = {m: member(scale) for m, scale in enumerate([1.0, 1.02, 0.98, 1.6])}
+    assert set(magnitude_outliers(payloads, factor=50)) == {3}
+    statistics = running_statistics({**payloads[0], "bn.running_mean": torch.zeros(512)})
+    assert statistics == {"bn.running_mean", "bn.running_var"}
+    assert magnitude_outliers(payloads, factor=50, statistics=statistics) == {}
+    payloads[1] = {**payloads[1], "bn.weight": -payloads[1]["bn.weight"]}
+    outliers = magnitude_outliers(payloads, factor=50, statistics=statistics)
+    assert set(outliers) == {1}
+    assert "'bn.weight' points elsewhere" in outliers[1]
 
 
 def test_independent_members_are_not_judged_by_direction() -> None:

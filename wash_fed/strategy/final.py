@@ -20,7 +20,7 @@ statistics, evaluate and end) where no soup is chosen on the members' data.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO
 
@@ -132,10 +132,13 @@ class FinalExchanges:
         what: str,
         values: Callable[[Payload], Mapping[str, Tensor]],
         earlier: Mapping[int, str],
+        statistics: Collection[str] = (),
     ) -> dict[int, Payload]:
         """The payloads the reply gate admits (:meth:`wash_fed.gate.ReplyGate.admit`); why
         the others were left out is recorded for the results."""
-        admission = self.gate.admit(payloads, form, what=what, values=values, earlier=earlier)
+        admission = self.gate.admit(
+            payloads, form, what=what, values=values, earlier=earlier, statistics=statistics
+        )
         for partition, reason in admission.rejected.items():
             self.rejected.setdefault(partition, f"{what}: {reason}")
         return admission.accepted
@@ -166,6 +169,7 @@ class FinalExchanges:
             what=what,
             values=BNStatistics.named_tensors,
             earlier=unreadable,
+            statistics=reference.named_tensors().keys(),
         )
         return merge_bn_statistics(list(stats.values()))
 

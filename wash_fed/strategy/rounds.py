@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
 from wash_fed import wire
+from wash_fed.batchnorm import running_statistics
 from wash_fed.config import WashFedConfig
 from wash_fed.gate import Quarantine, check_tensors
 from wash_fed.keys import Config, MessageType, Metrics, Record
@@ -158,6 +159,7 @@ class PopulationStrategy(Strategy):
                 what="the final collection, left out of the soup",
                 values=lambda parts: parts.tensors,
                 earlier=got.rejected,
+                statistics=running_statistics(reference),
             )
         )
         return (
