@@ -10,7 +10,11 @@ passes the gate). Beside it, measured in the same process on the same values, th
 copy of every value (``torch.stack``) and one per-coordinate permutation of them
 (``torch.gather`` along the member axis, the permutations drawn beforehand). Each layout and
 member count runs in a process of its own, which reports its peak memory above what it held
-before the round (the replies, as records): ``peak / replies`` is that over the replies' size.
+before the round (the replies, as records): ``peak / replies`` is that over the replies'
+size, the median over the repeats. The process allocates every block of 64 KiB or more
+with its own mapping (``MALLOC_MMAP_THRESHOLD_``), so that what is freed leaves the
+resident set at once and its high-water mark counts live memory, not the allocator's
+cache.
 
 **Member.** A real member of the built-in app (:func:`client.task.worker_member`, Fashion-MNIST,
 checkpoints in a folder of its own) trains rounds 1-3 among three peers whose replies are
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -154,7 +159,7 @@ def server_side(layout: str, members: int, repeats: int) -> dict[str, float]:
         "replies_bytes": sum(v.numel() * v.element_size() for v in values),
         "aggregate": statistics.median(timings["aggregate"]),
         "deliver": statistics.median(timings["deliver"]),
-        "peak": timings["peak"][0],
+        "peak": statistics.median(timings["peak"]),
         "copy": _seconds(lambda: torch.stack(values), repeats),
         "permutation": _seconds(lambda: torch.gather(stacked, 0, permutations), repeats),
     }
@@ -224,6 +229,7 @@ def server_table(layouts: Sequence[str], counts: Sequence[int], repeats: int) ->
                 capture_output=True,
                 text=True,
                 check=True,
+                env=os.environ | {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)},
             )
             row = json.loads(done.stdout.splitlines()[-1])
             server = row["aggregate"] + row["deliver"]

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, get_args
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -238,9 +239,29 @@ def _permutation_chunks(
         )
     bits = np.random.PCG64DXSM(_key(seed, event, _PERMUTATION_STREAM, num_members))
     for start in range(0, num_values, PERMUTATION_CHUNK):
-        stop = min(num_values, start + PERMUTATION_CHUNK)
-        keys = bits.random_raw((stop - start) * num_members).reshape(stop - start, num_members)
-        yield slice(start, stop), torch.from_numpy(keys.argsort(axis=1))
+        count = min(PERMUTATION_CHUNK, num_values - start)
+        yield (
+            slice(start, start + count),
+            torch.from_numpy(_ordered_members(bits, count, num_members)),
+        )
+
+
+def _ordered_members(
+    bits: np.random.PCG64DXSM, count: int, num_members: int
+) -> npt.NDArray[np.int64]:
+    """The next ``count`` coordinates' permutations from ``bits``, shape
+    ``(count, num_members)``: the members ordered by their 64-bit keys. Each key's low
+    ``b`` bits (``2**b >= num_members``) are replaced by its member's index before one sort
+    of the keys themselves, several times faster than an argsort of rows this short; the
+    order is the argsort's unless two keys of a coordinate agree above those bits
+    (probability below ``num_members**2 / 2**(65 - b)``), which ties them by index."""
+    index_bits = max(1, (num_members - 1).bit_length())
+    keys = bits.random_raw(count * num_members).reshape(count, num_members)
+    keys &= np.uint64(~((1 << index_bits) - 1) & 0xFFFF_FFFF_FFFF_FFFF)
+    keys |= np.arange(num_members, dtype=np.uint64)
+    keys.sort(axis=1)
+    keys &= np.uint64((1 << index_bits) - 1)
+    return keys.view(np.int64)
 
 
 def draw_permutations(num_members: int, num_values: int, *, seed: int, event: int) -> Tensor:
@@ -250,7 +271,9 @@ def draw_permutations(num_members: int, num_values: int, *, seed: int, event: in
     a permutation. Deterministic in ``(seed, event, num_members, num_values)``: coordinate
     ``j``'s permutation is the argsort of ``num_members`` 64-bit keys, the ``j``-th group of
     that many in the ``(seed, event)`` stream, so it is the same however many coordinates
-    are drawn (two keys tie with probability below ``num_members**2 / 2**65``).
+    are drawn (unless two keys of a coordinate agree in all but their lowest ``b`` bits,
+    ``b`` the bit length of ``num_members - 1``: probability below
+    ``num_members**2 / 2**(65 - b)``; they are then ordered by index).
     """
     chunks = [perms for _, perms in _permutation_chunks(num_members, num_values, seed, event)]
     if not chunks:
@@ -283,7 +306,7 @@ class ShuffledValues(NamedTuple):
 
 
 def shuffle_values(
-    values: Sequence[Mapping[str, Tensor]], *, seed: int, event: int
+    values: Sequence[Mapping[str, Tensor]], *, seed: int, event: int, in_place: bool = False
 ) -> ShuffledValues:
     """The exchange of one shuffle event, given every participating member's gathered values.
 
@@ -291,26 +314,32 @@ def shuffle_values(
     ``"momentum_buffer"``, ...). Every member must send the same kinds with the same ``m``.
     All kinds share one permutation per coordinate (:func:`draw_permutations`), so optimizer
     state moves with its weight. Works through the coordinates a chunk at a time: beside
-    the values it returns (the size of those given), it holds one chunk of every member's.
+    the values it returns it holds one chunk of every member's. Those values are new
+    tensors, or with ``in_place`` the given ones overwritten (no memory beyond the chunk);
+    a non-finite value raises a ValueError naming its member, which ``in_place`` leaves
+    with the chunks before it exchanged (give it values the reply gate admitted).
     """
     if not values:
         return ShuffledValues([], 0)
     num_values = _check_shapes(values)
     n = len(values)
-    received = {kind: values[0][kind].new_empty((n, num_values)) for kind in values[0]}
+    received = [
+        dict(member) if in_place else {kind: t.new_empty(num_values) for kind, t in member.items()}
+        for member in values
+    ]
     members = torch.arange(n)
     moved = 0
     for coordinates, perms in _permutation_chunks(n, num_values, seed, event):
-        for kind, out in received.items():
-            index = perms.T.to(out.device)
+        for kind in received[0]:
             chunk = torch.stack([member[kind][coordinates] for member in values])
             if not bool(chunk.isfinite().all()):
                 bad = int((~chunk.isfinite()).any(dim=1).nonzero()[0])
                 raise ValueError(f"member {bad} sent non-finite values for {kind!r}")
-            out[:, coordinates] = torch.gather(chunk, 0, index)
+            exchanged = torch.gather(chunk, 0, perms.T.to(chunk.device))
+            for row, mine in zip(received, exchanged, strict=True):
+                row[kind][coordinates] = mine
         moved += int((perms != members).sum())
-    rows = [{kind: out[i] for kind, out in received.items()} for i in range(n)]
-    return ShuffledValues(rows, moved)
+    return ShuffledValues(received, moved)
 
 
 def _check_shapes(values: Sequence[Mapping[str, Tensor]]) -> int:

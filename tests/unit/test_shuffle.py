@@ -164,18 +164,26 @@ def test_a_large_populations_positions_are_uniform_and_independent_of_the_count(
     assert torch.equal(draw_permutations(n, 1000, seed=3, event=2), perms[:, :1000])
 
 
-def test_the_exchange_applies_the_drawn_permutations_to_every_kind() -> None:
+@pytest.mark.parametrize("in_place", [False, True])
+def test_the_exchange_applies_the_drawn_permutations_to_every_kind(in_place: bool) -> None:
     n, m = 5, 2 * PERMUTATION_CHUNK + 7  # across chunks
     g = torch.Generator().manual_seed(0)
     values = [
         {"weights": torch.randn(m, generator=g), "momentum_buffer": torch.randn(m, generator=g)}
         for _ in range(n)
     ]
-    received, moved = shuffle_values(values, seed=9, event=4)
+    given = [{kind: t.clone() for kind, t in v.items()} for v in values]
+    received, moved = shuffle_values(given, seed=9, event=4, in_place=in_place)
     perms = draw_permutations(n, m, seed=9, event=4)
     for kind in ("weights", "momentum_buffer"):
         expected = permute(torch.stack([v[kind] for v in values]), perms)
         assert torch.equal(torch.stack([r[kind] for r in received]), expected)
+        # in place: what each member receives is written over what it sent
+        assert all((r[kind] is s[kind]) == in_place for r, s in zip(received, given, strict=True))
+        assert torch.equal(
+            torch.stack([s[kind] for s in given]),
+            expected if in_place else torch.stack([v[kind] for v in values]),
+        )
     assert moved == int((perms != torch.arange(n)[:, None]).sum())
 
 
