@@ -11,10 +11,9 @@ copy of every value (``torch.stack``) and one per-coordinate permutation of them
 (``torch.gather`` along the member axis, the permutations drawn beforehand). Each layout and
 member count runs in a process of its own, which reports its peak memory above what it held
 before the round (the replies, as records): ``peak / replies`` is that over the replies'
-size, the median over the repeats. The process allocates every block of 64 KiB or more
-with its own mapping (``MALLOC_MMAP_THRESHOLD_``), so that what is freed leaves the
-resident set at once and its high-water mark counts live memory, not the allocator's
-cache.
+size, the median over the repeats, from a second process of that row whose allocator maps
+every block of 64 KiB or more on its own (:data:`LIVE_MEMORY`), so that the high-water
+mark counts live memory, not the allocator's cache; the times come from the first.
 
 **Member.** A real member of the built-in app (:func:`client.task.worker_member`, Fashion-MNIST,
 checkpoints in a folder of its own) trains rounds 1-3 among three peers whose replies are
@@ -207,6 +206,24 @@ def member_side(model: str, rounds: int = 3, peers: int = 3) -> dict[str, float]
     return {"train": train, "checkpoint": checkpoint, "other": rest - checkpoint}
 
 
+LIVE_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+"""The environment of the process that measures peak memory: every block of 64 KiB or more
+mapped on its own, so that what is freed leaves the resident set at once (it slows every
+large allocation, so times come from another process)."""
+
+
+def _server_row(layout: str, members: int, repeats: int, env: dict[str, str]) -> dict[str, float]:
+    """:func:`server_side` in a process of its own, with ``env`` added to its environment."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--one", layout, str(members), "--repeats", str(repeats)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ | env,
+    )
+    return cast(dict[str, float], json.loads(done.stdout.splitlines()[-1]))
+
+
 def server_table(layouts: Sequence[str], counts: Sequence[int], repeats: int) -> str:
     """Every layout at every member count, each in a process of its own; Markdown."""
     lines = [
@@ -216,22 +233,8 @@ def server_table(layouts: Sequence[str], counts: Sequence[int], repeats: int) ->
     ]
     for layout in layouts:
         for members in counts:
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--one",
-                    layout,
-                    str(members),
-                    "--repeats",
-                    str(repeats),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-                env=os.environ | {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)},
-            )
-            row = json.loads(done.stdout.splitlines()[-1])
+            row = _server_row(layout, members, repeats, {})
+            row["peak"] = _server_row(layout, members, repeats, LIVE_MEMORY)["peak"]
             server = row["aggregate"] + row["deliver"]
             lines.append(
                 f"| {layout} | {members} | {row['selected']:,} | {row['replies_bytes'] / 1e6:.2f} "
