@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -94,9 +95,23 @@ def ledger_bytes(folder: Path, members: range) -> tuple[int, int]:
 
 
 def app_bundle_bytes(tmp: Path) -> int:
-    """The size of the FAB every SuperNode fetches for a run (``flwr build``)."""
-    subprocess.run([str(BIN / "flwr"), "build", "--app", str(PROJECT)], cwd=tmp, check=True,
-                   capture_output=True)  # fmt: skip
+    """The size of the FAB every SuperNode fetches for a run: ``flwr build`` of the project's
+    files (those git does not ignore), copied into a folder named as Flower requires an
+    app's folder to be, whatever the checkout's own folder is called."""
+    listed = subprocess.run(
+        ["git", "-C", str(PROJECT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=True,
+    )
+    app = tmp / "wash-fed"
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        if (PROJECT / name).is_file():
+            (app / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(PROJECT / name, app / name)
+    built = subprocess.run(
+        [str(BIN / "flwr"), "build", "--app", str(app)], cwd=tmp, capture_output=True, text=True
+    )
+    assert built.returncode == 0, f"flwr build failed: {built.stdout}{built.stderr}"
     (fab,) = tmp.glob("*.fab")
     return fab.stat().st_size
 
