@@ -6,7 +6,8 @@ this module there as ``faulty/app.py`` beside ``faulty/fault.py`` (``FAULT``, ``
 and that copy runs through ``flwr run``. Every member trains honestly; member ``MEMBER``
 then corrupts what it sends according to ``FAULT``:
 
-* ``crash-shaped``: round replies with a missing, an extra, a renamed or a mistyped record;
+* ``crash-shaped``: round replies (the last one's, its model, too) with a missing, an extra,
+  a renamed or a mistyped record;
 * ``nan``, ``scaled``, ``sign-flip``, ``zeros``: the values of its round replies (WASH's
   shuffled values, FedAvg's model) are NaN, x1000, negated or zero;
 * ``drift``: they are scaled by 1.05 more every round (a slowly growing copy);
@@ -42,17 +43,19 @@ def _map_values(content: RecordDict, name: str, change: Callable[[np.ndarray], n
     content[name] = ArrayRecord({k: Array(changed(array.numpy())) for k, array in record.items()})
 
 
-def _crash_shaped(content: RecordDict, server_round: int) -> None:
+def _crash_shaped(content: RecordDict, name: str, server_round: int) -> None:
+    """Record ``name`` (the reply's payload) missing, beside an extra one, renamed entries
+    or mistyped, by round."""
     shape = server_round % 4
     if shape == 1:
-        del content[Record.VALUES]
+        del content[name]
     elif shape == 2:
         content["bonus"] = ConfigRecord({"free": "lunch"})
     elif shape == 3:
-        record = content.array_records[Record.VALUES]
-        content[Record.VALUES] = ArrayRecord({f"{k}-renamed": v for k, v in record.items()})
+        record = content.array_records[name]
+        content[name] = ArrayRecord({f"{k}-renamed": v for k, v in record.items()})
     else:
-        content[Record.VALUES] = ConfigRecord({"weights": "not an array"})
+        content[name] = ConfigRecord({"weights": "not an array"})
 
 
 def _corrupt(message_type: str, server_round: int, content: RecordDict) -> None:
@@ -67,8 +70,8 @@ def _corrupt(message_type: str, server_round: int, content: RecordDict) -> None:
         values = next((r for r in (Record.VALUES, Record.ARRAYS) if r in content), None)
         if FAULT in changes and values is not None:
             _map_values(content, values, changes[FAULT])
-        elif FAULT == "crash-shaped" and values == Record.VALUES:
-            _crash_shaped(content, server_round)
+        elif FAULT == "crash-shaped" and values is not None:
+            _crash_shaped(content, values, server_round)
         elif FAULT == "false-id":
             content.metric_records[Record.METRICS][Metric.PARTITION_ID] = (MEMBER + 1) % 4
     elif message_type == MessageType.BN_STATISTICS and FAULT == "final-step":

@@ -9,8 +9,10 @@ trains on and how), and answers every message of the member protocol:
   layout, so the server can check every member before any training;
 * ``train``: apply what the last exchange delivered, call :meth:`Task.train` for the round,
   reply with what the strategy asks (WASH's values at this round's mask, PAPA's weights,
-  FedAvg's state, or metrics only);
-* ``query.collect``: apply what is still due, reply with the whole model in ``final-dtype``;
+  FedAvg's state, or metrics only; in the last round the whole model in ``final-dtype``,
+  which the final step collects);
+* ``query.collect``: apply what is still due, reply with the whole model in ``final-dtype``
+  (the final step's collection of a member whose last-round reply the server lacks);
 * ``query.bn_statistics``: BatchNorm statistics of the soup on :meth:`Task.bn_inputs`;
 * ``evaluate`` and ``query.end``: :meth:`Task.evaluate` of the model the message carries
   (whole, or as a patch over the model the member kept from the previous message).
@@ -55,7 +57,7 @@ __all__ = ["ExampleCounts", "Task", "TaskError", "TrainRound", "WashMember", "Wa
 P = ParamSpec("P")
 R = TypeVar("R")
 
-REPLY_KINDS = (Reply.VALUES, Reply.WEIGHTS, Reply.STATE, Reply.METRICS)
+REPLY_KINDS = (Reply.VALUES, Reply.WEIGHTS, Reply.STATE, Reply.METRICS, Reply.FINAL)
 
 
 @dataclass(frozen=True)

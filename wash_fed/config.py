@@ -526,7 +526,9 @@ class WashFedConfig:
             "the others taken in when they come; 0: wait for all num-members"
         ),
     )
-    num_server_rounds: int = field(default=30, metadata=_doc("rounds (= shuffle events)"))
+    num_server_rounds: int = field(
+        default=30, metadata=_doc("training rounds (a shuffle after each but the last)")
+    )
     seed: int = field(default=0, metadata=_doc("run seed: initialisations, data order, masks"))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -112,9 +112,12 @@ class Reply:
     WEIGHTS: Final = "weights"
     STATE: Final = "state"
     METRICS: Final = "metrics"
+    FINAL: Final = "final"
+    """The whole model in ``final-dtype``: the last training round's reply, which the final
+    step collects."""
 
 
-ReplyKind = Literal["values", "weights", "state", "metrics"]
+ReplyKind = Literal["values", "weights", "state", "metrics", "final"]
 
 
 class Metric:

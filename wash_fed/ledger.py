@@ -29,7 +29,8 @@ class LedgerEntry:
     member: int
     direction: Direction
     phase: str
-    """``train`` (the rounds), ``collect`` (final full weights), ``bn`` (recalibration), ..."""
+    """``train`` (the rounds), ``collect`` (the final full weights: the last round's
+    replies, and collect messages), ``bn`` (recalibration), ..."""
     bytes: int
 
 

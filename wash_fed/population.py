@@ -35,7 +35,7 @@ from wash_fed.config import ConfigError, ConfigValue, WashFedConfig
 from wash_fed.data import DatasetNotFoundError, ImageData
 from wash_fed.evaluation import OnData, accuracy, predict
 from wash_fed.gate import ReplyGate
-from wash_fed.keys import Metric, ReplyKind
+from wash_fed.keys import Metric, Reply, ReplyKind
 from wash_fed.ledger import Ledger
 from wash_fed.merge import merge_population
 from wash_fed.protocol import (
@@ -47,6 +47,7 @@ from wash_fed.protocol import (
     final_dtype,
     member_payload,
     payload_bytes,
+    round_reply,
     server_protocol,
     through,
     to_wire,
@@ -110,7 +111,7 @@ class GatedServer:
     gate: ReplyGate
 
     def reply_for(self, round_: int) -> ReplyKind:
-        return self.protocol.reply_for(round_)
+        return round_reply(self.protocol, round_)
 
     def exchange(self, round_: int, payloads: Mapping[int, Mapping[str, Tensor]]) -> Exchange:
         admitted = self.gate.admit(
@@ -129,17 +130,19 @@ def _train_round(
     ledger: Ledger,
 ) -> tuple[list[TrainStats], Exchange]:
     """One round of the member protocol in memory: every member applies what is due to it,
-    trains and sends its payload; the server exchanges. Bytes go to the ledger as they would
-    travel: deliveries down in the round they are applied, payloads up."""
+    trains and sends its payload; the server exchanges (except after the last round, whose
+    payloads are the members' whole models for the final step). Bytes go to the ledger as
+    they would travel: deliveries down in the round they are applied, payloads up."""
     reply = server.reply_for(round_)
     stats, payloads = [], {}
     for m in members:
         _deliver(m, deliveries, round_, "train", ledger)
         stats.append(m.train_steps(m.cfg.optim.local_steps))
         payloads[m.index] = member_payload(m, reply, round_)
-        if payloads[m.index]:
-            ledger.record(round_, m.index, "up", "train", payload_bytes(payloads[m.index]))
-    exchange = server.exchange(round_, payloads)
+        if payloads[m.index]:  # the last round's whole model is for the final step
+            phase = "collect" if reply == Reply.FINAL else "train"
+            ledger.record(round_, m.index, "up", phase, payload_bytes(payloads[m.index]))
+    exchange = Exchange({}) if reply == Reply.FINAL else server.exchange(round_, payloads)
     deliveries.settle(payloads, exchange)
     return stats, exchange
 
@@ -201,7 +204,7 @@ def run_population(
     if cfg.strategy == "fedavg":
         final, final_state = _fedavg_final(members, deliveries, test, cfg.final.eval_batch_size)
     else:
-        final, final_state = _merge(members, deliveries, data, test, ledger)
+        final, final_state = _merge(members, data, test, ledger)
     model_bytes = payload_bytes(to_wire(members[0].model.state_dict(), wire_dtype(cfg)))
     results = RunResult(
         "population",
@@ -333,20 +336,16 @@ def _fedavg_final(
 
 def _merge(
     members: list[Member],
-    deliveries: Deliveries,
     data: TrainingData,
     test: ImageData,
     ledger: Ledger,
 ) -> tuple[FinalResult, dict[str, Tensor]]:
-    """The population's final step: collect every member, build and evaluate the soups
-    (recalibrating BatchNorm on the members' data), counting what travels."""
+    """The population's final step: the members' models as the last round sent them, the
+    soups built and evaluated (recalibrating BatchNorm on the members' data), counting what
+    travels."""
     cfg = members[0].cfg
     final_round, dtype = cfg.final_round, final_dtype(cfg)
-    for m in members:
-        _deliver(m, deliveries, final_round, "collect", ledger)
     state_dicts = [through(m.model.state_dict(), dtype) for m in members]
-    for m, sd in zip(members, state_dicts, strict=True):
-        ledger.record(final_round, m.index, "up", "collect", payload_bytes(to_wire(sd, dtype)))
 
     def bn_statistics_of(soup: Mapping[str, Tensor]) -> BNStatistics:
         parts = []

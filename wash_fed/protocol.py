@@ -63,6 +63,7 @@ __all__ = [
     "member_payload",
     "papa_rate",
     "payload_bytes",
+    "round_reply",
     "server_protocol",
     "tensors_digest",
     "through",
@@ -182,8 +183,9 @@ def member_payload(member: Member, reply: ReplyKind, event: int) -> dict[str, Te
     """What ``member`` sends back after the local steps of round ``event``.
 
     ``values``: its values at the mask of shuffle event ``event``, one flat vector per kind;
-    ``weights``: its parameters by name; ``state``: its full state dict; ``metrics``: nothing.
-    Floating-point values are in ``wire-dtype``.
+    ``weights``: its parameters by name; ``state``: its full state dict; ``metrics``: nothing;
+    floating-point values in ``wire-dtype``. ``final``: its full state dict in
+    ``final-dtype``.
     """
     dtype = wire_dtype(member.settings)
     if reply == Reply.VALUES:
@@ -194,6 +196,8 @@ def member_payload(member: Member, reply: ReplyKind, event: int) -> dict[str, Te
         return to_wire(dict(member.model.named_parameters()), dtype)
     if reply == Reply.STATE:
         return to_wire(member.model.state_dict(), dtype)
+    if reply == Reply.FINAL:
+        return to_wire(member.model.state_dict(), final_dtype(member.settings))
     if reply == Reply.METRICS:
         return {}
     raise ValueError(f"unknown reply kind {reply!r}")
@@ -226,6 +230,18 @@ class Exchange:
             for member, d in sorted(self.deliveries.items())
             for name, t in sorted(d.tensors.items())
         )
+
+
+def round_reply(protocol: ServerProtocol, server_round: int) -> ReplyKind:
+    """What every member sends back from round ``server_round``: ``protocol``'s reply, but
+    from the last training round of a population strategy its whole model in
+    ``final-dtype`` (:data:`Reply.FINAL`), which the final step collects. That round has no
+    exchange: a WASH shuffle keeps every coordinate's values among the members and a PAPA
+    pull their mean, so neither would change the uniform soup. FedAvg's final model is its
+    last average, sent as every round's."""
+    if server_round == protocol.cfg.num_server_rounds and not isinstance(protocol, FedAvgServer):
+        return Reply.FINAL
+    return protocol.reply_for(server_round)
 
 
 class ServerProtocol:

@@ -64,6 +64,7 @@ _PAYLOAD_RECORD: dict[str, str] = {
     Reply.VALUES: Record.VALUES,
     Reply.WEIGHTS: Record.ARRAYS,
     Reply.STATE: Record.ARRAYS,
+    Reply.FINAL: Record.ARRAYS,
 }
 """The record that carries each kind of round reply (``metrics`` replies carry none)."""
 

@@ -76,6 +76,15 @@ def test_wash_run_sends_only_the_masked_values(
     ledger = Ledger.read_csv(run_dir / "ledger.csv")
     train = [e for e in ledger.entries if e.phase == "train"]
     assert {e.member for e in train} == set(range(MEMBERS))
+    # Up in the last round: the whole model in final-dtype, for the final step.
+    state = new_model(cfg).state_dict()
+    model = sum(
+        t.numel() * (final_dtype(cfg).itemsize if t.is_floating_point() else t.element_size())
+        for t in state.values()
+    )
+    collect = [e for e in ledger.entries if e.phase == "collect"]
+    assert sorted((e.round, e.direction) for e in collect) == [(2, "up")] * MEMBERS
+    assert all(0 < e.bytes - model < FRAMING + FRAMING_PER_ARRAY * len(state) for e in collect)
     framing = []
     for e in train:
         # Up in round r: values at mask r. Down in round 2: values of shuffle event 1.
@@ -160,11 +169,14 @@ def test_papa_run_averages_every_round_in_bfloat16(
     tensors = list(new_model(cfg).parameters())
     params = sum(p.numel() for p in tensors)
     ledger = Ledger.read_csv(run_dir / "ledger.csv")
-    train = [e for e in ledger.entries if e.phase == "train" and e.round > 1]
+    train = [
+        e for e in ledger.entries if e.phase == "train" and (e.round, e.direction) != (1, "down")
+    ]
     limit = FRAMING + FRAMING_PER_ARRAY * len(tensors)
-    assert len(train) == 2 * MEMBERS  # round 2: each member's weights up and the mean down
+    assert len(train) == 2 * MEMBERS  # each member's weights up in round 1, the mean down in 2
     assert all(0 < e.bytes - 2 * params < limit for e in train), train
-    assert all(r.exchange == {"averaged": MEMBERS} for r in results.rounds)
+    # the last round's replies are the members' models, for the final step: no mean
+    assert [r.exchange for r in results.rounds] == [{"averaged": MEMBERS}, {}]
 
 
 @pytest.fixture

@@ -24,8 +24,9 @@ from wash_fed.keys import NodeConfig
 FIRST_NODE = 101
 """Member ``p`` sits on node ``FIRST_NODE + p``."""
 
-Tamper = Callable[[int, str, RecordDict], None]
-"""Changes member ``p``'s reply content to a message of a type, in place."""
+Tamper = Callable[[int, str, RecordDict], bool | None]
+"""Changes member ``p``'s reply content to a message of a type, in place; True drops the
+reply (the member never answers that message)."""
 
 
 class InProcessGrid(Grid):
@@ -81,8 +82,8 @@ class InProcessGrid(Grid):
                 continue
             kind = message.metadata.message_type
             content = self.members[node].handle(kind, copy.deepcopy(message.content))
-            if self.tamper is not None:
-                self.tamper(node - FIRST_NODE, kind, content)
+            if self.tamper is not None and self.tamper(node - FIRST_NODE, kind, content):
+                continue
             self._replies[message_id] = Message(content, reply_to=message)
         return ids
 

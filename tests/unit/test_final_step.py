@@ -1,7 +1,9 @@
 """The final step of a population run, with three members in this process behind a Grid
-(:mod:`tests.unit.in_process`): it collects every member, sends each the soup once,
-recalibrates BatchNorm from their statistics, saves the model the members then evaluate,
-and leaves out -- by name -- a member whose collection or statistics are not fit to use."""
+(:mod:`tests.unit.in_process`): it takes every member's model from the last round's replies
+(asking with a collect message only a member that missed that round), sends each the soup
+once, recalibrates BatchNorm from their statistics, saves the model the members then
+evaluate, and leaves out -- by name -- a member whose model or statistics are not fit to
+use."""
 
 from __future__ import annotations
 
@@ -33,9 +35,12 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 FAULTY = 2
 
 
-def trained(tmp_path: Path, tamper: Tamper | None = None) -> tuple[LedgerGrid, PopulationStrategy]:
+def trained(
+    tmp_path: Path, tamper: Tamper | None = None, *, members_test: bool = False
+) -> tuple[LedgerGrid, PopulationStrategy]:
     """Three members after two WASH rounds, through the real roster, strategy and ledger
-    grid; ``tamper`` changes replies on their way."""
+    grid; ``tamper`` changes replies on their way. ``members_test``: the server has no test
+    set, so the members test the models they hand over."""
     cfg = tiny_run(**{"output-dir": str(tmp_path)})
     grid = LedgerGrid(InProcessGrid(cfg, tamper), Ledger(), poll_interval=0.01)
     model = new_model(cfg)
@@ -43,7 +48,8 @@ def trained(tmp_path: Path, tamper: Tamper | None = None) -> tuple[LedgerGrid, P
     roster = Roster(cfg, model.state_dict(), on_bind=grid.bind)
     roster.connect(grid)
     assert roster.parameters == list(parameters)
-    strategy = PopulationStrategy(cfg, roster, server_protocol(cfg, roster.nodes, parameters))
+    protocol = server_protocol(cfg, roster.nodes, parameters)
+    strategy = PopulationStrategy(cfg, roster, protocol, members_test=members_test)
     strategy.start(
         grid=grid, initial_arrays=ArrayRecord(), num_rounds=cfg.num_server_rounds, timeout=60.0
     )
@@ -70,12 +76,23 @@ def shift_bn_statistics(member: int, message_type: str, content: RecordDict) -> 
 
 
 def poison_collection(member: int, message_type: str, content: RecordDict) -> None:
-    """Member ``FAULTY`` sends NaN for its model in the final collection."""
-    if member == FAULTY and message_type == MessageType.COLLECT:
+    """Member ``FAULTY`` sends NaN for its model with the last round's reply."""
+    if member == FAULTY:
+        poison_model(member, message_type, content)
+
+
+def poison_model(member: int, message_type: str, content: RecordDict) -> None:
+    """NaN for the whole model a reply carries (the last round's, or a collect's)."""
+    if message_type in (MessageType.TRAIN, MessageType.COLLECT) and Record.ARRAYS in content:
         state = content.array_records[Record.ARRAYS]
         content[Record.ARRAYS] = ArrayRecord(
             {k: Array(poisoned(v.numpy())) for k, v in state.items()}
         )
+
+
+def miss_the_last_round(member: int, message_type: str, content: RecordDict) -> bool:
+    """Member ``FAULTY`` never answers the last round (the one whose reply is its model)."""
+    return member == FAULTY and message_type == MessageType.TRAIN and Record.ARRAYS in content
 
 
 def poisoned(values: np.ndarray) -> np.ndarray:
@@ -109,6 +126,20 @@ def test_the_soup_goes_down_once_and_the_members_evaluate_the_saved_model(
         assert down["evaluate"] == 0, "no message round of its own for the evaluation"
         assert 0 < down["end"] < 0.1 * model_bytes, "the end carries the buffers only"
     assert strategy.roster.told_end == set(strategy.roster.nodes.values())
+    phases = {e.phase for e in grid.ledger.entries if e.round == strategy.cfg.final_round}
+    assert phases == {"bn", "end"}, "after training: two message rounds, no collection"
+    collect = [e for e in grid.ledger.entries if e.phase == "collect"]
+    assert {(e.round, e.direction) for e in collect} == {(strategy.cfg.num_server_rounds, "up")}
+    assert len(collect) == 3 and all(model_bytes < e.bytes < model_bytes * 1.05 for e in collect)
+
+
+def test_a_member_that_missed_the_last_round_is_asked_for_its_model(tmp_path: Path) -> None:
+    grid, strategy = trained(tmp_path, miss_the_last_round)
+    final, _ = finish(grid, strategy)
+    assert final.collected == [0, 1, 2] and final.rejected == {}
+    asked = [e for e in grid.ledger.entries if e.round == strategy.cfg.final_round]
+    collect = {(e.member, e.direction) for e in asked if e.phase == "collect"}
+    assert collect == {(FAULTY, "up"), (FAULTY, "down")}, "only the member that missed it"
 
 
 def test_shifted_batchnorm_statistics_are_left_out_of_the_merge(tmp_path: Path) -> None:
@@ -128,10 +159,7 @@ def test_a_poisoned_collection_is_left_out_of_the_soup(tmp_path: Path) -> None:
 
 
 def test_with_no_member_collected_the_final_step_fails_and_saves_nothing(tmp_path: Path) -> None:
-    grid, strategy = trained(tmp_path)
-    inner = grid._grid
-    assert isinstance(inner, InProcessGrid)
-    inner.absent = set(inner.members)
+    grid, strategy = trained(tmp_path, poison_model)
     cfg = strategy.cfg
     output = RunOutput.open(cfg, 1, grid.ledger)
     with pytest.raises(RuntimeError, match="no member could be collected"):
@@ -143,8 +171,8 @@ def test_without_a_test_set_of_its_own_the_server_weighs_the_members_figures(
     tmp_path: Path,
 ) -> None:
     """Each member's test set is the run's here, so their weighed accuracy of the saved model
-    is the model's own, and every member's collection reported it."""
-    grid, strategy = trained(tmp_path)
+    is the model's own, and every member's last-round reply reported it."""
+    grid, strategy = trained(tmp_path, members_test=True)
     output = RunOutput.open(strategy.cfg, 1, grid.ledger)
     reference = new_model(strategy.cfg).state_dict()
     final = final_step(grid, strategy, reference, ServerEvaluation(), output.keep)

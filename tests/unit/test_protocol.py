@@ -16,11 +16,14 @@ from wash_fed.protocol import (
     Deliveries,
     Delivery,
     Exchange,
+    FedAvgServer,
     PapaServer,
     ServerProtocol,
     WashServer,
     apply_delivery,
     member_payload,
+    round_reply,
+    server_protocol,
 )
 from wash_fed.training import Member, TrainingData, load_training_data
 
@@ -49,6 +52,19 @@ def test_wash_delivers_a_permutation_of_what_the_participants_sent() -> None:
         1, {p: owned_values(p, 1, config) for p in MEMBERS}
     )
     assert again.digest == exchange.digest  # deterministic in (seed, event)
+
+
+@pytest.mark.parametrize("strategy", ["wash", "papa", "ensemble"])
+def test_the_last_round_replies_with_the_whole_model(strategy: str) -> None:
+    """A population strategy's last round sends the members' models up for the final step
+    (no exchange follows it); FedAvg's replies stay its state, whose mean is its model."""
+    config = three_members(**{"strategy": strategy, "num-server-rounds": 4, "papa-every": 1})
+    protocol = server_protocol(config, MEMBERS, PARAMETERS)
+    replies = [round_reply(protocol, r) for r in range(1, 5)]
+    assert replies[:3] == [protocol.reply_for(r) for r in range(1, 4)]
+    assert replies[3] == "final" != protocol.reply_for(4)
+    fedavg = FedAvgServer(config, MEMBERS, PARAMETERS)
+    assert round_reply(fedavg, 4) == "state"
 
 
 def test_a_member_that_fails_keeps_its_delivery_and_takes_nobodys_values() -> None:

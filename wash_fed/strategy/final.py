@@ -12,8 +12,11 @@ BatchNorm recalibration, the merged BatchNorm buffers). The collection and the s
 down travel in ``final-dtype``; the soup is rounded to it before it is used, so the model
 the members evaluate is the model saved, bit for bit.
 
-Once the final model is saved, one message both asks the members to evaluate it and ends
-the run for them (``query.end``): the final step is three message rounds (collect, BatchNorm
+The members' models come with the last training round's replies (each member's whole model
+in ``final-dtype``, :data:`wash_fed.keys.Reply.FINAL`); a collect message goes only to
+members whose reply the server lacks (a resumed run, a member that failed that round). Once
+the final model is saved, one message both asks the members to evaluate it and ends the run
+for them (``query.end``): after training, the final step is two message rounds (BatchNorm
 statistics, evaluate and end) where no soup is chosen on the members' data.
 """
 
@@ -280,9 +283,11 @@ def _collected(
     """Every member's model, in ``reference``'s dtypes, as the reply gate admitted it (a
     RuntimeError when none was), with the metrics it reported (its own test accuracy, with
     ``own_tests``); why the others were not."""
-    log(INFO, "final step: collecting %d members", len(strategy.roster.nodes))
     expected = to_wire(reference, final_dtype(strategy.cfg))
     collected, reported, rejected = strategy.collect(grid, expected, own_tests)
+    log(
+        INFO, "final step: %d members' models collected, %d left out", len(collected), len(rejected)
+    )
     if not collected:
         raise RuntimeError("no member could be collected; nothing to average")
     states = {

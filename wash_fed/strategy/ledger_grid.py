@@ -23,7 +23,7 @@ from flwr.supercore.run import Run
 
 from wash_fed import wire
 from wash_fed.config import RuntimeConfig
-from wash_fed.keys import Config, MessageType
+from wash_fed.keys import Config, MessageType, Record, Reply
 from wash_fed.ledger import Direction, Ledger
 from wash_fed.timing import StragglerWait
 
@@ -42,6 +42,16 @@ _PHASES = {
 def phase_of(message_type: str) -> str:
     """The ledger phase of a message type (its own name when it is not one of ours)."""
     return _PHASES.get(message_type, message_type)
+
+
+def _reply_phase(message: Message) -> str:
+    """The ledger phase of the reply to ``message``: its message type's, but ``collect`` for
+    a last training round's reply, which carries the member's whole model for the final
+    step (:data:`wash_fed.keys.Reply.FINAL`)."""
+    config = message.content.config_records.get(Record.CONFIG)
+    if config is not None and config.get(Config.REPLY) == Reply.FINAL:
+        return _PHASES[MessageType.COLLECT]
+    return phase_of(message.metadata.message_type)
 
 
 def _round_of(content: RecordDict) -> int:
@@ -207,8 +217,8 @@ class LedgerGrid(Grid):
             msg, pushed_at = pushed
             node = msg.metadata.dst_node_id
             round_ = _round_of(msg.content)
-            self._record(msg, "down", node, round_)
-            self._record(reply, "up", node, round_)
+            self._record(msg, "down", node, round_, phase_of(msg.metadata.message_type))
+            self._record(reply, "up", node, round_, _reply_phase(msg))
             if msg.metadata.message_type == MessageType.TRAIN:
                 flights = self.in_flight.setdefault(round_, {})
                 flights[self.members.get(node, -1)] = arrived - pushed_at
@@ -224,14 +234,12 @@ class LedgerGrid(Grid):
         self.members[node] = partition
         self.ledger.attribute(self._unbound.pop(node, []), partition)
 
-    def _record(self, msg: Message, direction: Direction, node_id: int, round_: int) -> None:
+    def _record(
+        self, msg: Message, direction: Direction, node_id: int, round_: int, phase: str
+    ) -> None:
         member = self.members.get(node_id)
         if member is None:
             self._unbound.setdefault(node_id, []).append(len(self.ledger.entries))
         self.ledger.record(
-            round_,
-            -1 if member is None else member,
-            direction,
-            phase_of(msg.metadata.message_type),
-            wire.message_bytes(msg),
+            round_, -1 if member is None else member, direction, phase, wire.message_bytes(msg)
         )

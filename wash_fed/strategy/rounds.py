@@ -23,8 +23,8 @@ from wash_fed import wire
 from wash_fed.batchnorm import running_statistics
 from wash_fed.config import WashFedConfig
 from wash_fed.gate import Quarantine, check_tensors
-from wash_fed.keys import Config, MessageType, Metrics, Record
-from wash_fed.protocol import Exchange, ServerProtocol
+from wash_fed.keys import Config, MessageType, Metrics, Record, Reply
+from wash_fed.protocol import Exchange, ServerProtocol, final_dtype, round_reply, to_wire
 from wash_fed.strategy.replies import Replies, gather, reply_gate
 from wash_fed.strategy.roster import Roster
 from wash_fed.strategy.state import RoundReport, StrategyState
@@ -43,12 +43,20 @@ class PopulationStrategy(Strategy):
         roster: Roster,
         protocol: ServerProtocol,
         on_round: Callable[[RoundReport], None] | None = None,
+        *,
+        members_test: bool = False,
     ) -> None:
         self.cfg = cfg
         self.roster = roster
         self.protocol = protocol
         self.state = StrategyState(Quarantine(cfg.gate.quarantine_after))
         self.gate = reply_gate(cfg.gate)
+        self.members_test = members_test
+        """Whether the members evaluate the models they hand over on their own test data
+        (the server has none): their last-round replies carry the accuracy."""
+        self.final_models = Replies()
+        """The last round's replies: the members' whole models as the gate admitted them,
+        and why it left others out (the final step collects them)."""
         self._on_round = on_round
         self._round_started = 0.0
 
@@ -71,10 +79,12 @@ class PopulationStrategy(Strategy):
         server_round += self.state.rounds_done
         self._round_started = time.perf_counter()
         self.state.missing -= set(self.roster.readmit(grid, self.state.missing))
+        reply = round_reply(self.protocol, server_round)
         base = {
             **config,
-            Config.REPLY: self.protocol.reply_for(server_round),
-            Config.EVALUATE: self.cfg.evaluates_at(server_round),
+            Config.REPLY: reply,
+            Config.EVALUATE: self.cfg.evaluates_at(server_round)
+            or (reply == Reply.FINAL and self.members_test),
             Config.CHECKPOINTED_ROUND: self.state.checkpointed,
         }
         return self.messages(MessageType.TRAIN, server_round, base)
@@ -83,25 +93,37 @@ class PopulationStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.state.rounds_done
-        record = wire.payload_record(self.protocol.reply_for(server_round))
-        got = gather(replies, self.roster.nodes, record, f"round {server_round}")
+        reply = round_reply(self.protocol, server_round)
+        got = gather(
+            replies, self.roster.nodes, wire.payload_record(reply), f"round {server_round}"
+        )
         answered = got.answered()
         self._note_missing(got)
+        final = reply == Reply.FINAL
+        expected = to_wire(self.roster.reference, final_dtype(self.cfg)) if final else {}
         admission = self.gate.admit(
             got.accepted,
-            lambda parts: self.protocol.payload_problem(server_round, parts.tensors),
-            what=f"round {server_round}, left out of its exchange",
+            (lambda parts: check_tensors(parts.tensors, expected))
+            if final
+            else (lambda parts: self.protocol.payload_problem(server_round, parts.tensors)),
+            what=f"round {server_round}, "
+            + ("left out of the soup" if final else "left out of its exchange"),
             values=lambda parts: parts.tensors,
             earlier=got.rejected,
             quarantine=self.state.quarantine,
             errored=got.errored,
+            statistics=running_statistics(self.roster.reference) if final else (),
         )
         got.admitted(admission)
         for partition in admission.quarantined:  # sent nothing more, left out of the soup
             self.roster.quarantine(partition)
             self.state.missing.discard(partition)
-        payloads = {p: parts.tensors for p, parts in got.accepted.items()}
-        exchange = self.protocol.exchange(server_round, payloads)
+        if final:  # the replies' parts, not their records
+            self.final_models = Replies(accepted=got.accepted, rejected=got.rejected)
+            exchange = Exchange({})
+        else:
+            payloads = {p: parts.tensors for p, parts in got.accepted.items()}
+            exchange = self.protocol.exchange(server_round, payloads)
         self.state.deliveries.settle(answered, exchange)
         report = RoundReport(
             server_round,
@@ -132,26 +154,45 @@ class PopulationStrategy(Strategy):
     def collect(
         self, grid: Grid, reference: Mapping[str, Tensor], own_tests: bool
     ) -> tuple[dict[int, dict[str, Tensor]], dict[int, Metrics], dict[int, str]]:
-        """Deliver what is still due and collect every member's full state dict (and, with
-        ``own_tests``, its accuracy on its own test data).
+        """Every member's full state dict (and, with ``own_tests``, its accuracy on its own
+        test data): those the last round's replies carried, and from the others that did
+        not answer it (a resumed run, a member that failed) a collect message, which first
+        delivers what is still due to them. Those asked are judged by the gate together with
+        those already collected.
 
         Returns the state dicts and metrics of the replies that pass the gate (the model's
         entries ``reference``, finite, not far from the others'), by partition id, and why
         every other member is left out (logged, one line each).
         """
+        got = self.final_models
         self.state.missing -= set(self.roster.readmit(grid, self.state.missing))
-        messages = self.messages(
-            MessageType.COLLECT,
-            self.cfg.final_round,
-            {
-                Config.CHECKPOINTED_ROUND: self.state.checkpointed,
-                Config.EVALUATE: own_tests,
-            },
+        asked = {
+            partition: node
+            for partition, node in self.roster.nodes.items()
+            if partition not in got.accepted and partition not in got.rejected
+        }
+        if asked:
+            got = self._collect_from(grid, asked, reference, own_tests)
+        return (
+            {p: parts.tensors for p, parts in got.accepted.items()},
+            {p: parts.metrics for p, parts in got.accepted.items()},
+            {p: f"collect: {reason}" for p, reason in got.rejected.items()},
         )
+
+    def _collect_from(
+        self, grid: Grid, asked: Mapping[int, int], reference: Mapping[str, Tensor], own_tests: bool
+    ) -> Replies:
+        """The collect message round to the members ``asked`` (partition id to node id),
+        its replies admitted by the gate together with the last round's."""
+        log(INFO, "final step: collecting %d members' models", len(asked))
+        config = {Config.CHECKPOINTED_ROUND: self.state.checkpointed, Config.EVALUATE: own_tests}
+        messages = self.messages(MessageType.COLLECT, self.cfg.final_round, config, asked)
         replies = grid.send_and_receive(messages, timeout=self.cfg.runtime.round_timeout)
-        got = gather(replies, self.roster.nodes, Record.ARRAYS, "the final collection")
+        got = gather(replies, asked, Record.ARRAYS, "the final collection")
         self._note_missing(got)
         self.state.deliveries.settle(got.answered(), Exchange({}))
+        earlier = self.final_models
+        got.accepted = dict(sorted({**earlier.accepted, **got.accepted}.items()))
         got.admitted(
             self.gate.admit(
                 got.accepted,
@@ -162,20 +203,22 @@ class PopulationStrategy(Strategy):
                 statistics=running_statistics(reference),
             )
         )
-        return (
-            {p: parts.tensors for p, parts in got.accepted.items()},
-            {p: parts.metrics for p, parts in got.accepted.items()},
-            {p: f"collect: {reason}" for p, reason in got.rejected.items()},
-        )
+        got.rejected |= earlier.rejected  # logged in the last round
+        return got
 
     # --- helpers ------------------------------------------------------------------------
 
     def messages(
-        self, message_type: str, server_round: int, config: Mapping[str, wire.ConfigValue]
+        self,
+        message_type: str,
+        server_round: int,
+        config: Mapping[str, wire.ConfigValue],
+        nodes: Mapping[int, int] | None = None,
     ) -> list[Message]:
-        """One message per member, each with what is due to it."""
+        """One message per member (of ``nodes``, partition id to node id; default: the
+        roster's), each with what is due to it."""
         messages = []
-        for partition, node in sorted(self.roster.nodes.items()):
+        for partition, node in sorted((self.roster.nodes if nodes is None else nodes).items()):
             records, entries = wire.delivery_records(self.state.deliveries.due(partition))
             messages.append(
                 wire.message(

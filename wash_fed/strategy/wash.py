@@ -9,8 +9,9 @@ starts the way it starts ``FedAvg``::
 ``start`` checks every member before any training (the pre-flight hello: the settings every
 member must share travel with it, and each member's model must have the layout of
 ``initial_arrays``), runs the rounds through Flower's ``Strategy.start`` (per-member
-messages and deliveries, :mod:`wash_fed.strategy.rounds`), then the final step (collect,
-merge into the soup, evaluate: :mod:`wash_fed.strategy.final`), and tells every member that
+messages and deliveries, :mod:`wash_fed.strategy.rounds`; the last round's replies carry
+the members' models), then the final step (merge into the soup, recalibrate BatchNorm,
+evaluate: :mod:`wash_fed.strategy.final`), and tells every member that
 the run ended -- also when it fails. Every message goes through a
 :class:`~wash_fed.strategy.ledger_grid.LedgerGrid`, so :attr:`Wash.ledger` holds every byte
 sent. Given a :class:`~wash_fed.strategy.record.RunRecord`, it writes the run's folder and
@@ -227,7 +228,9 @@ class Wash(Strategy):
         parameters = {name: roster.reference[name] for name in roster.parameters}
         everyone = range(cfg.num_members)  # members still to come too
         protocol = server_protocol(cfg, everyone, parameters, roster.state_kinds)
-        self._rounds = PopulationStrategy(cfg, roster, protocol, self._round_done)
+        self._rounds = PopulationStrategy(
+            cfg, roster, protocol, self._round_done, members_test=self.evaluation.test is None
+        )
         if continuation is not None:
             self._rounds.continue_from(continuation.state.resumed_at(continuation.round))
         self._rounds.state.missing |= roster.absent  # looked for at every round
