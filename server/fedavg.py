@@ -17,7 +17,7 @@ from wash_fed import wire
 from wash_fed.batchnorm import running_statistics
 from wash_fed.config import WashFedConfig
 from wash_fed.evaluation import StateDict
-from wash_fed.gate import ReplyGate, check_tensors, require_finite
+from wash_fed.gate import ReplyGate, check_model, require_finite
 from wash_fed.keys import Config, Metric, Record, Reply
 from wash_fed.protocol import to_wire, wire_dtype
 from wash_fed.results import GLOBAL_MODEL, FinalResult
@@ -102,7 +102,7 @@ class GatedFedAvg(FedAvg):
         got.admitted(
             self.gate.admit(
                 got.accepted,
-                lambda parts: check_tensors(parts.tensors, self.reference),
+                lambda parts: check_model(parts.tensors, self.reference),
                 what=f"round {server_round}, left out of the average",
                 values=lambda parts: parts.tensors,
                 earlier=got.rejected,

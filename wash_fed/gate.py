@@ -6,7 +6,8 @@ magnitude and direction against the others, then one log line for each member le
 then (for training rounds) the quarantine count. What it checks, per reply:
 
 * **form** -- tensor names (or value kinds), shapes and dtypes exactly as expected, every
-  value finite (:func:`check_tensors`, :func:`check_values`);
+  value finite, a whole model's BatchNorm running variances not negative
+  (:func:`check_tensors`, :func:`check_values`, :func:`check_model`);
 * **magnitude and direction** -- relative to the population: a member whose values sit far
   from the coordinate-wise median of the members' values, measured in units of the
   members' typical spread around it, or whose values do not point where the others' do
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wash_fed.batchnorm import BNStatistics
+from wash_fed.batchnorm import BNStatistics, bn_layers_of
 from wash_fed.keys import Metric
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "capped_batches",
     "check_bn_statistics",
     "check_metrics",
+    "check_model",
     "check_tensors",
     "check_values",
     "magnitude_outliers",
@@ -262,6 +264,21 @@ def _direction_outliers(name: str, projections: Tensor, members: list[int]) -> d
         for member, p, stray in zip(members, projections, strays.tolist(), strict=True)
         if stray > limit
     }
+
+
+def check_model(state_dict: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> str | None:
+    """Why a whole model is not of ``reference``'s form (:func:`check_tensors`) or holds a
+    negative BatchNorm running variance (those are judged by distance only, so their sign is
+    checked here)."""
+    problem = check_tensors(state_dict, reference)
+    if problem:
+        return problem
+    negative = [
+        f"{layer}.running_var"
+        for layer in bn_layers_of(reference).variances
+        if bool((state_dict[f"{layer}.running_var"] < 0).any())
+    ]
+    return f"negative BatchNorm running variances in {negative[:3]}" if negative else None
 
 
 def check_bn_statistics(stats: BNStatistics, reference: BNStatistics) -> str | None:

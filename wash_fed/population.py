@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from wash_fed.batchnorm import BNStatistics, merge_bn_statistics
+from wash_fed.batchnorm import BNStatistics, merge_bn_statistics, running_statistics
 from wash_fed.config import ConfigError, ConfigValue, WashFedConfig
 from wash_fed.data import DatasetNotFoundError, ImageData
 from wash_fed.evaluation import OnData, accuracy, predict
@@ -118,6 +118,7 @@ class GatedServer:
             payloads,
             lambda payload: self.protocol.payload_problem(round_, payload),
             what=f"round {round_}, left out of its exchange",
+            statistics=running_statistics(next(iter(payloads.values()), {})),
         )
         return self.protocol.exchange(round_, admitted.accepted)
 

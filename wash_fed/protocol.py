@@ -11,13 +11,16 @@ One round ``r`` of a member::
 
     apply_delivery(member, due)            # what the exchange of an earlier round produced
     member.train_steps(local_steps)
-    payload = member_payload(member, server.reply_for(r), r)
+    payload = member_payload(member, round_reply(server, r), r)
 
 and of the server, with the payloads of the members that answered (by partition id)::
 
     admitted = gate.admit(payloads, lambda p: server.payload_problem(r, p), what=...)
     exchange = server.exchange(r, admitted.accepted)
     deliveries.settle(answered, exchange)  # acknowledged ones go, new ones become due
+
+except in the last round, whose payloads are the members' whole models for the final step
+(:func:`round_reply`) and which has no exchange.
 
 Invariants: a delivery stays due until its member answers a later message, so a member that
 fails loses nothing; a member applies each delivery at most once (``Member.applied_event``);
@@ -237,7 +240,9 @@ def round_reply(protocol: ServerProtocol, server_round: int) -> ReplyKind:
     from the last training round of a population strategy its whole model in
     ``final-dtype`` (:data:`Reply.FINAL`), which the final step collects. That round has no
     exchange: a WASH shuffle keeps every coordinate's values among the members and a PAPA
-    pull their mean, so neither would change the uniform soup. FedAvg's final model is its
+    pull their mean, so the uniform soup would be the same (exactly in ``float32``; a 16-bit
+    ``wire-dtype`` would have rounded the values it moved); the members' own models, their
+    ensemble and a greedy soup differ by that last exchange. FedAvg's final model is its
     last average, sent as every round's."""
     if server_round == protocol.cfg.num_server_rounds and not isinstance(protocol, FedAvgServer):
         return Reply.FINAL

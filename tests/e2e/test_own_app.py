@@ -97,7 +97,12 @@ def test_a_gru_with_adamw_runs_through_flwr_run(simulation: FlowerHarness, tmp_p
     assert results.status == "completed" and len(results.rounds) == 4
     assert results.final is not None and results.final.final_accuracy > 0.75
     sent = Ledger.read_csv(folder / "ledger.csv")
-    assert sent.total("up", "train") == sum(row.bytes_up for row in results.rounds) > 0
+    rounds = sent.by_round()  # the last round's replies (ledger phase collect) among them
+    assert [rounds[row.round]["up"] for row in results.rounds] == [
+        row.bytes_up for row in results.rounds
+    ]
+    assert sent.total("up", "collect") > 0, "the last round's replies carry the models"
+    assert sent.total("down", "collect") == 0, "no collect message round"
 
 
 def test_a_task_that_raises_fails_the_run_naming_it_and_the_member(

@@ -15,6 +15,7 @@ from wash_fed.gate import (
     capped_batches,
     check_bn_statistics,
     check_metrics,
+    check_model,
     check_tensors,
     check_values,
     magnitude_outliers,
@@ -151,6 +152,21 @@ def test_running_statistics_are_judged_by_distance_only() -> None:
     outliers = magnitude_outliers(payloads, factor=50, statistics=statistics)
     assert set(outliers) == {1}
     assert "'bn.weight' points elsewhere" in outliers[1]
+
+
+def test_a_whole_model_needs_its_form_and_non_negative_running_variances() -> None:
+    reference = {
+        "bn.weight": torch.ones(4),
+        "bn.running_mean": torch.zeros(4),
+        "bn.running_var": torch.ones(4),
+    }
+    assert check_model(reference, reference) is None
+    without_weight = {k: v for k, v in reference.items() if k != "bn.weight"}
+    assert "missing ['bn.weight']" in str(check_model(without_weight, reference))
+    negated = {**reference, "bn.running_var": -reference["bn.running_var"]}
+    assert "negative BatchNorm running variances in ['bn.running_var']" in str(
+        check_model(negated, reference)
+    )
 
 
 def test_independent_members_are_not_judged_by_direction() -> None:

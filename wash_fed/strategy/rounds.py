@@ -22,7 +22,7 @@ from torch import Tensor
 from wash_fed import wire
 from wash_fed.batchnorm import running_statistics
 from wash_fed.config import WashFedConfig
-from wash_fed.gate import Quarantine, check_tensors
+from wash_fed.gate import Quarantine, check_model
 from wash_fed.keys import Config, MessageType, Metrics, Record, Reply
 from wash_fed.protocol import Exchange, ServerProtocol, final_dtype, round_reply, to_wire
 from wash_fed.strategy.replies import Replies, gather, reply_gate
@@ -103,7 +103,7 @@ class PopulationStrategy(Strategy):
         expected = to_wire(self.roster.reference, final_dtype(self.cfg)) if final else {}
         admission = self.gate.admit(
             got.accepted,
-            (lambda parts: check_tensors(parts.tensors, expected))
+            (lambda parts: check_model(parts.tensors, expected))
             if final
             else (lambda parts: self.protocol.payload_problem(server_round, parts.tensors)),
             what=f"round {server_round}, "
@@ -196,7 +196,7 @@ class PopulationStrategy(Strategy):
         got.admitted(
             self.gate.admit(
                 got.accepted,
-                lambda parts: check_tensors(parts.tensors, reference),
+                lambda parts: check_model(parts.tensors, reference),
                 what="the final collection, left out of the soup",
                 values=lambda parts: parts.tensors,
                 earlier=got.rejected,
