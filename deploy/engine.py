@@ -180,6 +180,7 @@ def _serve_podman(env: dict[str, str]) -> int | None:
         stdout=subprocess.DEVNULL,
         stderr=open(sock.parent / "service.log", "ab"),  # noqa: SIM115 - the child keeps it
         start_new_session=True,
+        cwd=sock.parent,  # conmon needs its working directory: not a checkout that may go
     )
     (sock.parent / "service.pid").write_text(str(service.pid))
     deadline = time.monotonic() + 30
