@@ -158,13 +158,15 @@ def start_all_in_one(stack: Stack, host: NodeHost) -> None:
 def all_in_one_running(
     members: int, project: str, flwr_home: Path | None = None
 ) -> Iterator[Stack]:
-    """:func:`all_in_one`, started, and taken down afterwards (or as soon as it fails)."""
+    """:func:`all_in_one`, started, and taken down afterwards (or as soon as it fails), its
+    node file removed with it."""
     stack, host = all_in_one(members, "auto", project, flwr_home)
     try:
         start_all_in_one(stack, host)
         yield stack
     finally:
         stack.down()
+        node_file(project).unlink(missing_ok=True)
         if stack.engine.service_pid is not None:
             stop_service()
 
