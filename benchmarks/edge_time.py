@@ -3,9 +3,9 @@ rounds, through a real deployment whose SuperNodes sit behind tbf-shaped links
 (:mod:`deploy.namespaces`), at several link rates and for two model sizes.
 
 For every run it prints the mean round time in parts (:mod:`wash_fed.timing`: the critical
-member's training, the rest of its handling, transfer -- the link both ways plus Flower's
-queues and polling -- and the server), the bytes sent, the final accuracy and the time to
-reach the target accuracy; it draws test accuracy against wall time, one panel per link
+member's compute, waiting for a slot, Flower's delivery, transfer -- the link both ways with
+the polls no app process can time -- and the server), the bytes sent, the final accuracy and
+the time to reach the target accuracy; it draws test accuracy against wall time, one panel per link
 rate, into ``<out>/edge_time_<model>.png``, with the table in ``edge_time_<model>.md`` and
 every run's results in ``edge_time_<model>.json``. Requires root.
 
@@ -135,11 +135,9 @@ def summary(results: RunResult, target: float) -> EdgeSummary:
 
 def table(runs: Sequence[EdgeRun], target_fraction: float) -> str:
     """Markdown: one row per (model, rate, strategy)."""
-    lines = [
-        "| model | link (Mbit/s) | strategy | s/round | train | member | transfer | server "
-        "| sent (MB) | last round | final model | wall (s) | to target (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    columns = ["model", "link (Mbit/s)", "strategy", "s/round", *PARTS, "sent (MB)"]
+    columns += ["last round", "final model", "wall (s)", "to target (s)"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for model in dict.fromkeys(r.model for r in runs):
         of_model = [r for r in runs if r.model == model]
         best = max(r.results.final_figures().final_accuracy for r in of_model)
@@ -154,7 +152,7 @@ def table(runs: Sequence[EdgeRun], target_fraction: float) -> str:
                 f"{parts} | {row.megabytes:.1f} | {last} | {row.final_accuracy:.4f} | "
                 f"{row.wall:.0f} | {reached} |"
             )
-        lines.append(f"| {model}: target accuracy {target:.4f} |" + " |" * 12)
+        lines.append(f"| {model}: target accuracy {target:.4f} |" + " |" * (len(columns) - 1))
     return "\n".join(lines) + "\n"
 
 

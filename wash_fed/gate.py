@@ -76,6 +76,10 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
     Metric.TRAIN_SECONDS: (0, math.inf),
     Metric.HANDLER_SECONDS: (0, math.inf),
     Metric.CHECKPOINT_SECONDS: (0, math.inf),
+    Metric.RESPOND_SECONDS: (0, math.inf),
+    Metric.STARTUP_SECONDS: (0, math.inf),
+    Metric.DELIVERED_AT: (0, math.inf),
+    Metric.RECEIVED_AT: (0, math.inf),
     Metric.WORKER_PID: (0, math.inf),
 }
 """Every metric the member protocol reads, with its closed range; all must be finite."""

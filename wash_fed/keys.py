@@ -146,6 +146,17 @@ class Metric:
     HANDLER_SECONDS: Final = "handler-seconds"
     CHECKPOINT_SECONDS: Final = "checkpoint-seconds"
     """The member's time to write its checkpoint after the message."""
+    RESPOND_SECONDS: Final = "respond-seconds"
+    """The ClientApp's handling of the message: the member's, and relaying it to the
+    member worker where the node has one."""
+    STARTUP_SECONDS: Final = "startup-seconds"
+    """The ClientApp's process starting, up to handling the message (0: the process was
+    running before the message was sent: a simulation's, or one Flower started ahead)."""
+    DELIVERED_AT: Final = "delivered-at"
+    """When the SuperLink handed the message to the node (Flower's stamp, Unix seconds;
+    absent where Flower does not pass it on: deployments)."""
+    RECEIVED_AT: Final = "received-at"
+    """When the ClientApp began handling the message (Unix seconds, the node's clock)."""
     RESUMED_ROUND: Final = "resumed-round"
     """``query.hello``: the round of the checkpoint the member continues from (0: none)."""
     WORKER_PID: Final = "worker-pid"

@@ -31,6 +31,7 @@ __all__ = [
     "GLOBAL_MODEL",
     "RESULTS",
     "EpochResult",
+    "ExchangeResult",
     "FinalResult",
     "ResultsError",
     "ResumedFrom",
@@ -108,6 +109,25 @@ class RoundResult:
     def answered(self) -> int:
         """Members whose reply was accepted."""
         return len(self.members)
+
+
+@dataclass(frozen=True)
+class ExchangeResult:
+    """A message round outside training -- the members' hello, the final step's -- and
+    where its time went."""
+
+    phase: str
+    """Its ledger phase (``setup``, ``collect``, ``bn``, ``evaluate``, ``end``)."""
+    round: int
+    """The round its messages name (0: before training)."""
+    seconds: float
+    """From the push of its messages to the last reply the server waited for."""
+    bytes_up: int
+    bytes_down: int
+    time: RoundTime
+    """Its parts (:mod:`wash_fed.timing`)."""
+    elapsed: float = 0.0
+    """Seconds since the run (or its resumption) started, when it ended."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +219,8 @@ class RunResult:
     error: str = ""
     """Why the run failed (empty unless ``status`` is ``failed``)."""
     rounds: list[RoundResult] = field(default_factory=list)
+    exchanges: list[ExchangeResult] = field(default_factory=list)
+    """Flower runs: the message rounds outside training, in order."""
     epochs: list[EpochResult] = field(default_factory=list)
     """The population trainer's progress by epoch (none for Flower runs)."""
     final: FinalResult | None = None

@@ -5,14 +5,17 @@ without loading it)."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import cast
 
 from flwr.app import Context, Message, RecordDict, UserConfigValue
 from flwr.clientapp import ClientApp
 
 from wash_fed import worker_link
-from wash_fed.keys import MessageType, NodeConfig
+from wash_fed.keys import MessageType, Metric, NodeConfig, Record
 
 __all__ = ["MEMBER_MESSAGES", "member_app", "member_app_with_worker", "member_index"]
 
@@ -68,6 +71,7 @@ def member_app_with_worker(
     ``in_process(message_type, content, context)`` answers it in this process."""
 
     def respond(msg: Message, context: Context) -> Message:
+        received_at, started = time.time(), time.perf_counter()
         message_type = msg.metadata.message_type
         worker_dir = context.node_config.get(NodeConfig.WORKER_DIR)
         if worker_dir:
@@ -82,6 +86,40 @@ def member_app_with_worker(
             )
         else:
             content = in_process(message_type, msg.content, context)
+        _add_delivery_figures(content, msg, received_at, time.perf_counter() - started)
         return Message(content, reply_to=msg)
 
     return member_app(respond)
+
+
+def _add_delivery_figures(
+    content: RecordDict, msg: Message, received_at: float, respond_seconds: float
+) -> None:
+    """What this ClientApp saw of ``msg``'s way to the member (:mod:`wash_fed.timing`),
+    into the reply's metrics: when it began handling it, for how long, how long its process
+    took to start for it, and when the SuperLink handed it over (where Flower says)."""
+    metrics = content.metric_records.get(Record.METRICS)
+    if metrics is None:
+        return
+    age = _process_age()
+    startup = age if received_at - age > msg.metadata.created_at else 0.0
+    metrics[Metric.RECEIVED_AT] = received_at
+    metrics[Metric.RESPOND_SECONDS] = respond_seconds
+    metrics[Metric.STARTUP_SECONDS] = startup
+    if msg.metadata.delivered_at:
+        metrics[Metric.DELIVERED_AT] = datetime.fromisoformat(msg.metadata.delivered_at).timestamp()
+
+
+_IMPORTED = time.perf_counter()
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Linux: the kernel's record; elsewhere since
+    this module was imported)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, IndexError, ValueError, AttributeError):
+        return time.perf_counter() - _IMPORTED

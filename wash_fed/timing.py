@@ -1,15 +1,31 @@
-"""Where a round's wall time goes: the member's training, the rest of its handling, the
-messages' way there and back, and the server.
+"""Where a round's wall time goes: the members' compute, waiting for a slot, Flower's
+delivery, transfer, and the server.
 
 A round ends with the last reply, so its time is that of its *critical* member -- the one
 whose reply arrived last -- plus the server's own work. The server measures, for each
-member, the time from pushing its message to pulling its reply (*in flight*); the member
-reports how long it spent handling the message (``handler-seconds``, of which
-``train-seconds`` training, plus ``restore-seconds`` rebuilding itself first). What is in
-flight but not in the member's hands is *transfer*: the link both ways, Flower's queues and
-polling, and starting the ClientApp. The four parts add up to the round's time, measured
-on the server's clock only (member durations are differences on the member's own clock),
-so no clocks need to agree.
+member, the time from pushing its message to pulling its reply (*in flight*); what is in
+flight but not the member's handling (*compute*: ``handler-seconds`` plus
+``restore-seconds``) is the message's way there and its reply's way back. The member's
+side of the ClientApp (:mod:`wash_fed.routing`) reports what it saw of that way:
+
+- ``respond-seconds``: the ClientApp handling the message, of which what is not compute
+  is relaying it (to the node's member worker, in deployments) -- Flower's delivery;
+- ``startup-seconds``: the ClientApp's process starting, up to the handling, where Flower
+  started it after the message was sent (deployments run one process per message, some
+  started ahead of theirs) -- Flower's delivery;
+- ``delivered-at`` and ``received-at``: when the SuperLink handed the message to the
+  node (Flower's own stamp, which only simulation passes on to the ClientApp) and when the
+  ClientApp began handling it, on one host's clock: in simulation the time between is
+  the message waiting for a free backend slot (more members than slots).
+
+In simulation no byte crosses a link, so the way there and back is the slot and Flower's
+delivery (handing messages between the engine's queues, the server's polls). In a
+deployment it is Flower's delivery as measured above, and *transfer*: the link both ways,
+with Flower's polls that no process of the app can time -- Flower 1.42 tells no process
+of a deployment's app when a node took a message (the SuperNode's wait, up to 3 s before
+it looks for one; SuperExec's; the server's own, at most ``poll-interval``).
+The parts add up to the round's time on the server's clock; only the slot compares two
+clocks, those of one host.
 """
 
 from __future__ import annotations
@@ -21,7 +37,7 @@ from wash_fed.keys import Metric
 
 __all__ = ["PARTS", "RoundTime", "StragglerWait", "split_round"]
 
-PARTS = ("train", "member", "transfer", "server")
+PARTS = ("compute", "slot", "delivery", "transfer", "server")
 """The parts of a round's time, in the order of :class:`RoundTime`'s fields."""
 
 
@@ -29,14 +45,16 @@ PARTS = ("train", "member", "transfer", "server")
 class RoundTime:
     """One round's wall time in parts (seconds, each >= 0, summing to the round's time)."""
 
-    train: float
-    """The critical member's training."""
-    member: float
-    """The rest of its handling: restoring, applying the delivery, reading its reply,
-    checkpointing."""
+    compute: float
+    """The critical member's handling: restoring, applying the delivery, training, reading
+    its reply, checkpointing."""
+    slot: float
+    """Its message waiting for a free slot of the simulation's backend."""
+    delivery: float
+    """Flower's delivery: its queues and polls, the ClientApp's process, the relay to the
+    member worker."""
     transfer: float
-    """Its messages in flight minus its handling: the link both ways, Flower's queues and
-    polling, the ClientApp's start."""
+    """The link both ways (deployments; with the polls no process of the app can time)."""
     server: float
     """Everything else: building messages, checking replies, the exchange, and waiting
     for members that never replied."""
@@ -49,36 +67,50 @@ def split_round(
     seconds: float,
     in_flight: Mapping[int, float],
     reported: Mapping[int, Mapping[str, object]],
+    *,
+    simulated: bool,
 ) -> RoundTime:
     """The parts of a round of ``seconds``.
 
     ``in_flight``: per member, seconds from pushing its message to pulling its reply.
-    ``reported``: per member, the metrics of its accepted reply. The critical member is the
-    one with the longest time in flight among those that reported their handling; without
+    ``reported``: per member, the metrics of its accepted reply. ``simulated``: the run is
+    Flower's simulation (no link: nothing is transfer). The critical member is the one
+    with the longest time in flight among those that reported their handling; without
     one, the whole round is the server's. Parts are clipped so that none is negative and
     they sum to ``seconds`` exactly.
     """
     timed = {m: t for m, t in in_flight.items() if Metric.HANDLER_SECONDS in reported.get(m, {})}
     if not timed:
-        return RoundTime(0.0, 0.0, 0.0, max(seconds, 0.0))
+        return RoundTime(0.0, 0.0, 0.0, 0.0, max(seconds, 0.0))
     critical = max(timed, key=timed.__getitem__)
     figures = reported[critical]
-    handling = _seconds(figures, Metric.HANDLER_SECONDS) + _seconds(figures, Metric.RESTORE_SECONDS)
     remaining = max(seconds, 0.0)
     flight = min(timed[critical], remaining)
-    handling = min(handling, flight)
-    train = min(_seconds(figures, Metric.TRAIN_SECONDS), handling)
-    return RoundTime(
-        train=train,
-        member=handling - train,
-        transfer=flight - handling,
-        server=remaining - flight,
-    )
+    handling = _seconds(figures, Metric.HANDLER_SECONDS, Metric.RESTORE_SECONDS)
+    compute = min(handling, flight)
+    way = flight - compute
+    if simulated:
+        stamped = Metric.DELIVERED_AT in figures and Metric.RECEIVED_AT in figures
+        queued = _seconds(figures, Metric.RECEIVED_AT) - _seconds(figures, Metric.DELIVERED_AT)
+        slot = _within(queued, way) if stamped else 0.0
+        return RoundTime(compute, slot, way - slot, 0.0, remaining - flight)
+    relay = max(_seconds(figures, Metric.RESPOND_SECONDS) - handling, 0.0)
+    delivery = _within(_seconds(figures, Metric.STARTUP_SECONDS) + relay, way)
+    return RoundTime(compute, 0.0, delivery, way - delivery, remaining - flight)
 
 
-def _seconds(figures: Mapping[str, object], key: str) -> float:
-    value = figures.get(key, 0.0)
-    return max(float(value), 0.0) if isinstance(value, (int, float)) else 0.0
+def _within(value: float, limit: float) -> float:
+    return max(min(value, limit), 0.0)
+
+
+def _seconds(figures: Mapping[str, object], *keys: str) -> float:
+    """The sum of ``figures[key]`` over ``keys``, each a number >= 0 (0 where it is not)."""
+    total = 0.0
+    for key in keys:
+        value = figures.get(key, 0.0)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            total += max(float(value), 0.0)
+    return total
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,23 @@ def worker_pids(results: RunResult) -> dict[str, set[int]]:
     return pids
 
 
+def assert_time_split_as_a_deployment(results: RunResult) -> None:
+    """Every message went through a ClientApp that relayed it to the member worker
+    (Flower's delivery, measured by the member's side), none waited for a simulation slot,
+    and the rest of the way is transfer; the parts add up to each round, and the message
+    rounds outside training, the hello first, are split too."""
+    rows = [*results.rounds, *results.exchanges]
+    for row in rows:
+        assert row.time is not None
+        assert sum(row.time.as_dict().values()) == pytest.approx(row.seconds, abs=1e-9)
+        assert row.time.slot == 0.0 and row.time.delivery > 0.0, row
+        assert row.time.transfer > 0.0, row
+    assert all(row.time.compute > 0.0 for row in results.rounds if row.time is not None)
+    for row in results.rounds:
+        assert all(m[Metric.RESPOND_SECONDS] > 0.0 for m in row.members.values()), row.members
+    assert results.exchanges and results.exchanges[0].phase == "setup", results.exchanges
+
+
 def gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -97,6 +114,7 @@ def test_deployment_over_tls_runs_in_member_workers_and_its_ledger_matches_flowe
     time.sleep(2.0)  # the workers acknowledged the end of the run; let them exit
     assert all(gone(pid) for (pid,) in pids.values()), "a member worker outlived its run"
     assert_ledger_within_flowers_traffic(run_dir, result)
+    assert_time_split_as_a_deployment(results)
 
 
 def wait_for_line(submission: Submission, pattern: str, timeout: float) -> re.Match[str]:

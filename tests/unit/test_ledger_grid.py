@@ -1,6 +1,6 @@
 """The Grid that keeps the byte ledger: every message and its reply recorded at the size
 Flower serializes, by round, phase and member -- the member the roster bound to the node,
-also for what it sent before it was bound -- how long each training message was in flight,
+also for what it sent before it was bound -- how long each message was in flight,
 and nothing for the SuperLink's own error replies. A training round stops waiting for a
 member that does not reply once the others have, by the stragglers' rule; other messages
 wait their whole timeout."""
@@ -19,7 +19,7 @@ from wash_fed.config import WashFedConfig
 from wash_fed.keys import Config, MessageType, Reply
 from wash_fed.ledger import Ledger
 from wash_fed.strategy.ledger_grid import LedgerGrid
-from wash_fed.timing import StragglerWait
+from wash_fed.timing import RoundTime, StragglerWait
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -41,7 +41,7 @@ def asked(grid: LedgerGrid, message_type: str, server_round: int) -> list[Messag
 
 def test_every_message_and_reply_is_recorded_for_the_member_bound_to_its_node() -> None:
     inner = InProcessGrid(CFG)
-    exchanges: list[tuple[int, str]] = []
+    exchanges: list[tuple[int, str, RoundTime | None]] = []
     grid = LedgerGrid(inner, Ledger(), on_exchange=lambda *e: exchanges.append(e))
     hellos = asked(grid, MessageType.HELLO, 0)
     replies = list(grid.send_and_receive(hellos, timeout=10.0))
@@ -66,7 +66,10 @@ def test_every_message_and_reply_is_recorded_for_the_member_bound_to_its_node() 
     flights = grid.take_in_flight(1)
     assert set(flights) == {0, 1} and all(s >= 0 for s in flights.values())
     assert grid.take_in_flight(1) == {}, "handed out once"
-    assert exchanges == [(0, "setup"), (1, "train")]
+    assert [(r, phase) for r, phase, _ in exchanges] == [(0, "setup"), (1, "train")]
+    setup_time, train_time = (time for _, _, time in exchanges)
+    assert train_time is None, "training rounds are split with the strategy's own work"
+    assert setup_time is not None and setup_time.compute > 0.0, "the hello's handling"
 
 
 def test_the_superlinks_own_errors_are_not_a_members_traffic() -> None:

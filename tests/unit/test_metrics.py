@@ -56,7 +56,7 @@ def test_round_figures_become_gauges_and_a_histogram() -> None:
         2.5,
         {},
     )
-    metrics.observe_round(report, 1000, RoundTime(1.5, 0.25, 0.5, 0.25))
+    metrics.observe_round(report, 1000, RoundTime(1.5, 0.25, 0.25, 0.25, 0.25))
     metrics.observe_final({"soup": 0.75})
     text = generate_latest(metrics.registry).decode()
     assert sample(text, "wash_fed_rounds_total", strategy="papa") == 1
@@ -67,7 +67,7 @@ def test_round_figures_become_gauges_and_a_histogram() -> None:
     assert sample(text, "wash_fed_accuracy", strategy="papa", model="soup") == 0.75
     assert sample(text, "wash_fed_round_duration_seconds_bucket", strategy="papa", le="5.0") == 1
     assert sample(text, "wash_fed_fedavg_equivalent_bytes_total", strategy="papa") == 1000
-    parts = {"train": 1.5, "member": 0.25, "transfer": 0.5, "server": 0.25}
+    parts = {"compute": 1.5, "slot": 0.25, "delivery": 0.25, "transfer": 0.25, "server": 0.25}
     for part, seconds in parts.items():
         assert sample(text, "wash_fed_round_part_seconds_total", strategy="papa", part=part) == (
             seconds

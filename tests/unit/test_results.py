@@ -17,6 +17,7 @@ from wash_fed.gate import Quarantine
 from wash_fed.ledger import Ledger
 from wash_fed.results import (
     EpochResult,
+    ExchangeResult,
     FinalResult,
     ResultsError,
     ResumedFrom,
@@ -46,7 +47,7 @@ def a_round(number: int, **changes: object) -> RoundResult:
         rejected={},
         exchange={"selected": 12, "moved": 8, "participants": 2},
         exchange_digest="ab12",
-        time=RoundTime(train=1.0, member=0.1, transfer=0.3, server=0.1),
+        time=RoundTime(compute=1.1, slot=0.2, delivery=0.1, transfer=0.0, server=0.1),
         elapsed=1.5 * number,
     )
     return dataclasses.replace(row, **changes)  # type: ignore[arg-type]
@@ -59,6 +60,7 @@ def test_a_run_round_trips_through_results_json(tmp_path: Path) -> None:
         CONFIG,
         status="completed",
         rounds=[a_round(1), a_round(2, test_accuracy=0.7)],
+        exchanges=[ExchangeResult("bn", 3, 2.0, 40, 4000, RoundTime(0.5, 0.0, 1.5, 0.0, 0.0))],
         epochs=[EpochResult(1.0, 2, math.nan, 0.5, 380, 3.0, member_mean=0.6, soup=0.65)],
         final=FinalResult(
             final_accuracy=0.71,
@@ -87,7 +89,7 @@ def test_a_run_round_trips_through_results_json(tmp_path: Path) -> None:
     assert back.config == CONFIG and back.strategy == "wash"
     assert back.sent() == 570 and back.sent("up", "train") == 300
     assert back.final_figures().member_mean == pytest.approx(0.65)
-    assert back.mean_round_time() == RoundTime(1.0, 0.1, 0.3, 0.1)
+    assert back.mean_round_time() == RoundTime(1.1, 0.2, 0.1, 0.0, 0.1)
     on_disk = json.loads(path.read_text().replace("NaN", "null"))
     assert on_disk["config"]["num-members"] == 3  # the configuration's own kebab-case keys
 

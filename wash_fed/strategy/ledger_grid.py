@@ -20,12 +20,13 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+from flwr.superlink.grid import InMemoryGrid
 
 from wash_fed import wire
 from wash_fed.config import RuntimeConfig
 from wash_fed.keys import Config, MessageType, Record, Reply
 from wash_fed.ledger import Direction, Ledger
-from wash_fed.timing import StragglerWait
+from wash_fed.timing import RoundTime, StragglerWait, split_round
 
 __all__ = ["LedgerGrid", "phase_of"]
 
@@ -69,15 +70,17 @@ class LedgerGrid(Grid):
     (:meth:`bind`), never as a reply claims; a message to a node not (yet) bound is recorded
     for member -1 until it is. Replies are polled every ``poll_interval`` seconds; a training
     round waits for its last members as ``stragglers`` says (None: until the timeout).
-    ``on_exchange(round, phase)`` is called after every recorded exchange (the metrics
-    exporter listens there).
+    ``on_exchange(round, phase, time)`` is called after every recorded exchange (the run's
+    record listens there), with where the time of an exchange outside training went
+    (:func:`wash_fed.timing.split_round`; None for training, whose rounds the strategy
+    times with its own work: :meth:`take_in_flight`).
     """
 
     def __init__(
         self,
         grid: Grid,
         ledger: Ledger,
-        on_exchange: Callable[[int, str], None] | None = None,
+        on_exchange: Callable[[int, str, RoundTime | None], None] | None = None,
         poll_interval: float = 0.5,
         stragglers: StragglerWait | None = None,
     ) -> None:
@@ -91,9 +94,11 @@ class LedgerGrid(Grid):
         self._on_exchange = on_exchange
         self._pushed: dict[str, tuple[Message, float]] = {}
         """Message id -> the message and when it was pushed, until its reply arrives."""
-        self.in_flight: dict[int, dict[int, float]] = {}
-        """Round -> partition id -> seconds from push to reply of its delivered training
-        messages (:meth:`take_in_flight` hands them out)."""
+        self.in_flight: dict[tuple[int, str], dict[int, float]] = {}
+        """(round, phase) -> node id -> seconds from push to reply of its delivered messages
+        (:meth:`take_in_flight` hands out training's)."""
+        self._reported: dict[tuple[int, str], dict[int, dict[str, object]]] = {}
+        """(round, phase) -> node id -> its reply's metrics, outside training."""
 
     @classmethod
     def for_run(
@@ -101,7 +106,7 @@ class LedgerGrid(Grid):
         grid: Grid,
         ledger: Ledger,
         runtime: RuntimeConfig,
-        on_exchange: Callable[[int, str], None] | None = None,
+        on_exchange: Callable[[int, str, RoundTime | None], None] | None = None,
     ) -> LedgerGrid:
         """``grid`` polled and waiting for stragglers as the run's ``runtime`` says."""
         return cls(
@@ -111,6 +116,12 @@ class LedgerGrid(Grid):
             poll_interval=runtime.poll_interval,
             stragglers=runtime.stragglers,
         )
+
+    @property
+    def simulated(self) -> bool:
+        """Whether ``grid`` is Flower's simulation's: its members run in this host's
+        backend, and no message crosses a link."""
+        return isinstance(self._grid, InMemoryGrid)
 
     # --- delegation -------------------------------------------------------------------
 
@@ -155,8 +166,8 @@ class LedgerGrid(Grid):
         messages = list(messages)
         if not messages:
             return []
-        pending = set(self.push_messages(messages))
         started = time.monotonic()
+        pending = set(self.push_messages(messages))
         waits = self.stragglers if messages[0].metadata.message_type == MessageType.TRAIN else None
         majority: float | None = None
         replies: list[Message] = []
@@ -176,11 +187,18 @@ class LedgerGrid(Grid):
             time.sleep(self.poll_interval)
         for message_id in pending:  # no reply: nothing confirms that it reached its node
             self._pushed.pop(message_id, None)
+        round_, phase = _round_of(messages[0].content), phase_of(messages[0].metadata.message_type)
+        split = None if phase == "train" else self._split(round_, phase, time.monotonic() - started)
         if self._on_exchange is not None:
-            self._on_exchange(
-                _round_of(messages[0].content), phase_of(messages[0].metadata.message_type)
-            )
+            self._on_exchange(round_, phase, split)
         return replies
+
+    def _split(self, round_: int, phase: str, seconds: float) -> RoundTime:
+        """Where an exchange outside training spent its ``seconds``, from its messages'
+        flights and its replies' metrics (forgotten once split)."""
+        flights = self.in_flight.pop((round_, phase), {})
+        reported = self._reported.pop((round_, phase), {})
+        return split_round(seconds, flights, reported, simulated=self.simulated)
 
     def _stop_waiting(
         self, messages: list[Message], pending: set[str], elapsed: float, majority: float | None
@@ -217,16 +235,21 @@ class LedgerGrid(Grid):
             msg, pushed_at = pushed
             node = msg.metadata.dst_node_id
             round_ = _round_of(msg.content)
-            self._record(msg, "down", node, round_, phase_of(msg.metadata.message_type))
+            phase = phase_of(msg.metadata.message_type)
+            self._record(msg, "down", node, round_, phase)
             self._record(reply, "up", node, round_, _reply_phase(msg))
-            if msg.metadata.message_type == MessageType.TRAIN:
-                flights = self.in_flight.setdefault(round_, {})
-                flights[self.members.get(node, -1)] = arrived - pushed_at
+            self.in_flight.setdefault((round_, phase), {})[node] = arrived - pushed_at
+            metrics = (
+                None if reply.has_error() else reply.content.metric_records.get(Record.METRICS)
+            )
+            if phase != "train" and metrics is not None:
+                self._reported.setdefault((round_, phase), {})[node] = dict(metrics)
 
     def take_in_flight(self, round_: int) -> dict[int, float]:
         """Per partition id, the seconds its training message of ``round_`` was in flight
         (push to reply), forgotten once taken."""
-        return self.in_flight.pop(round_, {})
+        flights = self.in_flight.pop((round_, "train"), {})
+        return {self.members.get(node, -1): seconds for node, seconds in flights.items()}
 
     def bind(self, node: int, partition: int) -> None:
         """Node ``node`` holds member ``partition``: its messages are that member's from now

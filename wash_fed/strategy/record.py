@@ -31,12 +31,12 @@ from wash_fed.config import WashFedConfig
 from wash_fed.keys import Config, MessageType, Metric, Record, Reply
 from wash_fed.ledger import Ledger
 from wash_fed.protocol import to_wire, wire_dtype
-from wash_fed.results import GLOBAL_MODEL, FinalResult, fedavg_equivalent_bytes
+from wash_fed.results import GLOBAL_MODEL, ExchangeResult, FinalResult, fedavg_equivalent_bytes
 from wash_fed.strategy.ledger_grid import LedgerGrid
 from wash_fed.strategy.metrics import RunMetrics
-from wash_fed.strategy.report import RunOutput, round_row
+from wash_fed.strategy.report import RunOutput, round_row, time_text
 from wash_fed.strategy.state import RoundReport
-from wash_fed.timing import split_round
+from wash_fed.timing import RoundTime, split_round
 
 __all__ = ["RunRecord", "fedavg_bytes_through_flower"]
 
@@ -77,15 +77,28 @@ class RunRecord:
 
     def grid(self, grid: Grid) -> LedgerGrid:
         """``grid`` counting every byte into this record's ledger and metrics."""
-        return LedgerGrid.for_run(
-            grid, self.ledger, self.cfg.runtime, lambda *_: self.metrics.sync_ledger(self.ledger)
-        )
+        return LedgerGrid.for_run(grid, self.ledger, self.cfg.runtime, self._exchanged)
+
+    def _exchanged(self, round_: int, phase: str, time: RoundTime | None) -> None:
+        """An exchange happened: the metrics catch up with the ledger; one outside training
+        goes into the results with where its time went."""
+        self.metrics.sync_ledger(self.ledger)
+        if time is not None:
+            seconds = sum(time.as_dict().values())
+            log(INFO, "[%s] %s: %s", self.cfg.label, phase, time_text(seconds, time))
+            moved = {"up": 0, "down": 0}
+            for entry in self.ledger.entries:
+                if entry.round == round_ and entry.phase == phase:
+                    moved[entry.direction] += entry.bytes
+            row = ExchangeResult(phase, round_, seconds, moved["up"], moved["down"], time)
+            self.output.add_exchange(row)
 
     def round(self, grid: LedgerGrid, report: RoundReport, fedavg_bytes: int | None) -> None:
         """A finished round into the results (logging its progress line) and the metrics,
         with where its time went. ``fedavg_bytes``: what FedAvg would send over the whole
         run (None for FedAvg itself)."""
-        time = split_round(report.seconds, grid.take_in_flight(report.round), report.metrics)
+        flights = grid.take_in_flight(report.round)
+        time = split_round(report.seconds, flights, report.metrics, simulated=grid.simulated)
         cfg = self.cfg
         self.output.add_round(round_row(cfg, grid.ledger, report, fedavg_bytes, time))
         if fedavg_bytes is None:  # FedAvg itself: what it would have sent is what it sent

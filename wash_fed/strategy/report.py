@@ -23,7 +23,7 @@ from torch import Tensor
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Metric
 from wash_fed.ledger import Ledger
-from wash_fed.results import FinalResult, RoundResult, RunFolder, RunResult
+from wash_fed.results import ExchangeResult, FinalResult, RoundResult, RunFolder, RunResult
 from wash_fed.strategy.state import RoundReport
 from wash_fed.timing import RoundTime
 
@@ -86,6 +86,12 @@ class RunOutput(RunFolder):
         run (a resumed run counts from its resumption)."""
         elapsed = time.perf_counter() - self.started
         self.result.rounds.append(dataclasses.replace(row, elapsed=elapsed))
+        self.write()
+
+    def add_exchange(self, row: ExchangeResult) -> None:
+        """A message round outside training, with ``elapsed`` as :meth:`add_round`'s."""
+        elapsed = time.perf_counter() - self.started
+        self.result.exchanges.append(dataclasses.replace(row, elapsed=elapsed))
         self.write()
 
     def write(self) -> None:
@@ -211,6 +217,12 @@ def progress_line(cfg: WashFedConfig, row: RoundResult, fedavg_bytes: int | None
         so_far = fedavg_bytes * row.round / cfg.num_server_rounds
         text += f" (FedAvg: {so_far / 1e6:.3f} MB)"
     if row.time is not None:
-        text += f" | {row.seconds:.2f} s (train {row.time.train:.2f}, "
-        text += f"transfer {row.time.transfer:.2f})"
+        text += f" | {time_text(row.seconds, row.time)}"
     return text
+
+
+def time_text(seconds: float, time: RoundTime) -> str:
+    """``8.52 s (compute 4.10, slot 4.21, delivery 0.15, server 0.06)``: parts that are 0
+    left out."""
+    parts = ", ".join(f"{part} {sec:.2f}" for part, sec in time.as_dict().items() if sec)
+    return f"{seconds:.2f} s ({parts})"
