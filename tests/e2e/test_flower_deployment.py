@@ -21,7 +21,7 @@ from deploy.processes import TINY_RUN, FlowerHarness, wait_for_rounds
 from wash_fed.config import ConfigValue
 from wash_fed.keys import Metric
 from wash_fed.ledger import Ledger
-from wash_fed.results import RunResult, read_results
+from wash_fed.results import ExchangeResult, RoundResult, RunResult, read_results
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def assert_time_split_as_a_deployment(results: RunResult) -> None:
     (Flower's delivery, measured by the member's side), none waited for a simulation slot,
     and the rest of the way is transfer; the parts add up to each round, and the message
     rounds outside training, the hello first, are split too."""
-    rows = [*results.rounds, *results.exchanges]
+    rows: list[RoundResult | ExchangeResult] = [*results.rounds, *results.exchanges]
     for row in rows:
         assert row.time is not None
         assert sum(row.time.as_dict().values()) == pytest.approx(row.seconds, abs=1e-9)
