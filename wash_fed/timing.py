@@ -24,6 +24,7 @@ deployment it is Flower's delivery as measured above, and *transfer*: the link b
 with Flower's polls that no process of the app can time -- Flower 1.42 tells no process
 of a deployment's app when a node took a message (the SuperNode's wait, up to 3 s before
 it looks for one; SuperExec's; the server's own, at most ``poll-interval``).
+:mod:`wash_fed.time_model` predicts the link's and the polls' shares apart.
 The parts add up to the round's time on the server's clock; only the slot compares two
 clocks, those of one host.
 """
