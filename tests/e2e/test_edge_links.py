@@ -87,7 +87,10 @@ def test_wash_runs_over_shaped_links_and_nothing_is_left(tmp_path: Path, short_t
     assert topology.remaining() == []
     assert federation.harness.descendants() == []
     assert not [pid for pid in started if alive(pid)]
-    assert root_links() == links_before
+    # Its links (``n<i>`` in the hub, ``uplink`` in each node) never reach the machine's
+    # own namespace; other interfaces may come and go meanwhile (a container test beside it).
+    own = {"uplink", *(f"n{i}" for i in range(topology.nodes))}
+    assert not own & (root_links() - links_before)
 
 
 def test_the_launcher_names_a_bad_configuration_before_building_anything(
