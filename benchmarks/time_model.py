@@ -115,12 +115,15 @@ class CheckRun:
     members: int
     floor_round: float
     calibration_mbit: float
-    calibration: RunResult
-    """The calibration run of this strategy: its rounds' compute, bytes and server time."""
     calibrations: list[RunResult]
     """Every strategy's calibration run of this model: the app's own delivery is fitted
     over all their message rounds."""
     measured: RunResult
+
+    @property
+    def calibration(self) -> RunResult:
+        """The calibration run of this strategy: its rounds' compute, bytes and server time."""
+        return next(r for r in self.calibrations if r.strategy == self.strategy)
 
     @property
     def calibrating(self) -> bool:
@@ -243,7 +246,6 @@ def check(
                     members,
                     floor,
                     calibrate_at,
-                    calibration[strategy],
                     list(calibration.values()),
                     results,
                 )

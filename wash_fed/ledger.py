@@ -55,13 +55,17 @@ class Ledger:
         for i in indices:
             self.entries[i] = replace(self.entries[i], member=member)
 
-    def total(self, direction: Direction | None = None, phase: str | None = None) -> int:
-        """Bytes over all entries matching ``direction`` and ``phase`` (``None``: any)."""
+    def total(
+        self, direction: Direction | None = None, phase: str | None = None, round: int | None = None
+    ) -> int:
+        """Bytes over all entries matching ``direction``, ``phase`` and ``round`` (``None``:
+        any)."""
         return sum(
             e.bytes
             for e in self.entries
             if (direction is None or e.direction == direction)
             and (phase is None or e.phase == phase)
+            and (round is None or e.round == round)
         )
 
     def by_round(self) -> dict[int, dict[str, int]]:

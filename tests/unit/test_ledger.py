@@ -18,6 +18,7 @@ def test_totals_by_direction_phase_and_round(tmp_path: Path) -> None:
     assert ledger.total() == 1147
     assert ledger.total("up") == 1107
     assert ledger.total("up", "train") == 107
+    assert ledger.total("up", "train", round=2) == 7 and ledger.total(round=1) == 140
     assert ledger.by_round() == {
         1: {"up": 100, "down": 40},
         2: {"up": 7, "down": 0},

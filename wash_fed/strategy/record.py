@@ -86,11 +86,8 @@ class RunRecord:
         if time is not None:
             seconds = sum(time.as_dict().values())
             log(INFO, "[%s] %s: %s", self.cfg.label, phase, time_text(seconds, time))
-            moved = {"up": 0, "down": 0}
-            for entry in self.ledger.entries:
-                if entry.round == round_ and entry.phase == phase:
-                    moved[entry.direction] += entry.bytes
-            row = ExchangeResult(phase, round_, seconds, moved["up"], moved["down"], time)
+            up, down = (self.ledger.total(d, phase, round_) for d in ("up", "down"))
+            row = ExchangeResult(phase, round_, seconds, up, down, time)
             self.output.add_exchange(row)
 
     def round(self, grid: LedgerGrid, report: RoundReport, fedavg_bytes: int | None) -> None:
