@@ -20,14 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.engine import Engine, StackError, ensure_engine
+from deploy.engine import TEST_STACKS, Engine, StackError, ensure_engine
 from deploy.flwr_cli import PROJECT
 from deploy.links import HostLink, bridge_of
 from deploy.nodes import service_name
 from deploy.roles import node_file
 from deploy.stack import CERTS, DEFAULT_FLEET_PORT, SERVER_FILE, Stack
 
-SERVER_PROJECT = "wash-fed-hosts"
+SERVER_PROJECT = f"{TEST_STACKS}-hosts"
 SERVER_NAME = "superlink.test"
 """The server host's public name, which node hosts reach it by (their ``--add-host``)."""
 
@@ -44,8 +44,8 @@ class HostPlan:
 
 
 TWO_HOSTS = (
-    HostPlan("wash-fed-host-a", range(0, 3), "10.251.1.0/24", 20.0),
-    HostPlan("wash-fed-host-b", range(3, 5), "10.251.2.0/24", 10.0),
+    HostPlan(f"{TEST_STACKS}-host-a", range(0, 3), "10.251.1.0/24", 20.0),
+    HostPlan(f"{TEST_STACKS}-host-b", range(3, 5), "10.251.2.0/24", 10.0),
 )
 """Five members split 3 + 2, host B's link half as fast as host A's."""
 

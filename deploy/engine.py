@@ -40,6 +40,9 @@ DEPLOY = Path(__file__).resolve().parent
 STANDINS = DEPLOY / "standins"
 APP_IMAGE = "wash-fed:latest"
 APP_LABEL = "io.wash-fed.image=app"
+TEST_STACKS = "wash-fed-test"
+"""What the names of the tests' compose projects and networks begin with (and nothing else's):
+a killed test run's leftovers are found by it."""
 """The Dockerfile's label: earlier builds of the app image, untagged, are pruned by it."""
 STANDIN_BASE = "localhost/wash-fed-standin/debian:bookworm"
 STANDIN_OF = {
@@ -105,6 +108,21 @@ def run_command(
         what = (done.stderr or done.stdout or "").strip()[-3000:]
         raise StackError(f"{' '.join(args[:4])} ... exited {done.returncode}: {what}")
     return done
+
+
+def remove_named(cli: str, prefix: str) -> list[str]:
+    """Every container, volume and network whose name begins with ``prefix`` removed by
+    ``cli`` (``docker`` or ``podman``; containers first: they hold the others); their names."""
+    removed = []
+    for kind, field_name in (("container", "Names"), ("volume", "Name"), ("network", "Name")):
+        every = ["-a"] if kind == "container" else []
+        fmt = f"{{{{.{field_name}}}}}"
+        listed = run_command([cli, kind, "ls", *every, "--format", fmt], check=False)
+        found = [name for name in listed.stdout.split() if name.startswith(prefix)]
+        if found:
+            run_command([cli, kind, "rm", "-f", *found], check=False, timeout=300)
+        removed += found
+    return removed
 
 
 # --- the engine -----------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.engine import APP_IMAGE
+from deploy.engine import APP_IMAGE, TEST_STACKS
 from deploy.flwr_cli import PROJECT, Submission
 from deploy.processes import TINY_RUN
 from deploy.promql import PrometheusApi
@@ -40,7 +40,7 @@ from wash_fed.results import RunResult, read_results
 
 pytestmark = [pytest.mark.slow, pytest.mark.compose]
 
-PROJECT_NAME = "wash-fed-test"
+PROJECT_NAME = f"{TEST_STACKS}-compose"
 RUNS = "/app/runs"
 MEMBERS = 3
 """Not the default four: the all-in-one takes its member count from the command."""

@@ -42,6 +42,7 @@ from pathlib import Path
 import pytest
 
 from deploy.emulated_hosts import EmulatedDeployment, EmulatedHost, NodeJoin, join
+from deploy.engine import TEST_STACKS
 from deploy.flwr_cli import BIN, PROJECT
 from deploy.nodes import service_name
 from deploy.processes import TINY_RUN
@@ -249,14 +250,14 @@ def check_strangers_are_refused(home: Path, hosts: list[EmulatedHost], tmp: Path
     engine = hosts[0].stack.engine
     cases = {
         "ca": (
-            NodeJoin(ca=other_ca / "ca.crt", project="wash-fed-stranger-ca"),
+            NodeJoin(ca=other_ca / "ca.crt", project=f"{TEST_STACKS}-stranger-ca"),
             "certificate verify failed: unable to get local issuer",
         ),
         "name": (
-            NodeJoin(name="wrong.test", project="wash-fed-stranger-name"),
+            NodeJoin(name="wrong.test", project=f"{TEST_STACKS}-stranger-name"),
             "Hostname mismatch, certificate is not valid for 'wrong.test'",
         ),
-        "key": (NodeJoin(project="wash-fed-stranger-key"), "Failed to activate SuperNode"),
+        "key": (NodeJoin(project=f"{TEST_STACKS}-stranger-key"), "Failed to activate SuperNode"),
     }
     for case, (how, reason) in cases.items():
         keys = tmp / f"keys-{case}"
