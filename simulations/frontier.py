@@ -81,9 +81,11 @@ class Point:
 def default_points(total_steps: int) -> list[Point]:
     """FedAvg with 1, 3, 10 and 30 rounds; WASH at three shuffle probabilities with 30
     rounds and one with 10; PAPA every round and every 5 of 30; WASH (p = 0.05, 30 rounds)
-    with bfloat16 and float16 values and FedAvg (30 rounds) with float16 models on the wire;
+    with bfloat16 and float16 values and FedAvg (every round count) with float16 models on the
+    wire;
     WASH with the constant layer schedule (p = 0.05 and 0.2, 30 rounds), in float32 and with
-    float16 in training and in the final step; independent members. Every point takes
+    float16 in training and in the final step, and in float16 over 10 rounds; independent
+    members. Every point takes
     ``total_steps`` local steps per member."""
 
     def rounds(count: int) -> dict[str, ConfigValue]:
@@ -102,7 +104,9 @@ def default_points(total_steps: int) -> list[Point]:
         Point(f"wash-p0.05-r30-{short}", {**wash[1].overrides, "wire-dtype": dtype})
         for short, dtype in (("bf16", "bfloat16"), ("fp16", "float16"))
     ]
-    compact.append(Point("fedavg-r30-fp16", {**fedavg[3].overrides, "wire-dtype": "float16"}))
+    compact += [
+        Point(f"{point.name}-fp16", {**point.overrides, "wire-dtype": "float16"}) for point in fedavg
+    ]
     half: dict[str, ConfigValue] = {"wire-dtype": "float16", "final-dtype": "float16"}
     constant = [
         Point(
@@ -112,6 +116,14 @@ def default_points(total_steps: int) -> list[Point]:
         )
         for p in (0.05, 0.2)
         for suffix, dtypes in (("", {}), ("-fp16", half))
+    ]
+    constant += [
+        Point(
+            f"wash-p{p:g}-r10-constant-fp16",
+            {**rounds(10), "strategy": "wash", "shuffle-prob": p, "layer-schedule": "constant"}
+            | half,
+        )
+        for p in (0.05, 0.2)
     ]
     ensemble = Point("ensemble", {"strategy": "ensemble", **rounds(1)})
     return [*fedavg, *wash, *papa, *compact, *constant, ensemble]
