@@ -105,7 +105,8 @@ def default_points(total_steps: int) -> list[Point]:
         for short, dtype in (("bf16", "bfloat16"), ("fp16", "float16"))
     ]
     compact += [
-        Point(f"{point.name}-fp16", {**point.overrides, "wire-dtype": "float16"}) for point in fedavg
+        Point(f"{point.name}-fp16", {**point.overrides, "wire-dtype": "float16"})
+        for point in fedavg
     ]
     half: dict[str, ConfigValue] = {"wire-dtype": "float16", "final-dtype": "float16"}
     constant = [
