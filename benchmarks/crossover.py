@@ -24,6 +24,7 @@ writes ``docs/crossover.png`` (``--plot``) and prints the table of where WASH fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import statistics
@@ -162,6 +163,26 @@ def strategy_costs(runs: Sequence[CheckRun], strategy: str) -> StrategyCosts:
             for f1, f2 in zip(first.final, second.final, strict=True)
         ),
         outside=through("outside"),
+    )
+
+
+def computing_faster(costs: StrategyCosts, factor: float) -> StrategyCosts:
+    """``costs`` with every part of the members' compute ``factor`` times shorter (another
+    device than the calibration runs'): local steps, a round's own, the hello's and the
+    final step's handling."""
+
+    def faster(law: PowerLaw) -> PowerLaw:
+        return dataclasses.replace(law, at_reference=law.at_reference / factor)
+
+    def round_faster(law: RoundLaw) -> RoundLaw:
+        return dataclasses.replace(law, compute=faster(law.compute))
+
+    return dataclasses.replace(
+        costs,
+        step=faster(costs.step),
+        round_compute=faster(costs.round_compute),
+        setup=round_faster(costs.setup),
+        final=tuple(round_faster(law) for law in costs.final),
     )
 
 
@@ -307,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frontier", type=Path, default=Path("runs/frontier-full/runs.jsonl"))
     parser.add_argument("--calibration", type=Path, nargs=2, required=True, help="two models' JSON")
     parser.add_argument("--target", type=float, default=0.905, help="test accuracy")
+    parser.add_argument(
+        "--faster", type=float, default=1.0, help="members compute this many times faster"
+    )
     parser.add_argument("--plot", type=Path, default=Path("docs/crossover.png"))
     args = parser.parse_args(argv)
     points = operating_points(read_rows(args.frontier))
@@ -315,9 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     runs = [r for path in args.calibration for r in CHECK_RUNS.validate_json(path.read_bytes())]
     runs = [r for r in runs if r.calibrating]
-    the_map = Map(
-        points, {s: strategy_costs(runs, s) for s in STRATEGIES}, delivery(runs), args.target
-    )
+    costs = {s: computing_faster(strategy_costs(runs, s), args.faster) for s in STRATEGIES}
+    the_map = Map(points, costs, delivery(runs), args.target)
     marked = {name: parameters(model) for name, model in MODELS.items()}
     params = sizes(min(marked.values()), max(marked.values()))
     print(describe(the_map))

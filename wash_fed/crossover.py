@@ -18,6 +18,7 @@ Flower or torch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,8 +86,9 @@ class RoundLaw:
 class StrategyCosts:
     """What a strategy's run costs besides its training rounds' bytes, measured with
     ``members`` members: a local step's compute and a training round's own (evaluation,
-    checkpoint); the server's seconds a training round (proportional to the members); the
-    hello's and final step's message rounds; the server's time outside message rounds."""
+    checkpoint); the server's seconds a training round; the hello's and final step's
+    message rounds; the server's time outside message rounds. The server's seconds in
+    message rounds grow in proportion to the members (it reads, judges and answers each)."""
 
     members: int
     step: PowerLaw
@@ -128,19 +130,20 @@ def run_rounds(
     """``point``'s message rounds for a model of ``params`` parameters with ``members``
     members: the hello, its training rounds, its final step's (bytes from the point where
     it has them, else from the costs)."""
-    size = params * FLOAT32_BYTES
+    size, share = params * FLOAT32_BYTES, members / costs.members
     training = MessageRound(
         down=point.down * size,
         up=point.up * size,
         compute=costs.round_compute(params) + point.local_steps * costs.step(params),
-        server=costs.server(params) * members / costs.members,
+        server=costs.server(params) * share,
     )
     final = [law.at(params) for law in costs.final]
     for index, (down, up) in enumerate(point.final[: len(final)]):
-        final[index] = MessageRound(
-            down * size, up * size, final[index].compute, final[index].server
-        )
-    return [costs.setup.at(params), *[training] * point.rounds, *final]
+        final[index] = dataclasses.replace(final[index], down=down * size, up=up * size)
+    others = [
+        dataclasses.replace(r, server=r.server * share) for r in [costs.setup.at(params), *final]
+    ]
+    return [others[0], *[training] * point.rounds, *others[1:]]
 
 
 def time_to_target(
