@@ -53,7 +53,7 @@ from wash_fed.time_model import Delivery, Link, MessageRound, Setting
 STRATEGIES = ("wash", "fedavg")
 MEMBER_COUNTS = (4, 16, 64)
 RATES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-MODELS = {"cnn": "cnn", "ResNet-18": "torchvision:resnet18", "ResNet-50": "torchvision:resnet50"}
+MODELS = {"CNN": "cnn", "ResNet-18": "torchvision:resnet18", "ResNet-50": "torchvision:resnet50"}
 """The models marked on the map (Fashion-MNIST's 10 classes, one channel)."""
 SIZES = 12
 """Parameter counts on the map's other axis, log-spaced from the CNN's to ResNet-50's."""
@@ -243,7 +243,9 @@ def sizes(smallest: int, largest: int) -> list[float]:
     return [smallest * math.exp(step * i) for i in range(SIZES)]
 
 
-def plot(the_map: Map, params: Sequence[float], marked: dict[str, int], path: Path) -> Path:
+def plot(
+    the_map: Map, params: Sequence[float], marked: dict[str, int], path: Path, compute: str
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,8 +274,8 @@ def plot(the_map: Map, params: Sequence[float], marked: dict[str, int], path: Pa
     bar = fig.colorbar(mesh, ax=axes, label="WASH time / FedAvg time to the target (log2)")
     bar.set_ticks([-2, -1, 0, 1, 2], labels=["1/4", "1/2", "1", "2", "4"])
     fig.suptitle(
-        f"Time to {the_map.target:.3f} test accuracy with the model each hands over "
-        "(blue: WASH first; black line: equal)"
+        f"Time to {the_map.target:.3f} test accuracy with the model each hands over, "
+        f"members' compute {compute} (blue: WASH first; black line: equal)"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -345,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     params = sizes(min(marked.values()), max(marked.values()))
     print(describe(the_map))
     print(f"\n{table(the_map, marked)}\n")
-    print(f"written: {plot(the_map, params, marked, args.plot)}")
+    compute = "as measured" if args.faster == 1 else f"{args.faster:g}x faster than measured"
+    print(f"written: {plot(the_map, params, marked, args.plot, compute)}")
     return 0
 
 
