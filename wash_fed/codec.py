@@ -16,24 +16,44 @@ Invariants (tested):
 - **size**: ``numel`` bytes (8 bits) or ``ceil(numel / 2)`` (4 bits), plus 4 bytes a block
   (:func:`encoded_bytes`): 26.6% and 14.1% of float32 for blocks of 64.
 
+:class:`WireFormat` applies a format to named tensors: a cast to a 16-bit float type, or
+these codes and scales, each quantized tensor ``name`` travelling as two, its codes under
+``name`` and its scales under ``name`` + :data:`~wash_fed.keys.SCALES_SUFFIX`.
+
 Pure torch; the member protocol decides where it is used.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "Bits", "Encoded", "decode", "encode", "encoded_bytes"]
+from wash_fed.keys import SCALES_SUFFIX
+
+__all__ = [
+    "BLOCK",
+    "FORMATS",
+    "Bits",
+    "Encoded",
+    "WireFormat",
+    "decode",
+    "encode",
+    "encoded_bytes",
+]
 
 BLOCK = 64
 """Values per block: one float32 scale each."""
 Bits = Literal[8, 4]
 _LEVELS: dict[int, int] = {8: 127, 4: 7}
+_CASTS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_QUANTIZED: dict[str, Bits] = {"int8": 8, "int4": 4}
+FORMATS = (*_CASTS, *_QUANTIZED)
+"""Every format's name, as ``wire-dtype`` and ``final-dtype`` take it."""
 
 
 @dataclass(frozen=True)
@@ -115,3 +135,74 @@ def _unpack4(packed: Tensor, numel: int) -> Tensor:
     high = (packed >> 4).to(torch.int16)
     nibbles = torch.stack([low, high], dim=1).reshape(-1)[:numel]
     return torch.where(nibbles > 7, nibbles - 16, nibbles).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class WireFormat:
+    """How a run's floating-point tensors travel, by :data:`FORMATS` name: cast to a float
+    type (``float32``: as they are), or quantized blockwise (``int8``, ``int4``). Tensors of
+    other dtypes (integer counters) travel as they are.
+
+    Invariants: ``decode(encode(t), like=t)`` has ``t``'s names, shapes, dtypes and devices
+    (:meth:`through`); each value comes back rounded once, to the float type or within its
+    block's bound; a non-finite value comes back non-finite."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.name not in FORMATS:
+            raise ValueError(f"wire format {self.name!r}; expected one of {', '.join(FORMATS)}")
+
+    @property
+    def bits(self) -> Bits | None:
+        """The quantized formats' bits (None: a float type)."""
+        return _QUANTIZED.get(self.name)
+
+    def encode(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``tensors`` as they travel."""
+        out: dict[str, Tensor] = {}
+        for name, tensor in tensors.items():
+            t = tensor.detach()
+            if not t.is_floating_point():
+                out[name] = t
+            elif self.bits is None:
+                out[name] = t.to(_CASTS[self.name])
+            else:
+                encoded = encode(t, self.bits)
+                out[name], out[name + SCALES_SUFFIX] = encoded.codes, encoded.scales
+        return out
+
+    def decode(self, wire: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """What ``wire`` (an :meth:`encode` of tensors like ``like``) holds, in ``like``'s
+        shapes and dtypes. A ValueError naming the first tensor that is missing, unexpected
+        or not of the form ``like``'s would travel in."""
+        expected = set(like)
+        if self.bits is not None:
+            expected |= {n + SCALES_SUFFIX for n, t in like.items() if t.is_floating_point()}
+        if wire.keys() != expected:
+            missing, extra = sorted(expected - wire.keys())[:3], sorted(wire.keys() - expected)[:3]
+            raise ValueError(
+                f"tensors differ from the model's (missing {missing}, unexpected {extra})"
+            )
+        return {name: self._decoded(name, wire, reference) for name, reference in like.items()}
+
+    def _decoded(self, name: str, wire: Mapping[str, Tensor], like: Tensor) -> Tensor:
+        value = wire[name]
+        if not like.is_floating_point() or self.bits is None:
+            dtype = _CASTS[self.name] if like.is_floating_point() else like.dtype
+            if value.shape != like.shape or value.dtype != dtype:
+                raise ValueError(
+                    f"{name!r} is {value.dtype} {tuple(value.shape)}, expected {dtype} "
+                    f"{tuple(like.shape)}"
+                )
+            return value.to(like.dtype)
+        try:
+            flat = decode(Encoded(value, wire[name + SCALES_SUFFIX], self.bits), like.numel())
+        except ValueError as err:
+            raise ValueError(f"{name!r}: {err}") from None
+        return flat.reshape(like.shape).to(like.dtype)
+
+    def through(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``tensors`` as they arrive after travelling in this format (``float32``: the
+        same values)."""
+        return self.decode(self.encode(tensors), tensors)

@@ -12,6 +12,7 @@ from typing import Final, Literal
 
 __all__ = [
     "RESULTS_IN",
+    "SCALES_SUFFIX",
     "Config",
     "Info",
     "MessageType",
@@ -23,6 +24,9 @@ __all__ = [
     "Split",
 ]
 
+SCALES_SUFFIX: Final = "#scales"
+"""A quantized tensor ``name`` travels as its codes under ``name`` and its blocks' scales
+under ``name`` + this (no state-dict name holds a ``#``)."""
 RESULTS_IN: Final = "results in "
 """The ServerApp's first log line ends with this and its results folder; the launcher reads
 it there to settle a run whose ServerApp was killed before it could."""

@@ -5,13 +5,16 @@ codes refused."""
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wash_fed.codec import BLOCK, Bits, Encoded, decode, encode, encoded_bytes
+from wash_fed.codec import BLOCK, FORMATS, Bits, Encoded, WireFormat, decode, encode, encoded_bytes
+from wash_fed.keys import SCALES_SUFFIX
 
 BITS: list[Bits] = [8, 4]
 
@@ -120,3 +123,70 @@ def test_only_floating_point_values_and_known_widths_are_encoded() -> None:
 def test_the_bound_holds_for_any_finite_values(values: list[float], bits: Bits) -> None:
     tensor = torch.tensor(values, dtype=torch.float32)
     assert_within_bound(tensor, round_trip(tensor, bits), bits)
+
+
+STATE = {
+    "conv.weight": torch.randn(8, 3, 3, 3),
+    "bn.running_mean": torch.randn(8),
+    "bn.num_batches_tracked": torch.tensor(7),
+    "fc.bias": torch.randn(10).to(torch.float64),
+}
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_a_format_brings_tensors_back_in_their_names_shapes_and_dtypes(name: str) -> None:
+    wire_format = WireFormat(name)
+    back = wire_format.through(STATE)
+    assert back.keys() == STATE.keys()
+    for key, tensor in STATE.items():
+        assert back[key].shape == tensor.shape and back[key].dtype == tensor.dtype, key
+    assert torch.equal(back["bn.num_batches_tracked"], STATE["bn.num_batches_tracked"])
+    if wire_format.bits is not None:
+        assert_within_bound(STATE["conv.weight"], back["conv.weight"], wire_format.bits)
+    else:
+        cast = STATE["conv.weight"].to(getattr(torch, name)).float()
+        assert torch.equal(back["conv.weight"], cast), "rounded once to the float type"
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_a_quantized_tensor_travels_as_codes_and_scales_of_the_counted_size(name: str) -> None:
+    wire_format = WireFormat(name)
+    wire = wire_format.encode(STATE)
+    assert wire.keys() == STATE.keys() | {
+        f"{k}{SCALES_SUFFIX}" for k in ("conv.weight", "bn.running_mean", "fc.bias")
+    }
+    bits = wire_format.bits
+    assert bits is not None
+    nbytes = wire["conv.weight"].nbytes + wire[f"conv.weight{SCALES_SUFFIX}"].nbytes
+    assert nbytes == encoded_bytes(STATE["conv.weight"].numel(), bits)
+
+
+@pytest.mark.parametrize(
+    ("name", "spoil", "named"),
+    [
+        ("int8", lambda w: w.pop(f"conv.weight{SCALES_SUFFIX}"), "missing"),
+        ("int4", lambda w: w.__setitem__("conv.weight", w["conv.weight"][:-1]), "'conv.weight'"),
+        ("int8", lambda w: w.__setitem__("extra", torch.zeros(1)), "unexpected ['extra']"),
+        ("float16", lambda w: w.__setitem__("fc.bias", w["fc.bias"].float()), "'fc.bias'"),
+        ("float16", lambda w: w.__setitem__("bn.running_mean", torch.zeros(9).half()), "(9,)"),
+    ],
+)
+def test_a_wire_of_the_wrong_form_is_refused_naming_what_is_wrong(
+    name: str, spoil: Callable[[dict[str, torch.Tensor]], object], named: str
+) -> None:
+    wire = WireFormat(name).encode(STATE)
+    spoil(wire)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        WireFormat(name).decode(wire, STATE)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_a_non_finite_value_arrives_non_finite(name: str) -> None:
+    spoiled = {"w": torch.tensor([1.0, math.nan, 2.0]), "v": torch.tensor([math.inf, 0.0])}
+    back = WireFormat(name).through(spoiled)
+    assert not back["w"].isfinite().all() and not back["v"].isfinite().all()
+
+
+def test_an_unknown_format_is_refused_naming_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="int4"):
+        WireFormat("int2")
