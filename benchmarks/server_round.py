@@ -47,10 +47,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.task import worker_member
 from wash_fed import wire
+from wash_fed.codec import WireFormat
 from wash_fed.config import ConfigValue, WashFedConfig
 from wash_fed.keys import MessageType, Metric, Record
 from wash_fed.models import build_model
-from wash_fed.protocol import WashServer, wire_dtype
+from wash_fed.protocol import WashServer, payload_bytes, wire_format
 from wash_fed.shuffle import draw_permutations
 from wash_fed.strategy.roster import Roster
 from wash_fed.strategy.rounds import PopulationStrategy
@@ -107,24 +108,27 @@ def strategy_over(
     return PopulationStrategy(cfg, roster, WashServer(cfg, range(members), parameters))
 
 
-def replies_to(messages: Sequence[Message], values: Sequence[torch.Tensor]) -> list[Message]:
-    """Each message answered with its member's ``values`` (in member order)."""
+def replies_to(
+    messages: Sequence[Message], values: Sequence[Mapping[str, torch.Tensor]]
+) -> list[Message]:
+    """Each message answered with its member's ``values`` (in member order, as they travel)."""
     metrics = MetricRecord({Metric.LOSS: 1.0, Metric.NUM_EXAMPLES: 8})
     return [
         Message(
-            RecordDict(
-                {Record.METRICS: metrics, **wire.payload_records("values", {"weights": mine})}
-            ),
+            RecordDict({Record.METRICS: metrics, **wire.payload_records("values", mine)}),
             reply_to=message,
         )
         for message, mine in zip(messages, values, strict=True)
     ]
 
 
-def member_values(base: torch.Tensor, members: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """``members`` vectors near ``base`` (each with noise of its own), in ``dtype``."""
+def member_values(
+    base: torch.Tensor, members: int, wire: WireFormat
+) -> list[dict[str, torch.Tensor]]:
+    """``members`` vectors of weights near ``base`` (each with noise of its own), encoded
+    as they travel."""
     scale = NOISE * float(base.abs().mean())
-    return [(base + scale * torch.randn_like(base)).to(dtype) for _ in range(members)]
+    return [wire.encode({"weights": base + scale * torch.randn_like(base)}) for _ in range(members)]
 
 
 def server_side(layout: str, members: int, repeats: int) -> dict[str, float]:
@@ -132,7 +136,7 @@ def server_side(layout: str, members: int, repeats: int) -> dict[str, float]:
     torch.manual_seed(0)
     cfg, parameters = population(layout, members)
     selected = cfg.shuffle_mask([p.numel() for p in parameters.values()], 1).num_selected
-    values = member_values(torch.randn(selected), members, wire_dtype(cfg))
+    values = member_values(torch.randn(selected), members, wire_format(cfg))
 
     def one_round() -> None:
         strategy = strategy_over(cfg, parameters, members)
@@ -151,15 +155,16 @@ def server_side(layout: str, members: int, repeats: int) -> dict[str, float]:
     timings: dict[str, list[float]] = {"aggregate": [], "deliver": [], "peak": []}
     for _ in range(repeats):
         one_round()
-    stacked = torch.stack(values)
+    weights = [v["weights"] for v in values]  # the permutation's floor: the values as sent
+    stacked = torch.stack(weights)
     permutations = draw_permutations(members, selected, seed=0, event=1)
     return {
         "selected": selected,
-        "replies_bytes": sum(v.numel() * v.element_size() for v in values),
+        "replies_bytes": sum(payload_bytes(v) for v in values),
         "aggregate": statistics.median(timings["aggregate"]),
         "deliver": statistics.median(timings["deliver"]),
         "peak": statistics.median(timings["peak"]),
-        "copy": _seconds(lambda: torch.stack(values), repeats),
+        "copy": _seconds(lambda: torch.stack(weights), repeats),
         "permutation": _seconds(lambda: torch.gather(stacked, 0, permutations), repeats),
     }
 
@@ -192,8 +197,9 @@ def member_side(model: str, rounds: int = 3, peers: int = 3) -> dict[str, float]
             reply = member.handle(MessageType.TRAIN, messages[0].content)
             metrics = reply.metric_records[Record.METRICS]
             figures.append({key: float(cast(float, metrics[key])) for key in metrics})
-            own = wire.record_to_tensors(reply.array_records[Record.VALUES])["weights"]
-            others = member_values(own.float(), peers, own.dtype)
+            sent = wire.record_to_tensors(reply.array_records[Record.VALUES])
+            own = strategy.protocol.read(server_round, sent)["weights"]
+            others = member_values(own, peers, wire_format(cfg))
             answers = [Message(reply, reply_to=messages[0])]
             strategy.aggregate_train(server_round, answers + replies_to(messages[1:], others))
     delivering = figures[1:]

@@ -10,16 +10,18 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
 from wash_fed import wire
 from wash_fed.batchnorm import running_statistics
+from wash_fed.codec import WireFormat
 from wash_fed.config import WashFedConfig
 from wash_fed.evaluation import StateDict
 from wash_fed.gate import ReplyGate, check_model, require_finite
 from wash_fed.keys import Config, Metric, Record, Reply
-from wash_fed.protocol import to_wire, wire_dtype
+from wash_fed.protocol import wire_format
 from wash_fed.results import GLOBAL_MODEL, FinalResult
 from wash_fed.strategy.ledger_grid import LedgerGrid
 from wash_fed.strategy.record import RunRecord
@@ -78,13 +80,18 @@ class GatedFedAvg(FedAvg):
     reply gate: replies by the roster's members only, of the right form, tensors of the
     model's names, shapes and dtypes, finite, and not far from the others' (the magnitude
     bound of :func:`wash_fed.gate.magnitude_outliers`). Rejected replies are logged and left
-    out of the average."""
+    out of the average.
+
+    Models travel in ``wire_format`` both ways: the global model is encoded as it is sent,
+    and each reply decoded (against ``reference``, the model's state dict) before the gate
+    and the average see it, so FedAvg averages float32 models whatever travelled."""
 
     def __init__(
         self,
         *,
         roster: Roster,
         reference: Mapping[str, Tensor],
+        wire_format: WireFormat,
         gate: ReplyGate,
         rounds: FedAvgRounds,
         **options: Any,
@@ -92,13 +99,26 @@ class GatedFedAvg(FedAvg):
         super().__init__(**options)
         self.roster = roster
         self.reference = dict(reference)
+        self.format = wire_format
         self.gate = gate
         self.rounds = rounds
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        sent = self.format.encode(wire.record_to_tensors(arrays))
+        return super().configure_train(server_round, wire.tensors_to_record(sent), config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        got = gather(replies, self.roster.nodes, Record.ARRAYS, f"round {server_round}")
+        got = gather(
+            replies,
+            self.roster.nodes,
+            Record.ARRAYS,
+            f"round {server_round}",
+            lambda tensors: self.format.decode(tensors, self.reference),
+        )
         got.admitted(
             self.gate.admit(
                 got.accepted,
@@ -110,6 +130,8 @@ class GatedFedAvg(FedAvg):
             )
         )
         self.rounds.note(got)
+        for partition, message in got.messages.items():  # averaged as decoded
+            message.content[Record.ARRAYS] = wire.tensors_to_record(got.accepted[partition].tensors)
         return super().aggregate_train(server_round, list(got.messages.values()))
 
 
@@ -128,10 +150,11 @@ def run_fedavg(
     ``test_accuracy``, on the server's test set or the members').
     """
     rounds = FedAvgRounds(cfg, test_accuracy, lambda report: record.round(grid, report, None))
-    initial = to_wire(initial_model(cfg, 0).state_dict(), wire_dtype(cfg))
+    initial = initial_model(cfg, 0).state_dict()
     strategy = GatedFedAvg(
         roster=roster,
         reference=initial,
+        wire_format=wire_format(cfg),
         gate=reply_gate(cfg.gate),
         rounds=rounds,
         fraction_train=1.0,

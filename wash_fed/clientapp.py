@@ -50,7 +50,7 @@ from wash_fed.keys import (
 )
 from wash_fed.member import MemberState, PopulationMember
 from wash_fed.models import model_layout
-from wash_fed.protocol import apply_delivery, final_dtype, member_payload, to_wire
+from wash_fed.protocol import apply_delivery, final_format, member_payload, wire_format
 
 __all__ = ["ExampleCounts", "Task", "TaskError", "TrainRound", "WashMember", "WashMemberState"]
 
@@ -243,7 +243,7 @@ class WashMember:
         data)."""
         self._apply(content)
         metrics = self._own_test(content.config_records[Record.CONFIG])
-        state = to_wire(self.member.model.state_dict(), final_dtype(self.member.settings))
+        state = final_format(self.member.settings).encode(self.member.model.state_dict())
         return metrics, RecordDict({Record.ARRAYS: wire.tensors_to_record(state)})
 
     def bn_statistics(self, content: RecordDict) -> tuple[Metrics, RecordDict]:
@@ -354,18 +354,20 @@ class WashMember:
             apply_delivery(self.member, delivery)
         if Record.ARRAYS in content.array_records:
             state = wire.record_to_tensors(content.array_records[Record.ARRAYS])
-            self.member.model.load_state_dict(state)
+            model = self.member.model
+            model.load_state_dict(
+                wire_format(self.member.settings).decode(state, model.state_dict())
+            )
 
     def _received_model(self, content: RecordDict) -> dict[str, Tensor]:
         """The model a final-step message carries, whole or (``patch``) as the tensors that
         differ from the one this member kept from the previous message; kept in turn."""
-        tensors = wire.record_to_tensors(content.array_records[Record.ARRAYS])
+        sent = wire.record_to_tensors(content.array_records[Record.ARRAYS])
+        like = self.member.model.state_dict()
+        tensors = final_format(self.member.settings).decode_each(sent, like)
         if content.config_records[Record.CONFIG].get(Config.PATCH, False):
             if self.kept is None:
                 raise ValueError("a patch arrived, but this member kept no model to apply it to")
-            unknown = sorted(tensors.keys() - self.kept.keys())
-            if unknown:
-                raise ValueError(f"the patch names tensors the kept model lacks: {unknown[:3]}")
             tensors = {**self.kept, **tensors}
         self.kept = tensors
         return tensors

@@ -182,7 +182,7 @@ class WireFormat:
         if wire.keys() != expected:
             missing, extra = sorted(expected - wire.keys())[:3], sorted(wire.keys() - expected)[:3]
             raise ValueError(
-                f"tensors differ from the model's (missing {missing}, unexpected {extra})"
+                f"tensors differ from those expected (missing {missing}, unexpected {extra})"
             )
         return {name: self._decoded(name, wire, reference) for name, reference in like.items()}
 
@@ -192,8 +192,8 @@ class WireFormat:
             dtype = _CASTS[self.name] if like.is_floating_point() else like.dtype
             if value.shape != like.shape or value.dtype != dtype:
                 raise ValueError(
-                    f"{name!r} is {value.dtype} {tuple(value.shape)}, expected {dtype} "
-                    f"{tuple(like.shape)}"
+                    f"{name!r} is {value.dtype} of shape {tuple(value.shape)}, expected "
+                    f"{dtype} of shape {tuple(like.shape)}"
                 )
             return value.to(like.dtype)
         try:
@@ -206,3 +206,44 @@ class WireFormat:
         """``tensors`` as they arrive after travelling in this format (``float32``: the
         same values)."""
         return self.decode(self.encode(tensors), tensors)
+
+    def encode_lossless(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each tensor in this format where that changes none of its values (a soup
+        already rounded to it), else as it is (recalibrated BatchNorm buffers): for
+        :meth:`decode_each`."""
+        out: dict[str, Tensor] = {}
+        for name, tensor in tensors.items():
+            one = {name: tensor}
+            lossless = torch.equal(self.through(one)[name], tensor)
+            out |= self.encode(one) if lossless else {name: tensor.detach()}
+        return out
+
+    def decode_each(
+        self, wire: Mapping[str, Tensor], like: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """What :meth:`encode_lossless` sent, some or all of the tensors of ``like``: each
+        decoded from this format where it travelled in it, else taken as it is. A
+        ValueError naming a tensor ``like`` lacks or one of neither form."""
+        names = [name for name in wire if not name.endswith(SCALES_SUFFIX)]
+        unknown = sorted(set(names) - like.keys()) + sorted(
+            n
+            for n in wire
+            if n.endswith(SCALES_SUFFIX) and n.removesuffix(SCALES_SUFFIX) not in wire
+        )
+        if unknown:
+            raise ValueError(f"tensors unknown to the model: {unknown[:3]}")
+        out = {}
+        for name in names:
+            value, reference = wire[name], like[name]
+            encoded = {name: value} | (
+                {name + SCALES_SUFFIX: wire[name + SCALES_SUFFIX]}
+                if name + SCALES_SUFFIX in wire
+                else {}
+            )
+            as_is = value.dtype == reference.dtype and value.shape == reference.shape
+            out[name] = (
+                value
+                if as_is and len(encoded) == 1
+                else self.decode(encoded, {name: reference})[name]
+            )
+        return out

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args
 
+from wash_fed.codec import FORMATS
 from wash_fed.data import DATASETS, IMAGES, PARTITIONS, DatasetSpec
 from wash_fed.models import model_problem
 from wash_fed.shuffle import LAYER_SCHEDULES, ShuffleMask, wash_mask
@@ -61,7 +62,7 @@ LR_SCHEDULES = ("one-cycle", "cosine", "constant")
 INITS = ("different", "shared")
 SOUPS = ("uniform", "greedy")
 DEVICES = ("auto", "cpu", "cuda")
-WIRE_DTYPES = ("float32", "bfloat16", "float16")
+WIRE_DTYPES = FORMATS
 
 RESUMABLE_CHANGES = frozenset(
     {
@@ -552,11 +553,6 @@ class WashFedConfig:
 
     def _check_across_sections(self) -> None:
         """The rules that tie one section's keys to another's (or to the strategy)."""
-        if self.strategy == "fedavg" and self.exchange.wire_dtype == "bfloat16":
-            raise ConfigError(
-                "wire-dtype='bfloat16' does not work with fedavg: Flower's FedAvg averages "
-                "NumPy arrays, and NumPy has no bfloat16; use 'float16'"
-            )
         if (
             self.final.soup == "greedy"
             and self.data.holdout_size == 0

@@ -34,7 +34,7 @@ from wash_fed.batchnorm import BNStatistics, merge_bn_statistics, running_statis
 from wash_fed.config import ConfigError, ConfigValue, WashFedConfig
 from wash_fed.data import DatasetNotFoundError, ImageData
 from wash_fed.evaluation import OnData, accuracy, predict
-from wash_fed.gate import ReplyGate
+from wash_fed.gate import Admission, ReplyGate
 from wash_fed.keys import Metric, Reply, ReplyKind
 from wash_fed.ledger import Ledger
 from wash_fed.merge import merge_population
@@ -44,14 +44,12 @@ from wash_fed.protocol import (
     FedAvgServer,
     ServerProtocol,
     apply_delivery,
-    final_dtype,
+    final_format,
     member_payload,
     payload_bytes,
     round_reply,
     server_protocol,
-    through,
-    to_wire,
-    wire_dtype,
+    wire_format,
 )
 from wash_fed.results import (
     GLOBAL_MODEL,
@@ -114,13 +112,28 @@ class GatedServer:
         return round_reply(self.protocol, round_)
 
     def exchange(self, round_: int, payloads: Mapping[int, Mapping[str, Tensor]]) -> Exchange:
-        admitted = self.gate.admit(
-            payloads,
+        """The payloads (as they travel) read, admitted, exchanged."""
+        return self.protocol.exchange(round_, self.admit(round_, payloads).accepted)
+
+    def admit(
+        self, round_: int, payloads: Mapping[int, Mapping[str, Tensor]]
+    ) -> Admission[dict[str, Tensor]]:
+        """The payloads read (:meth:`ServerProtocol.read`) and judged by the reply gate;
+        one that cannot be read is left out with the reason."""
+        read: dict[int, dict[str, Tensor]] = {}
+        unreadable: dict[int, str] = {}
+        for member, payload in payloads.items():
+            try:
+                read[member] = self.protocol.read(round_, payload)
+            except ValueError as err:
+                unreadable[member] = str(err)
+        return self.gate.admit(
+            read,
             lambda payload: self.protocol.payload_problem(round_, payload),
             what=f"round {round_}, left out of its exchange",
-            statistics=running_statistics(next(iter(payloads.values()), {})),
+            earlier=unreadable,
+            statistics=running_statistics(next(iter(read.values()), {})),
         )
-        return self.protocol.exchange(round_, admitted.accepted)
 
 
 def _train_round(
@@ -206,7 +219,7 @@ def run_population(
         final, final_state = _fedavg_final(members, deliveries, test, cfg.final.eval_batch_size)
     else:
         final, final_state = _merge(members, data, test, ledger)
-    model_bytes = payload_bytes(to_wire(members[0].model.state_dict(), wire_dtype(cfg)))
+    model_bytes = payload_bytes(wire_format(cfg).encode(members[0].model.state_dict()))
     results = RunResult(
         "population",
         cfg.label,
@@ -315,24 +328,27 @@ def _server(cfg: WashFedConfig, members: list[Member], ledger: Ledger) -> Server
     if cfg.strategy != "fedavg":
         parameters = dict(members[0].model.named_parameters())
         return server_protocol(cfg, range(cfg.num_members), parameters, members[0].state_kinds())
-    start = to_wire(initial_model(cfg, 0).state_dict(), wire_dtype(cfg))
+    start = initial_model(cfg, 0).state_dict()
+    sent = wire_format(cfg).encode(start)
     for m in members:
-        m.model.load_state_dict(start)
-        ledger.record(1, m.index, "down", "train", payload_bytes(start))
+        m.model.load_state_dict(wire_format(cfg).decode(sent, start))
+        ledger.record(1, m.index, "down", "train", payload_bytes(sent))
     return FedAvgServer(cfg, range(cfg.num_members), start)
 
 
 def _fedavg_final(
     members: list[Member], deliveries: Deliveries, test: ImageData, batch_size: int
 ) -> tuple[FinalResult, dict[str, Tensor]]:
-    """FedAvg's final model: the average after the last round (no step of its own)."""
+    """FedAvg's final model: the average after the last round, as it travels to the
+    members (no step of its own)."""
     due = deliveries.due(members[0].index)
     if due is None:
         raise RuntimeError("FedAvg ended without an average: every member was rejected")
     model = build_like(members[0])
-    model.load_state_dict(due.tensors)
+    average = wire_format(members[0].cfg).decode(due.tensors, model.state_dict())
+    model.load_state_dict(average)
     global_accuracy = accuracy(predict(model, test, batch_size), test.labels)
-    return FinalResult(global_accuracy, GLOBAL_MODEL), dict(due.tensors)
+    return FinalResult(global_accuracy, GLOBAL_MODEL), average
 
 
 def _merge(
@@ -345,15 +361,15 @@ def _merge(
     soups built and evaluated (recalibrating BatchNorm on the members' data), counting what
     travels."""
     cfg = members[0].cfg
-    final_round, dtype = cfg.final_round, final_dtype(cfg)
-    state_dicts = [through(m.model.state_dict(), dtype) for m in members]
+    final_round, final = cfg.final_round, final_format(cfg)
+    state_dicts = [final.through(m.model.state_dict()) for m in members]
 
     def bn_statistics_of(soup: Mapping[str, Tensor]) -> BNStatistics:
         parts = []
         for m in members:
             stats = m.bn_statistics(soup)
             parts.append(stats)
-            sent = payload_bytes(to_wire(soup, dtype))
+            sent = payload_bytes(final.encode(soup))
             ledger.record(final_round, m.index, "down", "bn", sent)
             ledger.record(
                 final_round,
@@ -374,7 +390,7 @@ def _merge(
         if holdout
         else None,
         final_soup=cfg.final.soup,
-        as_sent=lambda soup: through(soup, dtype),
+        as_sent=final.through,
     )
     return merge.figures(), merge.final_state_dict
 

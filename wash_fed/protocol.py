@@ -27,11 +27,17 @@ fails loses nothing; a member applies each delivery at most once (``Member.appli
 WASH's deliveries are a per-coordinate permutation of what the participants sent, so the
 multiset of values at every coordinate is preserved.
 
-Values travel as ``wire-dtype`` (:func:`to_wire`): floating-point payloads and deliveries
-are cast to it, members cast back when they apply them. With ``float32`` nothing changes
-and WASH preserves the population's mean exactly; with a 16-bit type every value that
-travels is rounded once to that type (relative error at most 2**-8 for ``bfloat16``,
-2**-11 for ``float16``) -- WASH then preserves the multiset of the rounded values.
+Values travel in the ``wire-dtype`` format (:func:`wire_format`,
+:class:`wash_fed.codec.WireFormat`): payloads and deliveries are encoded when they leave and
+decoded, against the tensors they stand for, where they arrive -- the server reads each
+payload (:meth:`ServerProtocol.read`) before the reply gate sees it, a member decodes its
+delivery when it applies it. The server shuffles and averages decoded values. With
+``float32`` nothing changes and WASH preserves the population's mean exactly; with a 16-bit
+type every value that travels is rounded once to that type (relative error at most 2**-8
+for ``bfloat16``, 2**-11 for ``float16``) and WASH preserves the multiset of the rounded
+values; ``int8`` and ``int4`` round each value within half its block's scale on the way
+up, and WASH preserves the multiset of those decoded values until it quantizes each
+member's new values, block by block, on the way down.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from wash_fed.codec import WireFormat
 from wash_fed.config import MemberSettings, WashFedConfig
 from wash_fed.gate import check_tensors, check_values
 from wash_fed.keys import Reply, ReplyKind
@@ -62,16 +69,14 @@ __all__ = [
     "ServerProtocol",
     "WashServer",
     "apply_delivery",
-    "final_dtype",
+    "final_format",
     "member_payload",
     "papa_rate",
     "payload_bytes",
     "round_reply",
     "server_protocol",
     "tensors_digest",
-    "through",
-    "to_wire",
-    "wire_dtype",
+    "wire_format",
 ]
 
 DeliveryKind = Literal["values", "mean", "state"]
@@ -96,7 +101,8 @@ class Member(Protocol):
 
 @dataclass(frozen=True)
 class Delivery:
-    """What a member applies before its next local steps.
+    """What a member applies before its next local steps, its ``tensors`` in the wire
+    format (:func:`wire_format`; decoded as they are applied).
 
     ``kind == "values"`` (WASH): ``tensors[kind]`` is the flat vector, shape ``(m,)``, that
     the member writes back at the mask of shuffle event ``event`` for each value kind
@@ -116,64 +122,38 @@ def apply_delivery(member: Member, delivery: Delivery) -> bool:
     a later one. Returns whether it was applied."""
     if delivery.event <= member.applied_event:
         return False
+    wire = wire_format(member.settings)
     if delivery.kind == "values":
         mask = member.shuffle_mask(delivery.event).to(member.device)
         groups = member.shuffle_groups(member.settings.exchange.shuffle_optimizer_state)
-        if delivery.tensors.keys() != groups.keys():
-            raise ValueError(
-                f"received value kinds {sorted(delivery.tensors)}, expected {sorted(groups)}"
-            )
-        for kind, received in delivery.tensors.items():
+        like = {kind: group[0].new_empty(mask.num_selected) for kind, group in groups.items()}
+        for kind, received in wire.decode(delivery.tensors, like).items():
             scatter(groups[kind], mask, received)
     elif delivery.kind == "mean":
-        names = [name for name, _ in member.model.named_parameters()]
-        missing = sorted(set(names) - delivery.tensors.keys())
-        if missing:
-            raise ValueError(f"the population mean lacks parameters {missing[:5]}")
-        pull_toward(
-            member.parameters(), [delivery.tensors[n] for n in names], papa_rate(member.settings)
-        )
+        parameters = dict(member.model.named_parameters())
+        mean = wire.decode(delivery.tensors, parameters)
+        pull_toward(member.parameters(), list(mean.values()), papa_rate(member.settings))
     elif delivery.kind == "state":
-        member.model.load_state_dict(delivery.tensors)
+        member.model.load_state_dict(wire.decode(delivery.tensors, member.model.state_dict()))
     else:
         raise ValueError(f"unknown delivery kind {delivery.kind!r}")
     member.applied_event = delivery.event
     return True
 
 
-_WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 RunSettings = WashFedConfig | MemberSettings
 """A run's whole configuration (the server's) or what a member knows of it."""
 
 
-def wire_dtype(cfg: RunSettings) -> torch.dtype:
-    """The dtype of the floating-point values exchanged while training."""
-    return _WIRE_DTYPES[cfg.exchange.wire_dtype]
+def wire_format(cfg: RunSettings) -> WireFormat:
+    """How the values exchanged while training travel (``wire-dtype``)."""
+    return WireFormat(cfg.exchange.wire_dtype)
 
 
-def final_dtype(cfg: RunSettings) -> torch.dtype:
-    """The dtype of the final step's floating-point values: the collected members and the
+def final_format(cfg: RunSettings) -> WireFormat:
+    """How the final step's values travel (``final-dtype``): the collected members and the
     soup on its way down."""
-    return _WIRE_DTYPES[cfg.final.final_dtype]
-
-
-def through(tensors: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    """``tensors`` as they arrive after travelling in ``dtype``: every floating-point one
-    rounded to it once and cast back to its own dtype (identity for ``float32``)."""
-    return {
-        name: t.detach().to(dtype).to(t.dtype) if t.is_floating_point() else t.detach()
-        for name, t in tensors.items()
-    }
-
-
-def to_wire(tensors: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    """``tensors`` with every floating-point one cast to ``dtype`` (others unchanged)."""
-    return {
-        name: t.detach().to(dtype) if t.is_floating_point() else t.detach()
-        for name, t in tensors.items()
-    }
+    return WireFormat(cfg.final.final_dtype)
 
 
 def papa_rate(cfg: RunSettings) -> float:
@@ -187,20 +167,20 @@ def member_payload(member: Member, reply: ReplyKind, event: int) -> dict[str, Te
 
     ``values``: its values at the mask of shuffle event ``event``, one flat vector per kind;
     ``weights``: its parameters by name; ``state``: its full state dict; ``metrics``: nothing;
-    floating-point values in ``wire-dtype``. ``final``: its full state dict in
-    ``final-dtype``.
+    encoded in the ``wire-dtype`` format. ``final``: its full state dict in the
+    ``final-dtype`` format.
     """
-    dtype = wire_dtype(member.settings)
+    wire = wire_format(member.settings)
     if reply == Reply.VALUES:
         mask = member.shuffle_mask(event).to(member.device)
         groups = member.shuffle_groups(member.settings.exchange.shuffle_optimizer_state)
-        return to_wire({kind: gather(tensors, mask) for kind, tensors in groups.items()}, dtype)
+        return wire.encode({kind: gather(tensors, mask) for kind, tensors in groups.items()})
     if reply == Reply.WEIGHTS:
-        return to_wire(dict(member.model.named_parameters()), dtype)
+        return wire.encode(dict(member.model.named_parameters()))
     if reply == Reply.STATE:
-        return to_wire(member.model.state_dict(), dtype)
+        return wire.encode(member.model.state_dict())
     if reply == Reply.FINAL:
-        return to_wire(member.model.state_dict(), final_dtype(member.settings))
+        return final_format(member.settings).encode(member.model.state_dict())
     if reply == Reply.METRICS:
         return {}
     raise ValueError(f"unknown reply kind {reply!r}")
@@ -257,21 +237,32 @@ class ServerProtocol:
     def __init__(self, cfg: WashFedConfig, members: Iterable[int]) -> None:
         self.cfg = cfg
         self.members = sorted(members)
+        self.format = wire_format(cfg)
 
     def reply_for(self, server_round: int) -> ReplyKind:
         """What every member sends back from round ``server_round``."""
         return "metrics"
 
+    def like(self, server_round: int) -> dict[str, Tensor]:
+        """The tensors a payload of round ``server_round`` stands for (their names, shapes
+        and dtypes), which :meth:`read` decodes it against."""
+        return {}
+
+    def read(self, server_round: int, payload: Payload) -> dict[str, Tensor]:
+        """A member's payload of round ``server_round`` as it left the member: decoded from
+        the wire format. A ValueError naming what is wrong where it is not of that form."""
+        return self.format.decode(payload, self.like(server_round))
+
     def payload_problem(self, server_round: int, payload: Payload) -> str | None:
-        """Why a member's payload of round ``server_round`` is not of the form its reply
-        kind asks for (None: it is); the reply gate's first check
+        """Why a member's payload of round ``server_round`` (:meth:`read`) is not of the
+        form its reply kind asks for (None: it is); the reply gate's first check
         (:meth:`wash_fed.gate.ReplyGate.admit`)."""
         return f"sent values {sorted(payload)[:3]} for metrics only" if payload else None
 
     def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
         """Turn the admitted payloads of round ``server_round`` (by partition id, those the
-        reply gate let through) into deliveries, which may reuse and overwrite the payloads'
-        tensors."""
+        reply gate let through, read) into deliveries in the wire format; the payloads'
+        tensors may be reused and overwritten."""
         return Exchange({})
 
 
@@ -284,8 +275,8 @@ class WashServer(ServerProtocol):
     gate (:mod:`wash_fed.gate`: form, then magnitude against the others).
 
     ``parameters`` are the model's parameter tensors by name, in registration order (only
-    their sizes matter); replies carry ``wire-dtype`` values: the weights and, with
-    ``shuffle-optimizer-state``, the optimizer state of ``state_kinds``
+    their sizes matter); replies carry the values in the ``wire-dtype`` format: the weights
+    and, with ``shuffle-optimizer-state``, the optimizer state of ``state_kinds``
     (:meth:`wash_fed.member.PopulationMember.state_kinds`).
     """
 
@@ -298,7 +289,6 @@ class WashServer(ServerProtocol):
     ) -> None:
         super().__init__(cfg, members)
         self.numels = [p.numel() for p in parameters.values()]
-        self.dtype = wire_dtype(cfg)
         self.state_kinds = list(state_kinds)
         self._selected = (-1, 0)
         """``(round, values its mask selects)`` of the round last asked about."""
@@ -318,9 +308,13 @@ class WashServer(ServerProtocol):
             self._selected = (server_round, mask.num_selected)
         return self._selected[1]
 
+    def like(self, server_round: int) -> dict[str, Tensor]:
+        selected = self.selected(server_round)
+        return {kind: torch.empty(selected) for kind in self.expected_kinds()}
+
     def payload_problem(self, server_round: int, payload: Payload) -> str | None:
         selected = self.selected(server_round)
-        return check_values(payload, self.expected_kinds(), selected, self.dtype)
+        return check_values(payload, self.expected_kinds(), selected, torch.float32)
 
     def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
         """One shuffle event among the admitted members (in member order), in place: each
@@ -334,21 +328,24 @@ class WashServer(ServerProtocol):
             [payloads[m] for m in members], seed=self.cfg.seed, event=server_round, in_place=True
         )
         deliveries = {
-            member: Delivery("values", server_round, mine)
+            member: Delivery("values", server_round, self.format.encode(mine))
             for member, mine in zip(members, received, strict=True)
         }
         return Exchange(deliveries, counts | {"moved": moved})
 
 
 class _AveragingServer(ServerProtocol):
-    """A strategy whose members send whole tensors (named as in ``tensors``, in
-    ``wire-dtype``) and get their mean back."""
+    """A strategy whose members send whole tensors (those of ``tensors``: names, shapes,
+    dtypes) and get their mean back."""
 
     def __init__(
         self, cfg: WashFedConfig, members: Iterable[int], tensors: Mapping[str, Tensor]
     ) -> None:
         super().__init__(cfg, members)
-        self.reference = to_wire(tensors, wire_dtype(cfg))
+        self.reference = {name: t.detach() for name, t in tensors.items()}
+
+    def like(self, server_round: int) -> dict[str, Tensor]:
+        return self.reference
 
     def payload_problem(self, server_round: int, payload: Payload) -> str | None:
         return check_tensors(payload, self.reference)
@@ -361,7 +358,9 @@ class _AveragingServer(ServerProtocol):
             return Exchange({}, {"averaged": 0})
         names = list(self.reference)
         mean = population_mean([[payloads[m][n] for n in names] for m in sorted(payloads)])
-        delivery = Delivery(kind, server_round, dict(zip(names, mean, strict=True)))
+        delivery = Delivery(
+            kind, server_round, self.format.encode(dict(zip(names, mean, strict=True)))
+        )
         return Exchange(dict.fromkeys(self.members, delivery), {"averaged": len(payloads)})
 
 
@@ -375,6 +374,9 @@ class PapaServer(_AveragingServer):
 
     def reply_for(self, server_round: int) -> ReplyKind:
         return "weights" if self._due(server_round) else "metrics"
+
+    def like(self, server_round: int) -> dict[str, Tensor]:
+        return super().like(server_round) if self._due(server_round) else {}
 
     def payload_problem(self, server_round: int, payload: Payload) -> str | None:
         if not self._due(server_round):

@@ -17,7 +17,7 @@ from simulations.launch import main as launch_main
 from wash_fed.config import ConfigValue
 from wash_fed.ledger import Ledger
 from wash_fed.population import run_population
-from wash_fed.protocol import final_dtype, through, wire_dtype
+from wash_fed.protocol import final_format, payload_bytes, wire_format
 from wash_fed.results import RunResult, read_results
 from wash_fed.shuffle import LayerSchedule, layer_probs
 from wash_fed.training import new_model
@@ -71,17 +71,14 @@ def test_wash_run_sends_only_the_masked_values(
     probs = layer_probs(
         cfg.exchange.shuffle_prob, len(numels), cast(LayerSchedule, cfg.exchange.layer_schedule)
     )
-    value_bytes = wire_dtype(cfg).itemsize
+    value_bytes = wire_format(cfg).encode({"v": torch.zeros(1)})["v"].element_size()
     expected = sum(p * n for p, n in zip(probs, numels, strict=True))
     ledger = Ledger.read_csv(run_dir / "ledger.csv")
     train = [e for e in ledger.entries if e.phase == "train"]
     assert {e.member for e in train} == set(range(MEMBERS))
     # Up in the last round: the whole model in final-dtype, for the final step.
     state = new_model(cfg).state_dict()
-    model = sum(
-        t.numel() * (final_dtype(cfg).itemsize if t.is_floating_point() else t.element_size())
-        for t in state.values()
-    )
+    model = payload_bytes(final_format(cfg).encode(state))
     collect = [e for e in ledger.entries if e.phase == "collect"]
     assert sorted((e.round, e.direction) for e in collect) == [(2, "up")] * MEMBERS
     assert all(0 < e.bytes - model < FRAMING + FRAMING_PER_ARRAY * len(state) for e in collect)
@@ -130,29 +127,29 @@ def test_the_final_step_sends_each_member_the_soup_once(
     assert "[ROUND 2/2]" in (run_dir / "flower-strategy.log").read_text()
 
 
-def test_fedavg_run_sends_the_full_model_each_way_in_16_bits(
-    simulation_harness: FlowerHarness, out: Path
+@pytest.mark.parametrize("wire_dtype", ["float16", "int4"])
+def test_fedavg_run_sends_the_full_model_each_way_in_its_wire_format(
+    simulation_harness: FlowerHarness, out: Path, wire_dtype: str
 ) -> None:
-    """Flower's FedAvg with ``wire-dtype='float16'``: the model travels at two bytes per
-    value (integer buffers stay as they are) and the run trains."""
+    """Flower's FedAvg with a ``wire-dtype`` of 16 or 4 bits: the model travels encoded
+    both ways (two bytes a value; half a byte and a float32 scale every 64 values; integer
+    buffers as they are), Flower averages the decoded models and the run trains."""
     members = out / "fedavg-members"
     _, results, run_dir = run(
         simulation_harness,
         out,
         strategy="fedavg",
-        **{"member-checkpoints": str(members), "wire-dtype": "float16"},
+        **{"member-checkpoints": str(members), "wire-dtype": wire_dtype},
     )
     assert not members.exists(), "FedAvg does not resume: its members write no checkpoints"
     cfg = results.config
-    state = new_model(cfg).state_dict()
-    model_bytes = sum(
-        t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in state.values()
-    )
+    sent = wire_format(cfg).encode(new_model(cfg).state_dict())
+    model_bytes = payload_bytes(sent)
     ledger = Ledger.read_csv(run_dir / "ledger.csv")
     train = [e for e in ledger.entries if e.phase == "train"]
     assert len(train) == 2 * 2 * MEMBERS  # rounds x directions x members
     for e in train:
-        assert 0 < e.bytes - model_bytes < FRAMING + FRAMING_PER_ARRAY * len(state), e
+        assert 0 < e.bytes - model_bytes < FRAMING + FRAMING_PER_ARRAY * len(sent), e
     assert [r.test_accuracy is not None for r in results.rounds] == [True, True]
     final = results.final_figures()
     assert final.final_model == "global" and 0.0 < final.final_accuracy <= 1.0
@@ -200,9 +197,10 @@ def torch_settings() -> Iterator[None]:
             "wire-dtype": "bfloat16",
             "final-dtype": "float16",
         },
+        {"strategy": "wash", "wire-dtype": "int4", "final-dtype": "int8"},
         {"strategy": "papa", "papa-every": 2},
     ],
-    ids=["wash+opt-bfloat16-final-float16", "papa"],
+    ids=["wash+opt-bfloat16-final-float16", "wash-int4-final-int8", "papa"],
 )
 def test_a_federated_run_equals_the_population_trainer_bit_for_bit(
     simulation_harness: FlowerHarness, out: Path, overrides: dict[str, ConfigValue]
@@ -219,7 +217,7 @@ def test_a_federated_run_equals_the_population_trainer_bit_for_bit(
     for i, (members, theirs) in enumerate(
         zip(reference.member_state_dicts, federated, strict=True)
     ):
-        ours = through(members, final_dtype(cfg))  # as they were collected
+        ours = final_format(cfg).through(members)  # as they were collected
         assert ours.keys() == theirs.keys()
         for key, value in ours.items():
             assert torch.equal(value, theirs[key]), f"member {i}: {key}"

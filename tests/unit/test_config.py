@@ -58,8 +58,10 @@ def test_independent_is_an_alias_of_ensemble() -> None:
         ({"weight-decay": math.nan}, "weight-decay must be finite"),
         ({"outlier-factor": 0}, "outlier-factor must be > 0"),
         ({"quarantine-after": 0}, "quarantine-after must be >= 1"),
-        ({"wire-dtype": "int8"}, "wire-dtype must be one of float32, bfloat16, float16"),
-        ({"strategy": "fedavg", "wire-dtype": "bfloat16"}, "NumPy has no bfloat16"),
+        (
+            {"wire-dtype": "int2"},
+            "wire-dtype must be one of float32, bfloat16, float16, int8, int4",
+        ),
         ({"num-server-rounds": "ten"}, "num-server-rounds must be int, got 'ten'"),
         ({"shuffle-optimizer-state": 3}, "shuffle-optimizer-state must be bool"),
         ({"num-members": True}, "num-members must be int"),

@@ -123,7 +123,9 @@ def test_fedavg_starts_from_one_model_and_ends_with_the_members_average() -> Non
 
 
 @pytest.mark.slow
-def test_16_bit_values_halve_what_wash_sends_and_it_still_trains() -> None:
+def test_fewer_bits_cut_what_wash_sends_as_counted_and_it_still_trains() -> None:
+    """16-bit values halve WASH's bytes while training; 8 and 4 bits cut them to about a
+    quarter and an eighth (a float32 scale per 64 values on top), and every run trains."""
     runs = {
         dtype: run_population(
             WashFedConfig.from_mapping(
@@ -138,10 +140,13 @@ def test_16_bit_values_halve_what_wash_sends_and_it_still_trains() -> None:
             log=lambda _: None,
             progress_eval=False,
         ).results
-        for dtype in ("float32", "bfloat16")
+        for dtype in ("float32", "bfloat16", "int8", "int4")
     }
     sent = {d: r.sent(phase="train") for d, r in runs.items()}
     assert 2 * sent["bfloat16"] == sent["float32"] > 0
+    assert 0.25 < sent["int8"] / sent["float32"] < 0.27, sent
+    assert 0.125 < sent["int4"] / sent["float32"] < 0.145, sent
     accuracy = {d: r.final_figures().final_accuracy for d, r in runs.items()}
-    assert accuracy["bfloat16"] > 0.3, accuracy  # ten classes: chance is 0.1
-    assert abs(accuracy["bfloat16"] - accuracy["float32"]) < 0.1, accuracy
+    for dtype in ("bfloat16", "int8", "int4"):
+        assert accuracy[dtype] > 0.3, accuracy  # ten classes: chance is 0.1
+        assert abs(accuracy[dtype] - accuracy["float32"]) < 0.1, accuracy

@@ -13,7 +13,7 @@ from tests.unit.small_configs import three_members
 from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Config, MessageType, Record
-from wash_fed.protocol import PapaServer, WashServer, wire_dtype
+from wash_fed.protocol import PapaServer, WashServer, wire_format
 from wash_fed.strategy.replies import Replies, gather
 from wash_fed.strategy.roster import Roster
 from wash_fed.strategy.rounds import PopulationStrategy
@@ -44,9 +44,8 @@ def answer(msg: Message, **arrays: ArrayRecord) -> Message:
 
 def values_for(partition: int, event: int, config: WashFedConfig) -> ArrayRecord:
     m = config.shuffle_mask(NUMELS, event).num_selected
-    return wire.tensors_to_record(
-        {"weights": partition * 1000 + torch.arange(m, dtype=wire_dtype(config))}
-    )
+    values = {"weights": partition * 1000 + torch.arange(m, dtype=torch.float32)}
+    return wire.tensors_to_record(wire_format(config).encode(values))
 
 
 def by_node(messages: list[Message]) -> dict[int, Message]:
@@ -132,9 +131,10 @@ def test_papa_asks_for_weights_on_its_rounds_and_delivers_the_mean_to_all() -> N
     config = three_members(strategy="papa", papa_every=2)
     strategy = strategy_for(config)
     messages = by_node(strategy.messages(MessageType.TRAIN, 2, {}))
-    dtype = wire_dtype(config)
     weights = {
-        p: {n: torch.full_like(t, float(p), dtype=dtype) for n, t in PARAMETERS.items()}
+        p: wire_format(config).encode(
+            {n: torch.full_like(t, float(p)) for n, t in PARAMETERS.items()}
+        )
         for p in NODES
     }
     strategy.aggregate_train(

@@ -9,9 +9,10 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from tests.unit.test_protocol import gated_exchange
 from wash_fed import wire
+from wash_fed.codec import WireFormat
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Record
-from wash_fed.protocol import WashServer, to_wire
+from wash_fed.protocol import WashServer
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -56,7 +57,8 @@ def test_wash_takes_values_only_in_the_runs_wire_dtype() -> None:
     parameters = {"w": torch.zeros(64)}
     server = WashServer(cfg, [0, 1, 2], parameters)
     selected = cfg.shuffle_mask([64], 1).num_selected
-    payloads = {m: to_wire({"weights": torch.randn(selected)}, torch.bfloat16) for m in (0, 1)}
+    bfloat16 = WireFormat("bfloat16")
+    payloads = {m: bfloat16.encode({"weights": torch.randn(selected)}) for m in (0, 1)}
     payloads[2] = {"weights": torch.randn(selected)}  # float32: not what the run sends
     exchange, rejected = gated_exchange(server, 1, payloads)
     assert "float32" in rejected[2] and set(exchange.deliveries) == {0, 1}

@@ -45,7 +45,7 @@ from wash_fed.gate import (
 )
 from wash_fed.keys import Config, MessageType, Metric, Metrics, Record, Split
 from wash_fed.merge import MergeResult, merge_population
-from wash_fed.protocol import final_dtype, through, to_wire
+from wash_fed.protocol import final_format
 from wash_fed.results import FinalResult
 from wash_fed.strategy.replies import gather, reply_gate
 from wash_fed.strategy.roster import Roster
@@ -114,9 +114,9 @@ class FinalExchanges:
         self, partition: int, model: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], bool]:
         """The tensors to send member ``partition`` and whether they are a patch over the
-        model it holds. Each floating-point tensor travels in ``final-dtype`` where that
-        loses nothing (a soup is rounded to it before it is sent), else in its own dtype
-        (the recalibrated BatchNorm buffers)."""
+        model it holds. Each floating-point tensor travels in the ``final-dtype`` format
+        where that loses nothing (a soup is rounded to it before it is sent), else in its
+        own dtype (the recalibrated BatchNorm buffers)."""
         held = self.held.get(partition)
         patch = held is not None and held.keys() == model.keys()
         tensors = (
@@ -124,8 +124,7 @@ class FinalExchanges:
             if held is not None and patch
             else dict(model)
         )
-        dtype = final_dtype(self.cfg)
-        return {n: _narrowed(t, dtype) for n, t in tensors.items()}, patch
+        return final_format(self.cfg).encode_lossless(tensors), patch
 
     def admit(
         self,
@@ -205,14 +204,6 @@ def _none(parts: wire.ReplyParts) -> dict[str, Tensor]:
     return {}
 
 
-def _narrowed(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    """``tensor`` in ``dtype`` when it is floating and that rounds nothing, else as it is."""
-    if not tensor.is_floating_point():
-        return tensor
-    narrow = tensor.to(dtype)
-    return narrow if torch.equal(narrow.to(tensor.dtype), tensor) else tensor
-
-
 @dataclass(frozen=True)
 class ServerEvaluation:
     """What the server evaluates with in the final step, where it can: ``test`` judges the
@@ -260,7 +251,7 @@ def final_step(
         ),
         holdout=_holdout(exchanges, evaluation),
         final_soup=cfg.final.soup,
-        as_sent=lambda soup: through(soup, final_dtype(cfg)),
+        as_sent=final_format(cfg).through,
     )
     require_finite(merge.final_state_dict, "the final model")
     keep(merge.final_state_dict, states)
@@ -283,17 +274,13 @@ def _collected(
     """Every member's model, in ``reference``'s dtypes, as the reply gate admitted it (a
     RuntimeError when none was), with the metrics it reported (its own test accuracy, with
     ``own_tests``); why the others were not."""
-    expected = to_wire(reference, final_dtype(strategy.cfg))
-    collected, reported, rejected = strategy.collect(grid, expected, own_tests)
+    collected, reported, rejected = strategy.collect(grid, reference, own_tests)
     log(
         INFO, "final step: %d members' models collected, %d left out", len(collected), len(rejected)
     )
     if not collected:
         raise RuntimeError("no member could be collected; nothing to average")
-    states = {
-        p: {k: v.to(reference[k].dtype) for k, v in sd.items()} for p, sd in collected.items()
-    }
-    return states, reported, rejected
+    return collected, reported, rejected
 
 
 def _accuracies(merge: MergeResult) -> str:

@@ -11,12 +11,13 @@ ServerApp's own from :func:`reply_gate`), which also logs every rejection.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from logging import WARNING
 
 from flwr.app import Message
 from flwr.common.logger import log
+from torch import Tensor
 
 from wash_fed import wire
 from wash_fed.config import GateConfig
@@ -58,11 +59,13 @@ def gather(
     members: Mapping[int, int],
     arrays: str | None,
     what: str,
+    read: Callable[[Mapping[str, Tensor]], dict[str, Tensor]] | None = None,
 ) -> Replies:
     """Sort ``replies`` by member (``members``: partition id -> node id) and check each
-    one's form: exactly a metrics record and, when ``arrays`` names one, that array record;
-    metrics finite and in range, and its ``partition-id`` (if any) its own. Members
-    that did not answer are failed. Each failure is logged once, naming ``what`` was asked.
+    one's form: exactly a metrics record and, when ``arrays`` names one, that array record,
+    its tensors decoded by ``read`` from the form they travel in (a ValueError: rejected);
+    metrics finite and in range, and its ``partition-id`` (if any) its own. Members that
+    did not answer are failed. Each failure is logged once, naming ``what`` was asked.
     """
     partition_of = {node: partition for partition, node in members.items()}
     got = Replies()
@@ -78,7 +81,9 @@ def gather(
         try:
             parts = wire.reply_parts(reply.content, arrays)
             problem = _identity_problem(parts, partition)
-        except wire.MalformedReplyError as err:
+            if problem is None and read is not None:
+                parts = replace(parts, tensors=read(parts.tensors))
+        except (wire.MalformedReplyError, ValueError) as err:
             problem = str(err)
         if problem is None:
             got.accepted[partition], got.messages[partition] = parts, reply

@@ -24,7 +24,7 @@ from wash_fed.batchnorm import running_statistics
 from wash_fed.config import WashFedConfig
 from wash_fed.gate import Quarantine, check_model
 from wash_fed.keys import Config, MessageType, Metrics, Record, Reply
-from wash_fed.protocol import Exchange, ServerProtocol, final_dtype, round_reply, to_wire
+from wash_fed.protocol import Exchange, ServerProtocol, final_format, round_reply
 from wash_fed.strategy.replies import Replies, gather, reply_gate
 from wash_fed.strategy.roster import Roster
 from wash_fed.strategy.state import RoundReport, StrategyState
@@ -94,16 +94,22 @@ class PopulationStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.state.rounds_done
         reply = round_reply(self.protocol, server_round)
+        final = reply == Reply.FINAL
+        reference = self.roster.reference
         got = gather(
-            replies, self.roster.nodes, wire.payload_record(reply), f"round {server_round}"
+            replies,
+            self.roster.nodes,
+            wire.payload_record(reply),
+            f"round {server_round}",
+            (lambda tensors: final_format(self.cfg).decode(tensors, reference))
+            if final
+            else (lambda tensors: self.protocol.read(server_round, tensors)),
         )
         answered = got.answered()
         self._note_missing(got)
-        final = reply == Reply.FINAL
-        expected = to_wire(self.roster.reference, final_dtype(self.cfg)) if final else {}
         admission = self.gate.admit(
             got.accepted,
-            (lambda parts: check_model(parts.tensors, expected))
+            (lambda parts: check_model(parts.tensors, reference))
             if final
             else (lambda parts: self.protocol.payload_problem(server_round, parts.tensors)),
             what=f"round {server_round}, "
@@ -188,7 +194,13 @@ class PopulationStrategy(Strategy):
         config = {Config.CHECKPOINTED_ROUND: self.state.checkpointed, Config.EVALUATE: own_tests}
         messages = self.messages(MessageType.COLLECT, self.cfg.final_round, config, asked)
         replies = grid.send_and_receive(messages, timeout=self.cfg.runtime.round_timeout)
-        got = gather(replies, asked, Record.ARRAYS, "the final collection")
+        got = gather(
+            replies,
+            asked,
+            Record.ARRAYS,
+            "the final collection",
+            lambda tensors: final_format(self.cfg).decode(tensors, reference),
+        )
         self._note_missing(got)
         self.state.deliveries.settle(got.answered(), Exchange({}))
         earlier = self.final_models
