@@ -106,8 +106,12 @@ class GatedFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        sent = self.format.encode(wire.record_to_tensors(arrays))
-        return super().configure_train(server_round, wire.tensors_to_record(sent), config, grid)
+        # Flower averages integer buffers too (BatchNorm's batch count): back to their dtype.
+        model = {
+            k: t.to(self.reference[k].dtype) for k, t in wire.record_to_tensors(arrays).items()
+        }
+        sent = wire.tensors_to_record(self.format.encode(model))
+        return super().configure_train(server_round, sent, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
