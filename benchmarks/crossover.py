@@ -83,7 +83,7 @@ def operating_points(rows: Iterable[SweepRow]) -> list[OperatingPoint]:
                 rounds=rounds,
                 local_steps=cfg.optim.local_steps,
                 accuracy=statistics.fmean(accuracies),
-                spread=statistics.pstdev(accuracies),
+                spread=statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
                 seeds=len(runs),
                 down=sent.get("down.train", 0) / rounds / size,
                 # The collection rides on the last training round's replies.
