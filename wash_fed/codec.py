@@ -214,8 +214,9 @@ class WireFormat:
         out: dict[str, Tensor] = {}
         for name, tensor in tensors.items():
             one = {name: tensor}
-            lossless = torch.equal(self.through(one)[name], tensor)
-            out |= self.encode(one) if lossless else {name: tensor.detach()}
+            encoded = self.encode(one)
+            lossless = torch.equal(self.decode(encoded, one)[name], tensor)
+            out |= encoded if lossless else {name: tensor.detach()}
         return out
 
     def decode_each(

@@ -190,3 +190,22 @@ def test_a_non_finite_value_arrives_non_finite(name: str) -> None:
 def test_an_unknown_format_is_refused_naming_the_known_ones() -> None:
     with pytest.raises(ValueError, match="int4"):
         WireFormat("int2")
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_a_rounded_soup_travels_in_the_format_and_other_buffers_as_they_are(name: str) -> None:
+    wire_format = WireFormat(name)
+    soup = wire_format.through(STATE)
+    recalibrated = {**soup, "bn.running_mean": torch.randn(8) / 3}  # not rounded to it
+    sent = wire_format.encode_lossless(recalibrated)
+    if name != "float32":
+        assert sent["bn.running_mean"].dtype == torch.float32, "a buffer it would round"
+        assert sent["conv.weight"].dtype != torch.float32, "the soup, in the format"
+    back = wire_format.decode_each(sent, STATE)
+    assert back.keys() == STATE.keys()
+    for key, tensor in recalibrated.items():
+        assert torch.equal(back[key], tensor) and back[key].dtype == tensor.dtype, key
+    patch = wire_format.decode_each({k: v for k, v in sent.items() if k.startswith("bn.")}, STATE)
+    assert set(patch) == {"bn.running_mean", "bn.num_batches_tracked"}
+    with pytest.raises(ValueError, match="unknown to the model"):
+        wire_format.decode_each({"extra": torch.zeros(1)}, STATE)
