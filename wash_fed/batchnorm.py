@@ -18,9 +18,11 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "RUNNING_STATISTICS",
     "BNStatistics",
     "bn_layers_of",
     "bn_statistics",
+    "is_running_statistic",
     "merge_bn_statistics",
     "running_statistics",
     "with_bn_statistics",
@@ -127,14 +129,21 @@ def bn_layers_of(state_dict: Mapping[str, Tensor]) -> BNStatistics:
     )
 
 
+RUNNING_STATISTICS = ("running_mean", "running_var")
+"""What BatchNorm calls its running statistics in a state dict (``<layer>.<kind>``)."""
+
+
+def is_running_statistic(name: str) -> bool:
+    """Whether a state dict's ``name`` is a BatchNorm layer's running mean or variance."""
+    return name.rpartition(".")[2] in RUNNING_STATISTICS
+
+
 def running_statistics(state_dict: Mapping[str, Tensor]) -> frozenset[str]:
     """The names of the BatchNorm running means and variances in ``state_dict``: values
     measured on each member's own data, not trained (what the reply gate judges by
     distance only)."""
     layers = bn_layers_of(state_dict).means
-    return frozenset(
-        f"{name}.{kind}" for name in layers for kind in ("running_mean", "running_var")
-    )
+    return frozenset(f"{name}.{kind}" for name in layers for kind in RUNNING_STATISTICS)
 
 
 def with_bn_statistics(state_dict: Mapping[str, Tensor], stats: BNStatistics) -> dict[str, Tensor]:
