@@ -163,12 +163,20 @@ class WireFormat:
         """The quantized formats' bits (None: a float type)."""
         return _QUANTIZED.get(self.name)
 
+    @property
+    def exact_dtype(self) -> torch.dtype:
+        """The narrowest dtype that holds every value this format decodes to exactly: the
+        float type itself, ``float32`` for the quantized formats. Values held in it travel
+        on unchanged (:meth:`encode` is then a no-op for them)."""
+        return torch.float32 if self.bits is not None else _CASTS[self.name]
+
     def encode(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``tensors`` as they travel."""
         out: dict[str, Tensor] = {}
+        as_they_are = self._not_quantized(tensors)
         for name, tensor in tensors.items():
             t = tensor.detach()
-            if not t.is_floating_point():
+            if not t.is_floating_point() or name in as_they_are:
                 out[name] = t
             elif self.bits is None:
                 out[name] = t.to(_CASTS[self.name])

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Generic, TypeVar, cast
 
 import numpy as np
@@ -38,6 +39,7 @@ from torch import Tensor
 
 from wash_fed.batchnorm import BNStatistics, bn_layers_of
 from wash_fed.keys import Metric
+from wash_fed.shuffle import all_finite
 
 __all__ = [
     "ALIGNMENT_FACTOR",
@@ -119,7 +121,7 @@ def check_tensors(payload: Mapping[str, Tensor], reference: Mapping[str, Tensor]
                 f"{name!r} is {value.dtype} {tuple(value.shape)}, expected "
                 f"{expected.dtype} {tuple(expected.shape)}"
             )
-        if value.is_floating_point() and not bool(value.isfinite().all()):
+        if not all_finite(value):
             return f"{name!r} holds non-finite values"
     return None
 
@@ -204,9 +206,12 @@ def magnitude_outliers(
     return outliers
 
 
-GATE_CHUNK = 1 << 14
+GATE_CHUNK = 1 << 15
 """Coordinates the gate reads at a time from every member's values (the median needs them
 side by side): its memory is bounded whatever the tensors' size."""
+NETWORK_MEMBERS = 64
+"""Up to this many members the CPU's median is a selection network (faster than numpy's
+partition of each coordinate's values there); above it, numpy's partition."""
 
 
 @dataclass(frozen=True)
@@ -222,29 +227,67 @@ class _Spread:
 
 def _spread(rows: list[Tensor]) -> _Spread:
     """:class:`_Spread` of ``rows`` (one flat tensor per member, all of one length, dtype
-    and device), read once, a chunk of coordinates at a time in at least float32."""
+    and device), read once, a chunk of coordinates at a time in at least float32 (each
+    chunk's sums in its dtype, their total in float64). One thread: the median's many short
+    numpy calls would spend more on handing the interpreter's lock between threads than
+    they save."""
     work = torch.promote_types(rows[0].dtype, torch.float32)
     squares = torch.zeros(len(rows), dtype=torch.float64, device=rows[0].device)
     products = torch.zeros_like(squares)
     median_squares = 0.0
     for start in range(0, rows[0].numel(), GATE_CHUNK):
-        chunk = torch.stack([row[start : start + GATE_CHUNK] for row in rows], dim=1).to(work)
+        chunk = torch.stack([row[start : start + GATE_CHUNK] for row in rows]).to(work)
         median = _lower_median(chunk)
-        deviations = chunk - median[:, None]
-        squares += (deviations * deviations).sum(dim=0, dtype=torch.float64)
-        products += (chunk * median[:, None]).sum(dim=0, dtype=torch.float64)
-        median_squares += float(median.double().square().sum())
+        products += chunk @ median
+        median_squares += float(median @ median)
+        squares += chunk.sub_(median).square_().sum(dim=1)
     return _Spread(squares.cpu(), products.cpu(), median_squares)
 
 
 def _lower_median(chunk: Tensor) -> Tensor:
-    """The median of each row of ``chunk`` (shape ``(c, N)``), the lower one for an even
-    ``N`` as ``torch.median`` takes it: on the CPU by numpy's selection (several times
-    faster there), elsewhere by torch's."""
+    """The median of each column of ``chunk`` (shape ``(N, c)``: one row per member), the
+    lower one for an even ``N`` as ``torch.median`` takes it. On the CPU up to
+    :data:`NETWORK_MEMBERS` members by :func:`_median_network` over the rows, above that by
+    numpy's partition; elsewhere by torch's median."""
     if chunk.device.type != "cpu":
-        return chunk.median(dim=1).values
-    lower = (chunk.shape[1] - 1) // 2
-    return torch.from_numpy(np.partition(chunk.numpy(), lower, axis=1)[:, lower])
+        return chunk.median(dim=0).values
+    members, lower = chunk.shape[0], (chunk.shape[0] - 1) // 2
+    if members > NETWORK_MEMBERS:
+        return torch.from_numpy(np.partition(chunk.T.numpy(), lower, axis=1)[:, lower])
+    rows = list(chunk.numpy().copy())
+    for low, high in _median_network(members):
+        smaller = np.minimum(rows[low], rows[high])
+        np.maximum(rows[low], rows[high], out=rows[high])
+        rows[low] = smaller
+    return torch.from_numpy(rows[lower])
+
+
+@cache
+def _median_network(members: int) -> tuple[tuple[int, int], ...]:
+    """The compare-exchanges that leave the lower median of ``members`` values in position
+    ``(members - 1) // 2``: Batcher's odd-even merge sort of the next power of two, less
+    those that touch a position ``>= members`` (think of it as holding +inf, which no
+    compare-exchange moves down) and those the median does not depend on. Each pair
+    ``(low, high)``, ``low < high``: the smaller value to ``low``, the larger to ``high``."""
+    size = 1 << max(0, (members - 1).bit_length())
+    network = []
+    merged = 1
+    while merged < size:
+        step = merged
+        while step >= 1:
+            for first in range(step % merged, size - step, 2 * step):
+                for offset in range(min(step, size - first - step)):
+                    low, high = first + offset, first + offset + step
+                    if low // (2 * merged) == high // (2 * merged):
+                        network.append((low, high))
+            step //= 2
+        merged *= 2
+    needed, kept = {(members - 1) // 2}, []
+    for low, high in reversed(network):
+        if high < members and (low in needed or high in needed):
+            kept.append((low, high))
+            needed |= {low, high}
+    return tuple(reversed(kept))
 
 
 def _majority_radius(values: Tensor) -> float:
@@ -304,7 +347,7 @@ def check_bn_statistics(stats: BNStatistics, reference: BNStatistics) -> str | N
 def require_finite(state_dict: Mapping[str, Tensor], what: str) -> None:
     """Raise if any floating-point entry of ``state_dict`` is not finite: a run must not
     end with such a model and call itself completed."""
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not v.isfinite().all()]
+    bad = [k for k, v in state_dict.items() if not all_finite(v)]
     if bad:
         raise FloatingPointError(f"{what} is not finite ({len(bad)} tensors, e.g. {bad[0]!r})")
 

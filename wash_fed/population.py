@@ -148,6 +148,7 @@ def _train_round(
     payloads are the members' whole models for the final step). Bytes go to the ledger as
     they would travel: deliveries down in the round they are applied, payloads up."""
     reply = server.reply_for(round_)
+    server.protocol.prepare(round_, len(members))
     stats, payloads = [], {}
     for m in members:
         _deliver(m, deliveries, round_, "train", ledger)

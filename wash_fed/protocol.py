@@ -15,6 +15,7 @@ One round ``r`` of a member::
 
 and of the server, with the payloads of the members that answered (by partition id)::
 
+    server.prepare(r, members)             # as the messages go out: what needs no reply
     admitted = gate.admit(payloads, lambda p: server.payload_problem(r, p), what=...)
     exchange = server.exchange(r, admitted.accepted)
     deliveries.settle(answered, exchange)  # acknowledged ones go, new ones become due
@@ -44,18 +45,27 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
+from wash_fed.chunks import over_items
 from wash_fed.codec import WireFormat
 from wash_fed.config import MemberSettings, WashFedConfig
 from wash_fed.gate import check_tensors, check_values
 from wash_fed.keys import Reply, ReplyKind
 from wash_fed.papa import population_mean, pull_toward
-from wash_fed.shuffle import ShuffleMask, gather, scatter, shuffle_values
+from wash_fed.shuffle import (
+    DrawnPermutations,
+    ShuffleMask,
+    draw_ahead,
+    gather,
+    scatter,
+    shuffle_values,
+)
 
 __all__ = [
     "Deliveries",
@@ -187,13 +197,22 @@ def member_payload(member: Member, reply: ReplyKind, event: int) -> dict[str, Te
 
 
 def tensors_digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
-    """A short fingerprint of named tensors' values (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256()  # a fingerprint, not a signature: the fastest of hashlib's here
-    for name, t in tensors:
-        t = t.detach().cpu().contiguous()
+    """A short fingerprint of named tensors' values: the SHA-256 of each tensor's name,
+    dtype, shape and the SHA-256 of its bytes, in order. The tensors' own hashes are taken
+    side by side on the CPU's threads (hashlib lets go of the interpreter's lock on large
+    buffers). A fingerprint, not a signature: SHA-256 is the fastest of hashlib's here."""
+    named = [(name, t.detach().cpu().contiguous()) for name, t in tensors]
+    digests = over_items(_bytes_digest, [t for _, t in named])
+    h = hashlib.sha256()
+    for (name, t), digest in zip(named, digests, strict=True):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # any dtype, bfloat16 too
+        h.update(digest)
     return h.hexdigest()[:16]
+
+
+def _bytes_digest(tensor: Tensor) -> bytes:
+    """The SHA-256 of a contiguous CPU tensor's bytes (any dtype, bfloat16 too)."""
+    return hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy().data).digest()
 
 
 @dataclass(frozen=True)
@@ -242,6 +261,11 @@ class ServerProtocol:
     def reply_for(self, server_round: int) -> ReplyKind:
         """What every member sends back from round ``server_round``."""
         return "metrics"
+
+    def prepare(self, server_round: int, members: int) -> None:
+        """Start, in the background, what round ``server_round``'s exchange among
+        ``members`` members needs before their replies arrive (called as its messages go
+        out; nothing for most strategies)."""
 
     def like(self, server_round: int) -> dict[str, Tensor]:
         """The tensors a payload of round ``server_round`` stands for (their names, shapes
@@ -292,9 +316,28 @@ class WashServer(ServerProtocol):
         self.state_kinds = list(state_kinds)
         self._selected = (-1, 0)
         """``(round, values its mask selects)`` of the round last asked about."""
+        self._drawing = ThreadPoolExecutor(1, thread_name_prefix="wash-permutations")
+        self._prepared: dict[tuple[int, int], Future[DrawnPermutations]] = {}
+        """The permutations of :meth:`prepare`, by ``(round, members)``."""
 
     def reply_for(self, server_round: int) -> ReplyKind:
         return "values"
+
+    def prepare(self, server_round: int, members: int) -> None:
+        """Draw round ``server_round``'s permutations for ``members`` members in a thread
+        of their own while the members train (they depend on the run's seed, the round and
+        the number of participants, not on the replies): the exchange then only applies
+        them, unless the gate leaves someone out (it then draws for those left). Held as
+        ``uint8`` up to 256 members: ``members`` bytes a selected value."""
+        if members < 2 or round_reply(self, server_round) != "values":
+            return
+        selected = self.selected(server_round)
+        self._prepared = {
+            key: drawing for key, drawing in self._prepared.items() if key[0] >= server_round
+        }
+        self._prepared[server_round, members] = self._drawing.submit(
+            draw_ahead, members, selected, seed=self.cfg.seed, event=server_round
+        )
 
     def expected_kinds(self) -> list[str]:
         with_state = self.cfg.exchange.shuffle_optimizer_state
@@ -309,12 +352,21 @@ class WashServer(ServerProtocol):
         return self._selected[1]
 
     def like(self, server_round: int) -> dict[str, Tensor]:
+        """The values in the wire format's exact dtype: a 16-bit float type's values are
+        gated, shuffled and delivered as they came (moving them needs no arithmetic), at
+        half the memory and bytes read of float32."""
         selected = self.selected(server_round)
-        return {kind: torch.empty(selected) for kind in self.expected_kinds()}
+        dtype = self.format.exact_dtype
+        return {kind: torch.empty(selected, dtype=dtype) for kind in self.expected_kinds()}
 
     def payload_problem(self, server_round: int, payload: Payload) -> str | None:
         selected = self.selected(server_round)
-        return check_values(payload, self.expected_kinds(), selected, torch.float32)
+        kinds = self.expected_kinds()
+        return check_values(payload, kinds, selected, self.format.exact_dtype)
+
+    def wait_prepared(self) -> None:
+        """Block until what :meth:`prepare` started is drawn."""
+        self._drawing.submit(lambda: None).result()
 
     def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
         """One shuffle event among the admitted members (in member order), in place: each
@@ -324,8 +376,13 @@ class WashServer(ServerProtocol):
         if len(payloads) < 2:
             return Exchange({}, counts)
         members = sorted(payloads)
+        drawn = self._prepared.pop((server_round, len(members)), None)
         received, moved = shuffle_values(
-            [payloads[m] for m in members], seed=self.cfg.seed, event=server_round, in_place=True
+            [payloads[m] for m in members],
+            seed=self.cfg.seed,
+            event=server_round,
+            in_place=True,
+            drawn=None if drawn is None else drawn.result(),
         )
         deliveries = {
             member: Delivery("values", server_round, self.format.encode(mine))

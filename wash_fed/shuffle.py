@@ -32,7 +32,7 @@ the state of a coordinate moves with its weight (WASH+Opt).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, get_args
 
@@ -41,11 +41,16 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from wash_fed.chunks import over_chunks
+
 __all__ = [
+    "DrawnPermutations",
     "LayerSchedule",
     "ShuffleCount",
     "ShuffleMask",
     "ShuffledValues",
+    "all_finite",
+    "draw_ahead",
     "draw_permutations",
     "event_mask",
     "gather",
@@ -221,29 +226,31 @@ def scatter(tensors: Sequence[Tensor], mask: ShuffleMask, values: Tensor) -> Non
             offset += k
 
 
+def all_finite(values: Tensor) -> bool:
+    """Whether every value of ``values`` is finite (any dtype; integers always are). One
+    read: a float32 sum is finite only if every term is (a NaN or an infinity propagates);
+    only a sum that is not, from bad values or an overflow of huge ones, is checked value
+    by value, about four times slower."""
+    if not values.is_floating_point():
+        return True
+    return bool(values.sum(dtype=torch.float32).isfinite()) or bool(values.isfinite().all())
+
+
 PERMUTATION_CHUNK = 1 << 14
 """Coordinates whose permutations are drawn and applied at a time: memory bounded whatever
 the mask's size, and a chunk of every member's values within the cache. The permutations
 do not depend on it."""
 
 
-def _permutation_chunks(
-    num_members: int, num_values: int, seed: int, event: int
-) -> Iterator[tuple[slice, Tensor]]:
-    """The permutations of :func:`draw_permutations`, chunk by chunk of coordinates:
-    ``(coordinates, perms)`` with ``perms`` int64 of shape ``(c, num_members)``, row ``j``
-    the permutation of coordinate ``coordinates.start + j``."""
-    if num_members < 1 or num_values < 0:
-        raise ValueError(
-            f"need num_members >= 1 and num_values >= 0, got {num_members}, {num_values}"
-        )
+def _permutations_at(num_members: int, coordinates: slice, seed: int, event: int) -> Tensor:
+    """The permutations of :func:`draw_permutations` for ``coordinates`` alone: int64 of
+    shape ``(num_members, c)``, column ``j`` the permutation of coordinate
+    ``coordinates.start + j``. The stream is jumped to the chunk's first key
+    (``PCG64DXSM.advance``), so chunks can be drawn in any order, side by side."""
     bits = np.random.PCG64DXSM(_key(seed, event, _PERMUTATION_STREAM, num_members))
-    for start in range(0, num_values, PERMUTATION_CHUNK):
-        count = min(PERMUTATION_CHUNK, num_values - start)
-        yield (
-            slice(start, start + count),
-            torch.from_numpy(_ordered_members(bits, count, num_members)),
-        )
+    bits.advance(coordinates.start * num_members)
+    count = coordinates.stop - coordinates.start
+    return torch.from_numpy(_ordered_members(bits, count, num_members)).T
 
 
 def _ordered_members(
@@ -264,21 +271,61 @@ def _ordered_members(
     return keys.view(np.int64)
 
 
-def draw_permutations(num_members: int, num_values: int, *, seed: int, event: int) -> Tensor:
+def draw_permutations(
+    num_members: int,
+    num_values: int,
+    *,
+    seed: int,
+    event: int,
+    dtype: torch.dtype = torch.int64,
+) -> Tensor:
     """Independent uniform permutations of ``range(num_members)``, one per coordinate.
 
-    Returns an int64 CPU tensor of shape ``(num_members, num_values)`` whose every column is
-    a permutation. Deterministic in ``(seed, event, num_members, num_values)``: coordinate
-    ``j``'s permutation is the argsort of ``num_members`` 64-bit keys, the ``j``-th group of
-    that many in the ``(seed, event)`` stream, so it is the same however many coordinates
-    are drawn (unless two keys of a coordinate agree in all but their lowest ``b`` bits,
-    ``b`` the bit length of ``num_members - 1``: probability below
+    Returns a CPU tensor of ``dtype`` (an integer type that holds ``num_members - 1``:
+    ``torch.uint8`` keeps up to 256 members' permutations in an eighth of int64's memory)
+    and shape ``(num_members, num_values)`` whose every column is a permutation.
+    Deterministic in ``(seed, event, num_members, num_values)``: coordinate ``j``'s
+    permutation is the argsort of ``num_members`` 64-bit keys, the ``j``-th group of that
+    many in the ``(seed, event)`` stream, so it is the same however many coordinates are
+    drawn (unless two keys of a coordinate agree in all but their lowest ``b`` bits, ``b``
+    the bit length of ``num_members - 1``: probability below
     ``num_members**2 / 2**(65 - b)``; they are then ordered by index).
     """
-    chunks = [perms for _, perms in _permutation_chunks(num_members, num_values, seed, event)]
-    if not chunks:
-        return torch.empty(num_members, 0, dtype=torch.int64)
-    return torch.cat(chunks).T.contiguous()
+    if num_members < 1 or num_values < 0:
+        raise ValueError(
+            f"need num_members >= 1 and num_values >= 0, got {num_members}, {num_values}"
+        )
+    if dtype.is_floating_point or torch.iinfo(dtype).max < num_members - 1:
+        raise ValueError(f"{dtype} cannot hold the indices of {num_members} members")
+    parts = over_chunks(
+        lambda coordinates: _permutations_at(num_members, coordinates, seed, event).to(dtype),
+        num_values,
+        PERMUTATION_CHUNK,
+    )
+    return torch.cat(parts, dim=1) if parts else torch.empty(num_members, 0, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class DrawnPermutations:
+    """One shuffle event's permutations, drawn ahead of the values (:func:`draw_ahead`)."""
+
+    seed: int
+    event: int
+    indices: Tensor
+    """:func:`draw_permutations` of shape ``(N, m)``, in the narrowest dtype that holds
+    them: ``torch.uint8`` up to 256 members (one byte a member and value), else int64."""
+    moved: int
+    """Coordinates whose value comes from another member, summed over members."""
+
+
+def draw_ahead(num_members: int, num_values: int, *, seed: int, event: int) -> DrawnPermutations:
+    """The permutations :func:`shuffle_values` applies to ``num_members`` members'
+    ``num_values`` values at ``(seed, event)``, and what they move: to draw while the values
+    are still on their way."""
+    dtype = torch.uint8 if num_members <= 256 else torch.int64
+    indices = draw_permutations(num_members, num_values, seed=seed, event=event, dtype=dtype)
+    members = torch.arange(num_members, dtype=dtype)[:, None]
+    return DrawnPermutations(seed, event, indices, int((indices != members).sum()))
 
 
 def permute(values: Tensor, permutations: Tensor) -> Tensor:
@@ -292,7 +339,8 @@ def permute(values: Tensor, permutations: Tensor) -> Tensor:
             f"values of shape {tuple(values.shape)} do not match permutations of shape "
             f"{tuple(permutations.shape)}"
         )
-    index = permutations.to(values.device).view(*permutations.shape, *([1] * (values.dim() - 2)))
+    trailing = [1] * (values.dim() - 2)
+    index = permutations.to(values.device, torch.int64).view(*permutations.shape, *trailing)
     return torch.gather(values, 0, index.expand_as(values))
 
 
@@ -306,40 +354,62 @@ class ShuffledValues(NamedTuple):
 
 
 def shuffle_values(
-    values: Sequence[Mapping[str, Tensor]], *, seed: int, event: int, in_place: bool = False
+    values: Sequence[Mapping[str, Tensor]],
+    *,
+    seed: int,
+    event: int,
+    in_place: bool = False,
+    drawn: DrawnPermutations | None = None,
 ) -> ShuffledValues:
     """The exchange of one shuffle event, given every participating member's gathered values.
 
-    ``values[i][kind]`` is member ``i``'s vector of shape ``(m,)`` for that kind (``"weights"``,
-    ``"momentum_buffer"``, ...). Every member must send the same kinds with the same ``m``.
-    All kinds share one permutation per coordinate (:func:`draw_permutations`), so optimizer
-    state moves with its weight. Works through the coordinates a chunk at a time: beside
-    the values it returns it holds one chunk of every member's. Those values are new
-    tensors, or with ``in_place`` the given ones overwritten (no memory beyond the chunk);
-    a non-finite value raises a ValueError naming its member, which ``in_place`` leaves
-    with the chunks before it exchanged (give it values the reply gate admitted).
+    ``values[i][kind]`` is member ``i``'s vector of shape ``(m,)`` for that kind
+    (``"weights"``, ``"momentum_buffer"``, ...). Every member must send the same kinds with
+    the same ``m``. All kinds share one permutation per coordinate
+    (:func:`draw_permutations`), so optimizer state moves with its weight; ``drawn`` are
+    those of :func:`draw_ahead` for this ``seed``, ``event`` and shape (such as drawn while
+    the members train), else they are drawn here. Works through the coordinates a chunk at a
+    time (side by side on the CPU's threads): beside the values it returns it holds one
+    chunk of every member's per thread. Those values are new tensors, or with ``in_place``
+    the given ones overwritten (no memory beyond the chunks); a non-finite value raises a
+    ValueError naming its member, which ``in_place`` leaves with the other chunks exchanged
+    (give it values the reply gate admitted).
     """
     if not values:
         return ShuffledValues([], 0)
     num_values = _check_shapes(values)
     n = len(values)
+    if drawn is not None and (
+        (drawn.seed, drawn.event) != (seed, event) or drawn.indices.shape != (n, num_values)
+    ):
+        raise ValueError(
+            f"permutations drawn for seed {drawn.seed}, event {drawn.event} and shape "
+            f"{tuple(drawn.indices.shape)}, not {seed}, {event} and {n} members' {num_values}"
+        )
     received = [
         dict(member) if in_place else {kind: t.new_empty(num_values) for kind, t in member.items()}
         for member in values
     ]
-    members = torch.arange(n)
-    moved = 0
-    for coordinates, perms in _permutation_chunks(n, num_values, seed, event):
+    members = torch.arange(n)[:, None]
+
+    def exchange(coordinates: slice) -> int:
+        perms = (
+            _permutations_at(n, coordinates, seed, event)
+            if drawn is None
+            else drawn.indices[:, coordinates].to(torch.int64)
+        )
         for kind in received[0]:
             chunk = torch.stack([member[kind][coordinates] for member in values])
-            if not bool(chunk.isfinite().all()):
+            if not all_finite(chunk):
                 bad = int((~chunk.isfinite()).any(dim=1).nonzero()[0])
                 raise ValueError(f"member {bad} sent non-finite values for {kind!r}")
-            exchanged = torch.gather(chunk, 0, perms.T.to(chunk.device))
+            exchanged = torch.gather(chunk, 0, perms.to(chunk.device))
             for row, mine in zip(received, exchanged, strict=True):
                 row[kind][coordinates] = mine
-        moved += int((perms != members).sum())
-    return ShuffledValues(received, moved)
+        return int((perms != members).sum()) if drawn is None else 0
+
+    moved = over_chunks(exchange, num_values, PERMUTATION_CHUNK)
+    return ShuffledValues(received, sum(moved) if drawn is None else drawn.moved)
 
 
 def _check_shapes(values: Sequence[Mapping[str, Tensor]]) -> int:

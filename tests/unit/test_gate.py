@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wash_fed.batchnorm import BNStatistics, running_statistics
 from wash_fed.gate import (
@@ -20,6 +22,7 @@ from wash_fed.gate import (
     check_values,
     magnitude_outliers,
 )
+from wash_fed.gate import _lower_median as lower_median
 
 REFERENCE = {"w": torch.zeros(4, 3), "b": torch.zeros(3), "n": torch.zeros((), dtype=torch.long)}
 
@@ -254,3 +257,23 @@ def test_the_pipeline_counts_rejections_and_errors_toward_quarantine() -> None:
     assert round_(errored=set(), broken={1}) == [] and quarantine.streaks == {1: 1}
     assert quarantine.quarantined == {2}, "for the rest of the run"
     assert round_(errored=set(), broken=set()) == [] and 1 not in quarantine.streaks
+
+
+@given(members=st.integers(1, 80), coordinates=st.integers(1, 300), levels=st.integers(2, 1000))
+@settings(max_examples=60, deadline=None)
+def test_the_gates_median_is_torchs_lower_median(
+    members: int, coordinates: int, levels: int
+) -> None:
+    # few levels: ties, as among members that share an initialisation
+    generator = torch.Generator().manual_seed(members * 1000 + coordinates)
+    chunk = torch.randint(levels, (members, coordinates), generator=generator).float()
+    assert torch.equal(lower_median(chunk), chunk.median(dim=0).values)
+
+
+@pytest.mark.parametrize("members", range(1, 11))
+def test_the_gates_median_selects_right_on_every_zero_one_input(members: int) -> None:
+    # a comparator network that selects right on all 0/1 inputs selects right on all inputs
+    every = torch.tensor(
+        [[(code >> bit) & 1 for code in range(2**members)] for bit in range(members)]
+    ).float()
+    assert torch.equal(lower_median(every), every.median(dim=0).values)

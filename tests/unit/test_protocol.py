@@ -60,6 +60,18 @@ def test_wash_delivers_a_permutation_of_what_the_participants_sent() -> None:
     assert again.digest == exchange.digest  # deterministic in (seed, event)
 
 
+@pytest.mark.parametrize("answered", [MEMBERS, MEMBERS[:2]], ids=["all", "one left out"])
+def test_permutations_drawn_as_messages_go_out_change_nothing(answered: list[int]) -> None:
+    config = three_members()
+    payloads = {p: owned_values(p, 1, config) for p in answered}
+    plain = WashServer(config, MEMBERS, PARAMETERS).exchange(1, dict(payloads))
+    server = WashServer(config, MEMBERS, PARAMETERS)
+    server.prepare(1, len(MEMBERS))  # for all three, as the round's messages go out
+    server.wait_prepared()
+    prepared = server.exchange(1, dict(payloads))
+    assert prepared.digest == plain.digest and prepared.counts == plain.counts
+
+
 @pytest.mark.parametrize("wire_dtype", ["int8", "int4"])
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), spread=st.floats(1e-3, 1e3))

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from wash_fed.shuffle import (
     PERMUTATION_CHUNK,
+    all_finite,
+    draw_ahead,
     draw_permutations,
     event_mask,
     gather,
@@ -185,6 +187,39 @@ def test_the_exchange_applies_the_drawn_permutations_to_every_kind(in_place: boo
             expected if in_place else torch.stack([v[kind] for v in values]),
         )
     assert moved == int((perms != torch.arange(n)[:, None]).sum())
+
+
+def test_permutations_drawn_ahead_exchange_as_those_drawn_there() -> None:
+    n, m = 6, PERMUTATION_CHUNK + 11
+    g = torch.Generator().manual_seed(1)
+    values = [{"weights": torch.randn(m, generator=g).half()} for _ in range(n)]
+    here = shuffle_values(values, seed=2, event=3)
+    ahead = shuffle_values(values, seed=2, event=3, drawn=draw_ahead(n, m, seed=2, event=3))
+    assert ahead.moved == here.moved
+    for mine, theirs in zip(ahead.received, here.received, strict=True):
+        assert torch.equal(mine["weights"], theirs["weights"])
+    drawn = draw_ahead(n, m, seed=2, event=3)
+    assert drawn.indices.dtype == torch.uint8
+    assert torch.equal(drawn.indices.long(), draw_permutations(n, m, seed=2, event=3))
+    for wrong in (draw_ahead(n, m, seed=2, event=4), draw_ahead(n - 1, m, seed=2, event=3)):
+        with pytest.raises(ValueError, match="permutations drawn for"):
+            shuffle_values(values, seed=2, event=3, drawn=wrong)
+
+
+@pytest.mark.parametrize(
+    ("values", "finite"),
+    [
+        (torch.tensor([1.0, -2.0]), True),
+        (torch.tensor([1.0, math.nan]), False),
+        (torch.tensor([math.inf, -math.inf]), False),
+        (torch.tensor([3e38, 3e38, -1.0]), True),  # its float32 sum overflows
+        (torch.tensor([60000.0, 60000.0]).half(), True),
+        (torch.tensor([1e300, -1e300], dtype=torch.float64), True),
+        (torch.tensor([7, 8]), True),
+    ],
+)
+def test_finiteness_is_every_values(values: torch.Tensor, finite: bool) -> None:
+    assert all_finite(values) is finite
 
 
 def test_a_non_finite_value_names_its_member() -> None:

@@ -87,7 +87,9 @@ class PopulationStrategy(Strategy):
             or (reply == Reply.FINAL and self.members_test),
             Config.CHECKPOINTED_ROUND: self.state.checkpointed,
         }
-        return self.messages(MessageType.TRAIN, server_round, base)
+        messages = self.messages(MessageType.TRAIN, server_round, base)
+        self.protocol.prepare(server_round, len(messages))
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -1,0 +1,46 @@
+"""Work over the coordinates of long vectors, a chunk at a time, on as many threads as
+torch uses on the CPU: each chunk's work is independent (it reads and writes only its own
+coordinates), so chunks run side by side and their results come back in chunk order, the
+same whatever the threads' timing. Each thread runs torch's operations on one thread of its
+own (a chunk is too small to split again: nested thread teams only wait on each other)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from functools import cache
+from typing import TypeVar
+
+import torch
+
+__all__ = ["over_chunks", "over_items"]
+
+T = TypeVar("T")
+Item = TypeVar("Item")
+
+
+@cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(
+        threads, thread_name_prefix="wash-chunks", initializer=torch.set_num_threads, initargs=(1,)
+    )
+
+
+def over_chunks(work: Callable[[slice], T], total: int, size: int) -> list[T]:
+    """``work(coordinates)`` for every chunk ``coordinates`` of ``range(total)`` of ``size``
+    (the last one shorter), in chunk order, spread over ``torch.get_num_threads()`` threads
+    (one: here, in order). An exception from a chunk is raised once every chunk ran; the
+    first chunk's that raised wins."""
+    chunks = [slice(start, min(start + size, total)) for start in range(0, total, size)]
+    return over_items(work, chunks)
+
+
+def over_items(work: Callable[[Item], T], items: Sequence[Item]) -> list[T]:
+    """``work(item)`` for every item, in order, spread over ``torch.get_num_threads()``
+    threads as :func:`over_chunks` does (the items must not depend on each other)."""
+    threads = min(torch.get_num_threads(), len(items))
+    if threads <= 1:
+        return [work(item) for item in items]
+    running = [_pool(threads).submit(work, item) for item in items]
+    wait(running)
+    return [done.result() for done in running]
