@@ -3,17 +3,20 @@
 **Server.** One round's ``aggregate_train`` through the strategy, as the ServerApp runs it
 (:class:`~wash_fed.strategy.rounds.PopulationStrategy` over
 :class:`~wash_fed.protocol.WashServer`: the replies' records read, the reply gate, the
-shuffle event), and the next round's messages that carry the deliveries, for the replies
-of ``N`` members in the wire dtype (the default mask: ``shuffle-prob`` 0.05, constant
-schedule; each member's values the same random vector plus its own noise, so every reply
-passes the gate). Beside it, measured in the same process on the same values, the floor: a
-copy of every value (``torch.stack``) and one per-coordinate permutation of them
-(``torch.gather`` along the member axis, the permutations drawn beforehand). Each layout and
-member count runs in a process of its own, which reports its peak memory above what it held
-before the round (the replies, as records): ``peak / replies`` is that over the replies'
-size, the median over the repeats, from a second process of that row whose allocator maps
-every block of 64 KiB or more on its own (:data:`LIVE_MEMORY`), so that the high-water
-mark counts live memory, not the allocator's cache; the times come from the first.
+shuffle event, its permutations drawn ahead while the members train: ``configure_train``
+starts them, and the round begins once they are drawn; "drawn ahead" is that drawing's own
+time, "held ahead" the memory it holds until the round), and the next round's messages that
+carry the deliveries, for the replies of ``N`` members in the wire dtype (the default mask:
+``shuffle-prob`` 0.05, constant schedule; each member's values the same random vector plus
+its own noise, so every reply passes the gate). Beside it, measured in the same process on
+the same values, the floor: a copy of every value (``torch.stack``) and one per-coordinate
+permutation of them (``torch.gather`` along the member axis, the permutations drawn
+beforehand). Each layout and member count runs in a process of its own, which reports its
+peak memory above what it held before the round (the replies, as records): ``peak /
+replies`` is that over the replies' size, the median over the repeats, from a second process
+of that row whose allocator maps every block of 64 KiB or more on its own
+(:data:`LIVE_MEMORY`), so that the high-water mark counts live memory, not the allocator's
+cache; the times come from the first.
 
 **Member.** A real member of the built-in app (:func:`client.task.worker_member`, Fashion-MNIST,
 checkpoints in a folder of its own) trains rounds 1-3 among three peers whose replies are
@@ -52,7 +55,7 @@ from wash_fed.config import ConfigValue, WashFedConfig
 from wash_fed.keys import MessageType, Metric, Record
 from wash_fed.models import build_model
 from wash_fed.protocol import WashServer, payload_bytes, wire_format
-from wash_fed.shuffle import draw_permutations
+from wash_fed.shuffle import draw_ahead, draw_permutations
 from wash_fed.strategy.roster import Roster
 from wash_fed.strategy.rounds import PopulationStrategy
 
@@ -140,7 +143,9 @@ def server_side(layout: str, members: int, repeats: int) -> dict[str, float]:
 
     def one_round() -> None:
         strategy = strategy_over(cfg, parameters, members)
-        replies = replies_to(strategy.messages(MessageType.TRAIN, 1, {}), values)
+        sent = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), cast(Grid, None))
+        replies = replies_to(list(sent), values)
+        cast(WashServer, strategy.protocol).wait_prepared()  # drawn while members train
         with _peak_above_now() as memory:
             started = time.perf_counter()
             strategy.aggregate_train(1, replies)
@@ -158,6 +163,7 @@ def server_side(layout: str, members: int, repeats: int) -> dict[str, float]:
     weights = [v["weights"] for v in values]  # the permutation's floor: the values as sent
     stacked = torch.stack(weights)
     permutations = draw_permutations(members, selected, seed=0, event=1)
+    drawn = draw_ahead(members, selected, seed=0, event=1).indices
     return {
         "selected": selected,
         "replies_bytes": sum(payload_bytes(v) for v in values),
@@ -166,6 +172,8 @@ def server_side(layout: str, members: int, repeats: int) -> dict[str, float]:
         "peak": statistics.median(timings["peak"]),
         "copy": _seconds(lambda: torch.stack(weights), repeats),
         "permutation": _seconds(lambda: torch.gather(stacked, 0, permutations), repeats),
+        "ahead": _seconds(lambda: draw_ahead(members, selected, seed=0, event=1), repeats),
+        "ahead_bytes": drawn.numel() * drawn.element_size(),
     }
 
 
@@ -234,8 +242,9 @@ def server_table(layouts: Sequence[str], counts: Sequence[int], repeats: int) ->
     """Every layout at every member count, each in a process of its own; Markdown."""
     lines = [
         "| layout | members | values/member | replies (MB) | aggregate_train (s) | deliveries "
-        "(s) | copy (s) | permutation (s) | round / permutation | peak / replies |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(s) | copy (s) | permutation (s) | round / permutation | peak / replies "
+        "| drawn ahead (s) | held ahead / replies |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for layout in layouts:
         for members in counts:
@@ -246,7 +255,8 @@ def server_table(layouts: Sequence[str], counts: Sequence[int], repeats: int) ->
                 f"| {layout} | {members} | {row['selected']:,} | {row['replies_bytes'] / 1e6:.2f} "
                 f"| {row['aggregate']:.3f} | {row['deliver']:.3f} | {row['copy']:.3f} "
                 f"| {row['permutation']:.3f} | {server / row['permutation']:.1f}x "
-                f"| {row['peak'] / row['replies_bytes']:.2f} |"
+                f"| {row['peak'] / row['replies_bytes']:.2f} | {row['ahead']:.3f} "
+                f"| {row['ahead_bytes'] / row['replies_bytes']:.2f} |"
             )
             print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
