@@ -81,11 +81,10 @@ class Point:
 def default_points(total_steps: int) -> list[Point]:
     """FedAvg with 1, 3, 10 and 30 rounds; WASH at three shuffle probabilities with 30
     rounds and one with 10; PAPA every round and every 5 of 30; WASH (p = 0.05, 30 rounds)
-    with bfloat16 and float16 values and FedAvg (every round count) with float16 models on the
-    wire;
-    WASH with the constant layer schedule (p = 0.05 and 0.2, 30 rounds), in float32 and with
-    float16 in training and in the final step, and in float16 over 10 rounds; independent
-    members. Every point takes
+    with bfloat16 and float16 values on the wire; FedAvg (every round count) with float16,
+    int8 and int4 models on the wire; WASH with the constant layer schedule (p = 0.05 and
+    0.2, 30 rounds) in float32 and with float16, int8 and int4 in training and in the final
+    step, and in float16 over 10 rounds; independent members. Every point takes
     ``total_steps`` local steps per member."""
 
     def rounds(count: int) -> dict[str, ConfigValue]:
@@ -104,11 +103,16 @@ def default_points(total_steps: int) -> list[Point]:
         Point(f"wash-p0.05-r30-{short}", {**wash[1].overrides, "wire-dtype": dtype})
         for short, dtype in (("bf16", "bfloat16"), ("fp16", "float16"))
     ]
+    precisions = (("fp16", "float16"), ("int8", "int8"), ("int4", "int4"))
     compact += [
-        Point(f"{point.name}-fp16", {**point.overrides, "wire-dtype": "float16"})
+        Point(f"{point.name}-{short}", {**point.overrides, "wire-dtype": dtype})
         for point in fedavg
+        for short, dtype in precisions
     ]
-    half: dict[str, ConfigValue] = {"wire-dtype": "float16", "final-dtype": "float16"}
+    both_ways: list[tuple[str, dict[str, ConfigValue]]] = [
+        (f"-{short}", {"wire-dtype": dtype, "final-dtype": dtype}) for short, dtype in precisions
+    ]
+    half = both_ways[0][1]
     constant = [
         Point(
             f"wash-p{p:g}-r30-constant{suffix}",
@@ -116,7 +120,7 @@ def default_points(total_steps: int) -> list[Point]:
             | dtypes,
         )
         for p in (0.05, 0.2)
-        for suffix, dtypes in (("", {}), ("-fp16", half))
+        for suffix, dtypes in (("", {}), *both_ways)
     ]
     constant += [
         Point(
