@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-import wash_fed.protocol as protocol
 from wash_fed import gate
 from wash_fed.config import ConfigValue, WashFedConfig
 from wash_fed.population import run_population
@@ -40,6 +39,10 @@ SETTINGS: dict[str, dict[str, ConfigValue]] = {
         "partition": "dirichlet",
         "dirichlet-alpha": 0.1,
     },
+    "wash-int8": {"wire-dtype": "int8"},
+    "wash-int4": {"wire-dtype": "int4"},
+    "papa-int8": {"strategy": "papa", "wire-dtype": "int8"},
+    "papa-int4": {"strategy": "papa", "wire-dtype": "int4"},
 }
 
 
@@ -56,7 +59,11 @@ class Margins:
     """... and its limit there."""
     rejected: list[str] = field(default_factory=list)
 
-    def observe(self, payloads: Mapping[int, Mapping[str, Tensor]], factor: float) -> None:
+    def observe(
+        self, payloads: Mapping[int, Mapping[str, Tensor]], statistics: Collection[str]
+    ) -> None:
+        """Watch one exchange's payloads as the gate judges them (``statistics``: by
+        distance only)."""
         members = sorted(payloads)
         if len(members) < 3:
             return
@@ -71,7 +78,7 @@ class Margins:
             typical = max(float(distances.sort().values[len(members) // 2]), floor)
             self.distance = max(self.distance, float(distances.max()) / typical)
             scale = float(median.pow(2).sum())
-            if median.numel() < gate.ALIGNMENT_MIN_SIZE or scale == 0.0:
+            if median.numel() < gate.ALIGNMENT_MIN_SIZE or scale == 0.0 or name in statistics:
                 continue
             projections = stacked @ median / scale
             strays = (projections - projections.median()).abs()
@@ -86,18 +93,23 @@ def measure(setting: str, rounds: int) -> tuple[Margins, float]:
     margins = Margins()
     judge = gate.magnitude_outliers  # the member protocol's own gate, watched below
 
-    def watched(payloads: Mapping[int, Mapping[str, Tensor]], factor: float) -> dict[int, str]:
-        margins.observe(payloads, factor)
-        outliers = judge(payloads, factor)
+    def watched(
+        payloads: Mapping[int, Mapping[str, Tensor]],
+        factor: float,
+        *,
+        statistics: Collection[str] = (),
+    ) -> dict[int, str]:
+        margins.observe(payloads, statistics)
+        outliers = judge(payloads, factor, statistics=statistics)
         margins.rejected += [f"member {m}: {why}" for m, why in outliers.items()]
         return outliers
 
     cfg = WashFedConfig.from_mapping({"num-server-rounds": rounds, **SETTINGS[setting]})
-    protocol.magnitude_outliers = watched  # type: ignore[attr-defined]
+    gate.magnitude_outliers = watched  # the name ReplyGate.admit calls
     try:
         run = run_population(cfg, log=lambda _: None, progress_eval=False)
     finally:
-        protocol.magnitude_outliers = judge  # type: ignore[attr-defined]
+        gate.magnitude_outliers = judge
     return margins, run.results.final_figures().final_accuracy
 
 

@@ -5,6 +5,7 @@ says when the gate named the member, whether it was quarantined, and where the s
 
     python benchmarks/poisoned_member.py                       # 10 rounds, seeds 0,1,2
     python benchmarks/poisoned_member.py --faults drift --rounds 30
+    python benchmarks/poisoned_member.py --set "wire-dtype='int8'" --seeds 0 --faults sign-flip
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+
+from flwr.common.config import parse_config_args
 
 from deploy.app_copies import faulty_app_copy
 from deploy.processes import FlowerHarness
@@ -23,10 +27,19 @@ MEMBERS, FAULTY = 4, 3
 FEDERATION = f"num-supernodes={MEMBERS} client-resources-num-cpus=1"
 
 
-def run(harness: FlowerHarness, root: Path, fault: str, seed: int, rounds: int) -> RunResult:
-    """One run of the app copy with ``fault`` (``none``: everyone honest); its results."""
+def run(
+    harness: FlowerHarness,
+    root: Path,
+    fault: str,
+    seed: int,
+    rounds: int,
+    extra: Mapping[str, ConfigValue],
+) -> RunResult:
+    """One run of the app copy with ``fault`` (``none``: everyone honest) and the ``extra``
+    run config; its results."""
     app = faulty_app_copy(root / f"app-{fault}-{seed}", fault, FAULTY)
     config: dict[str, ConfigValue] = {
+        **extra,
         "num-members": MEMBERS,
         "num-server-rounds": rounds,
         "seed": seed,
@@ -51,14 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the honest runs")
     parser.add_argument("--faults", default="drift,sign-flip,zeros")
+    parser.add_argument("--set", default="", help="more run config for every run: 'k=v ...'")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
+    extra = parse_config_args([args.set]) if args.set.strip() else {}
     with tempfile.TemporaryDirectory(prefix="poison-") as folder:
         root = Path(folder)
         with FlowerHarness(root / "flwr-home") as harness:
             harness.start_superlink(simulation=True)
-            honest = [run(harness, root, "none", seed, args.rounds) for seed in seeds]
-            faulty = {f: run(harness, root, f, 0, args.rounds) for f in args.faults.split(",")}
+            honest = [run(harness, root, "none", seed, args.rounds, extra) for seed in seeds]
+            faulty = {
+                f: run(harness, root, f, 0, args.rounds, extra) for f in args.faults.split(",")
+            }
     soups = [r.final_figures().final_accuracy for r in honest]
     members = [r.final_figures().member_mean or 0.0 for r in honest]
     print(
