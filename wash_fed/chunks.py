@@ -6,17 +6,16 @@ own (a chunk is too small to split again: nested thread teams only wait on each 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from functools import cache
 from typing import TypeVar
 
 import torch
 
-__all__ = ["over_chunks", "over_items"]
+__all__ = ["over_chunks"]
 
 T = TypeVar("T")
-Item = TypeVar("Item")
 
 
 @cache
@@ -32,15 +31,9 @@ def over_chunks(work: Callable[[slice], T], total: int, size: int) -> list[T]:
     (one: here, in order). An exception from a chunk is raised once every chunk ran; the
     first chunk's that raised wins."""
     chunks = [slice(start, min(start + size, total)) for start in range(0, total, size)]
-    return over_items(work, chunks)
-
-
-def over_items(work: Callable[[Item], T], items: Sequence[Item]) -> list[T]:
-    """``work(item)`` for every item, in order, spread over ``torch.get_num_threads()``
-    threads as :func:`over_chunks` does (the items must not depend on each other)."""
-    threads = min(torch.get_num_threads(), len(items))
+    threads = min(torch.get_num_threads(), len(chunks))
     if threads <= 1:
-        return [work(item) for item in items]
-    running = [_pool(threads).submit(work, item) for item in items]
+        return [work(chunk) for chunk in chunks]
+    running = [_pool(threads).submit(work, chunk) for chunk in chunks]
     wait(running)
     return [done.result() for done in running]
