@@ -376,6 +376,7 @@ class WashServer(ServerProtocol):
             event=server_round,
             in_place=True,
             drawn=None if drawn is None else drawn.result(),
+            gated=True,
         )
         deliveries = {
             member: Delivery("values", server_round, self.format.encode(mine))

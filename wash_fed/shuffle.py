@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from wash_fed.chunks import over_chunks
+from wash_fed.gate import all_finite
 
 __all__ = [
     "DrawnPermutations",
@@ -49,7 +50,6 @@ __all__ = [
     "ShuffleCount",
     "ShuffleMask",
     "ShuffledValues",
-    "all_finite",
     "draw_ahead",
     "draw_permutations",
     "event_mask",
@@ -226,16 +226,6 @@ def scatter(tensors: Sequence[Tensor], mask: ShuffleMask, values: Tensor) -> Non
             offset += k
 
 
-def all_finite(values: Tensor) -> bool:
-    """Whether every value of ``values`` is finite (any dtype; integers always are). One
-    read: a float32 sum is finite only if every term is (a NaN or an infinity propagates);
-    only a sum that is not, from bad values or an overflow of huge ones, is checked value
-    by value, about four times slower."""
-    if not values.is_floating_point():
-        return True
-    return bool(values.sum(dtype=torch.float32).isfinite()) or bool(values.isfinite().all())
-
-
 PERMUTATION_CHUNK = 1 << 14
 """Coordinates whose permutations are drawn and applied at a time: memory bounded whatever
 the mask's size, and a chunk of every member's values within the cache. The permutations
@@ -360,6 +350,7 @@ def shuffle_values(
     event: int,
     in_place: bool = False,
     drawn: DrawnPermutations | None = None,
+    gated: bool = False,
 ) -> ShuffledValues:
     """The exchange of one shuffle event, given every participating member's gathered values.
 
@@ -368,12 +359,13 @@ def shuffle_values(
     the same ``m``. All kinds share one permutation per coordinate
     (:func:`draw_permutations`), so optimizer state moves with its weight; ``drawn`` are
     those of :func:`draw_ahead` for this ``seed``, ``event`` and shape (such as drawn while
-    the members train), else they are drawn here. Works through the coordinates a chunk at a
-    time (side by side on the CPU's threads): beside the values it returns it holds one
-    chunk of every member's per thread. Those values are new tensors, or with ``in_place``
-    the given ones overwritten (no memory beyond the chunks); a non-finite value raises a
-    ValueError naming its member, which ``in_place`` leaves with the other chunks exchanged
-    (give it values the reply gate admitted).
+    the members train), else they are drawn here first (``N`` bytes a value, up to 256
+    members). Works through the coordinates a chunk at a time (side by side on the CPU's
+    threads): beside the values it returns it holds one chunk of every member's per thread.
+    Those values are new tensors, or with ``in_place`` the given ones overwritten. A
+    non-finite value raises a ValueError naming its member, which ``in_place`` leaves with
+    the other chunks exchanged, unless ``gated``: the reply gate has checked every value
+    (:func:`wash_fed.gate.check_values`), so none is checked again.
     """
     if not values:
         return ShuffledValues([], 0)
@@ -386,30 +378,27 @@ def shuffle_values(
             f"permutations drawn for seed {drawn.seed}, event {drawn.event} and shape "
             f"{tuple(drawn.indices.shape)}, not {seed}, {event} and {n} members' {num_values}"
         )
+    if drawn is None:
+        drawn = draw_ahead(n, num_values, seed=seed, event=event)
+    indices = drawn.indices
     received = [
         dict(member) if in_place else {kind: t.new_empty(num_values) for kind, t in member.items()}
         for member in values
     ]
-    members = torch.arange(n)[:, None]
 
-    def exchange(coordinates: slice) -> int:
-        perms = (
-            _permutations_at(n, coordinates, seed, event)
-            if drawn is None
-            else drawn.indices[:, coordinates].to(torch.int64)
-        )
+    def exchange(coordinates: slice) -> None:
+        perms = indices[:, coordinates].to(torch.int64)
         for kind in received[0]:
             chunk = torch.stack([member[kind][coordinates] for member in values])
-            if not all_finite(chunk):
+            if not gated and not all_finite(chunk):
                 bad = int((~chunk.isfinite()).any(dim=1).nonzero()[0])
                 raise ValueError(f"member {bad} sent non-finite values for {kind!r}")
             exchanged = torch.gather(chunk, 0, perms.to(chunk.device))
             for row, mine in zip(received, exchanged, strict=True):
                 row[kind][coordinates] = mine
-        return int((perms != members).sum()) if drawn is None else 0
 
-    moved = over_chunks(exchange, num_values, PERMUTATION_CHUNK)
-    return ShuffledValues(received, sum(moved) if drawn is None else drawn.moved)
+    over_chunks(exchange, num_values, PERMUTATION_CHUNK)
+    return ShuffledValues(received, drawn.moved)
 
 
 def _check_shapes(values: Sequence[Mapping[str, Tensor]]) -> int:

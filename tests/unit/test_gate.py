@@ -14,6 +14,7 @@ from wash_fed.batchnorm import BNStatistics, running_statistics
 from wash_fed.gate import (
     Quarantine,
     ReplyGate,
+    all_finite,
     capped_batches,
     check_bn_statistics,
     check_metrics,
@@ -277,3 +278,19 @@ def test_the_gates_median_selects_right_on_every_zero_one_input(members: int) ->
         [[(code >> bit) & 1 for code in range(2**members)] for bit in range(members)]
     ).float()
     assert torch.equal(lower_median(every), every.median(dim=0).values)
+
+
+@pytest.mark.parametrize(
+    ("values", "finite"),
+    [
+        (torch.tensor([1.0, -2.0]), True),
+        (torch.tensor([1.0, math.nan]), False),
+        (torch.tensor([math.inf, -math.inf]), False),
+        (torch.tensor([3e38, 3e38, -1.0]), True),  # its float32 sum overflows
+        (torch.tensor([60000.0, 60000.0]).half(), True),
+        (torch.tensor([1e300, -1e300], dtype=torch.float64), True),
+        (torch.tensor([7, 8]), True),
+    ],
+)
+def test_finiteness_is_every_values(values: torch.Tensor, finite: bool) -> None:
+    assert all_finite(values) is finite

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from wash_fed.shuffle import (
     PERMUTATION_CHUNK,
-    all_finite,
     draw_ahead,
     draw_permutations,
     event_mask,
@@ -206,27 +205,13 @@ def test_permutations_drawn_ahead_exchange_as_those_drawn_there() -> None:
             shuffle_values(values, seed=2, event=3, drawn=wrong)
 
 
-@pytest.mark.parametrize(
-    ("values", "finite"),
-    [
-        (torch.tensor([1.0, -2.0]), True),
-        (torch.tensor([1.0, math.nan]), False),
-        (torch.tensor([math.inf, -math.inf]), False),
-        (torch.tensor([3e38, 3e38, -1.0]), True),  # its float32 sum overflows
-        (torch.tensor([60000.0, 60000.0]).half(), True),
-        (torch.tensor([1e300, -1e300], dtype=torch.float64), True),
-        (torch.tensor([7, 8]), True),
-    ],
-)
-def test_finiteness_is_every_values(values: torch.Tensor, finite: bool) -> None:
-    assert all_finite(values) is finite
-
-
-def test_a_non_finite_value_names_its_member() -> None:
+def test_a_non_finite_value_names_its_member_unless_the_gate_checked_them() -> None:
     values = [{"weights": torch.zeros(10)} for _ in range(3)]
     values[2]["weights"][7] = math.nan
     with pytest.raises(ValueError, match="member 2 sent non-finite"):
         shuffle_values(values, seed=0, event=1)
+    received, _ = shuffle_values(values, seed=0, event=1, gated=True)
+    assert sum(int(r["weights"].isnan().sum()) for r in received) == 1
 
 
 def test_permute_moves_values_along_the_member_axis() -> None:
