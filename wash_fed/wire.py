@@ -12,12 +12,15 @@ sends its global model as ``arrays`` instead.
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from flwr.app import (
     Array,
@@ -28,7 +31,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import ErrorCode, SType
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from torch import Tensor
 
@@ -122,9 +125,37 @@ def _array(tensor: Tensor) -> Array:
     return Array(dtype=BFLOAT16, shape=tuple(tensor.shape), stype=RAW_BFLOAT16, data=data)
 
 
+_NPY_HEADERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def _ndarray(array: Array) -> npt.NDArray[Any]:
+    """What an Array in NumPy's format holds, as a writable array of its own: its bytes
+    copied once (``Array.numpy`` reads them through a file object a piece at a time and
+    copies them twice). Raises ValueError for bytes that are not one array of plain values
+    (as ``Array.numpy``, no pickled objects) and TypeError for another serialization."""
+    if array.stype != SType.NUMPY:
+        raise TypeError(f"arrays of stype {array.stype!r} are not read here")
+    data = array.data
+    header = io.BytesIO(data)
+    version = np.lib.format.read_magic(header)
+    if version not in _NPY_HEADERS:
+        raise ValueError(f"NumPy format version {version} is not read here")
+    shape, fortran_order, dtype = _NPY_HEADERS[version](header)
+    if dtype.hasobject:
+        raise ValueError(f"an array of {dtype} holds Python objects")
+    count, offset = math.prod(shape), header.tell()
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(f"{len(data) - offset} bytes of values for {count} {dtype} values")
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return (values.reshape(shape[::-1]).T if fortran_order else values.reshape(shape)).copy()
+
+
 def _tensor(array: Array) -> Tensor:
     if array.dtype != BFLOAT16:
-        return torch.from_numpy(array.numpy().copy())
+        return torch.from_numpy(_ndarray(array))
     shape = tuple(array.shape)
     if array.stype != RAW_BFLOAT16 or len(array.data) != 2 * math.prod(shape):
         raise ValueError(f"a bfloat16 array of shape {shape} that is not {len(array.data)} bytes")

@@ -3,6 +3,9 @@ lacks), their size, and replies whose arrays do not hold what they claim."""
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
@@ -32,6 +35,51 @@ def test_16_bit_values_take_half_the_bytes() -> None:
     full = size(torch.float32)
     for half in (size(torch.bfloat16), size(torch.float16)):
         assert abs(2 * half - full) < 0.002 * full  # framing: a few hundred bytes
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(12, dtype=np.float16).reshape(3, 4),
+        np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)),
+        np.array(2.5, dtype=np.float64),
+        np.zeros((0, 5), dtype=np.int64),
+        np.arange(6, dtype=np.uint8),
+    ],
+    ids=["float16", "fortran-order", "scalar", "empty", "uint8"],
+)
+def test_arrays_read_as_flower_reads_them_into_tensors_of_their_own(values: np.ndarray) -> None:
+    array = Array(values)
+    (back,) = wire.record_to_tensors(ArrayRecord({"a": array})).values()
+    expected = torch.from_numpy(array.numpy())
+    assert back.dtype == expected.dtype and torch.equal(back, expected)
+    back.add_(1)  # writable, and not a view of the message's bytes
+    assert np.array_equal(array.numpy(), values)
+
+
+def _npy(values: np.ndarray, *, allow_pickle: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=allow_pickle)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _npy(np.arange(8, dtype=np.float32))[:-4],
+        _npy(np.arange(8, dtype=np.float32)) + b"\x00" * 4,
+        _npy(np.array([{"a": 1}], dtype=object), allow_pickle=True),
+        b"NOTNUMPY" + _npy(np.arange(2))[8:],
+    ],
+    ids=["short", "trailing-bytes", "pickled-objects", "not-npy"],
+)
+def test_an_array_whose_bytes_are_not_one_plain_array_is_a_malformed_reply(data: bytes) -> None:
+    array = Array(dtype="float32", shape=(8,), stype="numpy.ndarray", data=data)
+    content = RecordDict(
+        {Record.VALUES: ArrayRecord({"weights": array}), Record.METRICS: MetricRecord({})}
+    )
+    with pytest.raises(wire.MalformedReplyError, match="unreadable arrays"):
+        wire.reply_parts(content, Record.VALUES)
 
 
 @pytest.mark.parametrize(
