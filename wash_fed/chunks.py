@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["over_chunks"]
+__all__ = ["chunk_length", "over_chunks"]
 
 T = TypeVar("T")
 
@@ -37,3 +37,10 @@ def over_chunks(work: Callable[[slice], T], total: int, size: int) -> list[T]:
     running = [_pool(threads).submit(work, chunk) for chunk in chunks]
     wait(running)
     return [done.result() for done in running]
+
+
+def chunk_length(rows: int, *, coordinates: int, values: int) -> int:
+    """How many coordinates a chunk of ``rows`` rows (one per member) spans: at most
+    ``coordinates``, and at most ``values`` values in all, so that a chunk's memory does not
+    grow with the rows (at least one coordinate)."""
+    return max(1, min(coordinates, values // max(1, rows)))

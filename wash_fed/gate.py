@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from wash_fed.batchnorm import BNStatistics, bn_layers_of
+from wash_fed.chunks import chunk_length
 from wash_fed.keys import Metric
 
 __all__ = [
@@ -218,7 +219,10 @@ def magnitude_outliers(
 
 GATE_CHUNK = 1 << 15
 """Coordinates the gate reads at a time from every member's values (the median needs them
-side by side): its memory is bounded whatever the tensors' size."""
+side by side), at most: its memory is bounded whatever the tensors' size."""
+GATE_CHUNK_VALUES = 1 << 19
+"""Values (of all members together) a chunk of the gate holds: its memory is bounded
+whatever the number of members."""
 NETWORK_MEMBERS = 64
 """Up to this many members the CPU's median is a selection network (faster than numpy's
 partition of each coordinate's values there); above it, numpy's partition."""
@@ -245,8 +249,9 @@ def _spread(rows: list[Tensor]) -> _Spread:
     squares = torch.zeros(len(rows), dtype=torch.float64, device=rows[0].device)
     products = torch.zeros_like(squares)
     median_squares = 0.0
-    for start in range(0, rows[0].numel(), GATE_CHUNK):
-        chunk = torch.stack([row[start : start + GATE_CHUNK] for row in rows]).to(work)
+    length = chunk_length(len(rows), coordinates=GATE_CHUNK, values=GATE_CHUNK_VALUES)
+    for start in range(0, rows[0].numel(), length):
+        chunk = torch.stack([row[start : start + length] for row in rows]).to(work)
         median = _lower_median(chunk)
         products += chunk @ median
         median_squares += float(median @ median)

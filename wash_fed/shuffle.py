@@ -41,7 +41,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from wash_fed.chunks import over_chunks
+from wash_fed.chunks import chunk_length, over_chunks
 from wash_fed.gate import all_finite
 
 __all__ = [
@@ -227,9 +227,16 @@ def scatter(tensors: Sequence[Tensor], mask: ShuffleMask, values: Tensor) -> Non
 
 
 PERMUTATION_CHUNK = 1 << 14
-"""Coordinates whose permutations are drawn and applied at a time: memory bounded whatever
-the mask's size, and a chunk of every member's values within the cache. The permutations
-do not depend on it."""
+"""Coordinates whose permutations are drawn and applied at a time, at most
+(:data:`PERMUTATION_CHUNK_VALUES` bounds them for many members): memory bounded whatever
+the mask's size and the number of members, and a chunk of every member's values within
+the cache. The permutations do not depend on it."""
+PERMUTATION_CHUNK_VALUES = 1 << 18
+"""Values (of all members together) a chunk of the permutations or the exchange holds."""
+
+
+def _permutation_chunk(num_members: int) -> int:
+    return chunk_length(num_members, coordinates=PERMUTATION_CHUNK, values=PERMUTATION_CHUNK_VALUES)
 
 
 def _permutations_at(num_members: int, coordinates: slice, seed: int, event: int) -> Tensor:
@@ -287,12 +294,13 @@ def draw_permutations(
         )
     if dtype.is_floating_point or torch.iinfo(dtype).max < num_members - 1:
         raise ValueError(f"{dtype} cannot hold the indices of {num_members} members")
-    parts = over_chunks(
-        lambda coordinates: _permutations_at(num_members, coordinates, seed, event).to(dtype),
-        num_values,
-        PERMUTATION_CHUNK,
-    )
-    return torch.cat(parts, dim=1) if parts else torch.empty(num_members, 0, dtype=dtype)
+    drawn = torch.empty(num_members, num_values, dtype=dtype)
+
+    def draw(coordinates: slice) -> None:
+        drawn[:, coordinates] = _permutations_at(num_members, coordinates, seed, event)
+
+    over_chunks(draw, num_values, _permutation_chunk(num_members))
+    return drawn
 
 
 @dataclass(frozen=True)
@@ -387,7 +395,7 @@ def shuffle_values(
     ]
 
     def exchange(coordinates: slice) -> None:
-        perms = indices[:, coordinates].to(torch.int64)
+        perms = indices[:, coordinates].to(torch.int32)  # what gather takes, at half of int64
         for kind in received[0]:
             chunk = torch.stack([member[kind][coordinates] for member in values])
             if not gated and not all_finite(chunk):
@@ -397,7 +405,7 @@ def shuffle_values(
             for row, mine in zip(received, exchanged, strict=True):
                 row[kind][coordinates] = mine
 
-    over_chunks(exchange, num_values, PERMUTATION_CHUNK)
+    over_chunks(exchange, num_values, _permutation_chunk(n))
     return ShuffledValues(received, drawn.moved)
 
 
