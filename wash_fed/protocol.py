@@ -123,7 +123,9 @@ class Delivery:
 
     kind: DeliveryKind
     event: int
-    tensors: dict[str, Tensor]
+    tensors: Mapping[str, Tensor]
+    """Read only: one delivery may be shared by several members, or held as the record
+    that carries it (:class:`wash_fed.wire.RecordTensors`)."""
 
 
 def apply_delivery(member: Member, delivery: Delivery) -> bool:

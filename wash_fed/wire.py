@@ -15,8 +15,9 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import numpy as np
@@ -43,11 +44,13 @@ from wash_fed.protocol import Delivery
 __all__ = [
     "ConfigValue",
     "MalformedReplyError",
+    "RecordTensors",
     "ReplyParts",
     "bn_statistics_to_record",
     "config_value",
     "delivery_from_content",
     "delivery_records",
+    "hold_as_records",
     "is_member_error",
     "message",
     "message_bytes",
@@ -117,12 +120,38 @@ RAW_BFLOAT16 = "torch.bfloat16.raw"
 which Flower's arrays use, has no bfloat16)."""
 
 
-def _array(tensor: Tensor) -> Array:
+def _over_bytes(values: npt.NDArray[Any], bfloat16: bool) -> Tensor:
+    """A tensor over ``values``, which lie in an Array's immutable bytes: read only (torch
+    cannot mark a tensor so, hence its warning, silenced here); bfloat16 from int16."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        tensor = torch.from_numpy(values)
+    return tensor.view(torch.bfloat16) if bfloat16 else tensor
+
+
+def _array_and_view(tensor: Tensor) -> tuple[Array, Tensor]:
+    """``tensor`` as an Array, its bytes copied once: in NumPy's format, byte for byte what
+    ``Array(tensor)`` holds (which copies them twice), or raw little-endian bytes for
+    bfloat16; and a read-only view of the Array's values."""
     tensor = tensor.detach().cpu().contiguous()
-    if tensor.dtype != torch.bfloat16:
-        return Array(tensor)
-    data = tensor.view(torch.int16).numpy().astype("<i2").tobytes()
-    return Array(dtype=BFLOAT16, shape=tuple(tensor.shape), stype=RAW_BFLOAT16, data=data)
+    bfloat16 = tensor.dtype == torch.bfloat16
+    if bfloat16:
+        values = tensor.view(torch.int16).numpy().astype("<i2")
+        header = b""
+        array = Array(
+            dtype=BFLOAT16, shape=tuple(tensor.shape), stype=RAW_BFLOAT16, data=values.tobytes()
+        )
+    else:
+        values = tensor.numpy()
+        buffer = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            buffer, np.lib.format.header_data_from_array_1_0(values)
+        )
+        header = buffer.getvalue()
+        data = b"".join([header, values.reshape(-1).data])
+        array = Array(dtype=str(values.dtype), shape=values.shape, stype=SType.NUMPY, data=data)
+    view = np.frombuffer(array.data, values.dtype, count=values.size, offset=len(header))
+    return array, _over_bytes(view.reshape(values.shape), bfloat16)
 
 
 _NPY_HEADERS = {
@@ -131,11 +160,11 @@ _NPY_HEADERS = {
 }
 
 
-def _ndarray(array: Array) -> npt.NDArray[Any]:
-    """What an Array in NumPy's format holds, as a writable array of its own: its bytes
-    copied once (``Array.numpy`` reads them through a file object a piece at a time and
-    copies them twice). Raises ValueError for bytes that are not one array of plain values
-    (as ``Array.numpy``, no pickled objects) and TypeError for another serialization."""
+def _npy_values(array: Array) -> npt.NDArray[Any]:
+    """The values an Array in NumPy's format holds, a read-only view of its bytes (no copy;
+    ``Array.numpy`` reads them through a file object a piece at a time and copies them
+    twice). Raises ValueError for bytes that are not one array of plain values (as
+    ``Array.numpy``, no pickled objects) and TypeError for another serialization."""
     if array.stype != SType.NUMPY:
         raise TypeError(f"arrays of stype {array.stype!r} are not read here")
     data = array.data
@@ -150,22 +179,28 @@ def _ndarray(array: Array) -> npt.NDArray[Any]:
     if len(data) - offset != count * dtype.itemsize:
         raise ValueError(f"{len(data) - offset} bytes of values for {count} {dtype} values")
     values = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
-    return (values.reshape(shape[::-1]).T if fortran_order else values.reshape(shape)).copy()
+    return values.reshape(shape[::-1]).T if fortran_order else values.reshape(shape)
 
 
 def _tensor(array: Array) -> Tensor:
+    """The tensor an Array from anywhere holds, of its own (its bytes copied once). Raises
+    ValueError or TypeError for one that does not hold what it says."""
     if array.dtype != BFLOAT16:
-        return torch.from_numpy(_ndarray(array))
-    shape = tuple(array.shape)
-    if array.stype != RAW_BFLOAT16 or len(array.data) != 2 * math.prod(shape):
-        raise ValueError(f"a bfloat16 array of shape {shape} that is not {len(array.data)} bytes")
-    values = torch.frombuffer(bytearray(array.data), dtype=torch.int16).view(torch.bfloat16)
-    return values.reshape(shape).clone()
+        values = _npy_values(array)
+    else:
+        shape = tuple(array.shape)
+        if array.stype != RAW_BFLOAT16 or len(array.data) != 2 * math.prod(shape):
+            raise ValueError(
+                f"a bfloat16 array of shape {shape} that is not {len(array.data)} bytes"
+            )
+        values = np.frombuffer(array.data, dtype="<i2").reshape(shape)
+    view = _over_bytes(values, array.dtype == BFLOAT16)
+    return view.clone(memory_format=torch.contiguous_format)
 
 
 def tensors_to_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
     """Tensors (on any device, bfloat16 included) as an ArrayRecord, keys kept."""
-    return ArrayRecord({k: _array(v) for k, v in tensors.items()})
+    return ArrayRecord({k: _array_and_view(v)[0] for k, v in tensors.items()})
 
 
 def record_to_tensors(record: ArrayRecord) -> dict[str, Tensor]:
@@ -174,16 +209,48 @@ def record_to_tensors(record: ArrayRecord) -> dict[str, Tensor]:
     return {k: _tensor(v) for k, v in record.items()}
 
 
+class RecordTensors(Mapping[str, Tensor]):
+    """Tensors held as the ArrayRecord that carries them (:attr:`record`, made once), each a
+    read-only view of its array's bytes: a delivery that waits for its messages (for several
+    rounds, if its member fails) takes its size once, not once as tensors and once more per
+    message."""
+
+    def __init__(self, tensors: Mapping[str, Tensor]) -> None:
+        made = {name: _array_and_view(tensor) for name, tensor in tensors.items()}
+        self.record = ArrayRecord({name: array for name, (array, _) in made.items()})
+        self._views = {name: view for name, (_, view) in made.items()}
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._views[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+
+def hold_as_records(deliveries: dict[int, Delivery]) -> None:
+    """Hold each of ``deliveries``' tensors as the record that will carry them
+    (:class:`RecordTensors`; one record for a delivery several members share), one delivery
+    at a time, so that each one's tensors are released (when nothing else holds them)
+    before the next one's record is made."""
+    held: dict[int, Delivery] = {}
+    for member, delivery in deliveries.items():
+        if id(delivery) not in held:
+            held[id(delivery)] = replace(delivery, tensors=RecordTensors(delivery.tensors))
+        deliveries[member] = held[id(delivery)]
+
+
 def delivery_records(
     delivery: Delivery | None,
 ) -> tuple[dict[str, ArrayRecord], dict[str, ConfigValue]]:
     """A delivery as the array record and config entries of the message that carries it."""
     if delivery is None:
         return {}, {}
-    return (
-        {delivery.kind: tensors_to_record(delivery.tensors)},
-        {Config.DELIVERY_EVENT: delivery.event},
-    )
+    tensors = delivery.tensors
+    record = tensors.record if isinstance(tensors, RecordTensors) else tensors_to_record(tensors)
+    return {delivery.kind: record}, {Config.DELIVERY_EVENT: delivery.event}
 
 
 def delivery_from_content(content: RecordDict) -> Delivery | None:

@@ -4,6 +4,7 @@ lacks), their size, and replies whose arrays do not hold what they claim."""
 from __future__ import annotations
 
 import io
+import weakref
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from wash_fed import wire
 from wash_fed.codec import WireFormat
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Record
-from wash_fed.protocol import WashServer
+from wash_fed.protocol import Delivery, WashServer
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -55,6 +56,36 @@ def test_arrays_read_as_flower_reads_them_into_tensors_of_their_own(values: np.n
     assert back.dtype == expected.dtype and torch.equal(back, expected)
     back.add_(1)  # writable, and not a view of the message's bytes
     assert np.array_equal(array.numpy(), values)
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [torch.randn(3, 5), torch.randn(7).half(), torch.tensor(7), torch.randn(4, 3).T],
+    ids=["float32", "float16", "scalar", "transposed"],
+)
+def test_records_hold_what_flowers_own_arrays_hold(tensor: torch.Tensor) -> None:
+    (made,) = wire.tensors_to_record({"t": tensor}).values()
+    flowers = Array(tensor.contiguous())
+    assert (made.data, made.dtype, made.shape) == (flowers.data, flowers.dtype, flowers.shape)
+
+
+def test_deliveries_held_as_records_take_one_record_each_and_release_their_tensors() -> None:
+    mean = {"w": torch.randn(50), "b": torch.randn(3).to(torch.bfloat16)}
+    shared = Delivery("mean", 2, mean)
+    deliveries = {0: shared, 1: shared, 2: Delivery("values", 2, {"weights": torch.randn(9)})}
+    expected = {m: {k: t.clone() for k, t in d.tensors.items()} for m, d in deliveries.items()}
+    released = weakref.ref(deliveries[2].tensors["weights"])
+    wire.hold_as_records(deliveries)
+    assert released() is None  # nothing but the delivery held it
+    assert deliveries[0] is deliveries[1]  # the members' shared mean is one record
+    for member, delivery in deliveries.items():
+        assert isinstance(delivery.tensors, wire.RecordTensors)
+        for name, value in expected[member].items():
+            assert torch.equal(delivery.tensors[name], value)
+        (record,) = wire.delivery_records(delivery)[0].values()
+        assert record is delivery.tensors.record  # the messages carry it as it is
+        carried = wire.record_to_tensors(record)
+        assert all(torch.equal(carried[k], v) for k, v in expected[member].items())
 
 
 def _npy(values: np.ndarray, *, allow_pickle: bool = False) -> bytes:

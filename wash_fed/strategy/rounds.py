@@ -132,6 +132,9 @@ class PopulationStrategy(Strategy):
         else:
             payloads = {p: parts.tensors for p, parts in got.accepted.items()}
             exchange = self.protocol.exchange(server_round, payloads)
+            for tensors in payloads.values():  # the deliveries hold what the exchange kept
+                tensors.clear()
+            wire.hold_as_records(exchange.deliveries)
         self.state.deliveries.settle(answered, exchange)
         report = RoundReport(
             server_round,
