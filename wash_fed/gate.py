@@ -34,6 +34,7 @@ from functools import cache
 from typing import Generic, TypeVar, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -251,8 +252,9 @@ def _spread(rows: list[Tensor]) -> _Spread:
     median_squares = 0.0
     length = chunk_length(len(rows), coordinates=GATE_CHUNK, values=GATE_CHUNK_VALUES)
     for start in range(0, rows[0].numel(), length):
-        chunk = torch.stack([row[start : start + length] for row in rows]).to(work)
-        median = _lower_median(chunk)
+        sent = torch.stack([row[start : start + length] for row in rows])
+        median = _lower_median(sent).to(work)
+        chunk = sent.to(work)
         products += chunk @ median
         median_squares += float(median @ median)
         squares += chunk.sub_(median).square_().sum(dim=1)
@@ -261,20 +263,37 @@ def _spread(rows: list[Tensor]) -> _Spread:
 
 def _lower_median(chunk: Tensor) -> Tensor:
     """The median of each column of ``chunk`` (shape ``(N, c)``: one row per member), the
-    lower one for an even ``N`` as ``torch.median`` takes it. On the CPU up to
-    :data:`NETWORK_MEMBERS` members by :func:`_median_network` over the rows, above that by
-    numpy's partition; elsewhere by torch's median."""
+    lower one for an even ``N`` as ``torch.median`` takes it, in ``chunk``'s dtype. On the
+    CPU up to :data:`NETWORK_MEMBERS` members by :func:`_median_network` over the rows,
+    above that by numpy's partition, 16-bit floats as their :func:`_ordered_int16` keys
+    (half of float32's bytes, and twice the values an instruction compares); elsewhere by
+    torch's median."""
     if chunk.device.type != "cpu":
         return chunk.median(dim=0).values
+    sixteen = chunk.dtype in (torch.float16, torch.bfloat16)
+    values = _ordered_int16(chunk.view(torch.int16).numpy()) if sixteen else chunk.numpy()
     members, lower = chunk.shape[0], (chunk.shape[0] - 1) // 2
     if members > NETWORK_MEMBERS:
-        return torch.from_numpy(np.partition(chunk.T.numpy(), lower, axis=1)[:, lower])
-    rows = list(chunk.numpy().copy())
-    for low, high in _median_network(members):
-        smaller = np.minimum(rows[low], rows[high])
-        np.maximum(rows[low], rows[high], out=rows[high])
-        rows[low] = smaller
-    return torch.from_numpy(rows[lower])
+        median = np.partition(values.T, lower, axis=1)[:, lower]
+    else:
+        rows = list(values if sixteen else values.copy())
+        for low, high in _median_network(members):
+            smaller = np.minimum(rows[low], rows[high])
+            np.maximum(rows[low], rows[high], out=rows[high])
+            rows[low] = smaller
+        median = rows[lower]
+    if sixteen:
+        return torch.from_numpy(_ordered_int16(median)).view(chunk.dtype)
+    return torch.from_numpy(median)
+
+
+def _ordered_int16(bits: npt.NDArray[np.int16]) -> npt.NDArray[np.int16]:
+    """Keys of 16-bit floats (their bits as int16) that order as the floats do, a new array;
+    applied to keys, the floats' bits again. A float16 or bfloat16 is sign and magnitude:
+    its bits as int16 order the non-negative ones, and reversing the magnitude bits of the
+    negative ones (XOR 0x7FFF) orders those below them (-0.0 just below +0.0, which the
+    floats hold equal; NaNs at the ends, which the gate rejects before)."""
+    return bits ^ ((bits >> 15) & np.int16(0x7FFF))
 
 
 @cache

@@ -260,15 +260,23 @@ def test_the_pipeline_counts_rejections_and_errors_toward_quarantine() -> None:
     assert round_(errored=set(), broken=set()) == [] and 1 not in quarantine.streaks
 
 
-@given(members=st.integers(1, 80), coordinates=st.integers(1, 300), levels=st.integers(2, 1000))
-@settings(max_examples=60, deadline=None)
+@given(
+    members=st.integers(1, 80),
+    coordinates=st.integers(1, 300),
+    levels=st.integers(2, 1000),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+)
+@settings(max_examples=90, deadline=None)
 def test_the_gates_median_is_torchs_lower_median(
-    members: int, coordinates: int, levels: int
+    members: int, coordinates: int, levels: int, dtype: torch.dtype
 ) -> None:
-    # few levels: ties, as among members that share an initialisation
+    # few levels: ties, as among members that share an initialisation; both signs, and
+    # 16-bit floats through their integer keys
     generator = torch.Generator().manual_seed(members * 1000 + coordinates)
-    chunk = torch.randint(levels, (members, coordinates), generator=generator).float()
-    assert torch.equal(lower_median(chunk), chunk.median(dim=0).values)
+    steps = torch.randint(levels, (members, coordinates), generator=generator)
+    chunk = ((steps - levels // 2) / 7).to(dtype)
+    median = lower_median(chunk)
+    assert median.dtype == dtype and torch.equal(median, chunk.median(dim=0).values)
 
 
 @pytest.mark.parametrize("members", range(1, 11))
