@@ -365,13 +365,16 @@ class WashServer(ServerProtocol):
 
     def exchange(self, server_round: int, payloads: Mapping[int, Payload]) -> Exchange:
         """One shuffle event among the admitted members (in member order), in place: each
-        payload's values become what its member receives."""
+        payload's values become what its member receives. The payloads are the reply
+        gate's admitted ones: their values are not checked for finiteness again."""
         selected = self.selected(server_round)
         counts = {"selected": selected, "moved": 0, "participants": len(payloads)}
         if len(payloads) < 2:
             return Exchange({}, counts)
         members = sorted(payloads)
         drawn = self._prepared.pop((server_round, len(members)), None)
+        for unused in [key for key in self._prepared if key[0] == server_round]:
+            del self._prepared[unused]  # drawn for all, and the gate left some out
         received, moved = shuffle_values(
             [payloads[m] for m in members],
             seed=self.cfg.seed,

@@ -16,7 +16,8 @@ them (:func:`shuffle_population`) or they can be spread over machines:
   and masks never have to travel.
 * :func:`gather` -- a member's values at the mask, as one flat vector of length ``m``.
 * :func:`shuffle_values` -- ``N`` gathered vectors in, the ``N`` vectors each member receives
-  out: :func:`permute` with :func:`draw_permutations`, one permutation per coordinate.
+  out: what :func:`permute` does with :func:`draw_permutations`, one permutation per
+  coordinate, a chunk of coordinates at a time.
 * :func:`scatter` -- write the received values back at the mask.
 
 Invariants (tested): each coordinate's multiset of values over the population is unchanged,
@@ -311,7 +312,7 @@ class DrawnPermutations:
     event: int
     indices: Tensor
     """:func:`draw_permutations` of shape ``(N, m)``, in the narrowest dtype that holds
-    them: ``torch.uint8`` up to 256 members (one byte a member and value), else int64."""
+    them: ``torch.uint8`` up to 256 members (one byte a member and value), else int32."""
     moved: int
     """Coordinates whose value comes from another member, summed over members."""
 
@@ -320,7 +321,7 @@ def draw_ahead(num_members: int, num_values: int, *, seed: int, event: int) -> D
     """The permutations :func:`shuffle_values` applies to ``num_members`` members'
     ``num_values`` values at ``(seed, event)``, and what they move: to draw while the values
     are still on their way."""
-    dtype = torch.uint8 if num_members <= 256 else torch.int64
+    dtype = torch.uint8 if num_members <= 256 else torch.int32
     indices = draw_permutations(num_members, num_values, seed=seed, event=event, dtype=dtype)
     members = torch.arange(num_members, dtype=dtype)[:, None]
     return DrawnPermutations(seed, event, indices, int((indices != members).sum()))
@@ -367,13 +368,14 @@ def shuffle_values(
     the same ``m``. All kinds share one permutation per coordinate
     (:func:`draw_permutations`), so optimizer state moves with its weight; ``drawn`` are
     those of :func:`draw_ahead` for this ``seed``, ``event`` and shape (such as drawn while
-    the members train), else they are drawn here first (``N`` bytes a value, up to 256
-    members). Works through the coordinates a chunk at a time (side by side on the CPU's
-    threads): beside the values it returns it holds one chunk of every member's per thread.
-    Those values are new tensors, or with ``in_place`` the given ones overwritten. A
-    non-finite value raises a ValueError naming its member, which ``in_place`` leaves with
-    the other chunks exchanged, unless ``gated``: the reply gate has checked every value
-    (:func:`wash_fed.gate.check_values`), so none is checked again.
+    the members train), else they are drawn here first (``N`` bytes a value up to 256
+    members, ``4 N`` above). Works through the coordinates a chunk at a time (side by side
+    on the CPU's threads): beside the values it returns it holds one chunk of every
+    member's per thread. Those values are new tensors, or with ``in_place`` the given ones
+    overwritten. A non-finite value raises a ValueError naming its member, which
+    ``in_place`` leaves with the other chunks exchanged, unless ``gated``: the reply gate
+    has checked every value (:func:`wash_fed.gate.check_values`), so none is checked
+    again.
     """
     if not values:
         return ShuffledValues([], 0)
@@ -395,7 +397,7 @@ def shuffle_values(
     ]
 
     def exchange(coordinates: slice) -> None:
-        perms = indices[:, coordinates].to(torch.int32)  # what gather takes, at half of int64
+        perms = indices[:, coordinates].to(torch.int32)  # an index type gather takes
         for kind in received[0]:
             chunk = torch.stack([member[kind][coordinates] for member in values])
             if not gated and not all_finite(chunk):

@@ -136,7 +136,7 @@ def _array_and_view(tensor: Tensor) -> tuple[Array, Tensor]:
     tensor = tensor.detach().cpu().contiguous()
     bfloat16 = tensor.dtype == torch.bfloat16
     if bfloat16:
-        values = tensor.view(torch.int16).numpy().astype("<i2")
+        values = tensor.view(torch.int16).numpy().astype("<i2", copy=False)
         header = b""
         array = Array(
             dtype=BFLOAT16, shape=tuple(tensor.shape), stype=RAW_BFLOAT16, data=values.tobytes()
@@ -219,6 +219,12 @@ class RecordTensors(Mapping[str, Tensor]):
         made = {name: _array_and_view(tensor) for name, tensor in tensors.items()}
         self.record = ArrayRecord({name: array for name, (array, _) in made.items()})
         self._views = {name: view for name, (_, view) in made.items()}
+
+    def __reduce__(self) -> tuple[type[RecordTensors], tuple[dict[str, Tensor]]]:
+        """Pickled (in the server's checkpoint) as its tensors alone, once: the record is
+        made again where it is loaded (a record that was sent holds Flower's chunks of its
+        bytes, which do not pickle)."""
+        return RecordTensors, (dict(self._views),)
 
     def __getitem__(self, name: str) -> Tensor:
         return self._views[name]

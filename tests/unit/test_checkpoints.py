@@ -12,9 +12,11 @@ import torch
 from client.checkpoints import MemberCheckpoints
 from client.task import MemberTask
 from server.checkpoint import ServerCheckpoint
+from wash_fed import wire
 from wash_fed.config import ConfigError, WashFedConfig
 from wash_fed.gate import Quarantine
 from wash_fed.keys import NodeConfig
+from wash_fed.protocol import Delivery, Exchange
 from wash_fed.results import RunResult, write_results
 from wash_fed.strategy.state import StrategyState
 
@@ -115,3 +117,28 @@ def test_the_server_checkpoint_names_what_stands_in_the_way_of_resuming(tmp_path
     write_results(tmp_path / "results.json", RunResult("flower", "wash", cfg, "completed"))
     with pytest.raises(ConfigError, match="completed; nothing to resume"):
         ServerCheckpoint.load(tmp_path, cfg)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_deliveries_held_as_records_are_checkpointed_after_they_were_sent(
+    tmp_path: Path,
+) -> None:
+    cfg = WashFedConfig.from_mapping(SMALL)
+    server_checkpoint(cfg).save(tmp_path)
+    without = (tmp_path / "checkpoint.pt").stat().st_size
+    checkpoint = server_checkpoint(cfg)
+    values = {"weights": torch.randn(10_000).half()}
+    shared = Delivery("mean", 2, values)  # as PAPA's mean: one delivery for every member
+    deliveries = {0: shared, 1: shared}
+    wire.hold_as_records(deliveries)
+    checkpoint.state.deliveries.settle([], Exchange(deliveries))
+    records, entries = wire.delivery_records(deliveries[1])
+    wire.message_bytes(wire.message(7, "train", 3, entries, records))  # sent: Flower's chunks
+    checkpoint.save(tmp_path)
+    added = (tmp_path / "checkpoint.pt").stat().st_size - without
+    assert added < 1.2 * values["weights"].nbytes, "the values are saved once"
+    loaded = ServerCheckpoint.load(tmp_path, cfg).state.deliveries
+    for member in (0, 1):
+        due = loaded.due(member)
+        assert due is not None and isinstance(due.tensors, wire.RecordTensors)
+        assert torch.equal(due.tensors["weights"], values["weights"])
