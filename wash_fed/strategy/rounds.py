@@ -130,11 +130,7 @@ class PopulationStrategy(Strategy):
             self.final_models = Replies(accepted=got.accepted, rejected=got.rejected)
             exchange = Exchange({})
         else:
-            payloads = {p: parts.tensors for p, parts in got.accepted.items()}
-            exchange = self.protocol.exchange(server_round, payloads)
-            for tensors in payloads.values():  # the deliveries hold what the exchange kept
-                tensors.clear()
-            wire.hold_as_records(exchange.deliveries)
+            exchange = self._exchange(server_round, got.accepted)
         self.state.deliveries.settle(answered, exchange)
         report = RoundReport(
             server_round,
@@ -149,6 +145,17 @@ class PopulationStrategy(Strategy):
         if self._on_round is not None:
             self._on_round(report)
         return None, MetricRecord(dict(report.member_means()))
+
+    def _exchange(self, server_round: int, accepted: Mapping[int, wire.ReplyParts]) -> Exchange:
+        """The round's exchange of the admitted payloads, its deliveries held as the records
+        that carry them (:func:`wash_fed.wire.hold_as_records`). The exchange may reuse the
+        payloads' tensors: they are the deliveries' from then on, no longer the replies'."""
+        payloads = {p: parts.tensors for p, parts in accepted.items()}
+        exchange = self.protocol.exchange(server_round, payloads)
+        for tensors in payloads.values():
+            tensors.clear()
+        wire.hold_as_records(exchange.deliveries)
+        return exchange
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
