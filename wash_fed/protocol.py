@@ -369,12 +369,12 @@ class WashServer(ServerProtocol):
         gate's admitted ones: their values are not checked for finiteness again."""
         selected = self.selected(server_round)
         counts = {"selected": selected, "moved": 0, "participants": len(payloads)}
-        if len(payloads) < 2:
-            return Exchange({}, counts)
         members = sorted(payloads)
         drawn = self._prepared.pop((server_round, len(members)), None)
         for unused in [key for key in self._prepared if key[0] == server_round]:
             del self._prepared[unused]  # drawn for all, and the gate left some out
+        if len(members) < 2:
+            return Exchange({}, counts)
         received, moved = shuffle_values(
             [payloads[m] for m in members],
             seed=self.cfg.seed,
