@@ -122,7 +122,8 @@ which Flower's arrays use, has no bfloat16)."""
 
 def _over_bytes(values: npt.NDArray[Any], bfloat16: bool) -> Tensor:
     """A tensor over ``values``, which lie in an Array's immutable bytes: read only (torch
-    cannot mark a tensor so, hence its warning, silenced here); bfloat16 from int16."""
+    cannot mark a tensor so, hence its warning, silenced here); bfloat16 from int16. Only
+    the records this process made are viewed so; what arrives is copied (:func:`_tensor`)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         tensor = torch.from_numpy(values)
@@ -194,8 +195,8 @@ def _tensor(array: Array) -> Tensor:
                 f"a bfloat16 array of shape {shape} that is not {len(array.data)} bytes"
             )
         values = np.frombuffer(array.data, dtype="<i2").reshape(shape)
-    view = _over_bytes(values, array.dtype == BFLOAT16)
-    return view.clone(memory_format=torch.contiguous_format)
+    tensor = torch.from_numpy(values.copy())  # writable, C order
+    return tensor.view(torch.bfloat16) if array.dtype == BFLOAT16 else tensor
 
 
 def tensors_to_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
