@@ -104,7 +104,9 @@ def measure(setting: str, rounds: int) -> tuple[Margins, float]:
         margins.rejected += [f"member {m}: {why}" for m, why in outliers.items()]
         return outliers
 
-    cfg = WashFedConfig.from_mapping({"num-server-rounds": rounds, **SETTINGS[setting]})
+    # float16 unless the setting names a wire-dtype: the precision the margins were measured in.
+    base: dict[str, ConfigValue] = {"num-server-rounds": rounds, "wire-dtype": "float16"}
+    cfg = WashFedConfig.from_mapping({**base, **SETTINGS[setting]})
     gate.magnitude_outliers = watched  # the name ReplyGate.admit calls
     try:
         run = run_population(cfg, log=lambda _: None, progress_eval=False)

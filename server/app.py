@@ -39,6 +39,7 @@ from wash_fed.data import ImageData, load_local
 from wash_fed.evaluation import Evaluator, OnData
 from wash_fed.keys import RESULTS_IN, Split
 from wash_fed.ledger import Ledger
+from wash_fed.protocol import wire_format
 from wash_fed.results import ResumedFrom
 from wash_fed.strategy.final import FinalExchanges, OnMembers, ServerEvaluation
 from wash_fed.strategy.ledger_grid import LedgerGrid
@@ -74,11 +75,12 @@ def open_record(cfg: WashFedConfig, run_id: int, resumed: ServerCheckpoint | Non
     output = record.output
     log(
         INFO,
-        "wash-fed %s: %d members, %d rounds x %d local steps; " + RESULTS_IN + "%s",
+        "wash-fed %s: %d members, %d rounds x %d local steps, %s on the wire; " + RESULTS_IN + "%s",
         cfg.label,
         cfg.num_members,
         cfg.num_server_rounds,
         cfg.optim.local_steps,
+        wire_format(cfg).name,
         output.directory,
     )
     # `flwr stop` (or a signal) ends the ServerApp through Flower's exit handlers: in a

@@ -19,6 +19,7 @@ from wash_fed.config import (
     WashFedConfig,
     reference,
 )
+from wash_fed.protocol import wire_format
 
 
 def test_defaults_are_valid_and_round_trip() -> None:
@@ -37,6 +38,30 @@ def test_kebab_keys_and_command_line_strings_are_parsed() -> None:
         and cfg.exchange.shuffle_optimizer_state
     )
     assert isinstance(cfg.optim.lr, float)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "wire_dtype", "in_use"),
+    [
+        ("wash", "auto", "int4"),
+        ("fedavg", "auto", "float16"),
+        ("papa", "auto", "float16"),
+        ("wash", "float16", "float16"),
+        ("fedavg", "int8", "int8"),
+    ],
+)
+def test_auto_wire_dtype_is_the_strategys_own_and_a_set_one_is_kept(
+    strategy: str, wire_dtype: str, in_use: str
+) -> None:
+    cfg = WashFedConfig().with_values({"strategy": strategy, "wire-dtype": wire_dtype})
+    assert wire_format(cfg).name == in_use
+    assert wire_format(cfg.member_settings).name == in_use
+    assert cfg.to_mapping()["wire-dtype"] == wire_dtype
+
+
+def test_a_default_run_switched_to_fedavg_sends_fedavgs_own_wire_dtype() -> None:
+    wash = WashFedConfig()
+    assert wire_format(wash.with_values({"strategy": "fedavg"})).name == "float16"
 
 
 def test_independent_is_an_alias_of_ensemble() -> None:
@@ -60,7 +85,7 @@ def test_independent_is_an_alias_of_ensemble() -> None:
         ({"quarantine-after": 0}, "quarantine-after must be >= 1"),
         (
             {"wire-dtype": "int2"},
-            "wire-dtype must be one of float32, bfloat16, float16, int8, int4",
+            "wire-dtype must be one of auto, float32, bfloat16, float16, int8, int4",
         ),
         ({"num-server-rounds": "ten"}, "num-server-rounds must be int, got 'ten'"),
         ({"shuffle-optimizer-state": 3}, "shuffle-optimizer-state must be bool"),

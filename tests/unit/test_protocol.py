@@ -220,6 +220,7 @@ def test_a_member_applies_each_delivery_once(data: TrainingData) -> None:
             "num-members": 2,
             "batch-size": 32,
             "shuffle-prob": 0.3,
+            "wire-dtype": "float16",  # values a cast format carries as they are: "+ 1.0"
         }
     )
     a, b = (Member(config, i, data.member(i), torch.device("cpu")) for i in range(2))
