@@ -23,6 +23,7 @@ from torch import Tensor
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Metric
 from wash_fed.ledger import Ledger
+from wash_fed.protocol import wire_format
 from wash_fed.results import ExchangeResult, FinalResult, RoundResult, RunFolder, RunResult
 from wash_fed.strategy.state import RoundReport
 from wash_fed.timing import RoundTime
@@ -41,8 +42,9 @@ def _mb(nbytes: float) -> str:
     return f"{nbytes / 1e6:,.3f} MB"
 
 
-def ledger_table(ledger: Ledger, fedavg_bytes: int | None, rounds: int) -> str:
-    """The bytes a run sent by phase and direction, next to FedAvg's for the same rounds."""
+def ledger_table(ledger: Ledger, fedavg_bytes: int | None, rounds: int, wire: str) -> str:
+    """The bytes a run sent by phase and direction, next to FedAvg's for the same rounds
+    with its models in the run's wire format ``wire``."""
     phases = sorted(
         {e.phase for e in ledger.entries},
         key=["setup", "train", "collect", "bn", "evaluate", "end"].index,
@@ -56,7 +58,7 @@ def ledger_table(ledger: Ledger, fedavg_bytes: int | None, rounds: int) -> str:
     if fedavg_bytes:
         train = ledger.total(phase="train")
         lines.append(
-            f"FedAvg for the same {rounds} rounds: {_mb(fedavg_bytes)} "
+            f"FedAvg for the same {rounds} rounds in {wire}: {_mb(fedavg_bytes)} "
             f"(training traffic here is {train / fedavg_bytes:.4f} of it)"
         )
     return "\n".join(lines)
@@ -133,8 +135,11 @@ class RunOutput(RunFolder):
         self.write()
         log(INFO, "")
         log(INFO, "Bytes sent (payload as Flower serializes it):")
-        rounds = self.result.config.num_server_rounds
-        for line in ledger_table(self.ledger, fedavg_bytes, rounds).splitlines():
+        cfg = self.result.config
+        table = ledger_table(
+            self.ledger, fedavg_bytes, cfg.num_server_rounds, wire_format(cfg).name
+        )
+        for line in table.splitlines():
             log(INFO, "  %s", line)
         if (self.directory / "final_model.pt").exists():
             log(INFO, "Final model: %s", self.directory / "final_model.pt")
