@@ -6,7 +6,8 @@
 shuffle event, its permutations drawn ahead while the members train: ``configure_train``
 starts them, and the round begins once they are drawn; "drawn ahead" is that drawing's own
 time, "held ahead" the memory it holds until the round), and the next round's messages that
-carry the deliveries, for the replies of ``N`` members in the wire dtype (the default mask:
+carry the deliveries, for the replies of ``N`` members in ``--wire-dtype`` (float16, as
+docs/results/server-round.md measured; the default mask:
 ``shuffle-prob`` 0.05, constant schedule; each member's values the same random vector plus
 its own noise, so every reply passes the gate). Beside it, measured in the same process on
 the same values, the floor: a copy of every value (``torch.stack``) and one per-coordinate
@@ -25,7 +26,7 @@ give the round: training, the checkpoint, and the rest of the handler (mask, gat
 conversion, scatter of the delivery): the member's overhead, as a share of its training.
 
     python benchmarks/server_round.py [--layouts cnn,resnet18,torchvision:resnet50]
-        [--members 4,16,64] [--member-models cnn,resnet18] [--repeats 3]
+        [--members 4,16,64] [--member-models cnn,resnet18] [--repeats 3] [--wire-dtype float16]
 """
 
 from __future__ import annotations
@@ -94,9 +95,13 @@ def _peak_above_now() -> Iterator[dict[str, int]]:
     found["peak"] = (_memory_kib("VmHWM") - before) * 1024
 
 
-def population(layout: str, members: int) -> tuple[WashFedConfig, dict[str, torch.Tensor]]:
+def population(
+    layout: str, members: int, wire_dtype: str
+) -> tuple[WashFedConfig, dict[str, torch.Tensor]]:
     """The run's configuration for ``members`` members of ``layout``, and its parameters."""
-    cfg = WashFedConfig.from_mapping({"num-members": members, "model": layout})
+    cfg = WashFedConfig.from_mapping(
+        {"num-members": members, "model": layout, "wire-dtype": wire_dtype}
+    )
     channels, size = SHAPES.get(layout, (3, (32, 32)))
     model = build_model(layout, 10, channels, size)
     return cfg, {name: p.detach() for name, p in model.named_parameters()}
@@ -134,10 +139,10 @@ def member_values(
     return [wire.encode({"weights": base + scale * torch.randn_like(base)}) for _ in range(members)]
 
 
-def server_side(layout: str, members: int, repeats: int) -> dict[str, float]:
+def server_side(layout: str, members: int, repeats: int, wire_dtype: str) -> dict[str, float]:
     """One layout and member count (run in a process of its own): seconds and bytes."""
     torch.manual_seed(0)
-    cfg, parameters = population(layout, members)
+    cfg, parameters = population(layout, members, wire_dtype)
     selected = cfg.shuffle_mask([p.numel() for p in parameters.values()], 1).num_selected
     values = member_values(torch.randn(selected), members, wire_format(cfg))
 
@@ -160,7 +165,11 @@ def server_side(layout: str, members: int, repeats: int) -> dict[str, float]:
     timings: dict[str, list[float]] = {"aggregate": [], "deliver": [], "peak": []}
     for _ in range(repeats):
         one_round()
-    weights = [v["weights"] for v in values]  # the permutation's floor: the values as sent
+    # The permutation's floor: the values as the server shuffles them (a float type's values
+    # as sent; a quantized format's decoded to float32).
+    fmt = wire_format(cfg)
+    like = {"weights": torch.empty(selected, dtype=fmt.exact_dtype)}
+    weights = [fmt.decode(v, like)["weights"] for v in values]
     stacked = torch.stack(weights)
     permutations = draw_permutations(members, selected, seed=0, event=1)
     drawn = draw_ahead(members, selected, seed=0, event=1).indices
@@ -177,7 +186,7 @@ def server_side(layout: str, members: int, repeats: int) -> dict[str, float]:
     }
 
 
-def member_side(model: str, rounds: int = 3, peers: int = 3) -> dict[str, float]:
+def member_side(model: str, wire_dtype: str, rounds: int = 3, peers: int = 3) -> dict[str, float]:
     """A real member among ``peers`` synthetic ones, rounds 1..``rounds``: the mean of rounds
     2.. (those that deliver) of its reply's seconds."""
     run_config: dict[str, ConfigValue] = {
@@ -185,6 +194,7 @@ def member_side(model: str, rounds: int = 3, peers: int = 3) -> dict[str, float]
         "model": model,
         "holdout-size": 0,
         "eval-every": 0,
+        "wire-dtype": wire_dtype,
     }
     cfg = WashFedConfig.from_mapping(run_config)
     node_config: dict[str, ConfigValue] = {"partition-id": 0, "num-partitions": peers + 1}
@@ -226,10 +236,13 @@ mapped on its own, so that what is freed leaves the resident set at once (it slo
 large allocation, so times come from another process)."""
 
 
-def _server_row(layout: str, members: int, repeats: int, env: dict[str, str]) -> dict[str, float]:
+def _server_row(
+    layout: str, members: int, repeats: int, wire_dtype: str, env: dict[str, str]
+) -> dict[str, float]:
     """:func:`server_side` in a process of its own, with ``env`` added to its environment."""
+    one = ["--one", layout, str(members), "--repeats", str(repeats), "--wire-dtype", wire_dtype]
     done = subprocess.run(
-        [sys.executable, __file__, "--one", layout, str(members), "--repeats", str(repeats)],
+        [sys.executable, __file__, *one],
         capture_output=True,
         text=True,
         check=True,
@@ -238,7 +251,9 @@ def _server_row(layout: str, members: int, repeats: int, env: dict[str, str]) ->
     return cast(dict[str, float], json.loads(done.stdout.splitlines()[-1]))
 
 
-def server_table(layouts: Sequence[str], counts: Sequence[int], repeats: int) -> str:
+def server_table(
+    layouts: Sequence[str], counts: Sequence[int], repeats: int, wire_dtype: str
+) -> str:
     """Every layout at every member count, each in a process of its own; Markdown."""
     lines = [
         "| layout | members | values/member | replies (MB) | aggregate_train (s) | deliveries "
@@ -248,8 +263,8 @@ def server_table(layouts: Sequence[str], counts: Sequence[int], repeats: int) ->
     ]
     for layout in layouts:
         for members in counts:
-            row = _server_row(layout, members, repeats, {})
-            row["peak"] = _server_row(layout, members, repeats, LIVE_MEMORY)["peak"]
+            row = _server_row(layout, members, repeats, wire_dtype, {})
+            row["peak"] = _server_row(layout, members, repeats, wire_dtype, LIVE_MEMORY)["peak"]
             server = row["aggregate"] + row["deliver"]
             lines.append(
                 f"| {layout} | {members} | {row['selected']:,} | {row['replies_bytes'] / 1e6:.2f} "
@@ -262,14 +277,14 @@ def server_table(layouts: Sequence[str], counts: Sequence[int], repeats: int) ->
     return "\n".join(lines)
 
 
-def member_table(models: Sequence[str]) -> str:
+def member_table(models: Sequence[str], wire_dtype: str) -> str:
     lines = [
         "| model | training (s) | checkpoint (s) | mask, gather, wire, scatter (s) "
         "| overhead / training |",
         "|---|---|---|---|---|",
     ]
     for model in models:
-        row = member_side(model)
+        row = member_side(model, wire_dtype)
         overhead = (row["checkpoint"] + row["other"]) / row["train"]
         lines.append(
             f"| {model} | {row['train']:.2f} | {row['checkpoint']:.3f} | {row['other']:.3f} "
@@ -287,17 +302,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", default="4,16,64")
     parser.add_argument("--member-models", default="cnn,resnet18", help="'' for none")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--wire-dtype",
+        default="float16",
+        help="the replies' and deliveries' format (wire-dtype; 'auto': the run's default)",
+    )
     parser.add_argument("--one", nargs=2, metavar=("LAYOUT", "MEMBERS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     if args.one:
-        print(json.dumps(server_side(args.one[0], int(args.one[1]), args.repeats)))
+        layout, members = args.one
+        print(json.dumps(server_side(layout, int(members), args.repeats, args.wire_dtype)))
         return 0
     counts = [int(n) for n in args.members.split(",")]
-    print(server_table(args.layouts.split(","), counts, args.repeats))
+    print(server_table(args.layouts.split(","), counts, args.repeats, args.wire_dtype))
     if args.member_models:
         print()
-        print(member_table(args.member_models.split(",")))
+        print(member_table(args.member_models.split(","), args.wire_dtype))
     return 0
 
 
