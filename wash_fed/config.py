@@ -50,7 +50,6 @@ __all__ = [
     "RuntimeConfig",
     "WashFedConfig",
     "toml_value",
-    "wire_dtype_in_use",
 ]
 
 ConfigValue = bool | int | float | str
@@ -71,6 +70,7 @@ others. WASH's default run kept its soup above its members on three seeds in int
 fewer bytes than float16; FedAvg over 30 rounds lost 1.6 points in int4
 (docs/results/defaults.md, docs/results/frontier.md)."""
 AUTO_WIRE_DTYPE = "float16"
+WIRE_DTYPE_KEY = "wire-dtype"
 
 RESUMABLE_CHANGES = frozenset(
     {
@@ -347,6 +347,17 @@ class ExchangeConfig(Section):
         ),
     )
 
+    def wire_dtype_for(self, strategy: str) -> str:
+        """The values' type a run of ``strategy`` sends while training: ``wire-dtype``, or
+        for ``auto`` the strategy's own (:data:`AUTO_WIRE_DTYPES`), float16 where optimizer
+        state moves with the weights (Adam's second moments span orders of magnitude within
+        a block of 4-bit codes; not measured)."""
+        if self.wire_dtype != AUTO:
+            return self.wire_dtype
+        if self.shuffle_optimizer_state:
+            return AUTO_WIRE_DTYPE
+        return AUTO_WIRE_DTYPES.get(strategy, AUTO_WIRE_DTYPE)
+
     def check(self) -> None:
         _in_range("shuffle-prob", self.shuffle_prob, 0.0, 1.0)
         _one_of("layer-schedule", self.layer_schedule, LAYER_SCHEDULES)
@@ -615,6 +626,9 @@ class WashFedConfig:
         resumed run may change (:data:`RESUMABLE_CHANGES`: where things go, timeouts,
         metrics, the device)."""
         mine, theirs = self.to_mapping(), other.to_mapping()
+        # The format each sends, not the setting: "auto" and the type it stands for agree.
+        mine[WIRE_DTYPE_KEY] = self.exchange.wire_dtype_for(self.strategy)
+        theirs[WIRE_DTYPE_KEY] = other.exchange.wire_dtype_for(other.strategy)
         return [k for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs[k]]
 
     @classmethod
@@ -804,14 +818,6 @@ def _in_range(key: str, value: float, low: float, high: float, *, closed_high: b
     if not ok:
         bracket = "]" if closed_high else ")"
         raise ConfigError(f"{key} must be in [{low}, {high}{bracket}, got {value}")
-
-
-def wire_dtype_in_use(strategy: str, wire_dtype: str) -> str:
-    """The values' type a run of ``strategy`` sends while training for the ``wire-dtype``
-    setting: itself, or for ``auto`` the strategy's own (:data:`AUTO_WIRE_DTYPES`)."""
-    if wire_dtype != AUTO:
-        return wire_dtype
-    return AUTO_WIRE_DTYPES.get(strategy, AUTO_WIRE_DTYPE)
 
 
 def toml_value(value: ConfigValue) -> str:

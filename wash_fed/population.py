@@ -44,6 +44,7 @@ from wash_fed.protocol import (
     FedAvgServer,
     ServerProtocol,
     apply_delivery,
+    fedavg_format,
     final_format,
     member_payload,
     payload_bytes,
@@ -209,7 +210,7 @@ def run_population(
     log(
         f"[{cfg.label}] {cfg.num_members} members of {cfg.model.name} on {cfg.data.dataset} "
         f"({device}), {cfg.num_server_rounds} rounds x {cfg.optim.local_steps} steps "
-        f"= {epochs_of_member_0:.2f} epochs"
+        f"= {epochs_of_member_0:.2f} epochs, {wire_format(cfg).name} on the wire"
     )
     start = time.perf_counter()
     rounds, epochs = _train(
@@ -221,6 +222,7 @@ def run_population(
     else:
         final, final_state = _merge(members, data, test, ledger)
     model_bytes = payload_bytes(wire_format(cfg).encode(members[0].model.state_dict()))
+    fedavg_model = payload_bytes(fedavg_format(cfg).encode(members[0].model.state_dict()))
     results = RunResult(
         "population",
         cfg.label,
@@ -231,7 +233,7 @@ def run_population(
         final=final,
         bytes=ledger.summary(),
         fedavg_bytes=fedavg_equivalent_bytes(
-            cfg.num_server_rounds, cfg.num_members, model_bytes, model_bytes
+            cfg.num_server_rounds, cfg.num_members, fedavg_model, fedavg_model
         ),
         wall_seconds=time.perf_counter() - start,
         device=str(device),

@@ -53,7 +53,7 @@ import xxhash
 from torch import Tensor
 
 from wash_fed.codec import WireFormat
-from wash_fed.config import MemberSettings, WashFedConfig, wire_dtype_in_use
+from wash_fed.config import MemberSettings, WashFedConfig
 from wash_fed.gate import check_tensors, check_values
 from wash_fed.keys import Reply, ReplyKind
 from wash_fed.papa import population_mean, pull_toward
@@ -158,8 +158,14 @@ RunSettings = WashFedConfig | MemberSettings
 
 def wire_format(cfg: RunSettings) -> WireFormat:
     """How the values exchanged while training travel (``wire-dtype``; ``auto`` as the
-    strategy takes it: :func:`wash_fed.config.wire_dtype_in_use`)."""
-    return WireFormat(wire_dtype_in_use(cfg.strategy, cfg.exchange.wire_dtype))
+    strategy takes it: :meth:`wash_fed.config.ExchangeConfig.wire_dtype_for`)."""
+    return WireFormat(cfg.exchange.wire_dtype_for(cfg.strategy))
+
+
+def fedavg_format(cfg: RunSettings) -> WireFormat:
+    """How FedAvg's models would travel with this run's ``wire-dtype`` (``auto``: FedAvg's
+    own): the format of the FedAvg bytes a run is compared with."""
+    return WireFormat(cfg.exchange.wire_dtype_for("fedavg"))
 
 
 def final_format(cfg: RunSettings) -> WireFormat:

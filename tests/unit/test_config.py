@@ -19,7 +19,7 @@ from wash_fed.config import (
     WashFedConfig,
     reference,
 )
-from wash_fed.protocol import wire_format
+from wash_fed.protocol import fedavg_format, wire_format
 
 
 def test_defaults_are_valid_and_round_trip() -> None:
@@ -62,6 +62,21 @@ def test_auto_wire_dtype_is_the_strategys_own_and_a_set_one_is_kept(
 def test_a_default_run_switched_to_fedavg_sends_fedavgs_own_wire_dtype() -> None:
     wash = WashFedConfig()
     assert wire_format(wash.with_values({"strategy": "fedavg"})).name == "float16"
+    assert fedavg_format(wash).name == "float16"  # what a WASH run's FedAvg figure assumes
+    assert fedavg_format(wash.with_values({"wire-dtype": "int8"})).name == "int8"
+
+
+def test_auto_keeps_optimizer_state_that_moves_with_the_weights_in_float16() -> None:
+    cfg = WashFedConfig().with_values({"shuffle-optimizer-state": True})
+    assert wire_format(cfg).name == "float16"
+
+
+def test_a_resumed_run_compares_the_format_sent_not_the_setting() -> None:
+    papa = WashFedConfig(strategy="papa")
+    assert papa.training_changes(papa.with_values({"wire-dtype": "float16"})) == []
+    wash = WashFedConfig()
+    assert wash.training_changes(wash.with_values({"wire-dtype": "int4"})) == []
+    assert wash.training_changes(wash.with_values({"wire-dtype": "float16"})) == ["wire-dtype"]
 
 
 def test_independent_is_an_alias_of_ensemble() -> None:

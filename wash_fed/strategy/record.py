@@ -30,7 +30,7 @@ from wash_fed import wire
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Config, MessageType, Metric, Record, Reply
 from wash_fed.ledger import Ledger
-from wash_fed.protocol import wire_format
+from wash_fed.protocol import fedavg_format
 from wash_fed.results import GLOBAL_MODEL, ExchangeResult, FinalResult, fedavg_equivalent_bytes
 from wash_fed.strategy.ledger_grid import LedgerGrid
 from wash_fed.strategy.metrics import RunMetrics
@@ -155,9 +155,9 @@ def fedavg_bytes_through_flower(
     cfg: WashFedConfig, state_dict: Mapping[str, Tensor], nodes: Collection[int]
 ) -> int:
     """What FedAvg would send over the same rounds: each round the full model
-    (``state_dict`` in the ``wire-dtype`` format) to every member and back, measured as
-    Flower serializes those messages."""
-    state = wire.tensors_to_record(wire_format(cfg).encode(state_dict))
+    (``state_dict`` in FedAvg's format for this ``wire-dtype``: :func:`fedavg_format`) to
+    every member and back, measured as Flower serializes those messages."""
+    state = wire.tensors_to_record(fedavg_format(cfg).encode(state_dict))
     node = next(iter(nodes))
     down = wire.message(
         node, MessageType.TRAIN, 1, {Config.REPLY: Reply.STATE}, {Record.ARRAYS: state}

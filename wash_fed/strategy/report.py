@@ -23,7 +23,7 @@ from torch import Tensor
 from wash_fed.config import WashFedConfig
 from wash_fed.keys import Metric
 from wash_fed.ledger import Ledger
-from wash_fed.protocol import wire_format
+from wash_fed.protocol import fedavg_format
 from wash_fed.results import ExchangeResult, FinalResult, RoundResult, RunFolder, RunResult
 from wash_fed.strategy.state import RoundReport
 from wash_fed.timing import RoundTime
@@ -44,7 +44,7 @@ def _mb(nbytes: float) -> str:
 
 def ledger_table(ledger: Ledger, fedavg_bytes: int | None, rounds: int, wire: str) -> str:
     """The bytes a run sent by phase and direction, next to FedAvg's for the same rounds
-    with its models in the run's wire format ``wire``."""
+    with its models in the format ``wire``."""
     phases = sorted(
         {e.phase for e in ledger.entries},
         key=["setup", "train", "collect", "bn", "evaluate", "end"].index,
@@ -137,7 +137,7 @@ class RunOutput(RunFolder):
         log(INFO, "Bytes sent (payload as Flower serializes it):")
         cfg = self.result.config
         table = ledger_table(
-            self.ledger, fedavg_bytes, cfg.num_server_rounds, wire_format(cfg).name
+            self.ledger, fedavg_bytes, cfg.num_server_rounds, fedavg_format(cfg).name
         )
         for line in table.splitlines():
             log(INFO, "  %s", line)
