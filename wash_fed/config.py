@@ -343,7 +343,8 @@ class ExchangeConfig(Section):
         metadata=_doc(
             f"{AUTO!r} or one of {_listed(WIRE_DTYPES)}: the values exchanged while training "
             "(WASH's shuffled values, PAPA's weights and mean, FedAvg's models; auto: int4 for "
-            "wash, float16 for the others); the final step's is final-dtype"
+            "wash, float16 for the others and with optimizer state); the final step's is "
+            "final-dtype"
         ),
     )
 
