@@ -278,7 +278,9 @@ class ModelConfig(Section):
 
     name: str = field(
         default="cnn",
-        metadata=_doc("'cnn', 'resnet18' or 'torchvision:<name>'", key="model"),
+        metadata=_doc(
+            "'cnn', 'cnn-wide', 'resnet18', 'torchvision:<name>' or 'module:factory'", key="model"
+        ),
     )
     init: str = field(
         default="shared", metadata=_doc(f"one of {_listed(INITS)}: member initialisations")

@@ -109,7 +109,7 @@ def test_independent_is_an_alias_of_ensemble() -> None:
         ({"soup": "greedy", "holdout-size": 0}, "soup='greedy' needs held-out data"),
         ({"dataset": "imagenet"}, "dataset must be one of cifar10, cifar100, fashion-mnist"),
         ({"shuffle-optimizer-state": True, "momentum": 0.0}, "needs optimizer state"),
-        ({"model": "vgg99"}, "unknown model 'vgg99'; choose 'cnn', 'resnet18'"),
+        ({"model": "vgg99"}, "unknown model 'vgg99'; choose 'cnn', 'cnn-wide', 'resnet18'"),
         ({"model": "torchvision:vgg99"}, "'vgg99' is not a torchvision classification model"),
         ({"seed": 2**64}, "seed must fit in a signed 64-bit integer"),
         ({"poll-interval": 1e9}, "poll-interval must be <= 60"),

@@ -33,11 +33,24 @@ def cfg(**overrides: object) -> WashFedConfig:
 
 @pytest.mark.parametrize(
     ("name", "channels", "size"),
-    [("cnn", 1, (28, 28)), ("resnet18", 3, (32, 32)), ("torchvision:resnet18", 1, (28, 28))],
+    [
+        ("cnn", 1, (28, 28)),
+        ("cnn-wide", 1, (28, 28)),
+        ("resnet18", 3, (32, 32)),
+        ("torchvision:resnet18", 1, (28, 28)),
+    ],
 )
 def test_models_build_and_classify(name: str, channels: int, size: tuple[int, int]) -> None:
     model = build_model(name, 10, channels, size).eval()
     assert model(torch.zeros(2, channels, *size)).shape == (2, 10)
+
+
+def test_wide_cnn_is_a_few_megabytes_in_its_head() -> None:
+    small, wide = (build_model(n, 10, 1, (28, 28)) for n in ("cnn", "cnn-wide"))
+    count = sum(p.numel() for p in wide.parameters())
+    assert 1.5e6 < count < 1.7e6  # 6.5 MB in float32
+    assert count > 10 * sum(p.numel() for p in small.parameters())
+    assert [n for n, _ in wide.named_parameters()] == [n for n, _ in small.named_parameters()]
 
 
 def test_unknown_models_are_clear_errors() -> None:
