@@ -29,7 +29,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +208,7 @@ def sweep(
     for index, (point, seed) in enumerate(todo, 1):
         started = time.perf_counter()
         results = train({**base, **point.overrides, "seed": seed})
-        row = SweepRow.of(point, seed, results, time.perf_counter() - started)
+        row = SweepRow.of(point, seed, results, time.perf_counter() - started, base)
         with store.open("a") as sink:
             sink.write(_ROW.dump_json(row).decode() + "\n")
         log(
@@ -237,9 +237,14 @@ class SweepRow:
     device: str = ""
     """The population trainer's device and torch threads (a Flower run: none)."""
     threads: int = 0
+    base: dict[str, ConfigValue] = field(default_factory=dict)
+    """The sweep's base (partition, members, the unnamed settings and ``--set``); empty in
+    rows stored before it was kept."""
 
     @classmethod
-    def of(cls, point: Point, seed: int, results: RunResult, seconds: float) -> SweepRow:
+    def of(
+        cls, point: Point, seed: int, results: RunResult, seconds: float, base: Overrides
+    ) -> SweepRow:
         return cls(
             point=point.name,
             seed=seed,
@@ -251,7 +256,13 @@ class SweepRow:
             seconds=seconds,
             device=results.device,
             threads=results.threads,
+            base=dict(base),
         )
+
+    @property
+    def settings(self) -> dict[str, ConfigValue]:
+        """The run's configuration, the seed aside: the base and the point's overrides."""
+        return {**self.base, **self.overrides}
 
     @property
     def accuracy(self) -> float:

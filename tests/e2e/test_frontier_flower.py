@@ -33,6 +33,8 @@ def test_a_tiny_sweep_continues_where_it_stopped_and_flower_agrees(
     assert main([*args, "--seeds", "0"]) == 0
     first = read_rows(tmp_path / "runs.jsonl")
     assert len(first) == 3
+    # A row keeps the sweep's base: what ``--set`` changed is part of the point it measured.
+    assert first[0].settings["num-members"] == 3 and first[0].settings["batch-size"] == 32
     assert main([*args, "--seeds", "0,1"]) == 0
     rows = read_rows(tmp_path / "runs.jsonl")
     assert rows[:3] == first and len(rows) == 6
