@@ -72,7 +72,7 @@ def operating_points(rows: Iterable[SweepRow]) -> list[OperatingPoint]:
             by_point[row.point].append(row)
     points = []
     for name, runs in sorted(by_point.items()):
-        cfg = WashFedConfig.from_mapping(runs[0].overrides)
+        cfg = WashFedConfig.from_mapping(runs[0].settings)
         size = parameters(cfg.model.name) * FLOAT32_BYTES * cfg.num_members
         sent, rounds = runs[0].sent, cfg.num_server_rounds
         accuracies = [r.accuracy for r in runs]
@@ -238,6 +238,19 @@ class Map:
         return Cell(members, params, mbit, times["wash"], times["fedavg"])
 
 
+def build_map(frontier: Path, calibration: Sequence[Path], target: float, faster: float) -> Map:
+    """The map from a frontier's store and two models' calibration runs (``time_model.py``'s
+    JSON), members computing ``faster`` times faster than measured; ValueError if the store
+    lacks WASH or FedAvg points."""
+    points = operating_points(read_rows(frontier))
+    if not {p.strategy for p in points} >= set(STRATEGIES):
+        raise ValueError(f"{frontier} needs WASH and FedAvg points")
+    runs = [r for path in calibration for r in CHECK_RUNS.validate_json(path.read_bytes())]
+    runs = [r for r in runs if r.calibrating]
+    costs = {s: computing_faster(strategy_costs(runs, s), faster) for s in STRATEGIES}
+    return Map(points, costs, delivery(runs), target)
+
+
 def sizes(smallest: int, largest: int) -> list[float]:
     step = math.log(largest / smallest) / (SIZES - 1)
     return [smallest * math.exp(step * i) for i in range(SIZES)]
@@ -335,14 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--plot", type=Path, default=Path("docs/crossover.png"))
     args = parser.parse_args(argv)
-    points = operating_points(read_rows(args.frontier))
-    if not {p.strategy for p in points} >= set(STRATEGIES):
-        print(f"error: {args.frontier} needs WASH and FedAvg points", file=sys.stderr)
+    try:
+        the_map = build_map(args.frontier, args.calibration, args.target, args.faster)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    runs = [r for path in args.calibration for r in CHECK_RUNS.validate_json(path.read_bytes())]
-    runs = [r for r in runs if r.calibrating]
-    costs = {s: computing_faster(strategy_costs(runs, s), args.faster) for s in STRATEGIES}
-    the_map = Map(points, costs, delivery(runs), args.target)
     marked = {name: parameters(model) for name, model in MODELS.items()}
     params = sizes(min(marked.values()), max(marked.values()))
     print(describe(the_map))
