@@ -242,11 +242,19 @@ def build_map(frontier: Path, calibration: Sequence[Path], target: float, faster
     """The map from a frontier's store and two models' calibration runs (``time_model.py``'s
     JSON), members computing ``faster`` times faster than measured; ValueError if the store
     lacks WASH or FedAvg points."""
-    points = operating_points(read_rows(frontier))
+    rows = read_rows(frontier)
+    points = operating_points(rows)
     if not {p.strategy for p in points} >= set(STRATEGIES):
         raise ValueError(f"{frontier} needs WASH and FedAvg points")
     runs = [r for path in calibration for r in CHECK_RUNS.validate_json(path.read_bytes())]
     runs = [r for r in runs if r.calibrating]
+    trained = {WashFedConfig.from_mapping(r.settings).optim.batch_size for r in rows}
+    timed = {r.calibration.config.optim.batch_size for r in runs}
+    if trained != timed or len(timed) != 1:
+        raise ValueError(
+            f"a local step's compute was timed at batch size {sorted(timed)} but the frontier's "
+            f"points trained at {sorted(trained)}: calibrate with --run-config 'batch-size=...'"
+        )
     costs = {s: computing_faster(strategy_costs(runs, s), faster) for s in STRATEGIES}
     return Map(points, costs, delivery(runs), target)
 
