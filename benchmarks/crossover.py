@@ -238,6 +238,12 @@ class Map:
         return Cell(members, params, mbit, times["wash"], times["fedavg"])
 
 
+def calibration_runs(paths: Sequence[Path]) -> list[CheckRun]:
+    """The calibration runs in ``time_model.py``'s JSON files (its checked runs left out)."""
+    runs = [r for path in paths for r in CHECK_RUNS.validate_json(path.read_bytes())]
+    return [r for r in runs if r.calibrating]
+
+
 def build_map(frontier: Path, calibration: Sequence[Path], target: float, faster: float) -> Map:
     """The map from a frontier's store and two models' calibration runs (``time_model.py``'s
     JSON), members computing ``faster`` times faster than measured; ValueError if the store
@@ -246,8 +252,7 @@ def build_map(frontier: Path, calibration: Sequence[Path], target: float, faster
     points = operating_points(rows)
     if not {p.strategy for p in points} >= set(STRATEGIES):
         raise ValueError(f"{frontier} needs WASH and FedAvg points")
-    runs = [r for path in calibration for r in CHECK_RUNS.validate_json(path.read_bytes())]
-    runs = [r for r in runs if r.calibrating]
+    runs = calibration_runs(calibration)
     trained = {WashFedConfig.from_mapping(r.settings).optim.batch_size for r in rows}
     timed = {r.calibration.config.optim.batch_size for r in runs}
     if trained != timed or len(timed) != 1:

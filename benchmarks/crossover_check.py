@@ -1,14 +1,16 @@
-"""The crossover map (:mod:`crossover`) against real runs: at link rates on either side of
-where the map says WASH starts or stops finishing first, the operating points the map picks
-for WASH and for FedAvg, run for real with members behind tbf-shaped links of their own
-(:mod:`deploy.namespaces`), each run's time to the target with the model it hands over
-beside the map's prediction, and the winner each names.
+"""The crossover map (:mod:`crossover`) against real runs: at the link rates given (pick
+them on either side of where the map's ratio crosses 1; the check prints the ratio at each
+before it runs), the operating points the map picks for WASH and for FedAvg, run for real
+with members behind tbf-shaped links of their own (:mod:`deploy.namespaces`), each run's
+time to the target with the model it hands over beside the map's prediction, and the winner
+each names.
 
 The model, its data and its training are the frontier store's (``simulations.frontier``
-with ``--set model=...``): the runs train exactly the points whose accuracy the map uses,
-for one seed, evaluated on the server after every round as the calibration runs were. A run
-reaches the target if the model it hands over does (FedAvg: its last global model; WASH: its
-soup after the final step); its time is its wall time. Requires root.
+with ``--set model=...``): the runs train the points whose accuracy the map uses, for one
+seed, evaluated and polled as the calibration runs were (:data:`TIMED`, from their
+configuration). A run reaches the target if the model it hands over does (FedAvg: its last
+global model; WASH: its soup after the final step); its time is its wall time. Requires
+root.
 
     sudo .venv/bin/python benchmarks/crossover_check.py --rates 1,10 --target 0.90 \\
         --frontier runs/frontier-cnn-wide/runs.jsonl \\
@@ -27,9 +29,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from crossover import STRATEGIES, Map, build_map, parameters
-from edge_time import SHARED, RunNotCompletedError, deployment
+from crossover import STRATEGIES, Map, build_map, calibration_runs, parameters
+from edge_time import RunNotCompletedError, deployment
 from pydantic import TypeAdapter
+from time_model import CheckRun
 
 from deploy.engine import StackError
 from deploy.flwr_cli import FlwrError
@@ -39,9 +42,10 @@ from wash_fed.config import ConfigValue, WashFedConfig
 from wash_fed.crossover import OperatingPoint
 from wash_fed.results import RunResult
 
-TIMED = ("test-on-server", "eval-every", "test-subset", "holdout-size", "poll-interval")
-"""What the check takes from the calibration runs' settings (``edge_time.SHARED``), so that
-its rounds evaluate and poll as theirs did; the rest is the frontier point's."""
+TIMED = ("test-on-server", "eval-every", "test-subset", "poll-interval")
+"""What the check takes from the calibration runs' configuration, so that its rounds
+evaluate and poll as theirs did (and the target is judged on the test images theirs were);
+the rest is the frontier point's."""
 
 
 @dataclass(frozen=True)
@@ -84,10 +88,31 @@ def picked(the_map: Map, members: int, params: float, mbit: float) -> dict[str, 
     return {s: (pick[0], pick[1].name) for s, pick in chosen.items() if pick is not None}
 
 
-def run_config(rows: Sequence[SweepRow], point: str, seed: int) -> dict[str, ConfigValue]:
+def timed_as(calibration: Sequence[CheckRun]) -> dict[str, ConfigValue]:
+    """The :data:`TIMED` keys of the calibration runs; ValueError if they disagree."""
+    seen = [{k: r.calibration.config.to_mapping()[k] for k in TIMED} for r in calibration]
+    if any(s != seen[0] for s in seen):
+        raise ValueError(f"the calibration runs evaluate or poll differently: {seen}")
+    return seen[0]
+
+
+def frontier_settings(rows: Sequence[SweepRow]) -> None:
+    """ValueError unless every row keeps its sweep's base and all share one (rows stored
+    before the base was kept read as the app's defaults, which are not what they ran)."""
+    bases = [r.base for r in rows]
+    if not all(bases) or any(b != bases[0] for b in bases):
+        raise ValueError(
+            "the frontier's rows must all keep one sweep's base settings; rerun the sweep "
+            "into a store of its own"
+        )
+
+
+def run_config(
+    rows: Sequence[SweepRow], point: str, seed: int, timed: dict[str, ConfigValue]
+) -> dict[str, ConfigValue]:
     """The frontier's configuration of ``point`` for ``seed``, timed as the calibration."""
     row = next(r for r in rows if r.point == point)
-    return {**row.settings, **{k: SHARED[k] for k in TIMED}, "seed": seed}
+    return {**row.settings, **timed, "seed": seed}
 
 
 def winner(times: dict[str, float | None]) -> str:
@@ -130,13 +155,27 @@ def table(runs: Sequence[CheckedRun]) -> str:
 
 
 def check(
-    the_map: Map, rows: Sequence[SweepRow], rates: Sequence[float], seed: int, out: Path
+    the_map: Map,
+    rows: Sequence[SweepRow],
+    timed: dict[str, ConfigValue],
+    rates: Sequence[float],
+    seed: int,
+    out: Path,
 ) -> list[CheckedRun]:
     """Every rate's two runs, one after the other over the same SuperNodes; a run that does
     not complete is reported and left out."""
+    frontier_settings(rows)
     cfg = WashFedConfig.from_mapping(rows[0].settings)
     params, members = parameters(cfg.model.name), cfg.num_members
     plans = {mbit: picked(the_map, members, params, mbit) for mbit in rates}
+    ratios = {mbit: plan["wash"][0] / plan["fedavg"][0] for mbit, plan in plans.items()}
+    print(
+        f"{cfg.model.name}, {members} members: the map's WASH/FedAvg "
+        + ", ".join(f"{r:.2f} at {mbit:g} Mbit/s" for mbit, r in ratios.items()),
+        flush=True,
+    )
+    if min(ratios.values()) >= 1 or max(ratios.values()) < 1:
+        print("warning: the rates do not straddle the map's crossover", file=sys.stderr)
     runs: list[CheckedRun] = []
     with deployment("namespaces", members, out / "runs") as runs_on:
         for mbit, plan in plans.items():
@@ -144,7 +183,7 @@ def check(
             for strategy, (predicted, point) in plan.items():
                 print(f"=== {mbit:g} Mbit/s, {point}: {predicted:.0f} s predicted", flush=True)
                 try:
-                    results = runs_on.complete(run_config(rows, point, seed))
+                    results = runs_on.complete(run_config(rows, point, seed, timed))
                 except RunNotCompletedError as failed:
                     print(f"    {failed}", file=sys.stderr, flush=True)
                     continue
@@ -173,10 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         return report(CHECKED_RUNS.validate_json(args.render.read_bytes()), out)
     if args.frontier is None or args.calibration is None:
         parser.error("--frontier and --calibration are needed to run the check")
-    rates = [float(r) for r in args.rates.split(",")]
     try:
+        rates = list(dict.fromkeys(float(r) for r in args.rates.split(",")))
         the_map = build_map(args.frontier, args.calibration, args.target, 1.0)
-        runs = check(the_map, read_rows(args.frontier), rates, args.seed, out)
+        timed = timed_as(calibration_runs(args.calibration))
+        runs = check(the_map, read_rows(args.frontier), timed, rates, args.seed, out)
     except (ValueError, TopologyError, StackError, FlwrError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
