@@ -242,8 +242,15 @@ class EdgeFederation:
 
 def unwind_on_sigterm() -> None:
     """Make SIGTERM end this process like Ctrl-C does, so that a topology in use is torn
-    down on the way out (``kill``, a CI timeout)."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    down on the way out (``kill``, a CI timeout). Later SIGTERMs are ignored: a second one
+    (``timeout`` passing on what ``pkill`` sent it too) would cut the tear-down short and
+    leave the namespaces and their processes behind."""
+
+    def unwind(*_: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, unwind)
 
 
 def time_table(results: RunResult) -> str:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,29 @@ def test_a_topology_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(TopologyError, match="need root"):
         EdgeTopology(nodes=1, mbit=10).build()
+
+
+def test_a_second_sigterm_does_not_cut_the_tear_down_short(tmp_path: Path) -> None:
+    """``timeout`` passes on a SIGTERM that ``pkill`` also sent its child: the child gets
+    two, the second while it tears its topology down, and must finish tearing down."""
+    done = tmp_path / "done"
+    script = f"""
+import os, signal, time
+from deploy.namespaces import unwind_on_sigterm
+unwind_on_sigterm()
+try:
+    print("ready", flush=True)
+    time.sleep(60)
+finally:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    open({str(done)!r}, "w").write("torn down")
+"""
+    project = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=project
+    )
+    assert child.stdout is not None and child.stdout.readline() == "ready\n"
+    child.terminate()
+    assert child.wait(timeout=60) == 128 + signal.SIGTERM
+    assert done.read_text() == "torn down"
