@@ -84,7 +84,7 @@ def default_points(total_steps: int) -> list[Point]:
     with bfloat16 and float16 values on the wire; FedAvg (every round count) with float16,
     int8 and int4 models on the wire; WASH with the constant layer schedule (p = 0.05 and
     0.2, 30 rounds) in float32 and with float16, int8 and int4 in training and in the final
-    step, and in float16 over 10 rounds; independent members. Every point takes
+    step, and with the same three formats over 10 rounds; independent members. Every point takes
     ``total_steps`` local steps per member."""
 
     def rounds(count: int) -> dict[str, ConfigValue]:
@@ -112,23 +112,15 @@ def default_points(total_steps: int) -> list[Point]:
     both_ways: list[tuple[str, dict[str, ConfigValue]]] = [
         (f"-{short}", {"wire-dtype": dtype, "final-dtype": dtype}) for short, dtype in precisions
     ]
-    half = both_ways[0][1]
     constant = [
         Point(
-            f"wash-p{p:g}-r30-constant{suffix}",
-            {**rounds(30), "strategy": "wash", "shuffle-prob": p, "layer-schedule": "constant"}
+            f"wash-p{p:g}-r{r}-constant{suffix}",
+            {**rounds(r), "strategy": "wash", "shuffle-prob": p, "layer-schedule": "constant"}
             | dtypes,
         )
+        for r, formats in ((30, (("", {}), *both_ways)), (10, both_ways))
         for p in (0.05, 0.2)
-        for suffix, dtypes in (("", {}), *both_ways)
-    ]
-    constant += [
-        Point(
-            f"wash-p{p:g}-r10-constant-fp16",
-            {**rounds(10), "strategy": "wash", "shuffle-prob": p, "layer-schedule": "constant"}
-            | half,
-        )
-        for p in (0.05, 0.2)
+        for suffix, dtypes in formats
     ]
     ensemble = Point("ensemble", {"strategy": "ensemble", **rounds(1)})
     return [*fedavg, *wash, *papa, *compact, *constant, ensemble]
