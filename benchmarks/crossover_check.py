@@ -39,7 +39,6 @@ from deploy.flwr_cli import FlwrError
 from deploy.namespaces import TopologyError, unwind_on_sigterm
 from simulations.frontier import SweepRow, read_rows
 from wash_fed.config import ConfigValue, WashFedConfig
-from wash_fed.crossover import OperatingPoint
 from wash_fed.results import RunResult
 
 TIMED = ("test-on-server", "eval-every", "test-subset", "poll-interval")
@@ -78,10 +77,7 @@ def picked(the_map: Map, members: int, params: float, mbit: float) -> dict[str, 
     """Each strategy's predicted time to the target at ``mbit`` and the point that gives it;
     ValueError if a strategy has no point that reaches the target."""
     cell = the_map.cell(members, params, mbit)
-    chosen: dict[str, tuple[float, OperatingPoint] | None] = {
-        "wash": cell.wash,
-        "fedavg": cell.fedavg,
-    }
+    chosen = {"wash": cell.wash, "fedavg": cell.fedavg}
     missing = [s for s, pick in chosen.items() if pick is None]
     if missing:
         raise ValueError(f"no {' or '.join(missing)} point reaches {the_map.target}")
@@ -96,7 +92,7 @@ def timed_as(calibration: Sequence[CheckRun]) -> dict[str, ConfigValue]:
     return seen[0]
 
 
-def frontier_settings(rows: Sequence[SweepRow]) -> None:
+def require_one_base(rows: Sequence[SweepRow]) -> None:
     """ValueError unless every row keeps its sweep's base and all share one (rows stored
     before the base was kept read as the app's defaults, which are not what they ran)."""
     bases = [r.base for r in rows]
@@ -164,7 +160,7 @@ def check(
 ) -> list[CheckedRun]:
     """Every rate's two runs, one after the other over the same SuperNodes; a run that does
     not complete is reported and left out."""
-    frontier_settings(rows)
+    require_one_base(rows)
     cfg = WashFedConfig.from_mapping(rows[0].settings)
     params, members = parameters(cfg.model.name), cfg.num_members
     plans = {mbit: picked(the_map, members, params, mbit) for mbit in rates}

@@ -104,7 +104,7 @@ def model_problem(name: str) -> str | None:
     if _IMPORT_PATH.fullmatch(name):
         return None  # imported where the model is built: the ServerApp and every member
     return (
-        f"unknown model {name!r}; choose 'cnn', 'cnn-wide', 'resnet18', 'torchvision:<name>' "
+        f"unknown model {name!r}; choose {', '.join(map(repr, BUILT_IN))}, 'torchvision:<name>' "
         "or an import path 'package.module:factory'"
     )
 
