@@ -44,6 +44,7 @@ from wash_fed.crossover import (
     PowerLaw,
     RoundLaw,
     StrategyCosts,
+    point_seconds,
     time_to_target,
 )
 from wash_fed.models import build_model
@@ -236,6 +237,15 @@ class Map:
             for s in STRATEGIES
         }
         return Cell(members, params, mbit, times["wash"], times["fedavg"])
+
+    def seconds(self, name: str, members: int, params: float, mbit: float) -> float:
+        """The run of the point called ``name`` at ``mbit``, whether it reaches the target or
+        not; ValueError if the map has no such point."""
+        the_point = next((p for p in self.points if p.name == name), None)
+        if the_point is None:
+            raise ValueError(f"the frontier has no point {name}")
+        setting = Setting(members, self.delivery, Link(mbit))
+        return point_seconds(the_point, self.costs[the_point.strategy], params, setting)
 
 
 def calibration_runs(paths: Sequence[Path]) -> list[CheckRun]:

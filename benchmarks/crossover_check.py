@@ -18,7 +18,9 @@ root.
         runs/time_model/time_model_torchvision_resnet18.json
     .venv/bin/python benchmarks/crossover_check.py --render runs/crossover_check/runs.json
 
-writes ``crossover_check.md`` (printed too) and ``runs.json`` into ``--out``.
+writes ``crossover_check.md`` (printed too) and ``runs.json`` into ``--out``. ``--render``
+with ``--frontier`` and ``--calibration`` predicts the runs again from other calibration
+runs: the checked model's own, where the map's two models scale its compute wrongly.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from crossover import STRATEGIES, Map, build_map, calibration_runs, parameters
@@ -103,6 +105,27 @@ def require_one_base(rows: Sequence[SweepRow]) -> None:
         )
 
 
+def trained_model(rows: Sequence[SweepRow]) -> tuple[str, int, int]:
+    """The frontier's model: its name, parameter count and number of members."""
+    cfg = WashFedConfig.from_mapping(rows[0].settings)
+    return cfg.model.name, parameters(cfg.model.name), cfg.num_members
+
+
+def repredicted(
+    runs: Sequence[CheckedRun], frontier: Path, calibration: Sequence[Path]
+) -> list[CheckedRun]:
+    """``runs``, each predicted again for the point it ran by the map drawn from
+    ``frontier`` and ``calibration`` (the checked model's own calibration runs, say)."""
+    if not runs:
+        return []
+    _, params, members = trained_model(read_rows(frontier))
+    the_map = build_map(frontier, calibration, runs[0].target, 1.0)
+    return [
+        replace(run, predicted=the_map.seconds(run.point, members, params, run.mbit))
+        for run in runs
+    ]
+
+
 def run_config(
     rows: Sequence[SweepRow], point: str, seed: int, timed: dict[str, ConfigValue]
 ) -> dict[str, ConfigValue]:
@@ -161,12 +184,11 @@ def check(
     """Every rate's two runs, one after the other over the same SuperNodes; a run that does
     not complete is reported and left out."""
     require_one_base(rows)
-    cfg = WashFedConfig.from_mapping(rows[0].settings)
-    params, members = parameters(cfg.model.name), cfg.num_members
+    name, params, members = trained_model(rows)
     plans = {mbit: picked(the_map, members, params, mbit) for mbit in rates}
     ratios = {mbit: plan["wash"][0] / plan["fedavg"][0] for mbit, plan in plans.items()}
     print(
-        f"{cfg.model.name}, {members} members: the map's WASH/FedAvg "
+        f"{name}, {members} members: the map's WASH/FedAvg "
         + ", ".join(f"{r:.2f} at {mbit:g} Mbit/s" for mbit, r in ratios.items()),
         flush=True,
     )
@@ -200,15 +222,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", default="1,10", help="link rates, Mbit/s")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs") / "crossover_check")
-    parser.add_argument("--render", type=Path, help="only write the table from this JSON")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        help="only write the table from this JSON (with --frontier and --calibration: "
+        "its runs predicted again from those)",
+    )
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if args.render:
-        return report(CHECKED_RUNS.validate_json(args.render.read_bytes()), out)
-    if args.frontier is None or args.calibration is None:
-        parser.error("--frontier and --calibration are needed to run the check")
+    if (args.frontier is None) != (args.calibration is None) or not (args.render or args.frontier):
+        parser.error("--frontier and --calibration go together; the check needs both")
     try:
+        if args.render:
+            rendered = CHECKED_RUNS.validate_json(args.render.read_bytes())
+            if args.frontier is not None:
+                rendered = repredicted(rendered, args.frontier, args.calibration)
+            return report(rendered, out)
         rates = list(dict.fromkeys(float(r) for r in args.rates.split(",")))
         the_map = build_map(args.frontier, args.calibration, args.target, 1.0)
         timed = timed_as(calibration_runs(args.calibration))

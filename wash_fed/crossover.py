@@ -31,6 +31,7 @@ __all__ = [
     "PowerLaw",
     "RoundLaw",
     "StrategyCosts",
+    "point_seconds",
     "run_rounds",
     "time_to_target",
 ]
@@ -146,6 +147,16 @@ def run_rounds(
     return [others[0], *[training] * point.rounds, *others[1:]]
 
 
+def point_seconds(
+    point: OperatingPoint, costs: StrategyCosts, params: float, setting: Setting
+) -> float:
+    """``point``'s run in ``setting`` for a model of ``params`` parameters, in seconds: its
+    message rounds and the time outside them."""
+    return run_seconds(run_rounds(point, costs, params, setting.members), setting) + costs.outside(
+        params
+    )
+
+
 def time_to_target(
     points: Sequence[OperatingPoint],
     costs: StrategyCosts,
@@ -155,13 +166,5 @@ def time_to_target(
 ) -> tuple[float, OperatingPoint] | None:
     """The fastest of ``points`` whose accuracy reaches ``target`` and its run's seconds
     in ``setting`` for a model of ``params`` parameters (None: no point reaches it)."""
-    timed = [
-        (
-            run_seconds(run_rounds(p, costs, params, setting.members), setting)
-            + costs.outside(params),
-            p,
-        )
-        for p in points
-        if p.accuracy >= target
-    ]
+    timed = [(point_seconds(p, costs, params, setting), p) for p in points if p.accuracy >= target]
     return min(timed, key=lambda pair: pair[0], default=None)

@@ -13,6 +13,7 @@ from wash_fed.crossover import (
     PowerLaw,
     RoundLaw,
     StrategyCosts,
+    point_seconds,
     run_rounds,
     time_to_target,
 )
@@ -72,6 +73,10 @@ def test_the_fastest_point_that_reaches_the_target_is_chosen() -> None:
         rounds = run_rounds(found[1], costs(), 1e6, 4)
         assert found[0] == pytest.approx(run_seconds(rounds, setting))
     assert time_to_target([below], costs(), 1e6, slow_link, target=0.9) is None
+    below_seconds = run_seconds(run_rounds(below, costs(), 1e6, 4), slow_link)
+    assert point_seconds(below, costs(), 1e6, slow_link) == pytest.approx(below_seconds), (
+        "a point below the target is timed all the same"
+    )
 
 
 def test_a_point_needs_rounds_steps_and_bytes_that_make_sense() -> None:
