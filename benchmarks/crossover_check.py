@@ -18,7 +18,9 @@ root.
         runs/time_model/time_model_torchvision_resnet18.json
     .venv/bin/python benchmarks/crossover_check.py --render runs/crossover_check/runs.json
 
-writes ``crossover_check.md`` (printed too) and ``runs.json`` into ``--out``. ``--render``
+writes ``crossover_check.md`` (printed too) and ``runs.json`` into ``--out``. ``--plan``
+prints the map's picks, their predicted seconds and its ratio at each rate, and runs
+nothing (no root needed): the way to find rates on either side of 1. ``--render``
 with ``--frontier`` and ``--calibration`` predicts the runs again from other calibration
 runs: the checked model's own, where the map's two models scale its compute wrongly.
 """
@@ -173,6 +175,24 @@ def table(runs: Sequence[CheckedRun]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def planned(
+    the_map: Map, rows: Sequence[SweepRow], rates: Sequence[float]
+) -> dict[float, dict[str, tuple[float, str]]]:
+    """Each rate's picks (:func:`picked`), printed with the map's WASH/FedAvg ratio; a
+    warning where the rates do not straddle 1."""
+    require_one_base(rows)
+    name, params, members = trained_model(rows)
+    plans = {mbit: picked(the_map, members, params, mbit) for mbit in rates}
+    print(f"{name}, {members} members, target {the_map.target}:", flush=True)
+    ratios = [plan["wash"][0] / plan["fedavg"][0] for plan in plans.values()]
+    for (mbit, plan), ratio in zip(plans.items(), ratios, strict=True):
+        picks = ", ".join(f"{point} {seconds:.0f} s" for seconds, point in plan.values())
+        print(f"  {mbit:g} Mbit/s: WASH/FedAvg {ratio:.3f} ({picks})", flush=True)
+    if min(ratios) >= 1 or max(ratios) < 1:
+        print("warning: the rates do not straddle the map's crossover", file=sys.stderr)
+    return plans
+
+
 def check(
     the_map: Map,
     rows: Sequence[SweepRow],
@@ -183,17 +203,8 @@ def check(
 ) -> list[CheckedRun]:
     """Every rate's two runs, one after the other over the same SuperNodes; a run that does
     not complete is reported and left out."""
-    require_one_base(rows)
-    name, params, members = trained_model(rows)
-    plans = {mbit: picked(the_map, members, params, mbit) for mbit in rates}
-    ratios = {mbit: plan["wash"][0] / plan["fedavg"][0] for mbit, plan in plans.items()}
-    print(
-        f"{name}, {members} members: the map's WASH/FedAvg "
-        + ", ".join(f"{r:.2f} at {mbit:g} Mbit/s" for mbit, r in ratios.items()),
-        flush=True,
-    )
-    if min(ratios.values()) >= 1 or max(ratios.values()) < 1:
-        print("warning: the rates do not straddle the map's crossover", file=sys.stderr)
+    plans = planned(the_map, rows, rates)
+    members = trained_model(rows)[2]
     runs: list[CheckedRun] = []
     with deployment("namespaces", members, out / "runs") as runs_on:
         for mbit, plan in plans.items():
@@ -228,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         help="only write the table from this JSON (with --frontier and --calibration: "
         "its runs predicted again from those)",
     )
+    parser.add_argument(
+        "--plan", action="store_true", help="only print the map's picks at --rates, run nothing"
+    )
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -241,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             return report(rendered, out)
         rates = list(dict.fromkeys(float(r) for r in args.rates.split(",")))
         the_map = build_map(args.frontier, args.calibration, args.target, 1.0)
+        if args.plan:
+            planned(the_map, read_rows(args.frontier), rates)
+            return 0
         timed = timed_as(calibration_runs(args.calibration))
         runs = check(the_map, read_rows(args.frontier), timed, rates, args.seed, out)
     except (ValueError, TopologyError, StackError, FlwrError) as err:
