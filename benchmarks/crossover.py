@@ -148,7 +148,7 @@ def round_law(a: tuple[int, MessageRound], b: tuple[int, MessageRound]) -> Round
 def step_law(runs: Sequence[CheckRun]) -> PowerLaw:
     """A local step's compute through the two models, each the mean of both strategies'
     calibration runs: members train alike whatever the strategy, so the runs measure one
-    cost twice (apart by up to 16% on one model, where each was within 4% of a later run's)."""
+    cost twice (on cnn-wide 16% apart, their mean within 1% of a later run's steps)."""
     steps: dict[int, list[float]] = {}
     for run in runs:
         measured = Measured.of(run.calibration)
@@ -251,8 +251,8 @@ class Map:
         return Cell(members, params, mbit, times["wash"], times["fedavg"])
 
     def seconds(self, name: str, members: int, params: float, mbit: float) -> float:
-        """The run of the point called ``name`` at ``mbit``, whether it reaches the target or
-        not; ValueError if the map has no such point."""
+        """The seconds of a run of the point called ``name`` at ``mbit``, whether it reaches
+        the target or not; ValueError if the map has no such point."""
         the_point = next((p for p in self.points if p.name == name), None)
         if the_point is None:
             raise ValueError(f"the frontier has no point {name}")

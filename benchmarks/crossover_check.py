@@ -32,6 +32,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from crossover import STRATEGIES, Map, build_map, calibration_runs, parameters
 from edge_time import RunNotCompletedError, deployment
@@ -107,10 +108,20 @@ def require_one_base(rows: Sequence[SweepRow]) -> None:
         )
 
 
-def trained_model(rows: Sequence[SweepRow]) -> tuple[str, int, int]:
-    """The frontier's model: its name, parameter count and number of members."""
+class TrainedModel(NamedTuple):
+    """What the frontier's points trained: the model's name, its parameter count and the
+    number of members."""
+
+    name: str
+    params: int
+    members: int
+
+
+def trained_model(rows: Sequence[SweepRow]) -> TrainedModel:
+    """The frontier's model (its rows must keep one base: :func:`require_one_base`)."""
+    require_one_base(rows)
     cfg = WashFedConfig.from_mapping(rows[0].settings)
-    return cfg.model.name, parameters(cfg.model.name), cfg.num_members
+    return TrainedModel(cfg.model.name, parameters(cfg.model.name), cfg.num_members)
 
 
 def repredicted(
@@ -120,10 +131,10 @@ def repredicted(
     ``frontier`` and ``calibration`` (the checked model's own calibration runs, say)."""
     if not runs:
         return []
-    _, params, members = trained_model(read_rows(frontier))
+    model = trained_model(read_rows(frontier))
     the_map = build_map(frontier, calibration, runs[0].target, 1.0)
     return [
-        replace(run, predicted=the_map.seconds(run.point, members, params, run.mbit))
+        replace(run, predicted=the_map.seconds(run.point, model.members, model.params, run.mbit))
         for run in runs
     ]
 
@@ -176,14 +187,12 @@ def table(runs: Sequence[CheckedRun]) -> str:
 
 
 def planned(
-    the_map: Map, rows: Sequence[SweepRow], rates: Sequence[float]
+    the_map: Map, model: TrainedModel, rates: Sequence[float]
 ) -> dict[float, dict[str, tuple[float, str]]]:
     """Each rate's picks (:func:`picked`), printed with the map's WASH/FedAvg ratio; a
     warning where the rates do not straddle 1."""
-    require_one_base(rows)
-    name, params, members = trained_model(rows)
-    plans = {mbit: picked(the_map, members, params, mbit) for mbit in rates}
-    print(f"{name}, {members} members, target {the_map.target}:", flush=True)
+    plans = {mbit: picked(the_map, model.members, model.params, mbit) for mbit in rates}
+    print(f"{model.name}, {model.members} members, target {the_map.target}:", flush=True)
     ratios = [plan["wash"][0] / plan["fedavg"][0] for plan in plans.values()]
     for (mbit, plan), ratio in zip(plans.items(), ratios, strict=True):
         picks = ", ".join(f"{point} {seconds:.0f} s" for seconds, point in plan.values())
@@ -203,10 +212,10 @@ def check(
 ) -> list[CheckedRun]:
     """Every rate's two runs, one after the other over the same SuperNodes; a run that does
     not complete is reported and left out."""
-    plans = planned(the_map, rows, rates)
-    members = trained_model(rows)[2]
+    model = trained_model(rows)
+    plans = planned(the_map, model, rates)
     runs: list[CheckedRun] = []
-    with deployment("namespaces", members, out / "runs") as runs_on:
+    with deployment("namespaces", model.members, out / "runs") as runs_on:
         for mbit, plan in plans.items():
             runs_on.shape(mbit)
             for strategy, (predicted, point) in plan.items():
@@ -243,10 +252,15 @@ def main(argv: list[str] | None = None) -> int:
         "--plan", action="store_true", help="only print the map's picks at --rates, run nothing"
     )
     args = parser.parse_args(argv)
+    if (args.frontier is None) != (args.calibration is None):
+        parser.error("--frontier and --calibration go together")
+    if args.plan and args.render:
+        parser.error("--plan and --render are different tasks: give one")
+    if not (args.render or args.frontier):
+        parser.error("--frontier and --calibration are needed to plan or run the check")
     out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    if (args.frontier is None) != (args.calibration is None) or not (args.render or args.frontier):
-        parser.error("--frontier and --calibration go together; the check needs both")
+    if not args.plan:
+        out.mkdir(parents=True, exist_ok=True)
     try:
         if args.render:
             rendered = CHECKED_RUNS.validate_json(args.render.read_bytes())
@@ -256,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         rates = list(dict.fromkeys(float(r) for r in args.rates.split(",")))
         the_map = build_map(args.frontier, args.calibration, args.target, 1.0)
         if args.plan:
-            planned(the_map, read_rows(args.frontier), rates)
+            planned(the_map, trained_model(read_rows(args.frontier)), rates)
             return 0
         timed = timed_as(calibration_runs(args.calibration))
         runs = check(the_map, read_rows(args.frontier), timed, rates, args.seed, out)

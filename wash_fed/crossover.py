@@ -152,9 +152,8 @@ def point_seconds(
 ) -> float:
     """``point``'s run in ``setting`` for a model of ``params`` parameters, in seconds: its
     message rounds and the time outside them."""
-    return run_seconds(run_rounds(point, costs, params, setting.members), setting) + costs.outside(
-        params
-    )
+    rounds = run_rounds(point, costs, params, setting.members)
+    return run_seconds(rounds, setting) + costs.outside(params)
 
 
 def time_to_target(

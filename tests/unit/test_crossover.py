@@ -3,6 +3,7 @@ point's message rounds, and the fastest point that reaches a target."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -73,9 +74,10 @@ def test_the_fastest_point_that_reaches_the_target_is_chosen() -> None:
         rounds = run_rounds(found[1], costs(), 1e6, 4)
         assert found[0] == pytest.approx(run_seconds(rounds, setting))
     assert time_to_target([below], costs(), 1e6, slow_link, target=0.9) is None
-    below_seconds = run_seconds(run_rounds(below, costs(), 1e6, 4), slow_link)
-    assert point_seconds(below, costs(), 1e6, slow_link) == pytest.approx(below_seconds), (
-        "a point below the target is timed all the same"
+    waiting = dataclasses.replace(costs(), outside=constant(7.0))
+    below_seconds = run_seconds(run_rounds(below, waiting, 1e6, 4), slow_link) + 7.0
+    assert point_seconds(below, waiting, 1e6, slow_link) == pytest.approx(below_seconds), (
+        "a point below the target is timed all the same, with the time outside its rounds"
     )
 
 
