@@ -156,9 +156,9 @@ def step_law(runs: Sequence[CheckRun]) -> PowerLaw:
     return law([(params, statistics.fmean(seconds)) for params, seconds in steps.items()])
 
 
-def strategy_costs(runs: Sequence[CheckRun], strategy: str) -> StrategyCosts:
-    """``strategy``'s costs through its calibration runs of two models (a local step's
-    through every strategy's: :func:`step_law`)."""
+def strategy_costs(runs: Sequence[CheckRun], strategy: str, step: PowerLaw) -> StrategyCosts:
+    """``strategy``'s costs through its calibration runs of two models, a local step's
+    compute ``step`` (every strategy's: :func:`step_law`)."""
     first, second = (Measured.of(r.calibration) for r in runs if r.strategy == strategy)
     pair = ((first.params, first), (second.params, second))
 
@@ -167,7 +167,7 @@ def strategy_costs(runs: Sequence[CheckRun], strategy: str) -> StrategyCosts:
 
     return StrategyCosts(
         members=runs[0].members,
-        step=step_law(runs),
+        step=step,
         round_compute=through("round_compute"),
         server=through("server"),
         setup=round_law((first.params, first.setup), (second.params, second.setup)),
@@ -282,7 +282,8 @@ def build_map(frontier: Path, calibration: Sequence[Path], target: float, faster
             f"a local step's compute was timed at batch size {sorted(timed)} but the frontier's "
             f"points trained at {sorted(trained)}: calibrate with --run-config 'batch-size=...'"
         )
-    costs = {s: computing_faster(strategy_costs(runs, s), faster) for s in STRATEGIES}
+    step = step_law(runs)
+    costs = {s: computing_faster(strategy_costs(runs, s, step), faster) for s in STRATEGIES}
     return Map(points, costs, delivery(runs), target)
 
 
